@@ -1,0 +1,19 @@
+"""Datasets (uint8 tensors from official formats), per-dataset specs and batched transforms."""
+
+from .datasets import (
+    DatasetFormatError,
+    DatasetNotFoundError,
+    ImageDataset,
+    default_data_root,
+    find_dataset,
+    load_dataset,
+)
+from .poisoned import PoisonedTestSet
+from .specs import DATASETS, DatasetSpec, get_dataset_spec, list_datasets
+from .transforms import Normalizer, Preprocess, normalize, random_crop, random_hflip, to_float
+
+__all__ = [
+    "DatasetFormatError", "DatasetNotFoundError", "ImageDataset", "PoisonedTestSet", "default_data_root", "find_dataset",
+    "load_dataset", "DATASETS", "DatasetSpec", "get_dataset_spec", "list_datasets", "Normalizer", "Preprocess",
+    "normalize", "random_crop", "random_hflip", "to_float",
+]

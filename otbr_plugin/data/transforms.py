@@ -1,0 +1,100 @@
+"""Batched image transforms that run on tensors on the model's device.
+
+Images stay uint8 (N, C, H, W) until the last moment; :class:`Preprocess` turns a uint8 batch into the
+model's normalized float input, with random crop + flip for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .specs import DatasetSpec
+
+__all__ = ["to_float", "normalize", "denormalize", "random_crop", "random_hflip", "Normalizer", "Preprocess"]
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.float().div_(255.0)
+
+
+def _stats(values: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    if t.shape[1] not in (1, x.shape[1]):
+        raise ValueError(f"{t.shape[1]} normalization values for {x.shape[1]} channels")
+    return t
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel."""
+    return (x - _stats(mean, x)) / _stats(std, x)
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Inverse of :func:`normalize`."""
+    return x * _stats(std, x) + _stats(mean, x)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None]  # (n,1,h,1)
+    cols = (ox[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :]  # (n,1,1,w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image left-right with probability ``p``."""
+    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """The model's input normalization (mean/std per channel); part of every defense context."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_dataset(cls, spec: DatasetSpec) -> "Normalizer":
+        return cls(tuple(spec.mean), tuple(spec.std))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.mean, self.std)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return denormalize(x, self.mean, self.std)
+
+
+class Preprocess:
+    """uint8 batch -> normalized float batch on ``device``; ``train=True`` adds crop (+ flip if allowed)."""
+
+    def __init__(self, spec: DatasetSpec, train: bool, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> None:
+        self.spec = spec
+        self.train = train
+        self.device = torch.device(device)
+        self.generator = generator
+        self.normalizer = Normalizer.for_dataset(spec)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images.to(self.device, non_blocking=True))
+        if self.train:
+            x = random_crop(x, self.spec.crop_padding, self.generator)
+            if self.spec.hflip:
+                x = random_hflip(x, 0.5, self.generator)
+        return self.normalizer(x)

@@ -1,0 +1,51 @@
+"""Device choice and seeding: the two pieces of global state every command needs."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["resolve_device", "seed_everything", "autocast_context"]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Return the device to run on.
+
+    ``"auto"`` (or ``None``) picks the current accelerator when one is present (CUDA, ROCm, MPS, XPU, ...)
+    and the CPU otherwise; any other value is passed to :class:`torch.device` unchanged, so ``"cpu"``
+    always forces the CPU.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        if torch.accelerator.is_available():
+            accel = torch.accelerator.current_accelerator()
+            if accel is not None:
+                return torch.device(accel.type)
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu' or an accelerator name") from err
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same way."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    return torch.Generator().manual_seed(seed)
+
+
+def autocast_context(device: torch.device, bf16: bool = False, amp: bool = False):
+    """Autocast for the step: bf16 on CPU when asked, fp16 AMP on an accelerator when asked, else off."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=bf16 or amp)

@@ -1,0 +1,137 @@
+"""Supervised training on in-memory uint8 tensors: SGD + cosine schedule, seeded, with progress bar.
+
+Used by the quick-start job, the attacks (on poisoned training sets) and fine-tuning defenses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.specs import DatasetSpec
+from .data.transforms import Preprocess
+from .runtime import autocast_context, resolve_device, seed_everything
+
+__all__ = ["TrainConfig", "TrainHistory", "train_classifier"]
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters; defaults are BackdoorBench's (SGD 0.01, momentum 0.9, wd 5e-4, batch 128).
+
+    The cosine schedule is stepped per iteration (T_max = all steps) so that short CPU runs still anneal.
+    ``bf16`` turns on bfloat16 autocast (CPU or accelerator); ``amp`` fp16 autocast on an accelerator.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: str = "auto"
+    augment: bool = True
+    channels_last: bool = False
+    bf16: bool = False
+    amp: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainHistory:
+    """One dict per epoch: epoch, loss, train_acc, lr, seconds, plus whatever ``eval_fn`` returned."""
+
+    epochs: list[dict] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(e["seconds"] for e in self.epochs))
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: DatasetSpec,
+    config: TrainConfig,
+    eval_fn: Callable[[nn.Module], dict] | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and int64 ``labels``.
+
+    ``eval_fn(model)`` runs after each epoch (e.g. test ACC/ASR) and its dict is merged into the history.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    device = resolve_device(config.device)
+    gen = seed_everything(config.seed)
+    model.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    pre = Preprocess(spec, train=config.augment, device=device, generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(images.shape[0] / config.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
+    use_scaler = config.amp and not config.bf16 and device.type != "cpu"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    history = TrainHistory()
+    labels = labels.long()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(images.shape[0], generator=gen)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = pre(images[idx]).contiguous(memory_format=memory_format)
+            y = labels[idx].to(device, non_blocking=True)
+            with autocast_context(device, bf16=config.bf16, amp=config.amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(idx)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        record = {
+            "epoch": epoch,
+            "loss": total_loss / seen,
+            "train_acc": correct / seen,
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - start,
+        }
+        if eval_fn is not None:
+            record.update(eval_fn(model))
+        history.epochs.append(record)
+    model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    return history
