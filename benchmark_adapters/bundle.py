@@ -1,0 +1,236 @@
+"""The project's checkpoint bundle: a folder with no pickle anywhere in it.
+
+    model.safetensors     the state_dict
+    bd_test.safetensors   poisoned test set: images (uint8), targets, original_labels, original_indices
+    meta.json             format version, model/dataset/attack/training/metrics (+ defense), sha256 of each file
+
+Writing is atomic (a temporary folder renamed into place); loading verifies the schema, the hashes and
+the shapes and fails with :class:`BundleError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from otbr_plugin import __version__
+from otbr_plugin.data.poisoned import PoisonedTestSet
+from otbr_plugin.data.specs import get_dataset_spec
+from otbr_plugin.data.transforms import Normalizer
+from otbr_plugin.models import ModelConfig
+
+__all__ = ["Bundle", "BundleError", "save_bundle", "load_bundle", "verify_bundle", "sha256_file", "is_bundle",
+           "BUNDLE_FORMAT_VERSION"]
+
+BUNDLE_FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+BD_TEST_FILE = "bd_test.safetensors"
+META_FILE = "meta.json"
+REQUIRED_META = ("format_version", "model", "dataset", "attack", "metrics", "files")
+REQUIRED_MODEL = ("name", "num_classes", "in_channels", "image_size", "width")
+REQUIRED_DATASET = ("name", "num_classes", "input_shape", "mean", "std")
+BD_KEYS = ("images", "targets", "original_labels", "original_indices")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, tampered with or inconsistent."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A backdoored (or defended) model with everything needed to evaluate it."""
+
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    dataset: str
+    normalizer: Normalizer
+    bd_test: PoisonedTestSet
+    attack: dict[str, Any]
+    metrics: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    defense: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    model_sha256: str | None = None
+
+    def build_model(self) -> nn.Module:
+        """The zoo model with the bundle's weights loaded strictly (mismatches named by key)."""
+        model = self.model_config.build()
+        missing, unexpected = _key_mismatch(model.state_dict(), self.state_dict)
+        if missing or unexpected:
+            raise BundleError(
+                f"weights do not fit {self.model_config.name}: missing {missing[:10]}, unexpected {unexpected[:10]}"
+            )
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as err:
+            raise BundleError(f"weights do not fit {self.model_config}: {err}") from err
+        return model.eval()
+
+    def meta(self) -> dict[str, Any]:
+        spec = get_dataset_spec(self.dataset)
+        meta = {
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "model": self.model_config.to_dict(),
+            "dataset": {
+                "name": spec.name,
+                "num_classes": spec.num_classes,
+                "input_shape": list(spec.input_shape),
+                "mean": list(self.normalizer.mean),
+                "std": list(self.normalizer.std),
+            },
+            "attack": self.attack,
+            "metrics": self.metrics,
+            "training": self.training,
+            "package_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if self.defense is not None:
+            meta["defense"] = self.defense
+        if self.extra:
+            meta["extra"] = self.extra
+        return meta
+
+
+def _key_mismatch(expected: dict, got: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def is_bundle(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / META_FILE).is_file()
+
+
+def save_bundle(bundle: Bundle, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``bundle`` to the folder ``path`` atomically; returns the path."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in bundle.state_dict.items()}
+        save_file(state, str(tmp / MODEL_FILE))
+        bd = bundle.bd_test
+        save_file({k: getattr(bd, k).cpu().contiguous() for k in BD_KEYS}, str(tmp / BD_TEST_FILE))
+        meta = bundle.meta()
+        meta["files"] = {name: sha256_file(tmp / name) for name in (MODEL_FILE, BD_TEST_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old")
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    meta_path = folder / META_FILE
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a bundle folder (it does not exist or is not a directory)")
+    if not meta_path.is_file():
+        raise BundleError(f"{folder}: no {META_FILE}; a bundle holds {MODEL_FILE}, {BD_TEST_FILE} and {META_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{meta_path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise BundleError(f"{meta_path}: missing field(s) {', '.join(missing)}")
+    if meta["format_version"] != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{meta_path}: format_version {meta['format_version']!r} is not supported (expected {BUNDLE_FORMAT_VERSION})"
+        )
+    for section, keys in (("model", REQUIRED_MODEL), ("dataset", REQUIRED_DATASET)):
+        if not isinstance(meta[section], dict):
+            raise BundleError(f"{meta_path}: '{section}' must be an object")
+        miss = [k for k in keys if k not in meta[section]]
+        if miss:
+            raise BundleError(f"{meta_path}: '{section}' is missing field(s) {', '.join(miss)}")
+    if not isinstance(meta["files"], dict):
+        raise BundleError(f"{meta_path}: 'files' must map file names to sha256 digests")
+    return meta
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Check the schema and every file's sha256; returns the meta. Raises :class:`BundleError`."""
+    folder = Path(path)
+    meta = _read_meta(folder)
+    for name in (MODEL_FILE, BD_TEST_FILE):
+        expected = meta["files"].get(name)
+        if expected is None:
+            raise BundleError(f"{folder / META_FILE}: no sha256 recorded for {name}")
+        if not (folder / name).is_file():
+            raise BundleError(f"{folder}: {name} is missing")
+        actual = sha256_file(folder / name)
+        if actual != expected:
+            raise BundleError(
+                f"{folder / name}: sha256 {actual[:16]}... does not match meta.json ({expected[:16]}...): "
+                "the file was changed or truncated after the bundle was written"
+            )
+    return meta
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Load and check a bundle (schema, hashes, tensor shapes and dtypes)."""
+    folder = Path(path)
+    meta = verify_bundle(folder) if verify else _read_meta(folder)
+    try:
+        state = load_file(str(folder / MODEL_FILE))
+        bd = load_file(str(folder / BD_TEST_FILE))
+    except (SafetensorError, OSError) as err:
+        raise BundleError(f"{folder}: cannot read safetensors file ({err})") from err
+    missing = [k for k in BD_KEYS if k not in bd]
+    if missing:
+        raise BundleError(f"{folder / BD_TEST_FILE}: missing tensor(s) {', '.join(missing)}")
+    try:
+        model_config = ModelConfig.from_dict(meta["model"])
+        poisoned = PoisonedTestSet(**{k: bd[k] for k in BD_KEYS})
+    except (TypeError, ValueError) as err:
+        raise BundleError(f"{folder}: {err}") from err
+    ds = meta["dataset"]
+    if list(poisoned.images.shape[1:]) != list(ds["input_shape"]):
+        raise BundleError(
+            f"{folder}: poisoned images have shape {tuple(poisoned.images.shape[1:])}, meta says {ds['input_shape']}"
+        )
+    return Bundle(
+        model_config=model_config,
+        state_dict=state,
+        dataset=ds["name"],
+        normalizer=Normalizer(tuple(ds["mean"]), tuple(ds["std"])),
+        bd_test=poisoned,
+        attack=meta["attack"],
+        metrics=meta["metrics"],
+        training=meta.get("training", {}),
+        defense=meta.get("defense"),
+        extra=meta.get("extra", {}),
+        path=folder,
+        model_sha256=meta["files"][MODEL_FILE],
+    )

@@ -1,0 +1,202 @@
+"""The defense interface every defense implements, and the context the harness hands it.
+
+A defense is a class with a ``name``, a typed config dataclass (every hyperparameter explicit, validated on
+construction) and a ``needs_clean_data`` flag. ``mitigate(model, context)`` returns a :class:`DefenseOutcome`
+holding the defended model (a new object: the input model is left untouched) and diagnostics.
+
+The context never holds test data. Clean data (the defense subset of the *training* set) is attached only
+for defenses that declare they need it: :func:`build_context` enforces this.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import dataclass_from_dict
+from ..data.transforms import Normalizer
+
+__all__ = [
+    "DefenseConfig",
+    "CleanData",
+    "DefenseContext",
+    "DefenseOutcome",
+    "Defense",
+    "StageTimer",
+    "build_context",
+]
+
+C = TypeVar("C", bound="DefenseConfig")
+
+
+@dataclass
+class DefenseConfig:
+    """Base of every defense config. Subclasses add fields with the paper's defaults and override
+    :meth:`validate`, which runs on construction and raises ``ValueError`` naming the bad field."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        return dataclass_from_dict(cls, data, what=f"{cls.__name__}")
+
+    def replace(self: C, **changes: Any) -> C:
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+@dataclass
+class CleanData:
+    """The clean defense subset: uint8 images (N, C, H, W) and int64 labels drawn from the training set."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError("clean data images must be uint8 (N, C, H, W)")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("clean data needs one label per image")
+        if self.source != "train":
+            raise ValueError("the clean defense subset must come from the training split, never the test split")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def describe(self) -> str:
+        return f"clean subset of {len(self)}"
+
+
+@dataclass
+class DefenseContext:
+    """What a defense may know besides the model. No test data, ever."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    normalizer: Normalizer
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    progress: bool = True
+    clean_data: CleanData | None = None
+    dataset: str | None = None
+
+    def progress_bar(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterator:
+        return iter(tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False))
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the context seed (plus ``offset`` for independent streams)."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def data_used(self) -> str:
+        return "none" if self.clean_data is None else self.clean_data.describe()
+
+
+@dataclass
+class DefenseOutcome:
+    """The defended model plus what the defense wants to report.
+
+    ``diagnostics``: JSON-serializable summary (pruned neurons, transport costs, thresholds, ...).
+    ``tables``: named data frames written as CSV (e.g. ``"nwc"``: one row per neuron).
+    ``stage_seconds``: wall time per stage of the method.
+    """
+
+    model: nn.Module
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    data_used: str = "none"
+
+
+class StageTimer:
+    """Collects seconds per named stage: ``with timer("unlearning"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class Defense(ABC):
+    """Base class: subclasses set ``name``, ``config_class``, ``needs_clean_data`` and implement
+    :meth:`mitigate`. Construct with a config object, a mapping, or keyword overrides."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DefenseConfig]]
+    needs_clean_data: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: DefenseConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = self.config_class()
+        elif isinstance(config, Mapping):
+            config = self.config_class.from_dict(config)
+        elif not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config.replace(**overrides) if overrides else config
+
+    @abstractmethod
+    def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
+        """Return a defended copy of ``model``; ``model`` itself is not modified."""
+
+    def check_context(self, context: DefenseContext) -> None:
+        """Called by subclasses first: refuses a context that lacks data the defense needs."""
+        if self.needs_clean_data and context.clean_data is None:
+            raise ValueError(f"defense {self.name!r} needs a clean defense subset, but the context holds none")
+
+    @staticmethod
+    def copy_model(model: nn.Module, device: torch.device) -> nn.Module:
+        """A deep copy in eval mode on ``device``: defenses never modify the caller's model."""
+        return copy.deepcopy(model).to(device).eval()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def build_context(
+    defense: Defense,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    normalizer: Normalizer,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+    clean_data: CleanData | None = None,
+    dataset: str | None = None,
+) -> DefenseContext:
+    """The context for ``defense``: clean data is attached only if the defense declares it needs it."""
+    if defense.needs_clean_data and clean_data is None:
+        raise ValueError(f"defense {defense.name!r} needs clean data: build the clean defense subset first")
+    return DefenseContext(
+        num_classes=num_classes,
+        input_shape=tuple(input_shape),  # type: ignore[arg-type]
+        normalizer=normalizer,
+        device=device,
+        seed=seed,
+        progress=progress,
+        clean_data=clean_data if defense.needs_clean_data else None,
+        dataset=dataset,
+    )
