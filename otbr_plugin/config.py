@@ -10,7 +10,7 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
-__all__ = ["load_yaml", "parse_overrides", "apply_overrides", "dataclass_from_dict"]
+__all__ = ["load_yaml", "parse_overrides", "apply_overrides", "dataclass_from_dict", "configs_dir", "default_config_path"]
 
 T = TypeVar("T")
 
@@ -129,3 +129,23 @@ def dataclass_from_dict(cls: type[T], data: Mapping[str, Any], what: str | None 
         raise ValueError(f"{what}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
     kwargs = {k: _coerce(v, hints[k], f"{what}.{k}") for k, v in data.items()}
     return cls(**kwargs)  # type: ignore[call-arg]
+
+
+def configs_dir() -> Path | None:
+    """The project's ``configs/`` folder: ``$OTBR_CONFIGS``, ``./configs``, or the one beside the package source."""
+    import os
+
+    candidates = [os.environ.get("OTBR_CONFIGS"), "configs", str(Path(__file__).resolve().parents[1] / "configs")]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def default_config_path(kind: str, name: str, dataset: str) -> Path | None:
+    """``configs/<kind>/<name>/<dataset>.yaml`` if it exists (kind: defense, attack, bench)."""
+    root = configs_dir()
+    if root is None:
+        return None
+    path = root / kind / name / f"{dataset}.yaml"
+    return path if path.is_file() else None

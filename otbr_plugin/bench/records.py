@@ -1,0 +1,139 @@
+"""Run records: one JSON file per dataset x model x attack x defense x seed, written atomically.
+
+Tables, leaderboard files and regression checks read only these records.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_json_atomic", "write_record", "read_record",
+           "library_versions", "record_filename"]
+
+RECORD_SCHEMA_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the package and the libraries that shape results."""
+    import numpy
+    import torch
+
+    from otbr_plugin import __version__
+
+    out = {"otbr_plugin": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+           "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import ot
+
+        out["POT"] = ot.__version__
+    except ImportError:  # pragma: no cover - POT is a dependency
+        pass
+    return out
+
+
+@dataclass
+class RunRecord:
+    """The result of one defense on one backdoored checkpoint (metrics are fractions in [0, 1])."""
+
+    dataset: str
+    model: dict[str, Any]
+    attack: dict[str, Any]
+    defense: str
+    defense_config: dict[str, Any]
+    seed: int
+    checkpoint_sha256: str
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float] | None
+    der: float | None
+    data_used: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    error: str | None = None
+    device: str = "cpu"
+    versions: dict[str, str] = field(default_factory=library_versions)
+    timestamp: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    schema_version: int = RECORD_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.status not in ("ok", "failed"):
+            raise ValueError(f"status must be 'ok' or 'failed', got {self.status!r}")
+        if self.status == "ok" and (self.metrics_after is None or self.der is None):
+            raise ValueError("a successful record needs metrics_after and der")
+
+    @property
+    def attack_name(self) -> str:
+        return str(self.attack.get("name", "?"))
+
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.dataset, str(self.model.get("name")), self.attack_name, self.defense, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        if data.get("schema_version") != RECORD_SCHEMA_VERSION:
+            raise ValueError(
+                f"run record schema_version {data.get('schema_version')!r} is not supported (expected {RECORD_SCHEMA_VERSION})"
+            )
+        names = set(cls.__dataclass_fields__)
+        missing = [n for n in ("dataset", "model", "attack", "defense", "defense_config", "seed", "checkpoint_sha256",
+                               "metrics_before", "metrics_after", "der", "data_used") if n not in data]
+        if missing:
+            raise ValueError(f"run record is missing field(s) {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON via a temporary file in the same folder and an atomic rename: never a partial file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=_json_default)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def record_filename(dataset: str, model: str, attack: str, defense: str, seed: int) -> str:
+    return f"{dataset}__{model}__{attack}__{defense}__seed{seed}.json"
+
+
+def write_record(record: RunRecord, path: str | Path) -> Path:
+    return write_json_atomic(path, record.to_dict())
+
+
+def read_record(path: str | Path) -> RunRecord:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{p}: not a readable run record ({err})") from err
+    try:
+        return RunRecord.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{p}: {err}") from err

@@ -1,0 +1,153 @@
+"""Run one defense on one backdoored checkpoint and evaluate it: the harness's single code path.
+
+The defense gets a :class:`DefenseContext` (never test data; the clean defense subset only if it declares
+it needs data). Evaluation on the clean and poisoned test sets happens here, after the defense returns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmark_adapters.bundle import Bundle, save_bundle
+from ..data import ImageDataset, Normalizer, load_dataset
+from ..data.specs import get_dataset_spec
+from ..data.subsets import clean_defense_subset
+from ..defenses.base import Defense, DefenseOutcome, build_context
+from ..runtime import resolve_device, seed_everything
+from .metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
+from .records import RunRecord, write_json_atomic
+
+__all__ = ["DefenseRun", "evaluate_model", "run_defense", "write_defense_outputs"]
+
+
+@dataclass
+class DefenseRun:
+    """A defense applied to a checkpoint, with metrics before and after."""
+
+    bundle: Bundle
+    defense: Defense
+    outcome: DefenseOutcome
+    before: BackdoorMetrics
+    after: BackdoorMetrics
+    seed: int
+    device: torch.device
+    seconds: dict[str, float]
+
+    @property
+    def der(self) -> float:
+        return defense_effectiveness_rating(self.before, self.after)
+
+    def record(self) -> RunRecord:
+        return RunRecord(
+            dataset=self.bundle.dataset,
+            model=self.bundle.model_config.to_dict(),
+            attack=dict(self.bundle.attack),
+            defense=self.defense.name,
+            defense_config=self.defense.config.to_dict(),
+            seed=self.seed,
+            checkpoint_sha256=self.bundle.model_sha256 or "",
+            metrics_before=self.before.to_dict(),
+            metrics_after=self.after.to_dict(),
+            der=self.der,
+            data_used=self.outcome.data_used,
+            seconds=self.seconds,
+            diagnostics=self.outcome.diagnostics,
+            device=str(self.device),
+        )
+
+
+def evaluate_model(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
+                   device: torch.device | None = None) -> BackdoorMetrics:
+    """ACC/ASR/RA of ``model`` on the clean test set and the bundle's poisoned test set."""
+    bd = bundle.bd_test
+    return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
+                             bd.original_labels, bundle.normalizer, device=device)
+
+
+def run_defense(
+    bundle: Bundle,
+    defense: Defense,
+    *,
+    data_root: str | Path | None = None,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    clean_ratio: float = 0.05,
+    progress: bool = True,
+    clean_test: ImageDataset | None = None,
+    before: BackdoorMetrics | None = None,
+) -> DefenseRun:
+    """Evaluate the backdoored model, run ``defense``, evaluate the defended model.
+
+    ``clean_test`` and ``before`` may be passed in to avoid recomputing them across defenses.
+    """
+    dev = resolve_device(device)
+    spec = get_dataset_spec(bundle.dataset)
+    if clean_test is None:
+        clean_test = load_dataset(spec.name, "test", data_root)
+    model = bundle.build_model().to(dev)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if before is None:
+        before = evaluate_model(model, bundle, clean_test, dev)
+    clean_data = None
+    if defense.needs_clean_data:
+        clean_data = clean_defense_subset(load_dataset(spec.name, "train", data_root), clean_ratio, seed)
+    context = build_context(
+        defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
+        normalizer=Normalizer(tuple(bundle.normalizer.mean), tuple(bundle.normalizer.std)),
+        device=dev, seed=seed, progress=progress, clean_data=clean_data, dataset=spec.name,
+    )
+    seed_everything(seed)
+    t1 = time.perf_counter()
+    outcome = defense.mitigate(model, context)
+    seconds["defense_total"] = time.perf_counter() - t1
+    seconds.update({f"stage_{k}": v for k, v in outcome.stage_seconds.items()})
+    t2 = time.perf_counter()
+    after = evaluate_model(outcome.model, bundle, clean_test, dev)
+    seconds["evaluation"] = time.perf_counter() - t2 + (t1 - t0)
+    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds)
+
+
+def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write the defended model as a bundle (``model/``), each outcome table as CSV and ``record.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    b = run.bundle
+    state = {k: v.detach().cpu() for k, v in run.outcome.model.state_dict().items()}
+    defended = Bundle(
+        model_config=b.model_config, state_dict=state, dataset=b.dataset, normalizer=b.normalizer,
+        bd_test=b.bd_test, attack=b.attack, metrics=run.after.to_dict(), training=b.training,
+        defense={"name": run.defense.name, "config": run.defense.config.to_dict(), "data_used": run.outcome.data_used,
+                 "seed": run.seed, "source_checkpoint_sha256": b.model_sha256},
+        extra={"metrics_before_defense": run.before.to_dict()},
+    )
+    paths: dict[str, Path] = {"model": save_bundle(defended, out / "model", overwrite=overwrite)}
+    for name, table in run.outcome.tables.items():
+        tmp = out / f".{name}.csv.tmp"
+        table.to_csv(tmp, index=False)
+        paths[name] = tmp.replace(out / f"{name}.csv")
+    paths["record"] = write_json_atomic(out / "record.json", run.record().to_dict())
+    return paths
+
+
+def summarize(run: DefenseRun) -> str:
+    """Human-readable before/after lines."""
+    b, a = run.before, run.after
+    lines = [
+        f"defense {run.defense.name} on {run.bundle.attack.get('name', '?')} / {run.bundle.dataset} "
+        f"(data used: {run.outcome.data_used}, device {run.device})",
+        f"  before: ACC {b.acc * 100:6.2f}%  ASR {b.asr * 100:6.2f}%  RA {b.ra * 100:6.2f}%",
+        f"  after:  ACC {a.acc * 100:6.2f}%  ASR {a.asr * 100:6.2f}%  RA {a.ra * 100:6.2f}%   DER {run.der * 100:.2f}%",
+        "  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in run.seconds.items()),
+    ]
+    return "\n".join(lines)
+
+
+def describe_config(defense: Defense) -> dict[str, Any]:
+    return {"name": defense.name, **defense.config.to_dict()}

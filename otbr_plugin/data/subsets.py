@@ -1,0 +1,31 @@
+"""The clean defense subset: a seeded, stratified sample of the clean *training* set (5% by default)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..defenses.base import CleanData
+from .datasets import ImageDataset
+
+__all__ = ["clean_defense_subset", "stratified_indices"]
+
+
+def stratified_indices(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Indices of a sample holding ``ratio`` of each class (at least one per present class), sorted."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for cls in torch.unique(labels):
+        idx = torch.nonzero(labels == cls).flatten()
+        k = max(1, int(round(ratio * len(idx))))
+        picked.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    return torch.sort(torch.cat(picked)).values
+
+
+def clean_defense_subset(train: ImageDataset, ratio: float = 0.05, seed: int = 0) -> CleanData:
+    """The clean defense subset of ``train`` (which must be the training split)."""
+    if train.split != "train":
+        raise ValueError(f"the clean defense subset is drawn from the training split, got split {train.split!r}")
+    idx = stratified_indices(train.labels, ratio, seed)
+    return CleanData(images=train.images[idx], labels=train.labels[idx], source="train")
