@@ -8,6 +8,8 @@ from pathlib import Path
 from benchmark_adapters.checkpoints import load_checkpoint
 
 from ..bench.runner import run_defense, summarize, write_defense_outputs
+from ..bench.sweep import ORACLE_LABEL, oracle_sweep, parse_sweep, sweep_defenses, write_sweep
+from ..data import get_dataset_spec, load_dataset
 from ..config import apply_overrides, default_config_path, load_yaml, parse_overrides
 from ..defenses import get_defense, list_defenses
 from . import formatter
@@ -16,11 +18,14 @@ EPILOG = """examples:
   otbr-bench defend runs/badnets --defense otbr --out runs/badnets-otbr
   otbr-bench defend runs/badnets --defense otbr --set gamma=0.1 --set lam=0.5 --out runs/badnets-otbr-g01
   otbr-bench defend runs/badnets --defense clp --config configs/defense/clp/fashion_mnist.yaml --out runs/badnets-clp
+  otbr-bench defend runs/badnets --defense otbr --out runs/badnets-otbr --sweep gamma=0.01,0.02,0.05,0.1,0.15,0.2
 
 The defense config is read from --config, else configs/defense/<defense>/<dataset>.yaml when it exists,
 else the defense's built-in defaults; --set key=value overrides single fields.
 Outputs in --out: model/ (defended bundle), record.json (metrics before/after, DER, config, seconds),
 and one CSV per diagnostic table (e.g. nwc.csv for OTBR).
+--sweep KEY=V1,V2,... is an ORACLE DIAGNOSTIC: after the reported run it reruns the defense at each value and
+scores it on the TEST set (oracle_sweep_KEY.csv/.png); it never changes the reported result.
 """
 
 
@@ -30,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_defense_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing defended bundle in --out")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="oracle diagnostic on the TEST set: also run each value of one config field "
+                        "(e.g. gamma=0.01,0.05,0.1); writes oracle_sweep_KEY.csv/.png, never the reported result")
     p.set_defaults(func=run)
 
 
@@ -66,9 +74,24 @@ def load_for_defense(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     bundle, defense, source = load_for_defense(args)
     print(f"{defense.name} config ({source}): {defense.config.to_dict()}")
+    sweep = None
+    if getattr(args, "sweep", None):
+        key, values = parse_sweep(args.sweep)
+        sweep = (key, sweep_defenses(defense, key, values))  # bad keys/values fail before anything runs
+    clean_test = load_dataset(get_dataset_spec(bundle.dataset).name, "test", args.data_root)
     result = run_defense(bundle, defense, data_root=args.data_root, device=args.device, seed=args.seed,
-                         clean_ratio=args.clean_ratio, progress=not args.no_progress)
+                         clean_ratio=args.clean_ratio, progress=not args.no_progress, clean_test=clean_test)
     paths = write_defense_outputs(result, args.out, overwrite=args.overwrite)
     print(summarize(result))
+    if sweep is not None:
+        key, defenses = sweep
+        table = oracle_sweep(bundle, defenses, key, clean_test=clean_test, before=result.before,
+                             data_root=args.data_root, device=args.device, seed=args.seed,
+                             clean_ratio=args.clean_ratio, progress=not args.no_progress)
+        paths.update(write_sweep(table, args.out, key, reported_value=getattr(defense.config, key),
+                                 before=result.before,
+                                 title=f"{defense.name} on {bundle.attack.get('name', '?')} / {bundle.dataset}"))
+        print(f"{ORACLE_LABEL}, {key} sweep (not the reported result):")
+        print(table.drop(columns=["diagnostic"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
