@@ -323,7 +323,7 @@ def test_config_from_mapping_rejects_unknown_keys_and_settings_resolve():
 @pytest.mark.parametrize("arch,shape", [("smallcnn", (1, 12, 12)), ("preactresnet18", (3, 10, 10)),
                                         ("vgg19_bn", (1, 32, 32))])
 def test_defense_end_to_end(arch, shape):
-    assert "otbr" in list_defenses()
+    assert "otbr" in list_defenses() and get_defense("otbr") is OTBRDefense
     model = small(arch, shape[0], shape[1], 0.0625 if arch != "smallcnn" else 0.5)
     before = copy.deepcopy(model.state_dict())
     d = get_defense("otbr")(gamma=0.1, unlearn_steps=2, unlearn_batch_size=16)

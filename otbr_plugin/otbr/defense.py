@@ -31,7 +31,6 @@ scores several values on the test set as a labelled oracle diagnostic only.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 

@@ -31,7 +31,6 @@ is aligned. All transport and fusion arithmetic runs in float64 on the CPU; resu
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
