@@ -403,3 +403,19 @@ def test_defend_cli_with_oracle_sweep(tmp_path):
     assert main(["defend", str(tmp_path / "bundle"), "--defense", "otbr", "--data-root", str(root),
                  "--out", str(tmp_path / "bad"), "--sweep", "gama=0.1"]) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_shared_nwc_gives_the_same_result_as_a_fresh_run():
+    model = small()
+    base = get_defense("otbr")(gamma=0.1, unlearn_steps=2, unlearn_batch_size=16)
+    other = get_defense("otbr")(gamma=0.25, unlearn_steps=2, unlearn_batch_size=16)
+    other.share_nwc_with(base)
+    base.mitigate(model, context(base))
+    shared = other.mitigate(model, context(other))
+    fresh = get_defense("otbr")(gamma=0.25, unlearn_steps=2, unlearn_batch_size=16).mitigate(model, context(other))
+    assert shared.diagnostics["unlearning_reused"] and not fresh.diagnostics["unlearning_reused"]
+    a, b = shared.model.state_dict(), fresh.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = get_defense("otbr")(gamma=0.25, unlearn_steps=3, unlearn_batch_size=16)  # unlearning differs: no reuse
+    changed.share_nwc_with(base)
+    assert not changed.mitigate(model, context(changed)).diagnostics["unlearning_reused"]

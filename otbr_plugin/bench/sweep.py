@@ -42,7 +42,12 @@ def sweep_defenses(defense: Defense, key: str, values: Sequence[Any]) -> list[De
     fields = defense.config.to_dict()
     if key not in fields:
         raise ValueError(f"--sweep: {defense.name} has no config field {key!r}; fields: {', '.join(sorted(fields))}")
-    return [type(defense)(defense.config.replace(**{key: v})) for v in values]
+    defenses = [type(defense)(defense.config.replace(**{key: v})) for v in values]
+    share = getattr(defense, "share_nwc_with", None)  # OTBR: reuse the unlearning stage when it is unchanged
+    if share is not None:
+        for d in defenses:
+            d.share_nwc_with(defense)
+    return defenses
 
 
 def oracle_sweep(bundle: Bundle, defenses: Sequence[Defense], key: str, *, clean_test: ImageDataset,

@@ -32,7 +32,8 @@ scores several values on the test set as a labelled oracle diagnostic only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+import hashlib
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import pandas as pd
@@ -164,6 +165,31 @@ class OTBRDefense(Defense):
 
     config: OTBRConfig
 
+    # fields that the unlearning/NWC stage depends on; the others only act after it
+    UNLEARNING_FIELDS = ("unlearn_steps", "unlearn_batch_size", "unlearn_lr", "unlearn_momentum", "unlearn_bn",
+                         "noise_space", "label_range", "include_shortcut", "include_linear")
+
+    def __init__(self, config: OTBRConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._nwc_memo: dict[tuple, tuple] | None = None
+
+    def share_nwc_with(self, other: "OTBRDefense") -> None:
+        """Opt in to reusing the unlearning/NWC stage of ``other`` (and vice versa) when model, context and
+        the unlearning fields match exactly -- for sweeps over gamma, lam or the fusion options, where it
+        gives the same result as a fresh run at a fraction of the cost. Off by default."""
+        if other._nwc_memo is None:
+            other._nwc_memo = {}
+        self._nwc_memo = other._nwc_memo
+
+    def _memo_key(self, model: nn.Module, context: DefenseContext) -> tuple:
+        h = hashlib.sha256()
+        for k, v in model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return (h.hexdigest(), context.seed, tuple(context.input_shape), context.num_classes,
+                tuple(context.normalizer.mean), tuple(context.normalizer.std), str(context.device),
+                tuple(getattr(self.config, f) for f in self.UNLEARNING_FIELDS))
+
     def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
         self.check_context(context)
         cfg = self.config
@@ -172,19 +198,28 @@ class OTBRDefense(Defense):
         layers = target_layer_names(original, cfg.include_shortcut, cfg.include_linear)
         modules = dict(original.named_modules())
 
+        key = self._memo_key(original, context) if self._nwc_memo is not None else None
+        reused = key is not None and key in self._nwc_memo
         with timer("unlearning"):
-            unlearned = random_unlearning(
-                original, num_classes=context.num_classes, input_shape=context.input_shape,
-                normalizer=context.normalizer, steps=cfg.unlearn_steps, batch_size=cfg.unlearn_batch_size,
-                lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum, noise_space=cfg.noise_space,
-                label_range=cfg.label_range, bn_mode=cfg.unlearn_bn, generator=context.generator(),
-                device=context.device, progress=context.progress_bar if context.progress else None,
-            )
+            if reused:
+                nwc, losses, counts = self._nwc_memo[key]
+            else:
+                unlearned = random_unlearning(
+                    original, num_classes=context.num_classes, input_shape=context.input_shape,
+                    normalizer=context.normalizer, steps=cfg.unlearn_steps, batch_size=cfg.unlearn_batch_size,
+                    lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum, noise_space=cfg.noise_space,
+                    label_range=cfg.label_range, bn_mode=cfg.unlearn_bn, generator=context.generator(),
+                    device=context.device, progress=context.progress_bar if context.progress else None,
+                )
+                losses, counts = unlearned.losses, unlearned.label_counts
         with timer("nwc"):
-            nwc = neuron_weight_change(original, unlearned.model, layers)
+            if not reused:
+                nwc = neuron_weight_change(original, unlearned.model, layers)
+                del unlearned
+                if key is not None:
+                    self._nwc_memo[key] = (nwc, losses, counts)
             fan_in = {n: int(modules[n].weight[0].numel()) for n in layers}
             scores = nwc_scores(nwc, fan_in, cfg.nwc_norm, cfg.nwc_precision)
-        del unlearned.model
         with timer("pruning"):
             masks = select_top_neurons(scores, cfg.gamma)
             pruned = prune_neurons(original, masks)
@@ -201,7 +236,6 @@ class OTBRDefense(Defense):
         defended.eval()
 
         table = nwc_table(nwc, scores, masks)
-        counts = unlearned.label_counts
         diagnostics: dict[str, Any] = {
             "setting": cfg.setting,
             "gamma": cfg.gamma,
@@ -213,7 +247,8 @@ class OTBRDefense(Defense):
             "num_pruned": int(sum(int(m.sum()) for m in masks.values())),
             "pruned_per_layer": pruned_per_layer(masks, layers),
             "pruned_neurons": {n: torch.nonzero(masks[n]).flatten().tolist() for n in layers if masks[n].any()},
-            "unlearning_loss": {"first": unlearned.losses[0], "last": unlearned.losses[-1]},
+            "unlearning_loss": {"first": losses[0], "last": losses[-1]},
+            "unlearning_reused": reused,
             "unlearning_label_counts": counts.tolist(),
             "fusion_start": start,
             "fused_layers": fusion.fused_layers if fusion else [],
