@@ -326,7 +326,7 @@ def test_defense_end_to_end(arch, shape):
     assert "otbr" in list_defenses() and get_defense("otbr") is OTBRDefense
     model = small(arch, shape[0], shape[1], 0.0625 if arch != "smallcnn" else 0.5)
     before = copy.deepcopy(model.state_dict())
-    d = get_defense("otbr")(gamma=0.1, unlearn_steps=2, unlearn_batch_size=16)
+    d = get_defense("otbr")(gamma=0.1, unlearn_steps=2, unlearn_batch_size=8)
     out = d.mitigate(model, context(d, shape))
     nwc = out.tables["nwc"]
     assert list(nwc.columns[:5]) == ["layer", "neuron", "nwc", "score", "rank"] and "pruned" in nwc
