@@ -187,7 +187,8 @@ def test_offline_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.delenv("OTBR_OFFLINE", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # simulated: no real network access
     with pytest.raises(DatasetNotFoundError, match="download failed: network unreachable"):
         load_dataset("mnist", "train", tmp_path, download=True)
     assert not any(p.name.startswith(".mnist-download") for p in tmp_path.iterdir())  # nothing half-written
