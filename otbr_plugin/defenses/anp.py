@@ -236,7 +236,8 @@ def select_neurons(masks: dict[str, torch.Tensor], pruning_by: str, threshold: f
     masks (stable: ties in layer order, then channel order)."""
     table = mask_table(masks)
     if pruning_by == "threshold":
-        chosen = table[table["mask"] <= threshold]
+        # masks are float32: compare against the float32 threshold, so a mask of exactly 0.2 counts as <= 0.2
+        chosen = table[table["mask"] <= float(torch.tensor(threshold, dtype=torch.float32))]
     else:
         count = number if pruning_by == "number" else int(round(fraction * len(table)))
         if count > len(table):

@@ -148,7 +148,8 @@ class CLP(Defense):
                 layer = pair.conv if cfg.pairing == "structural" else pair.bn
                 layers.append({"layer": layer, "conv": pair.conv, "bn": pair.bn, "exclusive": pair.exclusive,
                                "channels": int(uclc.numel()), "pruned": [int(i) for i in pruned],
-                               "mean": mean, "std": std, "threshold": threshold})
+                               "mean": mean, "std": std,
+                               "threshold": threshold if threshold != float("inf") else None})
                 for k, value in enumerate(uclc.tolist()):
                     rows.append({"layer": layer, "conv": pair.conv, "bn": pair.bn or "", "exclusive": pair.exclusive,
                                  "channel": k, "uclc": value, "layer_mean": mean, "layer_std": std,
