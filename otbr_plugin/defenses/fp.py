@@ -123,17 +123,30 @@ def _mask_hook(mask: torch.Tensor):
 
 @torch.no_grad()
 def _features(model: nn.Module, site: FeatureSite, images: torch.Tensor, context: DefenseContext,
-              batch_size: int) -> torch.Tensor:
-    """The feature map (input of the global pooling) for uint8 ``images``, on CPU."""
+              batch_size: int, reduce: bool = False) -> torch.Tensor:
+    """The feature map (input of the global pooling) for uint8 ``images``, on CPU; with ``reduce`` only its
+    mean per channel over samples and positions (the activation FP ranks by), without keeping the maps."""
     pool = dict(model.named_modules())[site.pool]
     captured: list[torch.Tensor] = []
-    handle = pool.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().float().cpu()))
+    total: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        f = args[0].detach().float()
+        if reduce:
+            total.append(f.sum(dim=(0, 2, 3)).double().cpu())
+            captured.append(torch.tensor(f.shape[0] * f.shape[2] * f.shape[3], dtype=torch.float64))
+        else:
+            captured.append(f.cpu())
+
+    handle = pool.register_forward_pre_hook(hook)
     try:
         model.eval()
         for start in range(0, images.shape[0], batch_size):
             model(preprocess_batch(images[start:start + batch_size], context, augment=False))
     finally:
         handle.remove()
+    if reduce:
+        return (torch.stack(total).sum(0) / torch.stack(captured).sum()).float()
     return torch.cat(captured)
 
 
@@ -208,11 +221,9 @@ class FP(Defense):
             site = feature_site(defended)
             tail = tail_module(defended, site.node)
         with timer("activations"):
-            feats_fit = _features(defended, site, fit.images, context, cfg.batch_size_eval)
-            mean_act = feats_fit.mean(dim=(0, 2, 3))
+            mean_act = _features(defended, site, fit.images, context, cfg.batch_size_eval, reduce=True)
             order = activation_order(mean_act)
             channels = int(mean_act.numel())
-            del feats_fit
         linear: nn.Linear = dict(defended.named_modules())[site.classifier]
         if linear.in_features % channels:
             raise ValueError(f"classifier {site.classifier!r} takes {linear.in_features} inputs, not a multiple of the "
