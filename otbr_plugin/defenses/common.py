@@ -1,0 +1,59 @@
+"""Small helpers shared by the data-dependent baselines (FP, ANP): splitting the clean defense subset,
+the dataset spec with the context's normalization, batched preprocessing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..data.specs import DatasetSpec, get_dataset_spec
+from ..data.subsets import stratified_indices
+from ..data.transforms import random_crop, random_hflip, to_float
+from .base import CleanData, DefenseContext
+
+__all__ = ["split_holdout", "context_spec", "preprocess_batch"]
+
+
+def split_holdout(clean: CleanData, ratio: float, seed: int) -> tuple[CleanData, CleanData]:
+    """Split the clean defense subset into (fit, held-out) parts, stratified and seeded; ``ratio`` is the
+    held-out share. Both parts come from the defense subset (the training split), never from test data."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"held-out ratio must be in (0, 1), got {ratio!r}")
+    if len(clean) < 2:
+        raise ValueError(f"the clean defense subset has {len(clean)} sample(s); at least 2 are needed to hold some out")
+    hold = stratified_indices(clean.labels, ratio, seed)
+    if len(hold) >= len(clean):  # tiny subsets: keep at least one sample to fit on
+        hold = hold[: len(clean) - 1]
+    keep = torch.ones(len(clean), dtype=torch.bool)
+    keep[hold] = False
+    fit_idx = torch.nonzero(keep).flatten()
+    return (CleanData(clean.images[fit_idx], clean.labels[fit_idx], clean.source),
+            CleanData(clean.images[hold], clean.labels[hold], clean.source))
+
+
+def context_spec(context: DefenseContext) -> DatasetSpec:
+    """The dataset spec for training-style transforms, with the context's (the checkpoint's) normalization.
+
+    Known dataset: its spec (crop padding, flip) with mean/std replaced; unknown: a spec from the context
+    alone with crop padding 4 and no flip."""
+    c, h, w = context.input_shape
+    if context.dataset is not None:
+        spec = get_dataset_spec(context.dataset)
+    else:
+        spec = DatasetSpec("custom", context.num_classes, c, h, context.normalizer.mean, context.normalizer.std,
+                           hflip=False)
+    return dataclasses.replace(spec, mean=tuple(context.normalizer.mean), std=tuple(context.normalizer.std))
+
+
+def preprocess_batch(images: torch.Tensor, context: DefenseContext, augment: bool,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 batch -> normalized float batch on the context's device; ``augment`` adds the dataset's random
+    crop (and flip where the dataset allows it), as the training transforms of the reference code do."""
+    x = to_float(images.to(context.device))
+    if augment:
+        spec = context_spec(context)
+        x = random_crop(x, spec.crop_padding, generator)
+        if spec.hflip:
+            x = random_hflip(x, 0.5, generator)
+    return context.normalizer(x)
