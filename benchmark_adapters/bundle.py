@@ -2,6 +2,7 @@
 
     model.safetensors     the state_dict
     bd_test.safetensors   poisoned test set: images (uint8), targets, original_labels, original_indices
+    extra.safetensors     optional named tensors (e.g. an attack's poisoned training indices)
     meta.json             format version, model/dataset/attack/training/metrics (+ defense), sha256 of each file
 
 Writing is atomic (a temporary folder renamed into place); loading verifies the schema, the hashes and
@@ -37,6 +38,7 @@ __all__ = ["Bundle", "BundleError", "save_bundle", "load_bundle", "verify_bundle
 BUNDLE_FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 BD_TEST_FILE = "bd_test.safetensors"
+EXTRA_FILE = "extra.safetensors"
 META_FILE = "meta.json"
 REQUIRED_META = ("format_version", "model", "dataset", "attack", "metrics", "files")
 REQUIRED_MODEL = ("name", "num_classes", "in_channels", "image_size", "width")
@@ -70,6 +72,7 @@ class Bundle:
     training: dict[str, Any] = field(default_factory=dict)
     defense: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved to extra.safetensors when non-empty
     path: Path | None = None
     model_sha256: str | None = None
 
@@ -133,8 +136,12 @@ def save_bundle(bundle: Bundle, path: str | Path, overwrite: bool = False) -> Pa
         save_file(state, str(tmp / MODEL_FILE))
         bd = bundle.bd_test
         save_file({k: getattr(bd, k).cpu().contiguous() for k in BD_KEYS}, str(tmp / BD_TEST_FILE))
+        files = [MODEL_FILE, BD_TEST_FILE]
+        if bundle.tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in bundle.tensors.items()}, str(tmp / EXTRA_FILE))
+            files.append(EXTRA_FILE)
         meta = bundle.meta()
-        meta["files"] = {name: sha256_file(tmp / name) for name in (MODEL_FILE, BD_TEST_FILE)}
+        meta["files"] = {name: sha256_file(tmp / name) for name in files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if target.exists():
             backup = target.with_name(f".{target.name}.old")
@@ -176,6 +183,11 @@ def _read_meta(folder: Path) -> dict[str, Any]:
             raise BundleError(f"{meta_path}: '{section}' is missing field(s) {', '.join(miss)}")
     if not isinstance(meta["files"], dict):
         raise BundleError(f"{meta_path}: 'files' must map file names to sha256 digests")
+    for name, digest in meta["files"].items():
+        if name not in (MODEL_FILE, BD_TEST_FILE, EXTRA_FILE):
+            raise BundleError(f"{meta_path}: 'files' lists unknown file {name!r}")
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BundleError(f"{meta_path}: sha256 of {name} is not a 64-digit hex digest: {digest!r}")
     return meta
 
 
@@ -183,7 +195,8 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     """Check the schema and every file's sha256; returns the meta. Raises :class:`BundleError`."""
     folder = Path(path)
     meta = _read_meta(folder)
-    for name in (MODEL_FILE, BD_TEST_FILE):
+    names = [MODEL_FILE, BD_TEST_FILE] + ([EXTRA_FILE] if EXTRA_FILE in meta["files"] else [])
+    for name in names:
         expected = meta["files"].get(name)
         if expected is None:
             raise BundleError(f"{folder / META_FILE}: no sha256 recorded for {name}")
@@ -205,6 +218,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     try:
         state = load_file(str(folder / MODEL_FILE))
         bd = load_file(str(folder / BD_TEST_FILE))
+        tensors = load_file(str(folder / EXTRA_FILE)) if EXTRA_FILE in meta["files"] else {}
     except (SafetensorError, OSError) as err:
         raise BundleError(f"{folder}: cannot read safetensors file ({err})") from err
     missing = [k for k in BD_KEYS if k not in bd]
@@ -231,6 +245,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         training=meta.get("training", {}),
         defense=meta.get("defense"),
         extra=meta.get("extra", {}),
+        tensors=tensors,
         path=folder,
         model_sha256=meta["files"][MODEL_FILE],
     )

@@ -32,7 +32,7 @@ def _load_optional_readers() -> None:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:
-            if err.name != mod:
+            if err.name is None or not mod.startswith(err.name):
                 raise
 
 

@@ -10,12 +10,13 @@ import sys
 from . import __version__
 
 # name of the module in otbr_plugin.commands, in the order shown by --help
-COMMAND_MODULES = ["info", "train", "defend"]
+COMMAND_MODULES = ["info", "train", "attack", "defend", "results"]
 
 EPILOG = """examples:
   otbr-bench models
   otbr-bench datasets --data-root data
   otbr-bench train --dataset fashion_mnist --model preactresnet18 --width 0.25 --epochs 1
+  otbr-bench attack configs/attack/badnets/fashion_mnist.yaml --out runs/bundles/fashion_mnist/badnets
 """
 
 

@@ -119,6 +119,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 encode bytes this way (harmless)
     }
 
     def find_class(self, module: str, name: str):  # noqa: D401
@@ -254,10 +255,12 @@ def _gtsrb_test_images(r: Path, csv_path: Path) -> Path:
 def _read_gtsrb_csv(path: Path) -> list[tuple[str, int]]:
     try:
         with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter=";"))
+            reader = csv.DictReader(fh, delimiter=";")
+            rows = list(reader)
+            columns = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DatasetFormatError(f"{path}: unreadable GTSRB annotation CSV ({err})") from err
-    if not rows or "Filename" not in rows[0] or "ClassId" not in rows[0]:
+    if "Filename" not in columns or "ClassId" not in columns:
         raise DatasetFormatError(f"{path}: expected a ';'-separated CSV with columns Filename and ClassId")
     try:
         return [(row["Filename"], int(row["ClassId"])) for row in rows]
@@ -454,6 +457,8 @@ def load_dataset(
 ) -> ImageDataset:
     """Load ``split`` ("train" or "test") of dataset ``name`` as uint8 images and int64 labels.
 
+    ``download`` fetches the official files when nothing is found; setting ``OTBR_OFFLINE=1`` forbids it.
+
     Raises:
         DatasetNotFoundError: not on disk and not downloadable (offline, or ``download=False``).
         DatasetFormatError: a file is corrupt, truncated or in the wrong format.
@@ -464,8 +469,9 @@ def load_dataset(
     layout = _LAYOUTS[spec.name]
     root_path = Path(root) if root is not None else default_data_root()
     folder = find_dataset(spec.name, root_path)
-    why = "download disabled"
-    if folder is None and download and layout.downloads:
+    offline = os.environ.get("OTBR_OFFLINE", "") not in ("", "0")
+    why = "download disabled" + (" by OTBR_OFFLINE" if offline and download else "")
+    if folder is None and download and not offline and layout.downloads:
         try:
             _download(spec.name, root_path)
         except DatasetFormatError:

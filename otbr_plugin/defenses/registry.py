@@ -26,7 +26,7 @@ def _load_builtins() -> None:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:
-            if err.name != mod:  # a real import error inside an existing module: surface it
+            if err.name is None or not mod.startswith(err.name):  # a real import error inside an existing module: surface it
                 raise
 
 

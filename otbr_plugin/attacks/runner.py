@@ -1,0 +1,185 @@
+"""Train a backdoored model from a run config and package it as a bundle (what ``otbr-bench attack`` runs).
+
+A run config is a mapping with four sections (all validated, unknown keys rejected)::
+
+    attack:  {name: badnets, target_class: 0, poison_ratio: 0.1, ...}   # the attack's config fields
+    dataset: fashion_mnist                                              # or {name: fashion_mnist}
+    model:   {name: preactresnet18, width: 0.25}
+    train:   {epochs: 8, batch_size: 128, lr: 0.01, ...}                # TrainConfig fields
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..bench.metrics import evaluate_backdoor
+from ..config import dataclass_from_dict
+from ..data import Normalizer, get_dataset_spec, load_dataset
+from ..models import ModelConfig, list_models
+from ..runtime import resolve_device
+from ..train import TrainConfig, train_classifier
+from .base import Attack
+from .registry import create_attack
+
+__all__ = ["ModelSection", "AttackRun", "parse_attack_run", "run_attack", "RUN_SECTIONS"]
+
+RUN_SECTIONS = ("attack", "dataset", "model", "train")
+
+
+@dataclass
+class ModelSection:
+    """The model to train: a zoo name and its channel multiplier."""
+
+    name: str = "preactresnet18"
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in list_models():
+            raise ValueError(f"model.name {self.name!r} is not in the zoo; available: {', '.join(list_models())}")
+        if not 0 < self.width <= 4:
+            raise ValueError(f"model.width must be in (0, 4], got {self.width!r}")
+
+
+@dataclass
+class AttackRun:
+    """A validated attack run: attack, dataset name, model and training settings."""
+
+    attack: Attack
+    dataset: str
+    model: ModelSection
+    train: TrainConfig
+
+    def model_config(self) -> ModelConfig:
+        spec = get_dataset_spec(self.dataset)
+        return ModelConfig(self.model.name, spec.num_classes, spec.in_channels, spec.image_size, float(self.model.width))
+
+    def resolved(self) -> dict[str, Any]:
+        """The full resolved config (defaults filled in), as plain data."""
+        return {"attack": self.attack.params(), "dataset": self.dataset, "model": asdict(self.model),
+                "train": self.train.to_dict()}
+
+
+def parse_attack_run(config: Mapping[str, Any]) -> AttackRun:
+    """Validate a run config mapping and build the attack, model section and training config."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"an attack config must be a mapping with sections {', '.join(RUN_SECTIONS)}")
+    unknown = sorted(set(config) - set(RUN_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {', '.join(unknown)}; valid sections: {', '.join(RUN_SECTIONS)}")
+    attack_cfg = config.get("attack")
+    if not isinstance(attack_cfg, Mapping) or not attack_cfg.get("name"):
+        raise ValueError("the config needs an 'attack' section with a 'name' (e.g. attack: {name: badnets})")
+    params = {k: v for k, v in attack_cfg.items() if k != "name"}
+    attack = create_attack(str(attack_cfg["name"]), params)
+
+    dataset = config.get("dataset")
+    if isinstance(dataset, Mapping):
+        extra = sorted(set(dataset) - {"name"})
+        if extra:
+            raise ValueError(f"dataset: unknown key(s) {', '.join(extra)}; valid keys: name")
+        dataset = dataset.get("name")
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError("the config needs a 'dataset' (a name such as fashion_mnist or cifar10)")
+    spec = get_dataset_spec(dataset)
+    if attack.config.label_mode == "all2one" and attack.config.target_class >= spec.num_classes:
+        raise ValueError(f"attack.target_class {attack.config.target_class} is out of range for {spec.name} "
+                         f"({spec.num_classes} classes)")
+
+    model_cfg = config.get("model", {}) or {}
+    if not isinstance(model_cfg, Mapping):
+        raise ValueError("'model' must be a mapping such as {name: preactresnet18, width: 0.25}")
+    model = dataclass_from_dict(ModelSection, model_cfg, what="model")
+
+    train_cfg = config.get("train", {}) or {}
+    if not isinstance(train_cfg, Mapping):
+        raise ValueError("'train' must be a mapping of TrainConfig fields such as {epochs: 8}")
+    train = dataclass_from_dict(TrainConfig, train_cfg, what="train")
+    return AttackRun(attack=attack, dataset=spec.name, model=model, train=train)
+
+
+def run_attack(run: AttackRun, data_root: str | Path | None = None,
+               log: Callable[[str], None] = print) -> "Bundle":  # noqa: F821
+    """Poison the training set, train the model, evaluate ACC/ASR/RA and return the bundle (not yet saved).
+
+    The per-epoch ACC/ASR/RA in the training curve are reported only; nothing is chosen from them.
+    """
+    from benchmark_adapters.bundle import Bundle  # the harness packages; the attack code stays file-agnostic
+
+    start = time.perf_counter()
+    train = load_dataset(run.dataset, "train", data_root)
+    test = load_dataset(run.dataset, "test", data_root)
+    spec = train.spec
+    attack = run.attack
+    poisoned = attack.poison_train(train.images, train.labels, spec.num_classes)
+    bd_test = attack.poison_test(test.images, test.labels, spec.num_classes)
+    log(f"{attack.name}: poisoned {poisoned.poison_count} of {len(poisoned)} training samples "
+        f"(ratio {poisoned.realized_ratio:.4f}"
+        + (f", {poisoned.cross_indices.numel()} noise-mode samples" if poisoned.cross_indices.numel() else "")
+        + f"); poisoned test set: {len(bd_test)} samples")
+
+    device = resolve_device(run.train.device)
+    model_config = run.model_config()
+    torch.manual_seed(run.train.seed)  # weight init is part of "same seed, same result"
+    model = model_config.build()
+    normalizer = Normalizer.for_dataset(spec)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        metrics = evaluate_backdoor(m, test.images, test.labels, bd_test.images, bd_test.targets,
+                                    bd_test.original_labels, normalizer, device=device)
+        return metrics.to_dict()
+
+    def eval_and_log(m: torch.nn.Module) -> dict[str, float]:
+        out = evaluate(m)
+        log(f"  epoch done: ACC {out['acc'] * 100:.2f}%  ASR {out['asr'] * 100:.2f}%  RA {out['ra'] * 100:.2f}%")
+        return out
+
+    log(f"training {model_config.name} (width {model_config.width}) on poisoned {spec.name}: "
+        f"{run.train.epochs} epoch(s), device {device}")
+    history = train_classifier(model, poisoned.images, poisoned.labels, spec, run.train, eval_fn=eval_and_log)
+    final = history.epochs[-1]
+    metrics = {"acc": final["acc"], "asr": final["asr"], "ra": final["ra"]}
+    minutes = (time.perf_counter() - start) / 60.0
+    for rec in history.epochs:
+        log(f"  epoch {rec['epoch']}: loss {rec['loss']:.4f} train_acc {rec['train_acc']:.4f} "
+            f"ACC {rec['acc']:.4f} ASR {rec['asr']:.4f} RA {rec['ra']:.4f} ({rec['seconds']:.0f} s)")
+
+    attack_meta = {
+        **attack.params(),
+        "clean_label": attack.clean_label,
+        "poison_count": poisoned.poison_count,
+        "poison_ratio_realized": poisoned.realized_ratio,
+        "cross_count": int(poisoned.cross_indices.numel()),
+        "poison_indices": "extra.safetensors:poison_indices",
+    }
+    tensors = {"poison_indices": poisoned.poison_indices.clone()}
+    if poisoned.cross_indices.numel():
+        tensors["cross_indices"] = poisoned.cross_indices.clone()
+        attack_meta["cross_indices"] = "extra.safetensors:cross_indices"
+    return Bundle(
+        model_config=model_config,
+        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        dataset=spec.name,
+        normalizer=normalizer,
+        bd_test=bd_test,
+        attack=attack_meta,
+        metrics=metrics,
+        training={
+            "config": run.train.to_dict(),
+            "curve": history.epochs,
+            "train_seconds": history.seconds,
+            "minutes": minutes,
+            "device": str(device),
+            "torch_version": torch.__version__,
+        },
+        extra={
+            "resolved_config": run.resolved(),
+            "clean_test": {"dataset": spec.name, "split": "test", "num_samples": len(test)},
+            "train_set": {"dataset": spec.name, "split": "train", "num_samples": len(train)},
+        },
+        tensors=tensors,
+    )

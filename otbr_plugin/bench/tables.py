@@ -1,0 +1,170 @@
+"""Comparison tables from run records: attacks as rows, defenses as columns, ACC / ASR / RA / DER per cell.
+
+Values are percentages, mean over seeds (``mean ± std`` when there is more than one seed). The last row
+averages over attacks. In each row and for each metric the best defense is marked (``**x**`` in Markdown,
+``\\textbf{x}`` in LaTeX, ``<b>x</b>`` in HTML, a trailing ``*`` in CSV); "none" (no defense) is shown but never
+marked. Higher is better for ACC, RA and DER; lower for ASR.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .records import RunRecord, read_record
+
+__all__ = ["load_records", "records_frame", "comparison_table", "format_table", "METRICS", "HIGHER_IS_BETTER",
+           "plot_acc_vs_asr"]
+
+METRICS = ("acc", "asr", "ra", "der")
+HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
+DEFENSE_ORDER = ["none", "otbr", "clp", "fp", "anp"]
+
+
+def load_records(folder: str | Path) -> list[RunRecord]:
+    """Every run record (JSON with a ``schema_version``) under ``folder``, recursively, sorted by key."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder of run records")
+    records = []
+    for path in sorted(root.rglob("*.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and "schema_version" in data and "checkpoint_sha256" in data:
+            records.append(read_record(path))
+    return sorted(records, key=lambda r: r.key())
+
+
+def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """One row per successful record: dataset, model, attack, defense, seed and the after-defense metrics."""
+    rows = []
+    for r in records:
+        if r.status != "ok" or r.metrics_after is None:
+            continue
+        rows.append({"dataset": r.dataset, "model": r.model.get("name"), "attack": r.attack_name, "defense": r.defense,
+                     "seed": r.seed, **{m: r.metrics_after[m] for m in ("acc", "asr", "ra")}, "der": r.der})
+    return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", *METRICS])
+
+
+def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+    vals = list(dict.fromkeys(values))
+    return sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), v))
+
+
+def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METRICS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(mean, std) frames in percent; rows = attacks + "average", columns = (defense, metric).
+
+    std is NaN where a cell has a single seed. The "average" row is the mean over attacks of the per-attack means.
+    """
+    df = records_frame(records)
+    if df.empty:
+        raise ValueError("no successful run records to tabulate")
+    if df[["dataset", "model"]].drop_duplicates().shape[0] > 1:
+        raise ValueError("records mix datasets or models; tabulate one dataset x model at a time")
+    grouped = df.groupby(["attack", "defense"])[list(metrics)]
+    mean = grouped.mean().mul(100).unstack("defense")
+    std = grouped.std(ddof=1).mul(100).unstack("defense")
+    defenses = _ordered(df["defense"], DEFENSE_ORDER)
+    attacks = _ordered(df["attack"], [])
+    cols = pd.MultiIndex.from_tuples([(d, m) for d in defenses for m in metrics], names=["defense", "metric"])
+    mean = mean.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
+    std = std.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
+    mean.loc["average"] = mean.mean(axis=0, skipna=True)
+    std.loc["average"] = np.nan
+    return mean, std
+
+
+def _best_mask(mean: pd.DataFrame) -> pd.DataFrame:
+    mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
+    defenses = [d for d in mean.columns.get_level_values(0).unique() if d != "none"]
+    for metric in mean.columns.get_level_values(1).unique():
+        cols = [(d, metric) for d in defenses if (d, metric) in mean.columns]
+        if not cols:
+            continue
+        block = mean[cols]
+        best = block.max(axis=1) if HIGHER_IS_BETTER[metric] else block.min(axis=1)
+        for c in cols:
+            mask[c] = np.isclose(block[c], best) & block[c].notna()
+    return mask
+
+
+def _cell(m: float, s: float) -> str:
+    if pd.isna(m):
+        return "-"
+    return f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
+
+
+def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
+    """Render the comparison table as ``md``, ``csv``, ``latex`` or ``html``."""
+    if fmt not in ("md", "csv", "latex", "html"):
+        raise ValueError(f"format must be one of md, csv, latex, html; got {fmt!r}")
+    best = _best_mask(mean)
+    mark = {"md": "**{}**", "csv": "{}*", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}[fmt]
+    header = [f"{d} {m.upper()}" for d, m in mean.columns]
+    body = []
+    for attack in mean.index:
+        row = []
+        for col in mean.columns:
+            text = _cell(mean.at[attack, col], std.at[attack, col])
+            if fmt == "latex":
+                text = text.replace("±", "$\\pm$")
+            if fmt == "html":
+                text = _html.escape(text)
+            row.append(mark.format(text) if best.at[attack, col] else text)
+        body.append((str(attack), row))
+    if fmt == "csv":
+        lines = [",".join(["attack", *header])]
+        lines += [",".join([a, *row]) for a, row in body]
+        return "\n".join(lines) + "\n"
+    if fmt == "md":
+        lines = ["| attack | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+        lines += ["| " + " | ".join([a, *row]) + " |" for a, row in body]
+        return "\n".join(lines) + "\n"
+    if fmt == "latex":
+        esc = lambda s: s.replace("_", "\\_")  # noqa: E731
+        lines = ["\\begin{tabular}{l" + "r" * len(header) + "}", "\\toprule",
+                 " & ".join(["attack", *map(esc, header)]) + " \\\\", "\\midrule"]
+        lines += [" & ".join([esc(a), *row]) + " \\\\" for a, row in body]
+        lines += ["\\bottomrule", "\\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    lines = ["<table>", "<tr><th>attack</th>" + "".join(f"<th>{_html.escape(h)}</th>" for h in header) + "</tr>"]
+    lines += ["<tr><td>" + _html.escape(a) + "</td>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for a, row in body]
+    lines.append("</table>")
+    return "\n".join(lines) + "\n"
+
+
+def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str = "") -> Path:
+    """Scatter of clean ACC against ASR after defense, one colour per defense, one point per attack x seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = records_frame(records)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for defense in _ordered(df["defense"], DEFENSE_ORDER):
+        sub = df[df["defense"] == defense]
+        ax.scatter(sub["asr"] * 100, sub["acc"] * 100, label=defense, s=40, alpha=0.8)
+        for _, row in sub.iterrows():
+            ax.annotate(row["attack"], (row["asr"] * 100, row["acc"] * 100), fontsize=6, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("ASR after defense (%)  (lower is better)")
+    ax.set_ylabel("clean ACC after defense (%)  (higher is better)")
+    ax.set_title(title or "ACC vs ASR per defense")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from torch import nn
+
+from otbr_plugin.bench.metrics import BackdoorMetrics, accuracy, defense_effectiveness_rating, evaluate_backdoor, predict
+from otbr_plugin.data import Normalizer
+
+
+class FirstPixelClassifier(nn.Module):
+    """Predicts the class written in pixel (0, 0) (as uint8 value), so expected metrics are hand-computable."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        cls = torch.round(x[:, 0, 0, 0] * 255).long()
+        return nn.functional.one_hot(cls, 10).float() + self.dummy
+
+
+def imgs(values):
+    x = torch.zeros(len(values), 1, 4, 4, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.tensor(values, dtype=torch.uint8)
+    return x
+
+
+IDENTITY = Normalizer((0.0,), (1.0,))
+
+
+def test_predict_batched_equals_unbatched():
+    x = imgs([3, 1, 4, 1, 5, 9, 2, 6])
+    m = FirstPixelClassifier()
+    assert predict(m, x, IDENTITY, batch_size=3).tolist() == [3, 1, 4, 1, 5, 9, 2, 6]
+
+
+def test_hand_computed_acc_asr_ra():
+    m = FirstPixelClassifier()
+    clean_x, clean_y = imgs([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0])  # 3 of 4 correct
+    bd_x = imgs([0, 0, 5, 7, 0])  # predicted: 0 0 5 7 0
+    targets = torch.zeros(5, dtype=torch.long)
+    true = torch.tensor([1, 2, 5, 3, 4])  # only the third is predicted as its true label
+    m_ = evaluate_backdoor(m, clean_x, clean_y, bd_x, targets, true, IDENTITY)
+    assert m_.acc == pytest.approx(0.75)
+    assert m_.asr == pytest.approx(0.6)
+    assert m_.ra == pytest.approx(0.2)
+
+
+def test_predict_restores_training_mode():
+    m = FirstPixelClassifier().train()
+    predict(m, imgs([1]), IDENTITY)
+    assert m.training
+
+
+def test_der():
+    before = BackdoorMetrics(acc=0.9, asr=1.0, ra=0.0)
+    assert defense_effectiveness_rating(before, BackdoorMetrics(0.9, 0.0, 0.9)) == pytest.approx(1.0)
+    assert defense_effectiveness_rating(before, BackdoorMetrics(0.8, 0.2, 0.7)) == pytest.approx((0.8 - 0.1 + 1) / 2)
+    # an ASR increase or an ACC gain does not count
+    assert defense_effectiveness_rating(BackdoorMetrics(0.9, 0.5, 0.1), BackdoorMetrics(0.95, 0.6, 0.1)) == 0.5
+
+
+def test_metric_validation():
+    with pytest.raises(ValueError, match="fraction"):
+        BackdoorMetrics(acc=90.0, asr=0.1, ra=0.1)
+    with pytest.raises(ValueError, match="zero samples"):
+        accuracy(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        accuracy(torch.zeros(2), torch.zeros(3))
