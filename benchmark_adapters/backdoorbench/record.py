@@ -464,6 +464,15 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     img.save(path, format="PNG")
 
 
+def _zoo_order(bundle: Bundle) -> list[str]:
+    """The state_dict keys in the model's own order (as ``model.state_dict()`` lists them; safetensors sorts)."""
+    try:
+        order = list(bundle.model_config.build().state_dict())
+    except ValueError:
+        order = []
+    return order if set(order) == set(bundle.state_dict) else list(bundle.state_dict)
+
+
 def write_attack_result(bundle: Bundle, record: str | Path, overwrite: bool = False,
                         test_size: int | None = None) -> Path:
     """Write ``bundle`` as a BackdoorBench record folder (atomically): attack_result.pt in the documented
@@ -511,7 +520,7 @@ def write_attack_result(bundle: Bundle, record: str | Path, overwrite: bool = Fa
         result = {
             "model_name": bb_name,
             "num_classes": int(cfg.num_classes),
-            "model": OrderedDict((k, v.detach().cpu().clone()) for k, v in bundle.state_dict.items()),
+            "model": OrderedDict((k, bundle.state_dict[k].detach().cpu().clone()) for k in _zoo_order(bundle)),
             "data_path": f"./data/{spec.name}",
             "img_size": (int(cfg.image_size), int(cfg.image_size), int(cfg.in_channels)),
             "clean_data": spec.name,
