@@ -24,12 +24,13 @@ from benchmark_adapters.backdoorbench import (
     UnsafeCheckpointError,
     load_attack_result,
     load_clean_test,
+    state_dict_for_zoo,
     write_attack_result,
 )
 from benchmark_adapters.backdoorbench.install import DROPIN_DIR, install_dropin
 from benchmark_adapters.bundle import load_bundle
 from benchmark_adapters.checkpoints import load_checkpoint
-from conftest import write_mnist_like
+from conftest import write_cifar_batch, write_mnist_like
 from otbr_plugin.cli import main as cli_main
 from otbr_plugin.defenses import Defense, DefenseConfig, DefenseContext, DefenseOutcome, register_defense
 from otbr_plugin.defenses.backdoorbench_face import BackdoorBenchDefense
@@ -50,9 +51,28 @@ def _trigger(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_bb_tree(root: Path, name: str = NAME, data_parallel: bool = True, seed: int = 0) -> dict:
-    """BB_ROOT/data/mnist (IDX), BB_ROOT/record/<name>/{attack_result.pt, bd_test_dataset/, attack_df_summary.csv}."""
-    data = write_mnist_like(root / "data" / "mnist", n_train=40, n_test=30, seed=seed)
+def _write_cifar10(folder: Path, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for i in range(1, 6):
+        write_cifar_batch(batches / f"data_batch_{i}", rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8),
+                          rng.integers(0, 10, 8))
+    x, y = rng.integers(0, 256, (30, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 30)
+    write_cifar_batch(batches / "test_batch", x, y)
+    return {"test": (x.transpose(0, 2, 3, 1), y)}  # HWC, as the PNGs hold them
+
+
+def make_bb_tree(root: Path, name: str = NAME, data_parallel: bool = True, seed: int = 0, dataset: str = "mnist",
+                 model_name: str = "preactresnet18", width: float = WIDTH) -> dict:
+    """BB_ROOT/data/<dataset> (official format), BB_ROOT/record/<name>/{attack_result.pt, bd_test_dataset/,
+    attack_df_summary.csv}."""
+    if dataset == "mnist":
+        data = write_mnist_like(root / "data" / "mnist", n_train=40, n_test=30, seed=seed)
+        channels, size, mode = 1, 28, "L"
+    else:
+        data = _write_cifar10(root / "data" / "cifar10", seed)
+        channels, size, mode = 3, 32, "RGB"
     test_x, test_y = data["test"]
     record = root / "record" / name
     target = 2
@@ -64,10 +84,10 @@ def make_bb_tree(root: Path, name: str = NAME, data_parallel: bool = True, seed:
     for idx in poisoned:
         label = int(test_y[idx])
         (record / "bd_test_dataset" / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_trigger(test_x[idx]), mode="L").save(record / "bd_test_dataset" / str(label) / f"{idx}.png")
+        Image.fromarray(_trigger(test_x[idx]), mode=mode).save(record / "bd_test_dataset" / str(label) / f"{idx}.png")
         data_dict[np.int64(idx)] = {"path": f"{stored}/{label}/{idx}.png", "other_info": [target, label]}
     torch.manual_seed(seed)
-    model = create_model("preactresnet18", 10, 1, 28, WIDTH)
+    model = create_model(model_name, 10, channels, size, width)
     state = OrderedDict((("module." if data_parallel else "") + k, v) for k, v in model.state_dict().items())
     bd_train = {
         "bd_data_container": {"save_folder_path": f"./record/{name}/bd_train_dataset", "save_file_format": ".png",
@@ -77,12 +97,12 @@ def make_bb_tree(root: Path, name: str = NAME, data_parallel: bool = True, seed:
         "save_folder_path": f"./record/{name}/bd_train_dataset",
     }
     result = {
-        "model_name": "preactresnet18",
+        "model_name": model_name,
         "num_classes": 10,
         "model": state,
-        "data_path": "./data/mnist",
-        "img_size": (28, 28, 1),
-        "clean_data": "mnist",
+        "data_path": f"./data/{dataset}",
+        "img_size": (size, size, channels),
+        "clean_data": dataset,
         "bd_train": bd_train,
         "bd_test": {
             "bd_data_container": {"save_folder_path": stored, "save_file_format": ".png", "data_dict": data_dict},
@@ -180,6 +200,29 @@ def test_clean_test_from_another_dataset_is_refused(bb, tmp_path):
     write_mnist_like(tmp_path / "other" / "mnist", n_train=40, n_test=30, seed=7)  # same format, other labels
     with pytest.raises(AttackResultError, match="original label that differs"):
         load_clean_test(bundle, tmp_path / "other")
+
+
+def test_cifar10_vgg19_bn_record(tmp_path):
+    """RGB PNGs, BackdoorBench's data/cifar10/cifar-10-batches-py layout, vgg19_bn (torchvision keys)."""
+    bb = make_bb_tree(tmp_path / "BB", dataset="cifar10", model_name="vgg19_bn", data_parallel=False)
+    bundle = load_attack_result(bb["record"])
+    cfg = bundle.model_config
+    assert (cfg.name, cfg.in_channels, cfg.image_size, cfg.width) == ("vgg19_bn", 3, 32, WIDTH)
+    expected = np.stack([_trigger(bb["test_x"][i]) for i in bb["poisoned"]]).transpose(0, 3, 1, 2)
+    assert torch.equal(bundle.bd_test.images, torch.from_numpy(expected))
+    clean = load_clean_test(bundle)  # found through the record's data_path, relative to the BackdoorBench root
+    assert torch.equal(clean.labels, torch.from_numpy(bb["test_y"].astype(np.int64)))
+
+
+@pytest.mark.parametrize("name, width", [("preactresnet18", 0.3), ("preactresnet18", 1.0), ("smallcnn", 0.5),
+                                         ("vgg19_bn", 0.125)])
+def test_width_is_inferred_from_the_weights(name, width):
+    model = create_model(name, 10, 3, 32, width)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    cfg, clean = state_dict_for_zoo(name, state, 10, 3, 32)
+    rebuilt = cfg.build()
+    rebuilt.load_state_dict(clean, strict=True)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 # ----------------------------------------------------------------------------------------------------------

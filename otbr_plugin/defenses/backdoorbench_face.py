@@ -142,7 +142,7 @@ class BackdoorBenchDefense:
             parser.epilog = (
                 "example (from the BackdoorBench root):\n"
                 f"  python ./defense/{self.save_name}.py --result_file badnet_0_1 "
-                f"--yaml_path ./config/defense/{self.save_name}/cifar10.yaml --dataset cifar10"
+                f"--yaml_path ./config/defense/{self.save_name}/cifar10.yaml --dataset cifar10\n"
             )
             parser.formatter_class = argparse.RawDescriptionHelpFormatter
         return parser
@@ -294,9 +294,15 @@ class BackdoorBenchDefense:
 
 def main(defense_name: str, argv: list[str] | None = None, save_name: str | None = None) -> int:
     """Entry point of the drop-in scripts: parse BackdoorBench's arguments and defend ``--result_file``."""
-    face = BackdoorBenchDefense(defense_name, save_name=save_name)
-    parser = argparse.ArgumentParser(description=f"{defense_name} ({face.defense_class.description or 'defense'}) "
-                                                 "on a BackdoorBench attack record")
+    prog = Path(sys.argv[0]).name if argv is None else f"{save_name or defense_name}.py"
+    try:
+        face = BackdoorBenchDefense(defense_name, save_name=save_name)
+    except ValueError as err:  # the defense is not in the installed otbr-plugin
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    description = face.defense_class.description or "defense"
+    parser = argparse.ArgumentParser(prog=prog, description=f"{defense_name}: {description}, on a BackdoorBench "
+                                                            "attack record (otbr-plugin)")
     face.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -305,6 +311,6 @@ def main(defense_name: str, argv: list[str] | None = None, save_name: str | None
             parser.error("--result_file is required (the record folder name under record/, e.g. badnet_0_1)")
         face.defense(settings["result_file"])
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     return 0
