@@ -524,8 +524,10 @@ def test_dropin_script_runs_its_defense(bb, save):
         pytest.skip(f"defense {DROPIN_DEFENSES[save]!r} is not in this checkout")
     root = bb["root"]
     install_dropin(root, defenses=[save], datasets=["mnist"])
+    quick = {"otbr": ["--unlearn_steps", "2"], "otbr_anp": ["--iterations", "3", "--ratio", "0.5"],
+             "otbr_fp": ["--epochs", "1", "--ratio", "0.5"], "otbr_clp": []}[save]  # CPU-test sized
     proc = _run_script(root, f"{save}.py", "--result_file", NAME, "--yaml_path", f"./config/defense/{save}/mnist.yaml",
-                       "--dataset", "mnist", "--device", "cpu", "--progress", "false")
+                       "--dataset", "mnist", "--device", "cpu", "--progress", "false", *quick)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = root / "record" / NAME / "defense" / save
     assert set(torch.load(out / "defense_result.pt", weights_only=True)) == {"model_name", "num_classes", "model"}

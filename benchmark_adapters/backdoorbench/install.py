@@ -54,7 +54,7 @@ def render_config(save_name: str, dataset: str) -> str:
     from otbr_plugin import __version__
 
     header = f"# {name} hyperparameters: otbr-plugin {__version__} defaults for {spec.name}\n"
-    return text + header + yaml.safe_dump(_plain(values), sort_keys=False, default_flow_style=None)
+    return text + header + yaml.safe_dump(_plain(values), sort_keys=False, default_flow_style=False)
 
 
 def _put(path: Path, content: str, force: bool, written: list[tuple[Path, str]]) -> None:
