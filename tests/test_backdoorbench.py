@@ -121,6 +121,15 @@ def make_bb_tree(root: Path, name: str = NAME, data_parallel: bool = True, seed:
             "poisoned": poisoned, "target": target}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def bb(tmp_path: Path) -> dict:
     return make_bb_tree(tmp_path / "BackdoorBench")
@@ -479,7 +488,7 @@ def test_defend_command_accepts_a_record_folder(bb, tmp_path):
 # The drop-in, in a BackdoorBench-like checkout, as a user runs it
 # ----------------------------------------------------------------------------------------------------------
 def _run_script(bb_root: Path, script: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OTBR_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OTBR_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, f"./defense/{script}", *args], cwd=bb_root, env=env,
                           capture_output=True, text=True, timeout=300)
 
