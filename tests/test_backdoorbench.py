@@ -514,7 +514,10 @@ def test_install_dropin_and_run_it_end_to_end(bb):
     script = (root / "defense" / "otbr.py").read_text().replace('DEFENSE = "otbr"', 'DEFENSE = "none"') \
         .replace('SAVE_NAME = "otbr"', 'SAVE_NAME = "nodefense"')
     (root / "defense" / "nodefense.py").write_text(script)
-    proc = _run_script(root, "nodefense.py", "--result_file", NAME, "--yaml_path", "./config/defense/otbr/mnist.yaml",
+    (root / "config" / "defense" / "nodefense").mkdir()
+    (root / "config" / "defense" / "nodefense" / "mnist.yaml").write_text(
+        "dataset: cifar10\ndataset_path: ./data\ndevice: auto\nrandom_seed: 0\nprogress: true\n")
+    proc = _run_script(root, "nodefense.py", "--result_file", NAME, "--yaml_path", "./config/defense/nodefense/mnist.yaml",
                        "--dataset", "mnist", "--device", "cpu", "--progress", "false")
     assert proc.returncode == 0, proc.stderr
     out = root / "record" / NAME / "defense" / "nodefense"
