@@ -195,7 +195,11 @@ def poisoned_test_set(raw: Mapping[str, Any], record: Path) -> PoisonedTestSet:
     bd = raw["bd_test"]
     where = record / ATTACK_RESULT
     indices = _as_int_array(bd["original_index_array"], "bd_test['original_index_array']", where)
-    indicator = _as_int_array(bd["poison_indicator"], "bd_test['poison_indicator']", where)
+    if bd["poison_indicator"] is None:  # some writers leave it out: every listed sample is then poisoned
+        indicator = np.zeros(int(indices.max(initial=-1)) + 1, dtype=np.int64)
+        indicator[indices] = 1
+    else:
+        indicator = _as_int_array(bd["poison_indicator"], "bd_test['poison_indicator']", where)
     if indices.size and (indices.min() < 0 or indices.max() >= indicator.size):
         raise AttackResultError(
             f"{where}: original_index_array holds indices outside the poison_indicator (length {indicator.size})"
@@ -360,7 +364,8 @@ def load_attack_result(path: str | Path, trust: bool = False, data_root: str | P
         if len(targets) == 1:
             attack["target_class"] = targets[0]
     metrics = _attack_summary(record) or (side.get("metrics") if isinstance(side.get("metrics"), dict) else {})
-    indicator = np.asarray(raw["bd_test"]["poison_indicator"])
+    indicator = np.asarray(raw["bd_test"]["poison_indicator"] if raw["bd_test"]["poison_indicator"] is not None
+                           else raw["bd_test"]["original_index_array"])
     extra: dict[str, Any] = dict(side.get("extra", {})) if isinstance(side.get("extra"), dict) else {}
     extra.update({
         "backdoorbench": {"record": record.name, "model_name": raw["model_name"], "data_path": raw["data_path"],
