@@ -364,14 +364,14 @@ def load_attack_result(path: str | Path, trust: bool = False, data_root: str | P
         if len(targets) == 1:
             attack["target_class"] = targets[0]
     metrics = _attack_summary(record) or (side.get("metrics") if isinstance(side.get("metrics"), dict) else {})
-    indicator = np.asarray(raw["bd_test"]["poison_indicator"] if raw["bd_test"]["poison_indicator"] is not None
-                           else raw["bd_test"]["original_index_array"])
+    indicator = raw["bd_test"]["poison_indicator"]
     extra: dict[str, Any] = dict(side.get("extra", {})) if isinstance(side.get("extra"), dict) else {}
     extra.update({
         "backdoorbench": {"record": record.name, "model_name": raw["model_name"], "data_path": raw["data_path"],
                           "img_size": [h, w, c], "bd_train": None if raw["bd_train"] is None else "present"},
-        "clean_test": {"dataset": spec.name, "split": "test", "num_samples": int(indicator.size)},
     })
+    if indicator is not None:  # its length is the size of the clean test split
+        extra["clean_test"] = {"dataset": spec.name, "split": "test", "num_samples": int(np.asarray(indicator).size)}
     root = resolve_data_root(record, spec.name, raw["data_path"], data_root)
     if root is not None:
         extra["data_root"] = str(root)
