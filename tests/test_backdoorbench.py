@@ -173,6 +173,7 @@ def test_load_record_rebuilds_weights_and_poisoned_test_set(bb):
     assert bundle.dataset == "mnist"
     assert bundle.attack == {"name": NAME, "source": "backdoorbench", "label_mode": "all2one", "target_class": 2}
     assert bundle.metrics == {"acc": 0.9, "asr": 0.95, "ra": 0.04}
+    assert bundle.extra["backdoorbench"]["resized_bd_images"] == 0
     assert Path(bundle.extra["data_root"]).resolve() == (bb["root"] / "data" / "mnist").resolve()
     # the .pt file itself and the generic entry point give the same
     via_file = load_checkpoint(bb["record"] / "attack_result.pt")
@@ -320,6 +321,15 @@ def test_missing_png(bb):
     png.unlink()
     with pytest.raises(AttackResultError, match=f"{idx}.png is missing"):
         load_attack_result(bb["record"])
+
+
+def test_png_of_another_size_is_resized_and_counted(bb):
+    idx = int(bb["poisoned"][0])
+    png = bb["record"] / "bd_test_dataset" / str(int(bb["test_y"][idx])) / f"{idx}.png"
+    Image.open(png).resize((32, 32)).save(png)
+    bundle = load_attack_result(bb["record"])
+    assert bundle.bd_test.images.shape[1:] == (1, 28, 28)
+    assert bundle.extra["backdoorbench"]["resized_bd_images"] == 1
 
 
 def test_png_path_cannot_leave_the_record(bb, tmp_path):

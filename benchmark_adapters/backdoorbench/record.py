@@ -163,7 +163,8 @@ def _local_png(record: Path, stored: str, container_folder: str) -> Path:
     return record.joinpath(base, *rest)
 
 
-def _read_png(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+def _read_png(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """uint8 (C, H, W), and whether the file had another size and was resized (bilinear) to ``size``."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -171,12 +172,13 @@ def _read_png(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size[1], size[0]):  # PIL size is (W, H)
+            resized = img.size != (size[1], size[0])  # PIL size is (W, H)
+            if resized:
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as err:
         raise AttackResultError(f"poisoned test image {path} cannot be decoded ({err})") from err
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), resized
 
 
 def _label(value: Any, what: str) -> int:
@@ -189,9 +191,10 @@ def _label(value: Any, what: str) -> int:
     return int(value)
 
 
-def poisoned_test_set(raw: Mapping[str, Any], record: Path) -> PoisonedTestSet:
+def poisoned_test_set(raw: Mapping[str, Any], record: Path, stats: dict[str, Any] | None = None) -> PoisonedTestSet:
     """Rebuild the poisoned test set from bd_test: the poisoned original indices (in stored order), their PNGs
-    and other_info's [bd_label, original_label]."""
+    and other_info's [bd_label, original_label]. PNGs of another size than img_size are resized (bilinear);
+    ``stats["resized_images"]`` counts them."""
     bd = raw["bd_test"]
     where = record / ATTACK_RESULT
     indices = _as_int_array(bd["original_index_array"], "bd_test['original_index_array']", where)
@@ -213,6 +216,7 @@ def poisoned_test_set(raw: Mapping[str, Any], record: Path) -> PoisonedTestSet:
     data_dict = cont["data_dict"]
     h, w, c = (int(v) for v in raw["img_size"])
     images, targets, originals = [], [], []
+    resized = 0
     for idx in poisoned.tolist():
         entry = data_dict.get(idx)
         if entry is None:
@@ -224,7 +228,11 @@ def poisoned_test_set(raw: Mapping[str, Any], record: Path) -> PoisonedTestSet:
             raise AttackResultError(f"{where}: data_dict[{idx}]['other_info'] must be [bd_label, original_label], got {info!r}")
         targets.append(_label(info[0], f"data_dict[{idx}] bd_label"))
         originals.append(_label(info[1], f"data_dict[{idx}] original_label"))
-        images.append(_read_png(_local_png(record, entry["path"], str(cont["save_folder_path"])), c, (h, w)))
+        image, was_resized = _read_png(_local_png(record, entry["path"], str(cont["save_folder_path"])), c, (h, w))
+        images.append(image)
+        resized += was_resized
+    if stats is not None:
+        stats["resized_images"] = resized
     k = int(raw["num_classes"])
     bad = [t for t in targets + originals if not 0 <= t < k]
     if bad:
@@ -355,7 +363,8 @@ def load_attack_result(path: str | Path, trust: bool = False, data_root: str | P
     config, state = state_dict_for_zoo(raw["model_name"], raw["model"], int(raw["num_classes"]), c, h,
                                        width_hint=float(hint) if isinstance(hint, (int, float)) else None,
                                        where=str(pt))
-    bd = poisoned_test_set(raw, record)
+    stats: dict[str, Any] = {}
+    bd = poisoned_test_set(raw, record, stats)
     targets = sorted(set(bd.targets.tolist()))
     attack = side.get("attack") if isinstance(side.get("attack"), dict) else None
     if attack is None:
@@ -368,7 +377,8 @@ def load_attack_result(path: str | Path, trust: bool = False, data_root: str | P
     extra: dict[str, Any] = dict(side.get("extra", {})) if isinstance(side.get("extra"), dict) else {}
     extra.update({
         "backdoorbench": {"record": record.name, "model_name": raw["model_name"], "data_path": raw["data_path"],
-                          "img_size": [h, w, c], "bd_train": None if raw["bd_train"] is None else "present"},
+                          "img_size": [h, w, c], "bd_train": None if raw["bd_train"] is None else "present",
+                          "resized_bd_images": stats.get("resized_images", 0)},
     })
     if indicator is not None:  # its length is the size of the clean test split
         extra["clean_test"] = {"dataset": spec.name, "split": "test", "num_samples": int(np.asarray(indicator).size)}
