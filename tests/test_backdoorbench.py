@@ -479,6 +479,13 @@ def test_face_rejects_unknown_keys_and_bad_values(bb, tmp_path):
     bad.write_text("scal: 2.0\n")
     with pytest.raises(ValueError, match="unknown key.*scal.*valid keys"):
         face.configure(_face_args(face, ["--yaml_path", str(bad)]))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("random_seed: three\n")
+    with pytest.raises(ValueError, match="random_seed must be int, got 'three'"):
+        face.configure(_face_args(face, ["--yaml_path", str(typo)]))
+    typo.write_text("progress: maybe\n")
+    with pytest.raises(ValueError, match="progress must be true or false"):
+        face.configure(_face_args(face, ["--yaml_path", str(typo)]))
     with pytest.raises(ValueError, match="scale must be > 0"):
         face.configure(_face_args(face, ["--scale", "-1"]))
     face.configure(_face_args(face, ["--dataset", "cifar10", "--record_dir", str(bb["root"] / "record")]))

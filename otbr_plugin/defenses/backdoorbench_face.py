@@ -95,6 +95,23 @@ def _cli_type(hint: Any) -> tuple[Any, dict[str, Any]]:
     return str, {}
 
 
+def _harness_value(name: str, kind: Any, value: Any) -> Any:
+    """``value`` (from YAML or the CLI) as the harness argument ``name`` expects it, or a ValueError."""
+    try:
+        if kind is str2bool:
+            return str2bool(value)
+        if kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).strip().isdigit()):
+            return int(value)
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        pass
+    expected = {str2bool: "true or false", int: "int", float: "float"}.get(kind, "a string")
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 class BackdoorBenchDefense:
     """BackdoorBench's defense-class shape around the registered defense ``defense_name``.
 
@@ -168,13 +185,15 @@ class BackdoorBenchDefense:
             where = f"{yaml_path} / command line" if yaml_path else "arguments"
             raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} for defense {self.name!r}; "
                              f"valid keys: {', '.join(sorted(valid))}")
+        for name, kind, _ in HARNESS_ARGUMENTS:  # YAML values get the same types as the command line's
+            if merged.get(name) is not None:
+                merged[name] = _harness_value(name, kind, merged[name])
         if merged.get("dataset") is not None:
-            merged["dataset"] = get_dataset_spec(str(merged["dataset"])).name
-        for key, check in (("random_seed", lambda v: isinstance(v, int) and v >= 0),
-                           ("ratio", lambda v: isinstance(v, (int, float)) and 0 < v <= 1)):
+            merged["dataset"] = get_dataset_spec(merged["dataset"]).name
+        for key, check, what in (("random_seed", lambda v: v >= 0, "a non-negative integer"),
+                                 ("ratio", lambda v: 0 < v <= 1, "in (0, 1]")):
             if key in merged and not check(merged[key]):
-                raise ValueError(f"{key} must be {'a non-negative integer' if key == 'random_seed' else 'in (0, 1]'}, "
-                                 f"got {merged[key]!r}")
+                raise ValueError(f"{key} must be {what}, got {merged[key]!r}")
         self.args = merged
         self._configured = True
         self._build_defense(merged.get("dataset"))  # validate the defense config now, not after loading data
