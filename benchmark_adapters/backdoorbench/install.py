@@ -10,6 +10,7 @@ An existing file with other content is never overwritten unless ``force=True``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,20 @@ def render_config(save_name: str, dataset: str) -> str:
     except ValueError:
         return text + f"# (defense {name!r} is not installed in this otbr-plugin: its hyperparameters take the defaults)\n"
     path = default_config_path("defense", name, spec.name)
-    values = cls(load_yaml(path) if path else {}).config.to_dict()
+    overrides = load_yaml(path) if path else {}
+    cls(overrides)  # the package's config must be valid before it is written out
+    # the fields as declared (not as resolved by validation: a None that means "follow another option",
+    # e.g. OTBR's per-option settings under `setting`, must stay None so that editing that option works)
+    values = {}
+    for f in dataclasses.fields(cls.config_class):
+        if not f.init:
+            continue
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            values[f.name] = f.default_factory()  # type: ignore[misc]
     if not values:
         return text
     from otbr_plugin import __version__
