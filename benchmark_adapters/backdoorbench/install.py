@@ -67,7 +67,8 @@ def render_config(save_name: str, dataset: str) -> str:
         return text
     from otbr_plugin import __version__
 
-    header = f"# {name} hyperparameters: otbr-plugin {__version__} defaults for {spec.name}\n"
+    header = f"# {name} hyperparameters: otbr-plugin {__version__} defaults for {spec.name}"
+    header += " (null: derived from the other options)\n" if any(v is None for v in values.values()) else "\n"
     return text + header + yaml.safe_dump(_plain(values), sort_keys=False, default_flow_style=False)
 
 
