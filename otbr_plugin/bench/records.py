@@ -70,7 +70,8 @@ class RunRecord:
 
     @property
     def attack_name(self) -> str:
-        return str(self.attack.get("name", "?"))
+        """The attack's label in the grid (e.g. "badnets_5pct") if it has one, else its name."""
+        return str(self.attack.get("label") or self.attack.get("name", "?"))
 
     def key(self) -> tuple[str, str, str, str, int]:
         return (self.dataset, str(self.model.get("name")), self.attack_name, self.defense, self.seed)

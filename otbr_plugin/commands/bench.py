@@ -1,0 +1,58 @@
+"""``otbr-bench bench``: run a grid of attacks x defenses x seeds and print the comparison table."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..bench.grid import load_grid, run_grid
+from ..bench.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
+from ..config import parse_overrides
+from . import formatter
+
+EPILOG = """examples:
+  otbr-bench bench configs/bench/fashion_mnist.yaml --out results/fashion_mnist
+  otbr-bench bench configs/bench/ci_slice.yaml --out runs/ci
+  otbr-bench bench configs/bench/fashion_mnist.yaml --out runs/quick --set seeds=[0,1] --set attack_overrides.train.epochs=2
+
+Re-running the same command resumes: cells whose record exists are skipped, failed cells are retried.
+Outputs in --out: records/*.json (one run record per cell), bundles/ (cached backdoored models), table.md,
+acc_vs_asr.png. The exit status is 1 when any cell failed (the failures are listed at the end).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark grid (attacks x defenses x seeds)", formatter_class=formatter(),
+                       epilog=EPILOG)
+    p.add_argument("grid", help="grid YAML (configs/bench/<name>.yaml)")
+    p.add_argument("--out", required=True, help="output folder (records, cached bundles, table)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a grid key, e.g. seeds=[0,1] or attack_overrides.train.epochs=2")
+    p.add_argument("--bundles", default=None, help="folder of cached attack bundles (default: <out>/bundles)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid, parse_overrides(args.overrides))
+    out = Path(args.out)
+    print(f"grid {grid.name}: {len(grid.attacks)} attack(s) x {len(grid.defenses)} defense(s) x {len(grid.seeds)} "
+          f"seed(s) on {grid.dataset}; output {out}")
+    start = time.perf_counter()
+    results = run_grid(grid, out, bundles_dir=args.bundles, progress=not args.no_progress)
+    wall = time.perf_counter() - start
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
+          f"{wall / 60:.1f} min")
+    records = [r for r in load_records(out / "records") if r.dataset == grid.dataset]
+    if any(r.status == "ok" for r in records):
+        mean, std = comparison_table(records)
+        table = format_table(mean, std, "md")
+        (out / "table.md").write_text(table)
+        plot_acc_vs_asr(records, out / "acc_vs_asr.png", title=f"{grid.name}: ACC vs ASR after defense")
+        print(table)
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}: {r.error}")
+    return 1 if failed else 0

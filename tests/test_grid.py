@@ -1,0 +1,98 @@
+"""The grid runner on tiny synthetic data: records, caching, resume, failures recorded and the grid going on."""
+
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from conftest import write_mnist_like
+from otbr_plugin.bench.grid import load_grid, run_grid
+from otbr_plugin.bench.records import read_record
+from otbr_plugin.cli import main
+from otbr_plugin.defenses import Defense, DefenseConfig, register_defense
+
+
+@dataclass
+class ExplodingConfig(DefenseConfig):
+    pass
+
+
+@register_defense
+class Exploding(Defense):
+    """A defense that always fails, to check that the grid records the failure and goes on."""
+
+    name = "test_exploding"
+    config_class = ExplodingConfig
+
+    def mitigate(self, model, context):
+        raise RuntimeError("boom")
+
+
+def grid_file(tmp_path, defenses):
+    write_mnist_like(tmp_path / "data" / "fashion_mnist", n_train=120, n_test=60)
+    attack = {"attack": {"name": "badnets", "target_class": 0, "poison_ratio": 0.1},
+              "dataset": "fashion_mnist", "model": {"name": "smallcnn", "width": 0.25},
+              "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"}}
+    grid = {"name": "tiny", "dataset": "fashion_mnist", "data_root": str(tmp_path / "data"),
+            "attacks": {"badnets": attack}, "defenses": {d: {} for d in defenses}, "seeds": [0], "device": "cpu"}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_grid_runs_records_resumes_and_survives_failures(tmp_path):
+    path = grid_file(tmp_path, ["none", "test_exploding"])
+    grid = load_grid(path)
+    out = tmp_path / "out"
+    logs = []
+    results = run_grid(grid, out, progress=False, log=logs.append)
+    assert {(r.defense, r.status) for r in results} == {("none", "ok"), ("test_exploding", "failed")}
+    assert "boom" in [r for r in results if r.status == "failed"][0].error
+    recs = {p.name: read_record(p) for p in (out / "records").glob("*.json")}
+    assert len(recs) == 2
+    ok = recs["fashion_mnist__smallcnn__badnets__none__seed0.json"]
+    assert ok.status == "ok" and ok.metrics_after == ok.metrics_before and ok.der == 0.5
+    assert ok.data_used == "none" and len(ok.checkpoint_sha256) == 64
+    failed = recs["fashion_mnist__smallcnn__badnets__test_exploding__seed0.json"]
+    assert failed.status == "failed" and "RuntimeError: boom" in failed.error
+    assert (out / "bundles" / "badnets-seed0" / "meta.json").exists()
+
+    # resume: the ok cell is skipped, the bundle is reused, the failed cell is tried again
+    logs.clear()
+    again = run_grid(grid, out, progress=False, log=logs.append)
+    assert {(r.defense, r.status) for r in again} == {("none", "skipped"), ("test_exploding", "failed")}
+    assert any("using cached bundle" in line for line in logs)
+
+
+def test_bench_command_exit_status_and_table(tmp_path, capsys):
+    path = grid_file(tmp_path, ["none"])
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| badnets |" in out and (tmp_path / "o" / "table.md").exists()
+    path = grid_file(tmp_path, ["none", "test_exploding"])
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert "FAILED badnets/test_exploding/seed0" in capsys.readouterr().out
+
+
+def test_cached_bundle_with_other_config_is_refused(tmp_path):
+    path = grid_file(tmp_path, ["none"])
+    out = tmp_path / "out"
+    run_grid(load_grid(path), out, progress=False, log=lambda s: None)
+    grid = load_grid(path, {"attack_overrides": {"attack": {"poison_ratio": 0.2}}})
+    (out / "records" / "fashion_mnist__smallcnn__badnets__none__seed0.json").unlink()
+    results = run_grid(grid, out, progress=False, log=lambda s: None)
+    assert results[0].status == "failed" and "another config" in results[0].error
+
+
+def test_grid_validation(tmp_path):
+    path = grid_file(tmp_path, ["none"])
+    bad = yaml.safe_load(path.read_text())
+    bad["defenses"] = {"nonexistent": {}}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="unknown defense"):
+        load_grid(path)
+    bad["defenses"] = {"none": {}}
+    bad["colour"] = "blue"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="unknown key"):
+        load_grid(path)
