@@ -10,7 +10,7 @@ import sys
 from . import __version__
 
 # name of the module in otbr_plugin.commands, in the order shown by --help
-COMMAND_MODULES = ["info", "train", "attack", "defend", "bench", "results"]
+COMMAND_MODULES = ["info", "train", "attack", "defend", "bench", "results", "convert", "backdoorbench"]
 
 EPILOG = """examples:
   otbr-bench models
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"otbr-bench {args.command}: error: {err}", file=sys.stderr)
         return 1
 

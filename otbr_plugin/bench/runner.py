@@ -88,6 +88,8 @@ def run_defense(
     """
     dev = resolve_device(device)
     spec = get_dataset_spec(bundle.dataset)
+    if data_root is None and bundle.extra.get("data_root"):  # where a foreign checkpoint's reader found the data
+        data_root = bundle.extra["data_root"]
     if clean_test is None:
         clean_test = load_dataset(spec.name, "test", data_root)
     model = bundle.build_model().to(dev)

@@ -66,6 +66,8 @@ def resolve_defense_config(name: str, dataset: str, config_path: str | None, ove
 
 def load_for_defense(args: argparse.Namespace):
     bundle = load_checkpoint(args.checkpoint, data_root=args.data_root, trust=args.trust_checkpoint)
+    if args.data_root is None and bundle.extra.get("data_root"):  # e.g. a BackdoorBench record's data/<dataset>
+        args.data_root = bundle.extra["data_root"]
     cfg, source = resolve_defense_config(args.defense, bundle.dataset, args.config, args.overrides)
     defense = get_defense(args.defense)(cfg)
     return bundle, defense, source

@@ -1,0 +1,25 @@
+"""FP (fine-pruning), as a BackdoorBench defense script (otbr-plugin's implementation).
+
+Copy into a BackdoorBench checkout with `otbr-bench backdoorbench install-dropin BB_ROOT`; needs the
+otbr-plugin package installed (`pip install otbr-plugin`). From the BackdoorBench root:
+
+    python ./defense/otbr_fp.py --result_file badnet_0_1 --yaml_path ./config/defense/otbr_fp/cifar10.yaml --dataset cifar10
+
+Reads record/<result_file>/attack_result.pt (safely: no arbitrary unpickling) and writes
+record/<result_file>/defense/otbr_fp/: defense_result.pt, otbr_fp_df_summary.csv, record.json, log/.
+Uses a clean subset of the training split (--ratio, default 0.05). Named otbr_fp so that BackdoorBench's own
+defense/fp.py and its results stay untouched.
+`python ./defense/otbr_fp.py --help` lists every argument; command-line values override the YAML.
+"""
+
+import sys
+
+DEFENSE = "fp"  # the registered defense that runs
+SAVE_NAME = "otbr_fp"  # output folder record/<result_file>/defense/<SAVE_NAME>/ and config/defense/<SAVE_NAME>/
+
+if __name__ == "__main__":
+    try:
+        from otbr_plugin.defenses.backdoorbench_face import main
+    except ImportError as err:
+        sys.exit(f"{sys.argv[0]}: cannot import otbr-plugin ({err}); install it with: pip install otbr-plugin")
+    sys.exit(main(DEFENSE, save_name=SAVE_NAME))

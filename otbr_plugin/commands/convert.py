@@ -1,0 +1,54 @@
+"""``otbr-bench convert SRC DST``: BackdoorBench record <-> bundle, either way."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import formatter
+
+EPILOG = """examples:
+  otbr-bench convert ~/BackdoorBench/record/badnet_0_1 bundles/badnet_0_1          (record -> bundle)
+  otbr-bench convert runs/badnets ~/BackdoorBench/record/otbr_badnets              (bundle -> record)
+
+The direction follows SRC: a bundle folder (meta.json) becomes a BackdoorBench record folder (attack_result.pt
+in BackdoorBench's format, bd_test_dataset/<label>/<index>.png, attack_df_summary.csv); a record folder (or its
+attack_result.pt) becomes a bundle. Weights and the poisoned test set survive a round trip bit for bit.
+A record written from a bundle has bd_train None (a bundle holds no poisoned training set).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert between a BackdoorBench record and a bundle",
+                       formatter_class=formatter(), epilog=EPILOG)
+    p.add_argument("src", help="a bundle folder, or a BackdoorBench record folder / attack_result.pt")
+    p.add_argument("dst", help="the folder to write (its name becomes the record name for bundle -> record)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle attack_result.pt without the allowlist (only for files you trust)")
+    p.add_argument("--test-size", type=int, default=None,
+                   help="bundle -> record: size of the clean test split for poison_indicator "
+                        "(default: the bundle's meta, else the dataset's official size)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmark_adapters.backdoorbench import is_record, load_attack_result, write_attack_result
+    from benchmark_adapters.bundle import is_bundle, load_bundle, save_bundle
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    if is_bundle(src):
+        bundle = load_bundle(src)
+        out = write_attack_result(bundle, dst, overwrite=args.overwrite, test_size=args.test_size)
+        print(f"bundle {src} -> BackdoorBench record {out} ({len(bundle.bd_test)} poisoned test images)")
+        return 0
+    if is_record(src):
+        bundle = load_attack_result(src, trust=args.trust_checkpoint)
+        bundle.extra.pop("data_root", None)  # a machine-local hint, not part of the checkpoint
+        out = save_bundle(bundle, dst, overwrite=args.overwrite)
+        print(f"BackdoorBench record {src} -> bundle {out} ({bundle.model_config.name} width "
+              f"{bundle.model_config.width:g}, {len(bundle.bd_test)} poisoned test images)")
+        return 0
+    raise ValueError(f"{src} is neither a bundle folder (meta.json) nor a BackdoorBench record (attack_result.pt)")

@@ -1,0 +1,335 @@
+"""A BackdoorBench-style face over any registered defense, so it can stand in a BackdoorBench checkout.
+
+BackdoorBench's defense scripts share one shape: ``add_arguments(parser)``, a constructor that merges the
+YAML file (``--yaml_path``) with the command line (non-None CLI values win), ``set_result(result_file)``
+(reads ``record/<result_file>/attack_result.pt``), ``set_logger()``, ``mitigation()`` and
+``defense(result_file)`` which runs them in order. :class:`BackdoorBenchDefense` offers the same for any
+defense of the registry::
+
+    face = BackdoorBenchDefense("otbr")
+    parser = argparse.ArgumentParser()
+    face.add_arguments(parser)
+    args = parser.parse_args()
+    face.configure(args)
+    face.defense(args.result_file)
+
+Settings are layered, later wins: the defense's built-in defaults < the package's
+``configs/defense/<name>/<dataset>.yaml`` (when it exists) < the ``--yaml_path`` file < non-None CLI
+arguments. The YAML is flat, like BackdoorBench's: harness keys (dataset, device, random_seed, ratio, ...)
+and any field of the defense's config dataclass; an unknown key is an error listing the valid ones.
+
+Outputs go where BackdoorBench expects them, ``record/<result_file>/defense/<name>/``:
+``defense_result.pt`` ({model_name, num_classes, model}), ``<name>_df_summary.csv`` (test_acc, test_asr,
+test_ra), plus this package's ``record.json`` (metrics before/after, DER, config, seconds), the defended
+model as a safetensors bundle in ``model/``, one CSV per diagnostic table and ``log/<time>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import default_config_path, load_yaml
+from ..data.specs import get_dataset_spec
+from .base import Defense
+from .registry import get_defense
+
+__all__ = ["BackdoorBenchDefense", "HARNESS_ARGUMENTS", "str2bool", "main"]
+
+
+def str2bool(value: str | bool) -> bool:
+    """``true/false``, ``1/0``, ``yes/no`` (any case) as BackdoorBench's CLI accepts them."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("true", "1", "yes", "y"):
+        return True
+    if v in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# (name, type, help): BackdoorBench's common defense arguments plus this package's two
+HARNESS_ARGUMENTS: tuple[tuple[str, Any, str], ...] = (
+    ("result_file", str, "attack record to defend: a folder name under --record_dir (e.g. badnet_0_1) or a path"),
+    ("yaml_path", str, "YAML with defaults for every argument (e.g. ./config/defense/otbr/cifar10.yaml)"),
+    ("dataset", str, "dataset name (cifar10, cifar100, gtsrb, tiny, mnist, fashion_mnist); checked against the record"),
+    ("dataset_path", str, "data root holding <dataset>/ in its official layout (default: the record's data_path)"),
+    ("device", str, "auto (accelerator when present, else cpu), cpu, or an accelerator device name"),
+    ("random_seed", int, "seed of the defense (and of the clean subset for data-dependent defenses); default 0"),
+    ("batch_size", int, "passed to the defense when its config has a batch_size field"),
+    ("num_workers", int, "accepted for BackdoorBench compatibility; unused (data is held in memory)"),
+    ("ratio", float, "clean defense subset as a share of the training set (data-dependent defenses); default 0.05"),
+    ("model", str, "model name; checked against the record's model_name"),
+    ("record_dir", str, "folder that holds the attack records (default ./record)"),
+    ("trust_checkpoint", str2bool, "true: unpickle attack_result.pt without the allowlist (only for files you trust)"),
+    ("progress", str2bool, "show progress bars (default true)"),
+)
+_HARNESS_NAMES = frozenset(a[0] for a in HARNESS_ARGUMENTS)
+
+
+def _cli_type(hint: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse ``type`` (and extra kwargs) for a config field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        inner = [a for a in args if a is not type(None)]
+        return _cli_type(inner[0]) if len(inner) == 1 else (str, {})
+    if origin is typing.Literal:
+        kind = type(args[0]) if args else str
+        return (str2bool if kind is bool else kind), {"choices": list(args)}
+    if origin in (list, tuple):
+        inner = args[0] if args and args[0] is not Ellipsis else str
+        t, _ = _cli_type(inner)
+        return t, {"nargs": "+"}
+    if hint is bool:
+        return str2bool, {}
+    if hint in (int, float, str):
+        return hint, {}
+    return str, {}
+
+
+def _harness_value(name: str, kind: Any, value: Any) -> Any:
+    """``value`` (from YAML or the CLI) as the harness argument ``name`` expects it, or a ValueError."""
+    try:
+        if kind is str2bool:
+            return str2bool(value)
+        if kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).strip().isdigit()):
+            return int(value)
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        pass
+    expected = {str2bool: "true or false", int: "int", float: "float"}.get(kind, "a string")
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+class BackdoorBenchDefense:
+    """BackdoorBench's defense-class shape around the registered defense ``defense_name``.
+
+    ``save_name`` names the output folder ``record/<result_file>/defense/<save_name>/`` (default: the defense
+    name); the drop-in baselines use ``otbr_<name>`` so they do not overwrite BackdoorBench's own results.
+    """
+
+    def __init__(self, defense_name: str, args: argparse.Namespace | Mapping[str, Any] | None = None,
+                 save_name: str | None = None) -> None:
+        self.defense_class: type[Defense] = get_defense(defense_name)
+        self.name = defense_name
+        self.save_name = save_name or defense_name
+        self.args: dict[str, Any] = {}
+        self.result = None  # the attack checkpoint (a Bundle) once set_result ran
+        self.record_path: Path | None = None
+        self.save_path: Path | None = None
+        self.defense_obj: Defense | None = None
+        self.logger: logging.Logger | None = None
+        self._configured = False
+        if args is not None:
+            self.configure(args)
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def config_fields(self) -> dict[str, Any]:
+        hints = typing.get_type_hints(self.defense_class.config_class)
+        return {f.name: hints[f.name] for f in dataclasses.fields(self.defense_class.config_class) if f.init}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """BackdoorBench's common arguments plus every field of the defense's config, all defaulting to None
+        (so the YAML supplies whatever the command line leaves out)."""
+        taken = set(parser._option_string_actions)  # noqa: SLF001 - skip options the caller already defined
+        for name, kind, text in HARNESS_ARGUMENTS:
+            if f"--{name}" not in taken:
+                parser.add_argument(f"--{name}", type=kind, default=None, help=text)
+        group = parser.add_argument_group(f"{self.name} hyperparameters (override the YAML)")
+        for name, hint in self.config_fields.items():
+            if f"--{name}" in taken or name in _HARNESS_NAMES:
+                continue
+            kind, extra = _cli_type(hint)
+            default = getattr(self.defense_class.config_class(), name)
+            group.add_argument(f"--{name}", type=kind, default=None,
+                               help=f"{self._field_help(name)}(built-in default {default!r})", **extra)
+        if parser.epilog is None:
+            parser.epilog = (
+                "example (from the BackdoorBench root):\n"
+                f"  python ./defense/{self.save_name}.py --result_file badnet_0_1 "
+                f"--yaml_path ./config/defense/{self.save_name}/cifar10.yaml --dataset cifar10\n"
+            )
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        return parser
+
+    def _field_help(self, name: str) -> str:
+        doc = self.defense_class.config_class.__doc__ or ""
+        for line in doc.splitlines():
+            s = line.strip()
+            if s.startswith(f"{name}:") or s.startswith(f"{name} "):
+                return s[len(name):].lstrip(": ").rstrip(".") + ". "
+        return ""
+
+    def configure(self, args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``--yaml_path`` with the non-None CLI values (CLI wins); validate every key and value."""
+        cli = {k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else dict(args)).items()
+               if v is not None}
+        yaml_path = cli.get("yaml_path")
+        base = load_yaml(yaml_path) if yaml_path else {}
+        merged = {**base, **cli}
+        valid = _HARNESS_NAMES | set(self.config_fields)
+        unknown = sorted(set(merged) - valid)
+        if unknown:
+            where = f"{yaml_path} / command line" if yaml_path else "arguments"
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} for defense {self.name!r}; "
+                             f"valid keys: {', '.join(sorted(valid))}")
+        for name, kind, _ in HARNESS_ARGUMENTS:  # YAML values get the same types as the command line's
+            if merged.get(name) is not None:
+                merged[name] = _harness_value(name, kind, merged[name])
+        if merged.get("dataset") is not None:
+            merged["dataset"] = get_dataset_spec(merged["dataset"]).name
+        for key, check, what in (("random_seed", lambda v: v >= 0, "a non-negative integer"),
+                                 ("ratio", lambda v: 0 < v <= 1, "in (0, 1]")):
+            if key in merged and not check(merged[key]):
+                raise ValueError(f"{key} must be {what}, got {merged[key]!r}")
+        self.args = merged
+        self._configured = True
+        self._build_defense(merged.get("dataset"))  # validate the defense config now, not after loading data
+        return merged
+
+    def _build_defense(self, dataset: str | None) -> Defense:
+        layers: dict[str, Any] = {}
+        path = default_config_path("defense", self.name, dataset) if dataset else None
+        if path is not None:
+            layers.update(load_yaml(path))
+        layers.update({k: v for k, v in self.args.items() if k in self.config_fields})
+        self.defense_obj = self.defense_class(layers)
+        return self.defense_obj
+
+    # ------------------------------------------------------------------------------------------------
+    def _record(self, result_file: str) -> Path:
+        direct = Path(result_file)
+        if direct.is_dir() and (direct / "attack_result.pt").is_file():
+            return direct
+        return Path(self.args.get("record_dir") or "record") / result_file
+
+    def set_result(self, result_file: str):
+        """Read ``record/<result_file>/attack_result.pt`` (safely) and prepare ``.../defense/<name>/``."""
+        from benchmark_adapters.backdoorbench import load_attack_result
+
+        if not self._configured:
+            self.configure({"result_file": result_file})
+        record = self._record(result_file)
+        bundle = load_attack_result(record, trust=bool(self.args.get("trust_checkpoint", False)),
+                                    data_root=self.args.get("dataset_path"))
+        wanted = self.args.get("dataset")
+        if wanted is not None and wanted != bundle.dataset:
+            raise ValueError(f"--dataset {wanted} but the record {record} was made on {bundle.dataset}")
+        model = self.args.get("model")
+        bb_model = bundle.extra.get("backdoorbench", {}).get("model_name", bundle.model_config.name)
+        if model is not None and model not in (bb_model, bundle.model_config.name):
+            raise ValueError(f"--model {model} but the record {record} holds a {bb_model}")
+        self.result = bundle
+        self.record_path = record
+        self.save_path = record / "defense" / self.save_name
+        self.save_path.mkdir(parents=True, exist_ok=True)
+        self._build_defense(bundle.dataset)
+        return bundle
+
+    def set_logger(self) -> logging.Logger:
+        """A logger for this run only (no global handlers): to stdout and ``<save_path>/log/<time>.log``."""
+        if self.save_path is None:
+            raise RuntimeError("call set_result(result_file) before set_logger()")
+        logger = logging.getLogger(f"otbr_plugin.backdoorbench.{self.save_name}.{id(self)}")
+        self.close()
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        log_dir = self.save_path / "log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s")
+        for handler in (logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log"),
+                        logging.StreamHandler(sys.stdout)):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+        self.logger = logger
+        return logger
+
+    def close(self) -> None:
+        """Detach and close this run's log handlers."""
+        if self.logger is not None:
+            for handler in list(self.logger.handlers):
+                self.logger.removeHandler(handler)
+                handler.close()
+
+    def _log(self, msg: str) -> None:
+        if self.logger is not None:
+            self.logger.info(msg)
+
+    def mitigation(self) -> dict[str, Any]:
+        """Run the defense on the loaded record, evaluate it and write BackdoorBench's outputs."""
+        from benchmark_adapters.backdoorbench import load_clean_test, resolve_data_root, write_defense_result, \
+            write_defense_summary
+
+        from ..bench.runner import run_defense, summarize, write_defense_outputs
+
+        if self.result is None or self.save_path is None or self.record_path is None:
+            raise RuntimeError("call set_result(result_file) before mitigation()")
+        bundle = self.result
+        defense = self.defense_obj or self._build_defense(bundle.dataset)
+        a = self.args
+        user_root = a.get("dataset_path")
+        root = resolve_data_root(self.record_path, bundle.dataset, None, user_root) if user_root else None
+        root = root or (Path(user_root) if user_root else None) or (
+            Path(bundle.extra["data_root"]) if bundle.extra.get("data_root") else None)
+        self._log(f"{self.name} on {self.record_path} ({bundle.model_config.name}, {bundle.dataset}); "
+                  f"config {defense.config.to_dict()}; data root {root or 'default'}")
+        clean_test = load_clean_test(bundle, root)
+        run = run_defense(bundle, defense, data_root=root, device=a.get("device", "auto"),
+                          seed=int(a.get("random_seed", 0)), clean_ratio=float(a.get("ratio", 0.05)),
+                          progress=bool(a.get("progress", True)), clean_test=clean_test)
+        write_defense_outputs(run, self.save_path, overwrite=True)
+        bb_model = bundle.extra.get("backdoorbench", {}).get("model_name", bundle.model_config.name)
+        state = run.outcome.model.state_dict()
+        result_pt = write_defense_result(self.save_path, bb_model, bundle.model_config.num_classes, state)
+        summary = write_defense_summary(self.save_path, self.save_name, run.after.acc, run.after.asr, run.after.ra)
+        for line in summarize(run).splitlines():
+            self._log(line)
+        self._log(f"wrote {result_pt} and {summary}")
+        return {"model": run.outcome.model, "before": run.before.to_dict(), "after": run.after.to_dict(),
+                "der": run.der, "config": defense.config.to_dict(), "save_path": str(self.save_path),
+                "data_used": run.outcome.data_used, "seconds": run.seconds}
+
+    def defense(self, result_file: str) -> dict[str, Any]:
+        """``set_result`` + ``set_logger`` + ``mitigation``, as BackdoorBench's ``defense()``."""
+        self.set_result(result_file)
+        self.set_logger()
+        try:
+            return self.mitigation()
+        finally:
+            self.close()
+
+
+def main(defense_name: str, argv: list[str] | None = None, save_name: str | None = None) -> int:
+    """Entry point of the drop-in scripts: parse BackdoorBench's arguments and defend ``--result_file``."""
+    prog = Path(sys.argv[0]).name if argv is None else f"{save_name or defense_name}.py"
+    try:
+        face = BackdoorBenchDefense(defense_name, save_name=save_name)
+    except ValueError as err:  # the defense is not in the installed otbr-plugin
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    description = face.defense_class.description or "defense"
+    parser = argparse.ArgumentParser(prog=prog, description=f"{defense_name}: {description}, on a BackdoorBench "
+                                                            "attack record (otbr-plugin)")
+    face.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = face.configure(args)
+        if settings.get("result_file") is None:
+            parser.error("--result_file is required (the record folder name under record/, e.g. badnet_0_1)")
+        face.defense(settings["result_file"])
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
