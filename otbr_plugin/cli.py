@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"otbr-bench {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -111,6 +111,7 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
     from benchmark_adapters.bundle import Bundle  # the harness packages; the attack code stays file-agnostic
 
     start = time.perf_counter()
+    cpu_start = time.process_time()
     train = load_dataset(run.dataset, "train", data_root)
     test = load_dataset(run.dataset, "test", data_root)
     spec = train.spec
@@ -144,6 +145,7 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
     final = history.epochs[-1]
     metrics = {"acc": final["acc"], "asr": final["asr"], "ra": final["ra"]}
     minutes = (time.perf_counter() - start) / 60.0
+    cpu_minutes = (time.process_time() - cpu_start) / 60.0  # all threads of this process; shows contention
     for rec in history.epochs:
         log(f"  epoch {rec['epoch']}: loss {rec['loss']:.4f} train_acc {rec['train_acc']:.4f} "
             f"ACC {rec['acc']:.4f} ASR {rec['asr']:.4f} RA {rec['ra']:.4f} ({rec['seconds']:.0f} s)")
@@ -173,6 +175,8 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
             "curve": history.epochs,
             "train_seconds": history.seconds,
             "minutes": minutes,
+            "cpu_minutes": cpu_minutes,
+            "torch_threads": torch.get_num_threads(),
             "device": str(device),
             "torch_version": torch.__version__,
         },
