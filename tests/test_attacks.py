@@ -422,7 +422,7 @@ def test_attack_cli_end_to_end(tmp_path, tiny_root, attack, capsys):
     assert len(b.bd_test) == 54 and torch.all(b.bd_test.targets == 0)
     assert set(b.metrics) == {"acc", "asr", "ra"} and all(0 <= v <= 1 for v in b.metrics.values())
     curve = b.training["curve"]
-    assert [e["epoch"] for e in curve] == [1, 2] and {"loss", "acc", "asr", "ra", "seconds"} <= set(curve[0])
+    assert [e["epoch"] for e in curve] == [1, 2] and {"loss", "acc", "asr", "ra", "seconds", "poison_train_fit"} <= set(curve[0])
     assert b.training["config"]["epochs"] == 2 and b.training["minutes"] > 0
     assert b.extra["clean_test"] == {"dataset": "fashion_mnist", "split": "test", "num_samples": 60}
     assert b.metrics["acc"] == curve[-1]["acc"]
