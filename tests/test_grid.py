@@ -96,3 +96,27 @@ def test_grid_validation(tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match="unknown key"):
         load_grid(path)
+
+
+def test_oracle_sweep_is_written_apart_and_labelled(tmp_path, capsys):
+    path = grid_file(tmp_path, ["otbr"])
+    grid = yaml.safe_load(path.read_text())
+    grid["defenses"] = {"otbr": {"unlearn_batch_size": 16, "unlearn_steps": 2}}
+    grid["oracle_sweeps"] = {"otbr": {"gamma": [0.0, 0.1]}}
+    path.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "o"
+    assert main(["bench", str(path), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    csv = out / "oracle" / "badnets__otbr__seed0" / "oracle_sweep_gamma.csv"
+    assert csv.exists() and (csv.parent / "oracle_sweep_gamma.png").exists()
+    assert "ORACLE DIAGNOSTIC" in printed and "ORACLE DIAGNOSTIC" in (out / "oracle_table.md").read_text()
+    # the reported record keeps the configured gamma, whatever the sweep found
+    record = read_record(out / "records" / "fashion_mnist__smallcnn__badnets__otbr__seed0.json")
+    from otbr_plugin.defenses import get_defense
+
+    assert record.defense_config["gamma"] == get_defense("otbr")().config.gamma
+    assert "ORACLE" not in (out / "table.md").read_text()
+    grid["oracle_sweeps"] = {"otbr": {"no_such_field": [1]}}
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ValueError, match="oracle_sweeps"):
+        load_grid(path)

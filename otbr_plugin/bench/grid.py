@@ -27,7 +27,7 @@ from .runner import evaluate_model, run_defense
 __all__ = ["GridSpec", "CellResult", "load_grid", "run_grid"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
-             "clean_ratio", "device", "description"}
+             "clean_ratio", "device", "description", "oracle_sweeps"}
 
 
 @dataclass
@@ -44,6 +44,7 @@ class GridSpec:
     data_root: str | None = None
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)
+    oracle_sweeps: dict[str, dict[str, list]] = field(default_factory=dict)  # defense -> {config key: values}
 
     def attack_config(self, attack: str, seed: int) -> dict[str, Any]:
         """The attack run config for one seed: the seed drives poisoning and training."""
@@ -116,7 +117,14 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     ratio = float(raw.get("clean_ratio", 0.05))
     if not 0 < ratio <= 1:
         raise ValueError(f"{gpath}: clean_ratio must be in (0, 1], got {ratio}")
-    return GridSpec(name=str(raw.get("name", gpath.stem)), dataset=str(raw["dataset"]), attacks=attacks,
+    sweeps = raw.get("oracle_sweeps") or {}
+    for dname, spec in sweeps.items():
+        if dname not in defenses or not isinstance(spec, Mapping) or len(spec) != 1:
+            raise ValueError(f"{gpath}: oracle_sweeps.{dname} must name one grid defense and one key: values list")
+        key, values = next(iter(spec.items()))
+        if key not in get_defense(dname)(defenses[dname]).config.to_dict() or not isinstance(values, list):
+            raise ValueError(f"{gpath}: oracle_sweeps.{dname}.{key} must be a config field with a list of values")
+    return GridSpec(oracle_sweeps=dict(sweeps), name=str(raw.get("name", gpath.stem)), dataset=str(raw["dataset"]), attacks=attacks,
                     defenses=defenses, seeds=list(seeds), clean_ratio=ratio, device=str(raw.get("device", "auto")),
                     data_root=raw.get("data_root"), description=str(raw.get("description", "")), sources=sources)
 
@@ -203,8 +211,34 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                 except Exception as err:  # noqa: BLE001
                     results.append(_fail(grid, attack, defense, seed, path, bundle, err))
                 bar.update(1)
+            _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log)
     bar.close()
     return results
+
+
+def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,
+                       folder: Path, log: Callable[[str], None]) -> None:
+    """Labelled oracle diagnostics on the TEST set (e.g. OTBR's gamma sweep); never feed the reported rows."""
+    from .sweep import oracle_sweep, sweep_defenses, write_sweep
+
+    for dname, spec in grid.oracle_sweeps.items():
+        key, values = next(iter(spec.items()))
+        target = folder / f"{attack}__{dname}__seed{seed}"
+        if (target / f"oracle_sweep_{key}.csv").exists():
+            continue
+        try:
+            base = get_defense(dname)(grid.defenses[dname])
+            table = oracle_sweep(bundle, sweep_defenses(base, key, values), key, clean_test=clean_test, before=before,
+                                 data_root=grid.data_root, device=grid.device, seed=seed, clean_ratio=grid.clean_ratio,
+                                 progress=False)
+            table.insert(0, "attack", attack)
+            table.insert(1, "defense", dname)
+            table.insert(2, "seed", seed)
+            write_sweep(table, target, key, reported_value=getattr(base.config, key), before=before,
+                        title=f"{dname} on {attack} / {grid.dataset}")
+            log(f"{attack}/{dname}: oracle {key} sweep written to {target} (test-set diagnostic, not reported)")
+        except Exception as err:  # noqa: BLE001 - a diagnostic must not stop the grid
+            log(f"{attack}/{dname}: oracle sweep failed: {type(err).__name__}: {err}")
 
 
 def _fail(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bundle: Bundle | None,

@@ -52,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
         (out / "table.md").write_text(table)
         plot_acc_vs_asr(records, out / "acc_vs_asr.png", title=f"{grid.name}: ACC vs ASR after defense")
         print(table)
+        from .results import oracle_table
+
+        oracle = oracle_table(out / "oracle") if (out / "oracle").is_dir() else ""
+        if oracle:
+            (out / "oracle_table.md").write_text(oracle)
+            print(oracle)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}: {r.error}")

@@ -84,7 +84,31 @@ def _table(args: argparse.Namespace) -> int:
               + ", ".join(f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in failed))
     if args.plot:
         print(f"wrote {plot_acc_vs_asr(records, args.plot)}")
+    oracle = oracle_table(args.records)
+    if oracle:
+        print("\n" + oracle, end="")
     return 0
+
+
+def oracle_table(folder: str | Path) -> str:
+    """The oracle sweeps under ``folder`` (CSV files written by the grid or ``defend --sweep``), kept apart from
+    the comparison table and labelled: they are scored on the test set and never chose a reported result."""
+    import pandas as pd
+
+    files = sorted(Path(folder).rglob("oracle_sweep_*.csv"))
+    if not files:
+        return ""
+    frames = [pd.read_csv(f) for f in files]
+    df = pd.concat(frames, ignore_index=True)
+    keep = [c for c in df.columns if c not in ("diagnostic", "defense_seconds")]
+    df = df[keep]
+    for c in ("acc", "asr", "ra", "der"):
+        if c in df:
+            df[c] = (df[c] * 100).round(2)
+    lines = ["ORACLE DIAGNOSTIC (scored on the test set; not used for any reported result)", "",
+             "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def _lb_export(args: argparse.Namespace) -> int:
