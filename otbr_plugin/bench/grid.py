@@ -138,6 +138,16 @@ class CellResult:
     error: str | None = None
 
 
+def _result_relevant(resolved: Mapping[str, Any] | None) -> Any:
+    """A resolved attack config without the fields that cannot change the trained model (progress bars)."""
+    if not isinstance(resolved, Mapping):
+        return resolved
+    out = copy.deepcopy(dict(resolved))
+    if isinstance(out.get("train"), dict):
+        out["train"].pop("progress", None)
+    return out
+
+
 def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None]) -> Bundle:
     """The cached bundle for (attack, seed), trained now if absent."""
     cfg = grid.attack_config(attack, seed)
@@ -145,7 +155,7 @@ def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Call
     path = bundles / f"{attack}-seed{seed}"
     if path.exists():
         bundle = load_bundle(path)
-        if bundle.extra.get("resolved_config") != run.resolved():
+        if _result_relevant(bundle.extra.get("resolved_config")) != _result_relevant(run.resolved()):
             raise BundleError(f"{path} was trained with another config than the grid asks for; remove it or use "
                               "another --out folder")
         log(f"{attack} seed {seed}: using cached bundle {path}")
