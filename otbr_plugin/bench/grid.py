@@ -167,7 +167,7 @@ def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Call
 
 
 def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
-             log: Callable[[str], None] = print) -> list[CellResult]:
+             log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[CellResult]:
     """Run every missing cell; returns one result per cell (skipped, ok or failed)."""
     out = Path(out)
     records_dir = out / "records"
