@@ -367,7 +367,8 @@ def test_shipped_configs_parse(attack, dataset):
     path = Path(__file__).resolve().parents[1] / "configs" / "attack" / attack / f"{dataset}.yaml"
     run = parse_attack_run(load_yaml(path))
     assert run.attack.name == attack and run.dataset == dataset
-    assert (run.attack.config.target_class, run.attack.config.poison_ratio) == (0, 0.1)
+    expected_ratio = 0.05 if (attack, dataset) == ("sig", "fashion_mnist") else 0.1
+    assert (run.attack.config.target_class, run.attack.config.poison_ratio) == (0, expected_ratio)
     assert (run.train.lr, run.train.momentum, run.train.weight_decay, run.train.batch_size) == (0.01, 0.9, 5e-4, 128)
     assert run.model.name == "preactresnet18"
 
