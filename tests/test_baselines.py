@@ -153,7 +153,7 @@ def test_clp_prunes_exactly_the_planted_channel_conv_bn():
 def test_clp_pairing_on_preact_blocks():
     model = tiny_preact()
     s = {p.conv: (p.bn, p.exclusive) for p in structural_pairs(model)}
-    assert s["conv1"] == ("layer1.0.bn1", True)
+    assert s["conv1"] == ("layer1.0.bn1", True)  # BN reads the stem directly (the identity shortcut too)
     assert s["layer1.0.conv1"] == ("layer1.0.bn2", True)
     assert s["layer1.0.conv2"] == ("layer1.1.bn1", False)  # after the residual add
     assert s["layer2.0.shortcut.0"] == ("layer2.1.bn1", False)
@@ -186,6 +186,23 @@ def test_clp_preact_planted_outliers_exclusive_and_residual():
     assert layers_bb["layer3.0.bn2"] == [3]
     sd_bb = out_bb.model.state_dict()
     assert sd_bb["layer3.0.bn2.weight"][3] == 0 and torch.equal(sd_bb["layer3.0.conv1.weight"], before["layer3.0.conv1.weight"])
+
+
+def test_clp_stem_outlier_prunes_the_bn_path_not_the_residual_stream():
+    torch.manual_seed(0)
+    model = create_model("preactresnet18", 4, 1, 8, 0.25).eval()  # 16 stem channels
+    with torch.no_grad():
+        model.conv1.weight[2] *= 50
+        model.layer1[0].bn1.bias.fill_(0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pair = next(p for p in structural_pairs(model) if p.conv == "conv1")
+    assert pair.exclusive and pair.shared_output  # feeds layer1.0.bn1 and the identity shortcut
+    clp = create_defense("clp")
+    out = clp.mitigate(model, context_for(clp))
+    assert {l["layer"]: l["pruned"] for l in out.diagnostics["layers"]}["conv1"] == [2]
+    sd = out.model.state_dict()
+    assert sd["layer1.0.bn1.weight"][2] == 0 and sd["layer1.0.bn1.bias"][2] == 0
+    assert torch.equal(sd["conv1.weight"], before["conv1.weight"])  # the identity path keeps the channel
 
 
 # ---------------------------------------------------------------- FP

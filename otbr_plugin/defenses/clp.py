@@ -21,9 +21,14 @@ Pairing of convs and BNs (``pairing``):
   (the pair is marked non-exclusive: the BN also sees the other summand); the stem conv feeds
   ``layer1.0.bn1``; the network's last conv (``layer4.1.conv2``) reaches no BN and is scored by its weight
   alone. Every conv is scored, one layer = one conv.
-  Pruning zeroes the conv's output channel (weights and bias); where the BN belongs to that channel alone
-  (exclusive pair) its weight and bias are zeroed too, so the channel is exactly 0 after the BN. A BN that
-  follows a residual addition is left alone: zeroing it would also cut the shortcut's part of the channel.
+  Pruning removes the path whose Lipschitz bound is too large, and nothing else:
+  conv -> BN with nothing else reading the conv (VGG, ``conv1 -> bn2``): conv channel (weights, bias) and
+  BN weight and bias are zeroed, so the channel is exactly 0 after the BN (what the reference achieves by
+  zeroing the BN alone); conv -> BN where the conv output also feeds something else (the stem conv, whose
+  output is also the identity shortcut of ``layer1.0``): only the BN's weight and bias (the scored path;
+  zeroing the conv would wipe the channel from the whole residual stream, which the bound does not
+  measure); conv -> residual add -> BN (``conv2``, shortcuts): only the conv channel, i.e. this conv's
+  contribution (zeroing the BN would also cut the other summand); no BN: the conv channel.
 - ``"backdoorbench"``: BackdoorBench's / the reference code's pairing: walking modules in registration
   order, each BN is paired with the most recently registered conv (one layer = one BN); pruning zeroes that
   BN's weight and bias only, as the reference does. In a pre-activation ResNet this pairs e.g.
@@ -112,7 +117,8 @@ def prune_channels(model: nn.Module, pair: ConvBNPair, channels: torch.Tensor, p
         return
     mods = dict(model.named_modules())
     bn = mods[pair.bn] if pair.bn is not None else None
-    if pairing == "structural":
+    zero_conv = pairing == "structural" and (not pair.exclusive or not pair.shared_output)
+    if zero_conv:
         conv = mods[pair.conv]
         conv.weight[channels] = 0
         if conv.bias is not None:
@@ -147,6 +153,7 @@ class CLP(Defense):
                 prune_channels(defended, pair, pruned.to(context.device), cfg.pairing)
                 layer = pair.conv if cfg.pairing == "structural" else pair.bn
                 layers.append({"layer": layer, "conv": pair.conv, "bn": pair.bn, "exclusive": pair.exclusive,
+                               "shared_output": pair.shared_output,
                                "channels": int(uclc.numel()), "pruned": [int(i) for i in pruned],
                                "mean": mean, "std": std,
                                "threshold": threshold if threshold != float("inf") else None})

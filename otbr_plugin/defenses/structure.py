@@ -39,11 +39,14 @@ class ConvBNPair:
     ``bn`` is None when no BN acts on the conv's output (e.g. the last conv of a pre-activation ResNet).
     ``exclusive``: the BN's input is this conv's output alone (conv -> BN), so BN channel k belongs to conv
     channel k; False when a residual addition lies between them (the BN also sees the shortcut).
+    ``shared_output``: the conv's output also feeds something besides that path (e.g. the stem conv of a
+    pre-activation ResNet feeds ``layer1.0.bn1`` and the identity shortcut).
     """
 
     conv: str
     bn: str | None
     exclusive: bool
+    shared_output: bool = False
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -98,7 +101,8 @@ def structural_pairs(model: nn.Module) -> list[ConvBNPair]:
                     elif _is_add(user):
                         nxt.append(user)
             frontier = nxt
-        pairs.append(ConvBNPair(node.target, found[0] if found else None, bool(found and found[1])))
+        pairs.append(ConvBNPair(node.target, found[0] if found else None, bool(found and found[1]),
+                                shared_output=len(node.users) > 1))
     return pairs
 
 
@@ -116,7 +120,7 @@ def backdoorbench_pairs(model: nn.Module) -> list[ConvBNPair]:
             if last[1].out_channels != m.num_features:
                 raise ValueError(f"backdoorbench pairing: BN {name!r} has {m.num_features} channels but the conv "
                                  f"before it, {last[0]!r}, has {last[1].out_channels} outputs")
-            pairs.append(ConvBNPair(last[0], name, True))
+            pairs.append(ConvBNPair(last[0], name, True, shared_output=False))
     return pairs
 
 
