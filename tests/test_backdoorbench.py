@@ -508,7 +508,7 @@ def test_defend_command_accepts_a_record_folder(bb, tmp_path):
 def _run_script(bb_root: Path, script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OTBR_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, f"./defense/{script}", *args], cwd=bb_root, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1200)  # generous: shared CPUs
 
 
 def test_install_dropin_and_run_it_end_to_end(bb):
