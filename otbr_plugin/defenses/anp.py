@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
-from .common import preprocess_batch, split_holdout
+from .common import clean_accuracy, preprocess_batch, split_holdout
 from .registry import register_defense
 
 __all__ = ["ANPConfig", "ANP", "PerturbedBatchNorm2d", "attach_perturbations", "optimize_masks", "select_neurons",
@@ -257,16 +257,6 @@ def prune_neurons(model: nn.Module, neurons: list[tuple[str, int]]) -> None:
         bn.weight[k] = 0
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, data: CleanData, context: DefenseContext, batch_size: int) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        x = preprocess_batch(data.images[start:start + batch_size], context, augment=False)
-        correct += int((model(x).argmax(1).cpu() == data.labels[start:start + batch_size]).sum())
-    return correct / len(data)
-
-
 @register_defense
 class ANP(Defense):
     name = "anp"
@@ -291,13 +281,13 @@ class ANP(Defense):
         with timer("pruning"):
             if cfg.select_threshold:
                 assert hold is not None
-                base = _accuracy(self.copy_model(model, context.device), hold, context, cfg.batch_size_eval)
+                base = clean_accuracy(self.copy_model(model, context.device), hold, context, cfg.batch_size_eval)
                 threshold = 0.0
                 for t in sorted(cfg.threshold_grid):
                     cand = self.copy_model(model, context.device)
                     neurons = select_neurons(masks, "threshold", threshold=t)
                     prune_neurons(cand, neurons)
-                    acc = _accuracy(cand, hold, context, cfg.batch_size_eval)
+                    acc = clean_accuracy(cand, hold, context, cfg.batch_size_eval)
                     ok = acc >= base * (1 - cfg.max_acc_drop) - 1e-12
                     selection.append({"threshold": t, "pruned": len(neurons), "holdout_acc": acc, "within": ok})
                     if ok:

@@ -57,3 +57,14 @@ def preprocess_batch(images: torch.Tensor, context: DefenseContext, augment: boo
         if spec.hflip:
             x = random_hflip(x, 0.5, generator)
     return context.normalizer(x)
+
+
+@torch.no_grad()
+def clean_accuracy(model: "torch.nn.Module", data: CleanData, context: DefenseContext, batch_size: int) -> float:
+    """Accuracy of ``model`` on clean defense data (never test data), in eval mode, batched."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x = preprocess_batch(data.images[start:start + batch_size], context, augment=False)
+        correct += int((model(x).argmax(1).cpu() == data.labels[start:start + batch_size]).sum())
+    return correct / len(data)

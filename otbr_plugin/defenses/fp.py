@@ -36,7 +36,7 @@ from torch import nn
 
 from ..train import TrainConfig, train_classifier
 from .base import CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
-from .common import context_spec, preprocess_batch, split_holdout
+from .common import clean_accuracy, context_spec, preprocess_batch, split_holdout
 from .registry import register_defense
 from .structure import FeatureSite, feature_site, tail_module
 
@@ -193,16 +193,6 @@ def bake_channel_mask(model: nn.Module, site: FeatureSite, pruned: torch.Tensor,
                 bn.bias[idx] = 0
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, data: CleanData, context: DefenseContext, batch_size: int) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        x = preprocess_batch(data.images[start:start + batch_size], context, augment=False)
-        correct += int((model(x).argmax(1).cpu() == data.labels[start:start + batch_size]).sum())
-    return correct / len(data)
-
-
 @register_defense
 class FP(Defense):
     name = "fp"
@@ -259,7 +249,7 @@ class FP(Defense):
             handle.remove()
         with timer("bake"):
             bake_channel_mask(defended, site, pruned, positions)
-            acc_hold_final = _accuracy(defended, hold, context, cfg.batch_size_eval)
+            acc_hold_final = clean_accuracy(defended, hold, context, cfg.batch_size_eval)
         curve = pd.DataFrame({
             "pruned": list(range(len(accs))),
             "channel": [-1] + [int(c) for c in order[: len(accs) - 1]],
