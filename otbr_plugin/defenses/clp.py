@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .common import zero_channels
 from .base import Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
 from .registry import register_defense
 from .structure import ConvBNPair, backdoorbench_pairs, structural_pairs
@@ -119,15 +120,9 @@ def prune_channels(model: nn.Module, pair: ConvBNPair, channels: torch.Tensor, p
     bn = mods[pair.bn] if pair.bn is not None else None
     zero_conv = pairing == "structural" and (not pair.exclusive or not pair.shared_output)
     if zero_conv:
-        conv = mods[pair.conv]
-        conv.weight[channels] = 0
-        if conv.bias is not None:
-            conv.bias[channels] = 0
+        zero_channels(mods[pair.conv], channels)
     if bn is not None and (pairing == "backdoorbench" or pair.exclusive):
-        if bn.weight is not None:
-            bn.weight[channels] = 0
-        if bn.bias is not None:
-            bn.bias[channels] = 0
+        zero_channels(bn, channels)
 
 
 @register_defense

@@ -68,3 +68,11 @@ def clean_accuracy(model: "torch.nn.Module", data: CleanData, context: DefenseCo
         x = preprocess_batch(data.images[start:start + batch_size], context, augment=False)
         correct += int((model(x).argmax(1).cpu() == data.labels[start:start + batch_size]).sum())
     return correct / len(data)
+
+
+@torch.no_grad()
+def zero_channels(module: "torch.nn.Module", channels) -> None:
+    """Zero the weight and bias (where present) of output ``channels`` of a conv or BN layer, in place."""
+    for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
+        if param is not None:
+            param[channels] = 0

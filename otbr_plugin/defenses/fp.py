@@ -36,7 +36,7 @@ from torch import nn
 
 from ..train import TrainConfig, train_classifier
 from .base import CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
-from .common import clean_accuracy, context_spec, preprocess_batch, split_holdout
+from .common import clean_accuracy, context_spec, preprocess_batch, split_holdout, zero_channels
 from .registry import register_defense
 from .structure import FeatureSite, feature_site, tail_module
 
@@ -182,15 +182,9 @@ def bake_channel_mask(model: nn.Module, site: FeatureSite, pruned: torch.Tensor,
     if site.producer is not None:
         conv, *bns = site.producer
         idx = pruned.to(mods[conv].weight.device)
-        mods[conv].weight[idx] = 0
-        if mods[conv].bias is not None:
-            mods[conv].bias[idx] = 0
+        zero_channels(mods[conv], idx)
         for name in bns:
-            bn = mods[name]
-            if bn.weight is not None:
-                bn.weight[idx] = 0
-            if bn.bias is not None:
-                bn.bias[idx] = 0
+            zero_channels(mods[name], idx)
 
 
 @register_defense
