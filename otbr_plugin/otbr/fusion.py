@@ -46,7 +46,13 @@ __all__ = [
     "trace_links",
     "target_masses",
     "transport_plan",
+    "transport_map",
     "align_input",
+    "LayerPlan",
+    "plan_layer",
+    "project_weights",
+    "fuse_tensor",
+    "attached_parameters",
     "FusionResult",
     "fuse_models",
 ]
@@ -180,22 +186,34 @@ def trace_links(model: nn.Module, layers: Sequence[str], residual: ResidualMode 
     return links, ("module order" if residual == "chain" else how)
 
 
-def target_masses(scores: torch.Tensor, mode: MassMode = "nwc", floor: float = 1e-3) -> np.ndarray:
+def target_masses(scores: torch.Tensor, mode: MassMode = "nwc", floor: float = 1e-3, layer: str = "") -> np.ndarray:
     """Target (backdoored-side) transport masses for one layer, summing to 1.
 
-    ``"nwc"``: proportional to ``max(score, floor * mean(score))`` so no neuron has zero mass (a zero mass
-    would divide by zero in the projection); all-zero scores give uniform masses. ``"uniform"``: 1/n each.
+    ``"nwc"`` with ``floor > 0``: proportional to ``max(score, floor * mean(score))`` so no neuron has zero
+    mass (a zero mass would divide by zero in the projection); all-zero scores give uniform masses.
+    ``"nwc"`` with ``floor = 0``: exactly ``score / sum(score)`` as the published code; a zero mass raises a
+    ValueError naming ``layer`` and the neuron (the published code divides by zero there).
+    ``"uniform"``: 1/n each.
     """
     s = scores.detach().to("cpu", torch.float64).numpy().copy()
     n = s.size
+    where = f" in layer {layer}" if layer else ""
     if mode == "uniform":
         return np.full(n, 1.0 / n)
     if mode != "nwc":
         raise ValueError(f"target_mass must be 'nwc' or 'uniform', got {mode!r}")
-    if not 0 < floor <= 1:
-        raise ValueError(f"mass floor must be in (0, 1], got {floor}")
+    if not 0 <= floor <= 1:
+        raise ValueError(f"mass floor must be in [0, 1], got {floor}")
     if np.any(s < 0) or not np.all(np.isfinite(s)):
-        raise ValueError("NWC scores must be finite and non-negative")
+        raise ValueError(f"NWC scores{where} must be finite and non-negative")
+    if floor == 0:
+        zero = np.flatnonzero(s == 0)
+        if zero.size:
+            raise ValueError(
+                f"OTBR transport mass is zero for neuron(s) {zero[:10].tolist()}{where} (their NWC is 0, e.g. "
+                "rounded away to 4 decimals): the published code divides by zero here. Use mass_floor > 0 "
+                "(setting 'fixed') or nwc_precision 'full'.")
+        return s / s.sum()
     mean = s.mean()
     if mean <= 0:
         return np.full(n, 1.0 / n)
@@ -204,20 +222,29 @@ def target_masses(scores: torch.Tensor, mode: MassMode = "nwc", floor: float = 1
 
 
 def transport_plan(a: np.ndarray, b: np.ndarray, cost: np.ndarray, solver: Solver = "emd",
-                   reg: float = 0.01) -> np.ndarray:
+                   reg: float = 0.01, max_iter: int = 10_000_000,
+                   warnings_out: list[str] | None = None) -> np.ndarray:
     """Optimal transport plan between masses ``a`` (rows) and ``b`` (columns) for ``cost``.
 
-    ``"emd"``: exact (POT's network simplex, ``ot.emd``). ``"sinkhorn"``: entropic (``ot.sinkhorn``) with
-    regularization ``reg`` relative to the largest cost; faster on very wide layers, marginals approximate.
+    ``"emd"``: exact (POT's network simplex, ``ot.emd``) with at most ``max_iter`` iterations (POT's own
+    default, used by the published code, is 100000). If the solver stops early its message is appended to
+    ``warnings_out`` when given (the plan is then feasible but not optimal, as in the published code),
+    otherwise a RuntimeError is raised. ``"sinkhorn"``: entropic (``ot.sinkhorn``) with regularization ``reg``
+    relative to the largest cost; faster on very wide layers, marginals approximate.
     """
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
-    a, b = a / a.sum(), b / b.sum()
+    # renormalize only when needed: the exact solver's choice among equally optimal plans follows the inputs'
+    # last bits, so masses that already sum to 1 are passed on untouched (as the published code does)
+    a = a if abs(a.sum() - 1.0) < 1e-12 else a / a.sum()
+    b = b if abs(b.sum() - 1.0) < 1e-12 else b / b.sum()
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if solver == "emd":
-        plan, log = ot.emd(a, b, cost, numItermax=10_000_000, log=True)
+        plan, log = ot.emd(a, b, cost, numItermax=int(max_iter), log=True)
         if log.get("warning"):
-            raise RuntimeError(f"exact OT did not converge: {log['warning']}")
+            if warnings_out is None:
+                raise RuntimeError(f"exact OT did not converge: {log['warning']}")
+            warnings_out.append(str(log["warning"]))
         return plan
     if solver == "sinkhorn":
         scale = cost.max() if cost.size and cost.max() > 0 else 1.0
@@ -225,10 +252,12 @@ def transport_plan(a: np.ndarray, b: np.ndarray, cost: np.ndarray, solver: Solve
     raise ValueError(f"solver must be 'emd' or 'sinkhorn', got {solver!r}")
 
 
-def _column_normalized(plan: np.ndarray) -> torch.Tensor:
-    """``T / T.sum(0)``: column j holds the share of each source neuron in target neuron j."""
-    t = torch.from_numpy(plan)
-    col = t.sum(0)
+def transport_map(plan: np.ndarray, b: np.ndarray | None = None) -> torch.Tensor:
+    """The column-normalized plan ``T diag(1/b)`` (n_pruned x n_backdoored): column j holds the share of each
+    pruned neuron in backdoored neuron j. ``b`` = the plan's target masses (exact OT: its column sums, as the
+    published code divides by them); None = divide by the plan's own column sums (entropic OT)."""
+    t = torch.from_numpy(np.asarray(plan, dtype=np.float64))
+    col = t.sum(0) if b is None else torch.from_numpy(np.asarray(b, dtype=np.float64))
     return t / col.clamp_min(torch.finfo(torch.float64).tiny)
 
 
@@ -249,8 +278,97 @@ def align_input(weight: torch.Tensor, tmap: torch.Tensor, repeat: int = 1) -> to
 
 
 @dataclass
+class LayerPlan:
+    """Step 1 of fusing one layer: the transport plan between pruned (rows) and backdoored (columns) neurons."""
+
+    name: str
+    plan: np.ndarray
+    source_mass: np.ndarray
+    target_mass: np.ndarray
+    cost: float
+    tmap: torch.Tensor  # transport_map(plan): n_pruned x n_backdoored
+    aligned_pruned: torch.Tensor  # the pruned weights with their input side in the producer's backdoored order
+
+
+def plan_layer(
+    name: str,
+    pruned_weight: torch.Tensor,
+    backdoored_weight: torch.Tensor,
+    target_mass: np.ndarray | None,
+    *,
+    input_map: torch.Tensor | None = None,
+    input_repeat: int = 1,
+    cost: CostMode = "aligned",
+    solver: Solver = "emd",
+    sinkhorn_reg: float = 0.01,
+    max_iter: int = 10_000_000,
+    warnings_out: list[str] | None = None,
+) -> LayerPlan:
+    """Align one layer's pruned neurons to its backdoored neurons (float64, CPU).
+
+    ``input_map``: the producer layer's transport map, applied to the pruned weights' input side first
+    (None: the input side is already in the backdoored order). ``target_mass`` None keeps the neurons'
+    order (identity plan: the network's output layer). Source mass is uniform; the cost is the Euclidean
+    distance between neuron weight vectors, of the input-aligned (``cost="aligned"``) or raw
+    (``"unaligned"``, the published code) pruned weights.
+    """
+    wp = pruned_weight.detach().to("cpu", torch.float64)
+    wb = backdoored_weight.detach().to("cpu", torch.float64)
+    if wp.shape != wb.shape:
+        raise ValueError(f"{name}: pruned and backdoored weights differ in shape ({tuple(wp.shape)} vs {tuple(wb.shape)})")
+    if cost not in ("aligned", "unaligned"):
+        raise ValueError(f"cost must be 'aligned' or 'unaligned', got {cost!r}")
+    n = wb.shape[0]
+    wp_in = wp if input_map is None else align_input(wp, input_map, input_repeat)
+    x = wp_in if cost == "aligned" else wp
+    a = np.full(n, 1.0 / n)
+    c = torch.cdist(x.reshape(n, -1), wb.reshape(n, -1)).numpy()
+    if target_mass is None:
+        b, plan = a.copy(), np.diag(a)
+    else:
+        b = np.asarray(target_mass, dtype=np.float64)
+        if b.shape != (n,):
+            raise ValueError(f"{name}: {b.shape} target masses for {n} neurons")
+        plan = transport_plan(a, b, c, solver, sinkhorn_reg, max_iter, warnings_out)
+    tmap = transport_map(plan, b if solver == "emd" else None)
+    return LayerPlan(name, plan, a, b, float((plan * c).sum()), tmap, wp_in)
+
+
+def project_weights(layer_plan: LayerPlan) -> torch.Tensor:
+    """Step 2: the pruned weights expressed in the backdoored neuron order, ``diag(1/b) T^T W_aligned``: each
+    backdoored neuron receives the transport-weighted mean of the pruned neurons sent to it."""
+    w = layer_plan.aligned_pruned
+    n = w.shape[0]
+    return (layer_plan.tmap.T @ w.reshape(n, -1)).reshape(w.shape)
+
+
+def fuse_tensor(projected: torch.Tensor, backdoored: torch.Tensor, lam: float) -> torch.Tensor:
+    """``lam * projected + (1 - lam) * backdoored`` (computed in float64), in ``backdoored``'s dtype/device."""
+    b = backdoored.detach()
+    return (lam * projected.to("cpu", torch.float64) + (1.0 - lam) * b.to("cpu", torch.float64)).to(b.device, b.dtype)
+
+
+def attached_parameters(pruned: Mapping[str, nn.Module], backdoored: Mapping[str, nn.Module], layer: str,
+                        link: "LayerLink", tmap: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+    """Step 3 (``attached="transport"``): the layer's bias and the batch norms that normalize only its output
+    channels (affine and running statistics), transported like the neurons and fused with the same ``lam``.
+    Returns ``{module.param: fused tensor}``."""
+    out: dict[str, torch.Tensor] = {}
+    pairs = [(layer, ("bias",))] + [(bn, ("weight", "bias", "running_mean", "running_var")) for bn in link.attached]
+    for module, pnames in pairs:
+        for pname in pnames:
+            tb = getattr(backdoored[module], pname, None)
+            if tb is None:
+                continue
+            tp = getattr(pruned[module], pname).detach().to("cpu", torch.float64)
+            out[f"{module}.{pname}"] = fuse_tensor(tmap.T @ tp, tb, lam)
+    return out
+
+
+@dataclass
 class FusionResult:
-    """The fused model, per fused layer the transport plan, its cost and the masses used."""
+    """The fused model, per fused layer the transport plan, its cost and the masses used, and any solver
+    warnings (exact OT stopped at its iteration limit)."""
 
     model: nn.Module
     fused_layers: list[str]
@@ -260,6 +378,7 @@ class FusionResult:
     target_mass: dict[str, np.ndarray] = field(default_factory=dict)
     links: dict[str, LayerLink] = field(default_factory=dict)
     link_source: str = "graph"
+    warnings: list[str] = field(default_factory=list)
 
 
 def fuse_models(
@@ -275,72 +394,49 @@ def fuse_models(
     attached: AttachedMode = "transport",
     solver: Solver = "emd",
     sinkhorn_reg: float = 0.01,
+    max_iter: int = 10_000_000,
+    strict_solver: bool = True,
 ) -> FusionResult:
     """Fuse ``pruned`` into ``backdoored`` (same architecture) over ``layers[start:]``; returns a new model.
 
+    Per layer: :func:`plan_layer` (input side aligned with the producer's map, OT plan), :func:`project_weights`,
+    :func:`fuse_tensor`, and with ``attached="transport"`` :func:`attached_parameters`.
     ``masses[layer]``: target masses over the backdoored layer's neurons (see :func:`target_masses`).
-    ``start``: first layer to fuse (default: the first of ``layers``). See the module docstring for the
-    options. ``lam = 0`` returns the backdoored weights exactly.
+    ``start``: first layer to fuse (default: the first of ``layers``). ``strict_solver=False`` records an exact
+    OT that stopped at ``max_iter`` in ``warnings`` instead of raising (the published code's behaviour).
+    ``lam = 0`` returns the backdoored weights exactly.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda (fusion weight of the pruned model) must be in [0, 1], got {lam}")
-    if cost not in ("aligned", "unaligned"):
-        raise ValueError(f"cost must be 'aligned' or 'unaligned', got {cost!r}")
     if attached not in ("transport", "keep"):
         raise ValueError(f"attached must be 'transport' or 'keep', got {attached!r}")
     layers = list(layers)
-    start_idx = 0 if start is None else layers.index(start)
-    fused_layers = layers[start_idx:]
+    if start is not None and start not in layers:
+        raise ValueError(f"fusion start {start!r} is not a target layer")
+    fused_layers = layers[(0 if start is None else layers.index(start)):]
     links, how = trace_links(backdoored, layers, residual)
     result_model = copy.deepcopy(backdoored)
-    mod_p, mod_b, mod_f = (dict(m.named_modules()) for m in (pruned, backdoored, result_model))
+    mod_p, mod_b = dict(pruned.named_modules()), dict(backdoored.named_modules())
+    params_f = dict(result_model.named_parameters()) | dict(result_model.named_buffers())
     result = FusionResult(model=result_model, fused_layers=fused_layers, links=links, link_source=how)
     maps: dict[str, torch.Tensor] = {}
-
-    def f64(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", torch.float64)
-
-    def mix(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return (lam * a + (1.0 - lam) * b).to(like.device, like.dtype)
-
+    warn_list = None if strict_solver else result.warnings
     with torch.no_grad():
         for name in fused_layers:
             link = links[name]
-            wp, wb = f64(mod_p[name].weight), f64(mod_b[name].weight)
-            if wp.shape != wb.shape:
-                raise ValueError(f"{name}: pruned and backdoored weights differ in shape")
-            n = wb.shape[0]
-            wp_in = wp
-            if link.input_from in maps:
-                wp_in = align_input(wp, maps[link.input_from], link.input_repeat)
-            x = wp_in if cost == "aligned" else wp
-            a = np.full(n, 1.0 / n)
-            c = torch.cdist(x.reshape(n, -1), wb.reshape(n, -1)).numpy()
-            if link.is_output:  # class logits keep their order
-                b = a.copy()
-                plan = np.diag(a)
-            else:
-                b = np.asarray(masses[name], dtype=np.float64)
-                if b.shape != (n,):
-                    raise ValueError(f"{name}: {b.shape} target masses for {n} neurons")
-                plan = transport_plan(a, b, c, solver, sinkhorn_reg)
-            tmap = _column_normalized(plan)  # (n_pruned, n_backdoored)
-            projected = (tmap.T @ wp_in.reshape(n, -1)).reshape(wb.shape)
-            target = mod_f[name]
-            target.weight.copy_(mix(projected, wb, target.weight))
+            lp = plan_layer(name, mod_p[name].weight, mod_b[name].weight,
+                            None if link.is_output else masses[name],  # class logits keep their order
+                            input_map=maps.get(link.input_from) if link.input_from else None,
+                            input_repeat=link.input_repeat, cost=cost, solver=solver, sinkhorn_reg=sinkhorn_reg,
+                            max_iter=max_iter, warnings_out=warn_list)
+            updates = {f"{name}.weight": fuse_tensor(project_weights(lp), mod_b[name].weight, lam)}
             if attached == "transport":
-                if getattr(target, "bias", None) is not None:
-                    target.bias.copy_(mix(tmap.T @ f64(mod_p[name].bias), f64(mod_b[name].bias), target.bias))
-                for bn in link.attached:
-                    for pname in ("weight", "bias", "running_mean", "running_var"):
-                        tb = getattr(mod_b[bn], pname, None)
-                        if tb is None:
-                            continue
-                        tp = f64(getattr(mod_p[bn], pname))
-                        getattr(mod_f[bn], pname).copy_(mix(tmap.T @ tp, f64(tb), tb))
-            maps[name] = tmap
-            result.plans[name] = plan
-            result.costs[name] = float((plan * c).sum())
-            result.source_mass[name] = a
-            result.target_mass[name] = b
+                updates |= attached_parameters(mod_p, mod_b, name, link, lp.tmap, lam)
+            for key, value in updates.items():
+                params_f[key].copy_(value)
+            maps[name] = lp.tmap
+            result.plans[name] = lp.plan
+            result.costs[name] = lp.cost
+            result.source_mass[name] = lp.source_mass
+            result.target_mass[name] = lp.target_mass
     return result

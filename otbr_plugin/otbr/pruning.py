@@ -19,10 +19,18 @@ from torch import nn
 __all__ = ["num_to_prune", "global_ranking", "select_top_neurons", "prune_neurons", "nwc_table"]
 
 
-def num_to_prune(total: int, gamma: float) -> int:
-    """``floor(gamma * total)`` (the published code's ``int(total * gamma)``), robust to float round-off."""
+def num_to_prune(total: int, gamma: float, rounding: str = "robust") -> int:
+    """Number of neurons to prune: ``floor(gamma * total)``.
+
+    ``rounding="robust"`` tolerates float round-off (``0.29 * 100`` = 28.999999999999996 gives 29);
+    ``"truncate"`` is the published code's ``int(total * gamma)`` (gives 28 there).
+    """
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma (share of neurons to prune) must be in [0, 1), got {gamma}")
+    if rounding == "truncate":
+        return int(total * gamma)
+    if rounding != "robust":
+        raise ValueError(f"prune count rounding must be 'robust' or 'truncate', got {rounding!r}")
     return int(math.floor(gamma * total + 1e-9))
 
 
@@ -39,11 +47,12 @@ def global_ranking(scores: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, 
     return [keys[i] for i in order.tolist()], flat[order]
 
 
-def select_top_neurons(scores: Mapping[str, torch.Tensor], gamma: float) -> dict[str, torch.Tensor]:
+def select_top_neurons(scores: Mapping[str, torch.Tensor], gamma: float,
+                       rounding: str = "robust") -> dict[str, torch.Tensor]:
     """Boolean mask per layer marking the ``floor(gamma * N)`` neurons with the highest score across all
-    layers (N = number of neurons in all layers together)."""
+    layers (N = number of neurons in all layers together; ``rounding`` as in :func:`num_to_prune`)."""
     ranked, _ = global_ranking(scores)
-    k = num_to_prune(len(ranked), gamma)
+    k = num_to_prune(len(ranked), gamma, rounding)
     masks = {name: torch.zeros(v.numel(), dtype=torch.bool) for name, v in scores.items()}
     for name, idx in ranked[:k]:
         masks[name][idx] = True

@@ -172,16 +172,19 @@ def neuron_weight_change(
     original: nn.Module | Mapping[str, torch.Tensor],
     unlearned: nn.Module | Mapping[str, torch.Tensor],
     layers: Sequence[str],
+    accumulate: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
     """NWC of every output neuron of each layer: ``sum |w_unlearned[k] - w_original[k]|`` over the neuron's
-    incoming weights, in float64 (CPU). Models or state dicts (keys ``<layer>.weight``) are accepted."""
+    incoming weights, on the CPU, returned as float64. ``accumulate``: the dtype of the difference and sum
+    (float64; the published code works in the weights' float32). Models or state dicts (keys
+    ``<layer>.weight``) are accepted."""
     w0, w1 = _weights(original, layers), _weights(unlearned, layers)
     out = {}
     for name in layers:
-        a, b = w0[name].to("cpu", torch.float64), w1[name].to("cpu", torch.float64)
+        a, b = w0[name].to("cpu", accumulate), w1[name].to("cpu", accumulate)
         if a.shape != b.shape:
             raise ValueError(f"{name}: weight shapes differ ({tuple(a.shape)} vs {tuple(b.shape)})")
-        out[name] = (b - a).abs().flatten(1).sum(dim=1)
+        out[name] = (b - a).abs().flatten(1).sum(dim=1).to(torch.float64)
     return out
 
 
@@ -206,8 +209,8 @@ def nwc_scores(
             s = s / float(fan_in[name])
         elif norm != "none":
             raise ValueError(f"nwc_norm must be 'none' or 'fan_in', got {norm!r}")
-        if precision == "round4":
-            s = torch.round(s, decimals=4)
+        if precision == "round4":  # exactly what "{:.4f}" then float() gives (torch.round can differ by an ulp)
+            s = torch.tensor([float(f"{x:.4f}") for x in s.tolist()], dtype=torch.float64).reshape(s.shape)
         elif precision != "full":
             raise ValueError(f"nwc_precision must be 'full' or 'round4', got {precision!r}")
         out[name] = s
