@@ -18,9 +18,8 @@ from torch import nn
 from otbr_plugin.data import Normalizer
 from otbr_plugin.defenses import build_context, get_defense, list_defenses
 from otbr_plugin.models import create_model
+from otbr_plugin.defenses.otbr import OTBRConfig, OTBRDefense
 from otbr_plugin.otbr import (
-    OTBRConfig,
-    OTBRDefense,
     fuse_models,
     global_ranking,
     neuron_weight_change,

@@ -12,7 +12,7 @@ __all__ = ["register_defense", "get_defense", "create_defense", "list_defenses"]
 _REGISTRY: dict[str, type[Defense]] = {}
 
 # modules that register built-in defenses when imported; a missing one is skipped
-_BUILTIN_MODULES = ["otbr_plugin.defenses.none", "otbr_plugin.otbr.defense", "otbr_plugin.defenses.clp",
+_BUILTIN_MODULES = ["otbr_plugin.defenses.none", "otbr_plugin.defenses.otbr", "otbr_plugin.defenses.clp",
                     "otbr_plugin.defenses.fp", "otbr_plugin.defenses.anp"]
 _loaded = False
 

@@ -1,5 +1,5 @@
 """The OTBR defense: a typed config and a thin :class:`~otbr_plugin.defenses.base.Defense` around the pure
-functions of :mod:`.unlearning`, :mod:`.pruning` and :mod:`.fusion`.
+functions of :mod:`otbr_plugin.otbr.unlearning`, :mod:`~otbr_plugin.otbr.pruning` and :mod:`~otbr_plugin.otbr.fusion`.
 
 Settings. ``setting="fixed"`` (default) is the method as the paper describes it, with the published code's
 defects repaired; ``setting="reference"`` reproduces the published code's semantics (linweiii/OTBR) so results
@@ -40,11 +40,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..defenses.base import Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
-from ..defenses.registry import register_defense
-from .fusion import fuse_models, target_masses
-from .pruning import nwc_table, prune_neurons, pruned_per_layer, select_top_neurons
-from .unlearning import neuron_weight_change, nwc_scores, random_unlearning, target_layer_names
+from ..otbr.fusion import fuse_models, target_masses
+from ..otbr.pruning import nwc_table, prune_neurons, pruned_per_layer, select_top_neurons
+from ..otbr.unlearning import neuron_weight_change, nwc_scores, random_unlearning, target_layer_names
+from .base import Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
+from .registry import register_defense
 
 __all__ = ["OTBRConfig", "OTBRDefense", "SETTINGS", "SETTING_OPTIONS"]
 
