@@ -40,8 +40,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..otbr.fusion import fuse_models, target_masses
-from ..otbr.pruning import nwc_table, prune_neurons, pruned_per_layer, select_top_neurons
+from ..otbr.auto import auto_gamma, auto_lam
+from ..otbr.pipeline import FusionOptions, prune_and_fuse
+from ..otbr.pruning import nwc_table, pruned_per_layer
+from ..otbr.repair import agreement, bn_inversion, distill, recalibrate_bn
 from ..otbr.unlearning import neuron_weight_change, nwc_scores, random_unlearning, target_layer_names
 from .base import Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
 from .registry import register_defense
@@ -49,11 +51,13 @@ from .registry import register_defense
 __all__ = ["OTBRConfig", "OTBRDefense", "SETTINGS", "SETTING_OPTIONS"]
 
 # options whose value depends on `setting`
-SETTINGS: dict[str, dict[str, str]] = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "fixed": {"noise_space": "pixel", "label_range": "all", "nwc_precision": "full", "cost": "aligned",
-              "residual": "block", "attached": "transport"},
+              "residual": "block", "attached": "transport", "mass_floor": 0.001, "prune_rounding": "robust",
+              "emd_max_iter": 10_000_000},
     "reference": {"noise_space": "normalized", "label_range": "k_minus_1", "nwc_precision": "round4",
-                  "cost": "unaligned", "residual": "chain", "attached": "keep"},
+                  "cost": "unaligned", "residual": "chain", "attached": "keep", "mass_floor": 0.0,
+                  "prune_rounding": "truncate", "emd_max_iter": 100_000},
 }
 SETTING_OPTIONS = tuple(SETTINGS["fixed"])
 
@@ -69,6 +73,9 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "target_mass": ("nwc", "uniform"),
     "solver": ("emd", "sinkhorn"),
     "unlearn_bn": ("train", "eval"),
+    "prune_rounding": ("robust", "truncate"),
+    "repair": ("none", "distill", "bn_recal"),
+    "repair_guide": ("none", "original", "defended"),
 }
 
 
@@ -78,8 +85,11 @@ class OTBRConfig(DefenseConfig):
 
     setting: Literal["fixed", "reference"] = "fixed"
     # pruning share and fusion weight
-    gamma: float = 0.05
-    lam: float = 0.5
+    gamma: float | Literal["auto"] = 0.05
+    lam: float | Literal["auto"] = 0.5
+    # data-free "auto" rules (docs/otbr.md): gamma from the NWC distribution's outliers, lam from gamma
+    auto_z: float = 3.5
+    auto_gamma_max: float = 0.3
     # random unlearning (I, batch, lr, momentum of the paper)
     unlearn_steps: int = 20
     unlearn_batch_size: int = 256
@@ -92,9 +102,20 @@ class OTBRConfig(DefenseConfig):
     # NWC scores and transport
     nwc_norm: Literal["none", "fan_in"] = "none"
     target_mass: Literal["nwc", "uniform"] = "nwc"
-    mass_floor: float = 1e-3
     solver: Literal["emd", "sinkhorn"] = "emd"
     sinkhorn_reg: float = 0.01
+    # data-free repair after fusion (beyond the paper; docs/otbr.md): none | distill | bn_recal
+    repair: Literal["none", "distill", "bn_recal"] = "none"
+    repair_images: int = 512
+    repair_inversion_steps: int = 200
+    repair_inversion_lr: float = 0.1
+    repair_guide: Literal["none", "original", "defended"] = "none"
+    repair_ce_weight: float = 0.0
+    repair_steps: int = 300
+    repair_batch_size: int = 128
+    repair_lr: float = 0.01
+    repair_temperature: float = 4.0
+    repair_freeze: bool = True  # hold the pruned neurons' weights at zero in the repaired model
     # setting-dependent options (None: as `setting` says)
     noise_space: Literal["pixel", "normalized"] | None = None
     label_range: Literal["all", "k_minus_1"] | None = None
@@ -102,6 +123,9 @@ class OTBRConfig(DefenseConfig):
     cost: Literal["aligned", "unaligned"] | None = None
     residual: Literal["block", "chain"] | None = None
     attached: Literal["transport", "keep"] | None = None
+    mass_floor: float | None = None
+    prune_rounding: Literal["robust", "truncate"] | None = None
+    emd_max_iter: int | None = None
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -118,10 +142,25 @@ class OTBRConfig(DefenseConfig):
         for key, choices in _CHOICES.items():
             if getattr(self, key) not in choices:
                 raise bad(key, "one of " + ", ".join(map(repr, choices)))
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma < 1.0:
-            raise bad("gamma", "a share of neurons to prune in [0, 1)")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
-            raise bad("lam", "the fusion weight lambda of the pruned model, in [0, 1]")
+        if self.gamma != "auto" and (isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float))
+                                     or not 0.0 <= self.gamma < 1.0):
+            raise bad("gamma", "a share of neurons to prune in [0, 1), or 'auto'")
+        if self.lam != "auto" and (isinstance(self.lam, bool) or not isinstance(self.lam, (int, float))
+                                   or not 0.0 <= self.lam <= 1.0):
+            raise bad("lam", "the fusion weight lambda of the pruned model in [0, 1], or 'auto'")
+        if not isinstance(self.auto_z, (int, float)) or not self.auto_z > 0:
+            raise bad("auto_z", "> 0 (robust z-score above which a neuron's NWC is an outlier)")
+        if not isinstance(self.auto_gamma_max, (int, float)) or not 0.0 < self.auto_gamma_max < 1.0:
+            raise bad("auto_gamma_max", "in (0, 1)")
+        for key in ("repair_images", "repair_inversion_steps", "repair_steps", "repair_batch_size", "emd_max_iter"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(key, "an integer >= 1")
+        for key in ("repair_inversion_lr", "repair_lr", "repair_temperature"):
+            if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
+                raise bad(key, "> 0")
+        if not isinstance(self.repair_ce_weight, (int, float)) or self.repair_ce_weight < 0:
+            raise bad("repair_ce_weight", ">= 0")
         if isinstance(self.unlearn_steps, bool) or not isinstance(self.unlearn_steps, int) or self.unlearn_steps < 1:
             raise bad("unlearn_steps", "the number of unlearning steps I, an integer >= 1")
         if isinstance(self.unlearn_batch_size, bool) or not isinstance(self.unlearn_batch_size, int) \
@@ -131,11 +170,12 @@ class OTBRConfig(DefenseConfig):
             raise bad("unlearn_lr", "a learning rate > 0")
         if not isinstance(self.unlearn_momentum, (int, float)) or not 0.0 <= self.unlearn_momentum < 1.0:
             raise bad("unlearn_momentum", "in [0, 1)")
-        if not isinstance(self.mass_floor, (int, float)) or not 0.0 < self.mass_floor <= 1.0:
-            raise bad("mass_floor", "in (0, 1] (share of the layer's mean NWC given to every neuron at least)")
+        if not isinstance(self.mass_floor, (int, float)) or not 0.0 <= self.mass_floor <= 1.0:
+            raise bad("mass_floor", "in [0, 1] (share of the layer's mean NWC given to every neuron at least; "
+                                    "0 = none, as published: a zero NWC is then an error)")
         if not isinstance(self.sinkhorn_reg, (int, float)) or not self.sinkhorn_reg > 0:
             raise bad("sinkhorn_reg", "> 0")
-        for key in ("include_shortcut", "include_linear"):
+        for key in ("include_shortcut", "include_linear", "repair_freeze"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
 
@@ -214,25 +254,51 @@ class OTBRDefense(Defense):
                 losses, counts = unlearned.losses, unlearned.label_counts
         with timer("nwc"):
             if not reused:
-                nwc = neuron_weight_change(original, unlearned.model, layers)
+                accumulate = torch.float32 if cfg.nwc_precision == "round4" else torch.float64  # published: float32
+                nwc = neuron_weight_change(original, unlearned.model, layers, accumulate)
                 del unlearned
                 if key is not None:
                     self._nwc_memo[key] = (nwc, losses, counts)
             fan_in = {n: int(modules[n].weight[0].numel()) for n in layers}
             scores = nwc_scores(nwc, fan_in, cfg.nwc_norm, cfg.nwc_precision)
-        with timer("pruning"):
-            masks = select_top_neurons(scores, cfg.gamma)
-            pruned = prune_neurons(original, masks)
-        with timer("fusion"):
-            start = next((n for n in layers if bool(masks[n].any())), None)
-            if start is None:  # nothing pruned: the pruned model is the backdoored model, nothing to fuse
-                defended, fusion = original, None
-            else:
-                masses = {n: target_masses(scores[n], cfg.target_mass, cfg.mass_floor) for n in layers}
-                fusion = fuse_models(pruned, original, layers, masses, start=start, lam=cfg.lam, cost=cfg.cost,
-                                     residual=cfg.residual, attached=cfg.attached, solver=cfg.solver,
-                                     sinkhorn_reg=cfg.sinkhorn_reg)
-                defended = fusion.model
+        with timer("auto"):
+            gamma, gamma_info = (auto_gamma(scores, cfg.auto_z, cfg.auto_gamma_max) if cfg.gamma == "auto"
+                                 else (float(cfg.gamma), None))
+            lam = auto_lam(gamma, cfg.repair) if cfg.lam == "auto" else float(cfg.lam)
+        with timer("prune_fuse"):
+            options = FusionOptions(target_mass=cfg.target_mass, mass_floor=cfg.mass_floor, cost=cfg.cost,
+                                    residual=cfg.residual, attached=cfg.attached, solver=cfg.solver,
+                                    sinkhorn_reg=cfg.sinkhorn_reg, emd_max_iter=cfg.emd_max_iter,
+                                    strict_solver=cfg.setting != "reference", prune_rounding=cfg.prune_rounding)
+            result = prune_and_fuse(original, scores, layers, gamma=gamma, lam=lam, options=options)
+            masks, fusion, start = result.masks, result.fusion, result.start
+            defended = result.model
+        repair_info: dict[str, Any] = {"mode": cfg.repair}
+        if cfg.repair != "none":
+            progress = context.progress_bar if context.progress else None
+            with timer("repair_synthesis"):
+                guide = {"none": None, "original": original, "defended": defended}[cfg.repair_guide]
+                surrogate = bn_inversion(
+                    original, num_images=cfg.repair_images, input_shape=context.input_shape,
+                    normalizer=context.normalizer, num_classes=context.num_classes,
+                    steps=cfg.repair_inversion_steps, lr=cfg.repair_inversion_lr, ce_weight=cfg.repair_ce_weight,
+                    guide=guide, generator=context.generator(1), device=context.device, progress=progress)
+            with timer("repair"):
+                frozen = masks if cfg.repair_freeze else {}
+                before = agreement(original, defended, surrogate, context.normalizer, device=context.device)
+                if cfg.repair == "distill":
+                    distilled = distill(defended, original, surrogate, normalizer=context.normalizer,
+                                        steps=cfg.repair_steps, batch_size=cfg.repair_batch_size, lr=cfg.repair_lr,
+                                        temperature=cfg.repair_temperature, frozen=frozen,
+                                        generator=context.generator(2), device=context.device, progress=progress)
+                    defended = distilled.model
+                    repair_info["loss"] = {"first": distilled.losses[0], "last": distilled.losses[-1]}
+                else:
+                    defended = recalibrate_bn(defended, surrogate, context.normalizer, device=context.device)
+                repair_info["agreement_before"] = before
+                repair_info["agreement_after"] = agreement(original, defended, surrogate, context.normalizer,
+                                                           device=context.device)
+                repair_info["surrogate_images"] = int(surrogate.shape[0])
         defended.eval()
 
         table = nwc_table(nwc, scores, masks)
@@ -240,6 +306,11 @@ class OTBRDefense(Defense):
             "setting": cfg.setting,
             "gamma": cfg.gamma,
             "lam": cfg.lam,
+            "gamma_used": gamma,
+            "lam_used": lam,
+            "gamma_auto": gamma_info,
+            "repair": repair_info,
+            "solver_warnings": fusion.warnings if fusion else [],
             "options": cfg.to_dict(),
             "deviations_from_reference": cfg.deviations_from_reference(),
             "target_layers": layers,
