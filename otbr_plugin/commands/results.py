@@ -6,7 +6,10 @@ import argparse
 from pathlib import Path
 
 from ..bench.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
-from ..bench.regress import compare, format_report, make_baseline, parse_tolerance, read_baseline
+from ..bench.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
+                             format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
+                             report_dict, write_text_atomic)
+from ..bench.records import write_json_atomic
 from ..bench.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
 from . import formatter
 
@@ -23,7 +26,17 @@ LB_EPILOG = """examples:
 REGRESS_EPILOG = """examples:
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --tolerance acc=0.01,asr=0.02
-  otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --write-baseline   (accept current)
+  otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --rel-tolerance asr=0.1,anp:acc=0.05
+  otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --std-factor 2 \\
+      --junit regress.xml --markdown regress.md --json regress.json
+  otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --write-baseline \\
+      --grid configs/bench/ci_slice.yaml   (accept current)
+
+Tolerances are fractions (0.01 = 1 point); a DEFENSE: prefix scopes one to a defense label. A metric fails when it
+gets worse by more than max(absolute, relative x baseline, std-factor x baseline std over seeds). They come from,
+lowest first: built-in defaults, the baseline file, the tolerance file (--tolerance-file, else
+<baseline stem>.tolerances.yaml next to the baseline), the command line; a defense-scoped value beats a default.
+Exit status: 0 when every cell is within tolerance, 1 otherwise.
 """
 
 
@@ -60,7 +73,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=formatter(), epilog=REGRESS_EPILOG)
     p.add_argument("--baseline", required=True, help="baseline JSON file")
     p.add_argument("--current", required=True, help="folder of current run records")
-    p.add_argument("--tolerance", default=None, help="absolute tolerances, e.g. acc=0.01,asr=0.02,ra=0.02,der=0.02")
+    p.add_argument("--tolerance", default=None,
+                   help="absolute tolerances, e.g. acc=0.01,asr=0.02,ra=0.02,der=0.02 or anp:asr=0.05")
+    p.add_argument("--rel-tolerance", default=None,
+                   help="relative tolerances (fraction of the baseline value), e.g. asr=0.1,otbr:acc=0.02")
+    p.add_argument("--tolerance-file", default=None,
+                   help="YAML tolerances (default: <baseline stem>.tolerances.yaml next to the baseline, if present)")
+    p.add_argument("--no-tolerance-file", action="store_true", help="do not auto-discover a tolerance file")
+    p.add_argument("--std-factor", type=float, default=None, metavar="K",
+                   help="with several seeds, also allow K x the baseline's std over seeds (default 0)")
+    p.add_argument("--grid", default=None,
+                   help="grid name or grid YAML of the current records (recorded by --write-baseline; warns on mismatch)")
+    p.add_argument("--junit", default=None, metavar="FILE", help="also write a JUnit XML report")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write a Markdown summary (PR comment, job summary)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--write-baseline", action="store_true", help="write the baseline from --current instead")
     p.set_defaults(func=_regress)
 
@@ -144,11 +170,38 @@ def _plain_md(df) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _grid_name(value: str | None) -> str | None:
+    """``--grid``: a grid YAML (its ``name``, else the file stem) or a plain name."""
+    if not value:
+        return None
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+        return str(data.get("name") or path.stem) if isinstance(data, dict) else path.stem
+    return value
+
+
 def _regress(args: argparse.Namespace) -> int:
     records = load_records(args.current)
+    grid = _grid_name(args.grid)
+    tol_file = args.tolerance_file or (None if args.no_tolerance_file else find_tolerance_file(args.baseline))
+    file_layer = load_tolerance_file(tol_file) if tol_file else None
+    cli_layers = [parse_tolerance_layer(args.tolerance, "abs"), parse_tolerance_layer(args.rel_tolerance, "rel")]
     if args.write_baseline:
-        print(f"wrote {make_baseline(records, args.baseline)}")
+        spec = ToleranceSpec(file_layer, *cli_layers, std_factor=args.std_factor)
+        print(f"wrote {make_baseline(records, args.baseline, grid=grid, tolerance=spec)}")
         return 0
-    rows = compare(read_baseline(args.baseline), records, parse_tolerance(args.tolerance))
-    print(format_report(rows))
-    return 0 if all(r.status == "ok" for r in rows) else 1
+    baseline = load_baseline(args.baseline)
+    spec = ToleranceSpec(baseline.tolerances, file_layer, *cli_layers, std_factor=args.std_factor)
+    report = build_report(baseline, records, spec, grid=grid, current_path=str(args.current),
+                          tolerance_file=str(tol_file) if tol_file else None)
+    print(format_report(report))
+    if args.junit:
+        print(f"wrote {write_text_atomic(args.junit, format_junit(report))}")
+    if args.markdown:
+        print(f"wrote {write_text_atomic(args.markdown, format_markdown(report))}")
+    if args.json:
+        print(f"wrote {write_json_atomic(args.json, report_dict(report))}")
+    return 0 if report.passed else 1
