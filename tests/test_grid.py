@@ -120,3 +120,26 @@ def test_oracle_sweep_is_written_apart_and_labelled(tmp_path, capsys):
     path.write_text(yaml.safe_dump(grid))
     with pytest.raises(ValueError, match="oracle_sweeps"):
         load_grid(path)
+
+
+def test_grid_variants_of_one_defense_run_side_by_side(tmp_path):
+    path = grid_file(tmp_path, ["none"])
+    raw = yaml.safe_load(path.read_text())
+    small = {"unlearn_steps": 1, "unlearn_batch_size": 8}
+    raw["defenses"] = {"otbr": small,
+                       "otbr_reference": {"defense": "otbr", "config": None, "set": {**small, "setting": "reference", "mass_floor": 0.001}},
+                       "otbr_g2": {"defense": "otbr", "set": {**small, "gamma": 0.2, "lam": 1.0}}}
+    path.write_text(yaml.safe_dump(raw))
+    grid = load_grid(path)
+    assert grid.defense_names == {"otbr": "otbr", "otbr_reference": "otbr", "otbr_g2": "otbr"}
+    assert grid.defenses["otbr_reference"]["setting"] == "reference" and grid.defenses["otbr_g2"]["gamma"] == 0.2
+    results = run_grid(grid, tmp_path / "out", progress=False, log=lambda s: None)
+    assert {(r.defense, r.status) for r in results} == {("otbr", "ok"), ("otbr_reference", "ok"), ("otbr_g2", "ok")}
+    recs = {r.defense: r for r in map(read_record, (tmp_path / "out" / "records").glob("*.json"))}
+    assert recs["otbr_g2"].defense_name == "otbr" and recs["otbr"].defense_name is None
+    assert recs["otbr_g2"].diagnostics["gamma_used"] == 0.2 and recs["otbr_reference"].diagnostics["setting"] == "reference"
+    # a malformed variant is refused with the expected keys named
+    raw["defenses"] = {"otbr_x": {"defense": "otbr", "gamma": 0.1}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="variant takes 'defense', 'config'"):
+        load_grid(path)

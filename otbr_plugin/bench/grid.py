@@ -37,7 +37,7 @@ class GridSpec:
     name: str
     dataset: str
     attacks: dict[str, dict[str, Any]]  # attack label -> attack run config (attack/dataset/model/train sections)
-    defenses: dict[str, dict[str, Any]]  # defense name -> config mapping
+    defenses: dict[str, dict[str, Any]]  # defense label -> config mapping
     seeds: list[int]
     clean_ratio: float = 0.05
     device: str = "auto"
@@ -45,6 +45,11 @@ class GridSpec:
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)
     oracle_sweeps: dict[str, dict[str, list]] = field(default_factory=dict)  # defense -> {config key: values}
+    defense_names: dict[str, str] = field(default_factory=dict)  # label -> registered defense (variants)
+
+    def defense_class(self, label: str):
+        """The registered defense class behind a grid label."""
+        return get_defense(self.defense_names.get(label, label))
 
     def attack_config(self, attack: str, seed: int) -> dict[str, Any]:
         """The attack run config for one seed: the seed drives poisoning and training."""
@@ -96,10 +101,27 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     if not isinstance(dspec, Mapping) or not dspec:
         raise ValueError(f"{gpath}: 'defenses' must list defense names (optionally mapping each to a config file)")
     doverrides = raw.get("defense_overrides") or {}
+    defense_names: dict[str, str] = {}
     for name, spec in dspec.items():
-        cls = get_defense(str(name))
+        # a variant: label -> {defense: NAME, config: FILE|null, set: {key: value}} (e.g. otbr_reference)
+        if isinstance(spec, Mapping) and "defense" in spec:
+            extra = sorted(set(spec) - {"defense", "config", "set"})
+            if extra or not isinstance(spec.get("set") or {}, Mapping):
+                raise ValueError(f"{gpath}: defenses.{name}: a variant takes 'defense', 'config' (file or null) and "
+                                 f"'set' (a mapping of config keys), got {sorted(spec)}")
+            defense_names[str(name)] = str(spec["defense"])
+            base_spec = spec.get("config")
+            if isinstance(base_spec, Mapping):
+                raise ValueError(f"{gpath}: defenses.{name}.config must be a file or null; put values under 'set'")
+            cfg_src = base_spec
+        else:
+            defense_names[str(name)] = str(name)
+            cfg_src = spec
+        cls = get_defense(defense_names[str(name)])
+        spec = cfg_src if defense_names[str(name)] != str(name) else spec
+        dname = defense_names[str(name)]
         if spec is None:
-            p = default_config_path("defense", str(name), raw["dataset"])
+            p = default_config_path("defense", dname, raw["dataset"])
             cfg, sources[f"defense:{name}"] = (load_yaml(p), str(p)) if p else ({}, "built-in defaults")
         elif isinstance(spec, str):
             p = _resolve_path(spec, base)
@@ -108,6 +130,9 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
             cfg, sources[f"defense:{name}"] = dict(spec), "inline"
         else:
             raise ValueError(f"{gpath}: defenses.{name} must be null, a config file path or a mapping")
+        if dname != str(name):
+            cfg = apply_overrides(cfg, dspec[name].get("set") or {})
+            sources[f"defense:{name}"] += f" + variant {name} of {dname}"
         cfg = apply_overrides(cfg, doverrides.get(name, {}) or {})
         cls(cfg)  # validate
         defenses[str(name)] = cfg
@@ -122,10 +147,10 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         if dname not in defenses or not isinstance(spec, Mapping) or len(spec) != 1:
             raise ValueError(f"{gpath}: oracle_sweeps.{dname} must name one grid defense and one key: values list")
         key, values = next(iter(spec.items()))
-        if key not in get_defense(dname)(defenses[dname]).config.to_dict() or not isinstance(values, list):
+        if key not in get_defense(defense_names[dname])(defenses[dname]).config.to_dict() or not isinstance(values, list):
             raise ValueError(f"{gpath}: oracle_sweeps.{dname}.{key} must be a config field with a list of values")
     return GridSpec(oracle_sweeps=dict(sweeps), name=str(raw.get("name", gpath.stem)), dataset=str(raw["dataset"]), attacks=attacks,
-                    defenses=defenses, seeds=list(seeds), clean_ratio=ratio, device=str(raw.get("device", "auto")),
+                    defenses=defenses, defense_names=defense_names, seeds=list(seeds), clean_ratio=ratio, device=str(raw.get("device", "auto")),
                     data_root=raw.get("data_root"), description=str(raw.get("description", "")), sources=sources)
 
 
@@ -207,12 +232,14 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                 bar.set_postfix_str(f"{attack}/{defense}/seed{seed}")
                 t0 = time.perf_counter()
                 try:
-                    d = get_defense(defense)(grid.defenses[defense])
+                    d = grid.defense_class(defense)(grid.defenses[defense])
                     run = run_defense(bundle, d, data_root=grid.data_root, device=grid.device, seed=seed,
                                       clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
                                       before=before)
                     record = run.record()
                     record.attack["label"] = attack
+                    if grid.defense_names.get(defense, defense) != defense:
+                        record.defense, record.defense_name = defense, grid.defense_names[defense]
                     record.seconds["cell_total"] = time.perf_counter() - t0
                     write_record(record, path)
                     results.append(CellResult(attack, defense, seed, "ok"))
@@ -237,7 +264,7 @@ def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, c
         if (target / f"oracle_sweep_{key}.csv").exists():
             continue
         try:
-            base = get_defense(dname)(grid.defenses[dname])
+            base = grid.defense_class(dname)(grid.defenses[dname])
             table = oracle_sweep(bundle, sweep_defenses(base, key, values), key, clean_test=clean_test, before=before,
                                  data_root=grid.data_root, device=grid.device, seed=seed, clean_ratio=grid.clean_ratio,
                                  progress=False)

@@ -61,6 +61,7 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=library_versions)
     timestamp: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = RECORD_SCHEMA_VERSION
+    defense_name: str | None = None  # the registered defense when ``defense`` is a grid label (a variant)
 
     def __post_init__(self) -> None:
         if self.status not in ("ok", "failed"):
