@@ -36,10 +36,13 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import default_config_path, load_yaml
-from ..data.specs import get_dataset_spec
-from .base import Defense
-from .registry import get_defense
+from otbr_plugin.bench.runner import run_defense, summarize, write_defense_outputs
+from otbr_plugin.config import default_config_path, load_yaml
+from otbr_plugin.data.specs import get_dataset_spec
+from otbr_plugin.defenses import Defense, get_defense
+
+from .record import load_attack_result, load_clean_test, resolve_data_root, write_defense_result, \
+    write_defense_summary
 
 __all__ = ["BackdoorBenchDefense", "HARNESS_ARGUMENTS", "str2bool", "main"]
 
@@ -217,8 +220,6 @@ class BackdoorBenchDefense:
 
     def set_result(self, result_file: str):
         """Read ``record/<result_file>/attack_result.pt`` (safely) and prepare ``.../defense/<name>/``."""
-        from benchmark_adapters.backdoorbench import load_attack_result
-
         if not self._configured:
             self.configure({"result_file": result_file})
         record = self._record(result_file)
@@ -269,11 +270,6 @@ class BackdoorBenchDefense:
 
     def mitigation(self) -> dict[str, Any]:
         """Run the defense on the loaded record, evaluate it and write BackdoorBench's outputs."""
-        from benchmark_adapters.backdoorbench import load_clean_test, resolve_data_root, write_defense_result, \
-            write_defense_summary
-
-        from ..bench.runner import run_defense, summarize, write_defense_outputs
-
         if self.result is None or self.save_path is None or self.record_path is None:
             raise RuntimeError("call set_result(result_file) before mitigation()")
         bundle = self.result
