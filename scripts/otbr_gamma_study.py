@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from otbr_plugin.attacks import create_attack
-from otbr_plugin.bench.metrics import evaluate_backdoor
+from otbr_plugin.metrics import evaluate_backdoor
 from otbr_plugin.config import load_yaml
 from otbr_plugin.data import Normalizer, load_dataset
 from otbr_plugin.defenses import build_context, get_defense

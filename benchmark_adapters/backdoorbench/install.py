@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from otbr_plugin.io import write_text
+
 __all__ = ["DROPIN_DIR", "DROPIN_DEFENSES", "install_dropin", "render_config"]
 
 DROPIN_DIR = Path(__file__).resolve().parent / "dropin"
@@ -79,10 +81,7 @@ def _put(path: Path, content: str, force: bool, written: list[tuple[Path, str]])
             return
         if not force:
             raise FileExistsError(f"{path} exists with other content; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(content)
-    tmp.replace(path)
+    write_text(path, content)
     written.append((path, "written"))
 
 

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -37,6 +34,7 @@ import torch
 
 from otbr_plugin.data import ImageDataset, PoisonedTestSet, default_data_root, find_dataset, get_dataset_spec, load_dataset
 from otbr_plugin.data.transforms import Normalizer
+from otbr_plugin.io import atomic_dir, write_csv, write_with
 from otbr_plugin.models import ModelConfig, create_model
 
 from ..bundle import Bundle, sha256_file
@@ -453,24 +451,6 @@ def check_clean_labels(bundle: Bundle, clean_test: ImageDataset) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------
-def _atomic_dir(target: Path, overwrite: bool):
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-        os.replace(tmp, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def _save_png(image: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
@@ -509,8 +489,7 @@ def write_attack_result(bundle: Bundle, record: str | Path, overwrite: bool = Fa
         test_size = max(indices, default=-1) + 1 if test_size is None else test_size
         if indices and max(indices) >= test_size:
             raise ValueError(f"poisoned index {max(indices)} is beyond the {spec.name} test split ({test_size} samples)")
-    tmp = _atomic_dir(target, overwrite)
-    try:
+    with atomic_dir(target, overwrite=overwrite) as tmp:
         folder = tmp / "bd_test_dataset"
         stored_folder = f"./record/{name}/bd_test_dataset"
         data_dict: dict[np.int64, dict[str, Any]] = {}
@@ -545,31 +524,13 @@ def write_attack_result(bundle: Bundle, record: str | Path, overwrite: bool = Fa
         torch.save(result, tmp / ATTACK_RESULT, pickle_protocol=2)
         m = bundle.metrics or {}
         if all(isinstance(m.get(k), (int, float)) for k in ("acc", "asr", "ra")):
-            with open(tmp / "attack_df_summary.csv", "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["", "test_acc", "test_asr", "test_ra"])
-                writer.writerow([0, m["acc"], m["asr"], m["ra"]])
+            _write_summary(tmp / "attack_df_summary.csv", m["acc"], m["asr"], m["ra"])
         side = {"model": cfg.to_dict(), "attack": bundle.attack, "metrics": bundle.metrics,
                 "training": bundle.training,
                 "extra": {k: v for k, v in bundle.extra.items() if k not in ("data_root", "backdoorbench")},
                 "source_model_sha256": bundle.model_sha256}
         (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def _write_atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_defense_result(folder: str | Path, model_name: str, num_classes: int,
@@ -580,18 +541,13 @@ def write_defense_result(folder: str | Path, model_name: str, num_classes: int,
     out.mkdir(parents=True, exist_ok=True)
     payload = {"model_name": str(model_name), "num_classes": int(num_classes),
                "model": {k: v.detach().cpu().clone() for k, v in state_dict.items()}}
-    return _write_atomic(out / "defense_result.pt", lambda p: torch.save(payload, p))
+    return write_with(out / "defense_result.pt", lambda p: torch.save(payload, p))
 
 
 def write_defense_summary(folder: str | Path, name: str, acc: float, asr: float, ra: float) -> Path:
     """``<name>_df_summary.csv`` with BackdoorBench's columns test_acc, test_asr, test_ra (fractions), index first."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    return _write_summary(Path(folder) / f"{name}_df_summary.csv", acc, asr, ra)
 
-    def write(p: Path) -> None:
-        with open(p, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["", "test_acc", "test_asr", "test_ra"])
-            w.writerow([0, acc, asr, ra])
 
-    return _write_atomic(out / f"{name}_df_summary.csv", write)
+def _write_summary(path: Path, acc: float, asr: float, ra: float) -> Path:
+    return write_csv(path, rows=[["", "test_acc", "test_asr", "test_ra"], [0, acc, asr, ra]])

@@ -16,7 +16,9 @@ from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
 
-from benchmark_adapters.bundle import Bundle, BundleError, load_bundle, save_bundle
+from benchmark_adapters.bundle import load_bundle, save_bundle
+
+from ..bundle import Bundle, BundleError
 from ..attacks.runner import parse_attack_run, run_attack
 from ..config import apply_overrides, configs_dir, default_config_path, load_yaml
 from ..data import load_dataset

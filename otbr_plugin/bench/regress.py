@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .records import RunRecord, write_json_atomic
+from ..io import write_json
+from .records import RunRecord
 
 __all__ = ["DEFAULT_TOLERANCE", "parse_tolerance", "make_baseline", "read_baseline", "compare", "RegressionRow",
            "format_report"]
@@ -56,7 +57,7 @@ def make_baseline(records: Iterable[RunRecord], path: str | Path, note: str = ""
     cells = [_cell(r) for r in records if r.status == "ok"]
     if not cells:
         raise ValueError("no successful records to make a baseline from")
-    return write_json_atomic(path, {"schema_version": BASELINE_SCHEMA_VERSION, "kind": BASELINE_KIND, "note": note,
+    return write_json(path, {"schema_version": BASELINE_SCHEMA_VERSION, "kind": BASELINE_KIND, "note": note,
                                     "cells": cells})
 
 

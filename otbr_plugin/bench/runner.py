@@ -9,19 +9,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from benchmark_adapters.bundle import Bundle, save_bundle
+from benchmark_adapters.bundle import save_bundle
+
+from ..bundle import Bundle
 from ..data import ImageDataset, Normalizer, load_dataset
 from ..data.specs import get_dataset_spec
 from ..data.subsets import clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, build_context
 from ..runtime import resolve_device, seed_everything
-from .metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
-from .records import RunRecord, write_json_atomic
+from ..metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
+from ..io import write_csv, write_json
+from .records import RunRecord
 
 __all__ = ["DefenseRun", "evaluate_model", "run_defense", "write_defense_outputs"]
 
@@ -131,10 +133,8 @@ def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool 
     )
     paths: dict[str, Path] = {"model": save_bundle(defended, out / "model", overwrite=overwrite)}
     for name, table in run.outcome.tables.items():
-        tmp = out / f".{name}.csv.tmp"
-        table.to_csv(tmp, index=False)
-        paths[name] = tmp.replace(out / f"{name}.csv")
-    paths["record"] = write_json_atomic(out / "record.json", run.record().to_dict())
+        paths[name] = write_csv(out / f"{name}.csv", table)
+    paths["record"] = write_json(out / "record.json", run.record().to_dict())
     return paths
 
 
@@ -150,6 +150,3 @@ def summarize(run: DefenseRun) -> str:
     ]
     return "\n".join(lines)
 
-
-def describe_config(defense: Defense) -> dict[str, Any]:
-    return {"name": defense.name, **defense.config.to_dict()}

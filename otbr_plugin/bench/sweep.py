@@ -14,10 +14,11 @@ from typing import Any, Sequence
 import pandas as pd
 import yaml
 
-from benchmark_adapters.bundle import Bundle
+from ..bundle import Bundle
 from ..data import ImageDataset
 from ..defenses.base import Defense
-from .metrics import BackdoorMetrics
+from ..io import save_figure, write_csv
+from ..metrics import BackdoorMetrics
 from .runner import run_defense
 
 __all__ = ["ORACLE_LABEL", "parse_sweep", "sweep_defenses", "oracle_sweep", "write_sweep"]
@@ -80,9 +81,7 @@ def write_sweep(table: pd.DataFrame, out_dir: str | Path, key: str, *, reported_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / f"oracle_sweep_{key}.csv", out / f"oracle_sweep_{key}.png"
-    tmp = out / f".oracle_sweep_{key}.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(csv_path)
+    write_csv(csv_path, table)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = table[key].astype(float)
@@ -101,8 +100,6 @@ def write_sweep(table: pd.DataFrame, out_dir: str | Path, key: str, *, reported_
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp_png = out / f".oracle_sweep_{key}.tmp.png"
-    fig.savefig(tmp_png, dpi=120)
+    save_figure(fig, png_path, dpi=120)
     plt.close(fig)
-    tmp_png.replace(png_path)
     return {"sweep_csv": csv_path, "sweep_png": png_path}

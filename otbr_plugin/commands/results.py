@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..bench.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
 from ..bench.regress import compare, format_report, make_baseline, parse_tolerance, read_baseline
-from ..bench.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
+from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..io import write_text
 from . import formatter
 
 TABLE_EPILOG = """examples:
@@ -67,8 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _emit(text: str, out: str | None) -> None:
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        write_text(out, text)
         print(f"wrote {out}")
     else:
         print(text, end="")
@@ -88,27 +87,6 @@ def _table(args: argparse.Namespace) -> int:
     if oracle:
         print("\n" + oracle, end="")
     return 0
-
-
-def oracle_table(folder: str | Path) -> str:
-    """The oracle sweeps under ``folder`` (CSV files written by the grid or ``defend --sweep``), kept apart from
-    the comparison table and labelled: they are scored on the test set and never chose a reported result."""
-    import pandas as pd
-
-    files = sorted(Path(folder).rglob("oracle_sweep_*.csv"))
-    if not files:
-        return ""
-    frames = [pd.read_csv(f) for f in files]
-    df = pd.concat(frames, ignore_index=True)
-    keep = [c for c in df.columns if c not in ("diagnostic", "defense_seconds")]
-    df = df[keep]
-    for c in ("acc", "asr", "ra", "der"):
-        if c in df:
-            df[c] = (df[c] * 100).round(2)
-    lines = ["ORACLE DIAGNOSTIC (scored on the test set; not used for any reported result)", "",
-             "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def _lb_export(args: argparse.Namespace) -> int:

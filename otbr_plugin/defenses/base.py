@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import dataclass_from_dict
+from ..data.subsets import CleanData
 from ..data.transforms import Normalizer
 
 __all__ = [
@@ -59,29 +60,6 @@ class DefenseConfig:
 
     def replace(self: C, **changes: Any) -> C:
         return self.from_dict({**self.to_dict(), **changes})
-
-
-@dataclass
-class CleanData:
-    """The clean defense subset: uint8 images (N, C, H, W) and int64 labels drawn from the training set."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    source: str = "train"
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError("clean data images must be uint8 (N, C, H, W)")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError("clean data needs one label per image")
-        if self.source != "train":
-            raise ValueError("the clean defense subset must come from the training split, never the test split")
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def describe(self) -> str:
-        return f"clean subset of {len(self)}"
 
 
 @dataclass
