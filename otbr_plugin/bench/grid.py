@@ -20,7 +20,7 @@ from benchmark_adapters.bundle import load_bundle, save_bundle
 
 from ..bundle import Bundle, BundleError
 from ..attacks.runner import parse_attack_run, run_attack
-from ..config import apply_overrides, configs_dir, default_config_path, load_yaml
+from ..config import apply_overrides, find_config_file, load_yaml, resolve_config
 from ..data import load_dataset
 from ..defenses import get_defense
 from .records import RunRecord, read_record, record_filename, write_record
@@ -56,31 +56,25 @@ class GridSpec:
         return cfg
 
 
-def _resolve_path(p: str, base: Path) -> Path:
-    for cand in (Path(p), base / p, (configs_dir() or base).parent / p):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"config file {p!r} not found (looked relative to the current folder and {base})")
-
-
 def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> GridSpec:
     """Read a grid YAML (see configs/bench/*.yaml) and resolve every referenced config file."""
-    gpath = Path(path)
-    raw = apply_overrides(load_yaml(gpath), overrides or {})
+    found = find_config_file(path)  # a file, or the packaged copy of configs/bench/<grid>.yaml
+    gpath = found if isinstance(found, Path) else Path(str(path))
+    raw = apply_overrides(load_yaml(found), overrides or {})
     unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
         raise ValueError(f"{gpath}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(GRID_KEYS))}")
     for key in ("dataset", "attacks", "defenses"):
         if key not in raw:
             raise ValueError(f"{gpath}: missing '{key}'")
-    base = gpath.parent
+    base = gpath.parent if isinstance(found, Path) else Path.cwd()
     sources: dict[str, str] = {}
     attacks: dict[str, dict] = {}
     if not isinstance(raw["attacks"], Mapping) or not raw["attacks"]:
         raise ValueError(f"{gpath}: 'attacks' must map attack labels to config files or inline configs")
     for label, spec in raw["attacks"].items():
         if isinstance(spec, str):
-            p = _resolve_path(spec, base)
+            p = find_config_file(spec, base)
             cfg, sources[f"attack:{label}"] = load_yaml(p), str(p)
         elif isinstance(spec, Mapping):
             cfg, sources[f"attack:{label}"] = dict(spec), "inline"
@@ -100,17 +94,11 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     doverrides = raw.get("defense_overrides") or {}
     for name, spec in dspec.items():
         cls = get_defense(str(name))
-        if spec is None:
-            p = default_config_path("defense", str(name), raw["dataset"])
-            cfg, sources[f"defense:{name}"] = (load_yaml(p), str(p)) if p else ({}, "built-in defaults")
-        elif isinstance(spec, str):
-            p = _resolve_path(spec, base)
-            cfg, sources[f"defense:{name}"] = load_yaml(p), str(p)
-        elif isinstance(spec, Mapping):
-            cfg, sources[f"defense:{name}"] = dict(spec), "inline"
-        else:
+        if spec is not None and not isinstance(spec, (str, Mapping)):
             raise ValueError(f"{gpath}: defenses.{name} must be null, a config file path or a mapping")
-        cfg = apply_overrides(cfg, doverrides.get(name, {}) or {})
+        user = find_config_file(spec, base) if isinstance(spec, str) else spec
+        resolved = resolve_config("defense", str(name), str(raw["dataset"]), user, doverrides.get(name) or None)
+        cfg, sources[f"defense:{name}"] = resolved.values, resolved.source
         cls(cfg)  # validate
         defenses[str(name)] = cfg
     seeds = raw.get("seeds", [0])
@@ -212,7 +200,7 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                     d = get_defense(defense)(grid.defenses[defense])
                     run = run_defense(bundle, d, data_root=grid.data_root, device=grid.device, seed=seed,
                                       clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
-                                      before=before)
+                                      before=before, config_source=grid.sources.get(f"defense:{defense}", ""))
                     record = run.record()
                     record.attack["label"] = attack
                     record.seconds["cell_total"] = time.perf_counter() - t0

@@ -58,6 +58,7 @@ class RunRecord:
     status: str = "ok"
     error: str | None = None
     device: str = "cpu"
+    config_source: str = ""  # the config layers used (see otbr_plugin.config.resolve_config)
     versions: dict[str, str] = field(default_factory=library_versions)
     timestamp: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = RECORD_SCHEMA_VERSION

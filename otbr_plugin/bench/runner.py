@@ -40,6 +40,7 @@ class DefenseRun:
     seed: int
     device: torch.device
     seconds: dict[str, float]
+    config_source: str = ""
 
     @property
     def der(self) -> float:
@@ -61,6 +62,7 @@ class DefenseRun:
             seconds=self.seconds,
             diagnostics=self.outcome.diagnostics,
             device=str(self.device),
+            config_source=self.config_source,
         )
 
 
@@ -83,10 +85,12 @@ def run_defense(
     progress: bool = True,
     clean_test: ImageDataset | None = None,
     before: BackdoorMetrics | None = None,
+    config_source: str = "",
 ) -> DefenseRun:
     """Evaluate the backdoored model, run ``defense``, evaluate the defended model.
 
-    ``clean_test`` and ``before`` may be passed in to avoid recomputing them across defenses.
+    ``clean_test`` and ``before`` may be passed in to avoid recomputing them across defenses; ``config_source``
+    (from :func:`~otbr_plugin.config.resolve_config`) is written to the record.
     """
     dev = resolve_device(device)
     spec = get_dataset_spec(bundle.dataset)
@@ -115,7 +119,7 @@ def run_defense(
     t2 = time.perf_counter()
     after = evaluate_model(outcome.model, bundle, clean_test, dev)
     seconds["evaluation"] = time.perf_counter() - t2 + (t1 - t0)
-    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds)
+    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source)
 
 
 def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
@@ -127,7 +131,8 @@ def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool 
     defended = Bundle(
         model_config=b.model_config, state_dict=state, dataset=b.dataset, normalizer=b.normalizer,
         bd_test=b.bd_test, attack=b.attack, metrics=run.after.to_dict(), training=b.training,
-        defense={"name": run.defense.name, "config": run.defense.config.to_dict(), "data_used": run.outcome.data_used,
+        defense={"name": run.defense.name, "config": run.defense.config.to_dict(), "config_source": run.config_source,
+                 "data_used": run.outcome.data_used,
                  "seed": run.seed, "source_checkpoint_sha256": b.model_sha256},
         extra={"metrics_before_defense": run.before.to_dict()},
     )
