@@ -84,7 +84,7 @@ def main() -> None:
             base = get_defense("otbr")(setting=setting)
             for g in gammas:
                 d = get_defense("otbr")(base.config.replace(gamma=g))
-                d.share_nwc_with(base)
+                d.share_work_with(base)
                 ctx = build_context(d, num_classes=spec.num_classes, input_shape=spec.input_shape,
                                     normalizer=normalizer, device=torch.device("cpu"), seed=0, progress=False)
                 seed_everything(0)

@@ -408,7 +408,7 @@ def test_shared_nwc_gives_the_same_result_as_a_fresh_run():
     model = small()
     base = get_defense("otbr")(gamma=0.1, unlearn_steps=2, unlearn_batch_size=16)
     other = get_defense("otbr")(gamma=0.25, unlearn_steps=2, unlearn_batch_size=16)
-    other.share_nwc_with(base)
+    other.share_work_with(base)
     base.mitigate(model, context(base))
     shared = other.mitigate(model, context(other))
     fresh = get_defense("otbr")(gamma=0.25, unlearn_steps=2, unlearn_batch_size=16).mitigate(model, context(other))
@@ -416,5 +416,5 @@ def test_shared_nwc_gives_the_same_result_as_a_fresh_run():
     a, b = shared.model.state_dict(), fresh.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     changed = get_defense("otbr")(gamma=0.25, unlearn_steps=3, unlearn_batch_size=16)  # unlearning differs: no reuse
-    changed.share_nwc_with(base)
+    changed.share_work_with(base)
     assert not changed.mitigate(model, context(changed)).diagnostics["unlearning_reused"]

@@ -44,10 +44,8 @@ def sweep_defenses(defense: Defense, key: str, values: Sequence[Any]) -> list[De
     if key not in fields:
         raise ValueError(f"--sweep: {defense.name} has no config field {key!r}; fields: {', '.join(sorted(fields))}")
     defenses = [type(defense)(defense.config.replace(**{key: v})) for v in values]
-    share = getattr(defense, "share_nwc_with", None)  # OTBR: reuse the unlearning stage when it is unchanged
-    if share is not None:
-        for d in defenses:
-            d.share_nwc_with(defense)
+    for d in defenses:  # the Defense hook: e.g. OTBR reuses its unlearning stage when it is unchanged
+        d.share_work_with(defense)
     return defenses
 
 
@@ -59,11 +57,10 @@ def oracle_sweep(bundle: Bundle, defenses: Sequence[Defense], key: str, *, clean
     for d in defenses:
         run = run_defense(bundle, d, data_root=data_root, device=device, seed=seed, clean_ratio=clean_ratio,
                           progress=progress, clean_test=clean_test, before=before)
-        diag = run.outcome.diagnostics
         rows.append({
             key: getattr(d.config, key),
             "acc": run.after.acc, "asr": run.after.asr, "ra": run.after.ra, "der": run.der,
-            "num_pruned": diag.get("num_pruned"),
+            "num_pruned": run.outcome.units_removed,  # column name kept for the committed sweep CSVs
             "defense_seconds": run.seconds.get("defense_total"),
             "diagnostic": ORACLE_LABEL,
         })
