@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import math
 import os
-import struct
 
 import numpy as np
 import pandas as pd
@@ -361,30 +359,11 @@ def test_defense_is_deterministic_and_gamma_zero_is_identity():
 
 # ----------------------------------------------------------------------------- CLI and the oracle sweep
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(str(path) + ".gz", "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
-def test_defend_cli_with_oracle_sweep(tmp_path):
-    from benchmark_adapters.bundle import Bundle, load_bundle, save_bundle
+def test_defend_cli_with_oracle_sweep(tmp_path, tiny_fashion_bundle):
+    from benchmark_adapters.bundle import load_bundle
     from otbr_plugin.cli import main
-    from otbr_plugin.data.poisoned import PoisonedTestSet
-    from otbr_plugin.models import ModelConfig
 
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    (root / "fashion_mnist").mkdir(parents=True)
-    for split, n in (("train", 30), ("t10k", 24)):
-        _write_idx(root / "fashion_mnist" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / "fashion_mnist" / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    cfg = ModelConfig("smallcnn", 10, 1, 28, 0.25)
-    torch.manual_seed(0)
-    bd = PoisonedTestSet(torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8), torch.zeros(12, dtype=torch.long),
-                         torch.randint(1, 10, (12,)), torch.arange(12))
-    save_bundle(Bundle(cfg, cfg.build().state_dict(), "fashion_mnist", Normalizer((0.5,), (0.5,)), bd,
-                       {"name": "badnets", "target": 0}, {}), tmp_path / "bundle")
+    _, root = tiny_fashion_bundle
     out = tmp_path / "out"
     rc = main(["defend", str(tmp_path / "bundle"), "--defense", "otbr", "--data-root", str(root), "--device", "cpu",
                "--no-progress", "--set", "unlearn_steps=2", "--set", "unlearn_batch_size=8", "--set", "gamma=0.1",

@@ -3,53 +3,22 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(str(path) + ".gz", "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
-def _tiny_bundle(tmp: Path) -> tuple[Path, Path]:
-    from benchmark_adapters.bundle import save_bundle
-    from otbr_plugin.bundle import Bundle
-    from otbr_plugin.data import Normalizer, PoisonedTestSet
-    from otbr_plugin.models import ModelConfig
-
-    rng = np.random.default_rng(0)
-    root = tmp / "data"
-    (root / "fashion_mnist").mkdir(parents=True)
-    for split, n in (("train", 30), ("t10k", 24)):
-        _write_idx(root / "fashion_mnist" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / "fashion_mnist" / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    cfg = ModelConfig("smallcnn", 10, 1, 28, 0.25)
-    torch.manual_seed(0)
-    bd = PoisonedTestSet(torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8), torch.zeros(12, dtype=torch.long),
-                         torch.randint(1, 10, (12,)), torch.arange(12))
-    bundle = save_bundle(Bundle(cfg, cfg.build().state_dict(), "fashion_mnist", Normalizer((0.5,), (0.5,)), bd,
-                                {"name": "badnets", "target": 0}, {}), tmp / "bundle")
-    return bundle, root
-
-
 @pytest.mark.slow
-def test_wheel_ships_configs_and_defend_uses_them(tmp_path):
+def test_wheel_ships_configs_and_defend_uses_them(tmp_path, tiny_fashion_bundle):
     # 1. a wheel built from a copy of the sources (the worktree stays clean)
     src = tmp_path / "src"
     src.mkdir()
@@ -74,7 +43,7 @@ def test_wheel_ships_configs_and_defend_uses_them(tmp_path):
                    capture_output=True, text=True)
 
     # 3. defend from an empty folder: no ./configs to fall back on
-    bundle, data_root = _tiny_bundle(tmp_path)
+    bundle, data_root = tiny_fashion_bundle
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OTBR_CONFIGS")}
