@@ -41,8 +41,9 @@ from otbr_plugin.config import load_yaml, resolve_config
 from otbr_plugin.data.specs import get_dataset_spec
 from otbr_plugin.defenses import Defense, get_defense
 
-from .record import load_attack_result, load_clean_test, resolve_data_root, write_defense_result, \
-    write_defense_summary
+from .clean_test import load_clean_test, resolve_data_root
+from .record import load_attack_result
+from .writer import write_defense_result, write_defense_summary
 
 __all__ = ["BackdoorBenchDefense", "HARNESS_ARGUMENTS", "str2bool", "main"]
 
