@@ -45,7 +45,8 @@ def load_checkpoint(path: str | Path, **options: Any) -> Bundle:
     for _name, (probe, load) in READERS.items():
         if probe(p):
             return load(p, **options)
+    missing = "".join(f"; {reason}" for reason in READERS.unavailable().values())
     raise ValueError(
         f"{p} is not a checkpoint this tool can read; expected one of: {', '.join(READERS.list())} "
-        "(a bundle folder holds meta.json, model.safetensors and bd_test.safetensors)"
+        f"(a bundle folder holds meta.json, model.safetensors and bd_test.safetensors){missing}"
     )
