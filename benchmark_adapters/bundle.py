@@ -1,4 +1,5 @@
-"""The project's checkpoint bundle: a folder with no pickle anywhere in it.
+"""Save and load the project's checkpoint bundle (the :class:`~otbr_plugin.bundle.Bundle` type lives in the
+core): a folder with no pickle anywhere in it.
 
     model.safetensors     the state_dict
     bd_test.safetensors   poisoned test set: images (uint8), targets, original_labels, original_indices
@@ -12,27 +13,22 @@ the shapes and fails with :class:`BundleError` naming what is wrong.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from otbr_plugin import __version__
+from otbr_plugin.bundle import Bundle, BundleError
 from otbr_plugin.data.poisoned import PoisonedTestSet
 from otbr_plugin.data.specs import get_dataset_spec
 from otbr_plugin.data.transforms import Normalizer
+from otbr_plugin.io import atomic_dir, sha256_file
 from otbr_plugin.models import ModelConfig
 
-__all__ = ["Bundle", "BundleError", "save_bundle", "load_bundle", "verify_bundle", "sha256_file", "is_bundle",
+__all__ = ["Bundle", "BundleError", "save_bundle", "load_bundle", "verify_bundle", "sha256_file", "is_bundle", "bundle_meta",
            "BUNDLE_FORMAT_VERSION"]
 
 BUNDLE_FORMAT_VERSION = 1
@@ -46,77 +42,30 @@ REQUIRED_DATASET = ("name", "num_classes", "input_shape", "mean", "std")
 BD_KEYS = ("images", "targets", "original_labels", "original_indices")
 
 
-class BundleError(ValueError):
-    """A bundle is missing, malformed, tampered with or inconsistent."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class Bundle:
-    """A backdoored (or defended) model with everything needed to evaluate it."""
-
-    model_config: ModelConfig
-    state_dict: dict[str, torch.Tensor]
-    dataset: str
-    normalizer: Normalizer
-    bd_test: PoisonedTestSet
-    attack: dict[str, Any]
-    metrics: dict[str, Any]
-    training: dict[str, Any] = field(default_factory=dict)
-    defense: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved to extra.safetensors when non-empty
-    path: Path | None = None
-    model_sha256: str | None = None
-
-    def build_model(self) -> nn.Module:
-        """The zoo model with the bundle's weights loaded strictly (mismatches named by key)."""
-        model = self.model_config.build()
-        missing, unexpected = _key_mismatch(model.state_dict(), self.state_dict)
-        if missing or unexpected:
-            raise BundleError(
-                f"weights do not fit {self.model_config.name}: missing {missing[:10]}, unexpected {unexpected[:10]}"
-            )
-        try:
-            model.load_state_dict(self.state_dict, strict=True)
-        except RuntimeError as err:
-            raise BundleError(f"weights do not fit {self.model_config}: {err}") from err
-        return model.eval()
-
-    def meta(self) -> dict[str, Any]:
-        spec = get_dataset_spec(self.dataset)
-        meta = {
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "model": self.model_config.to_dict(),
-            "dataset": {
-                "name": spec.name,
-                "num_classes": spec.num_classes,
-                "input_shape": list(spec.input_shape),
-                "mean": list(self.normalizer.mean),
-                "std": list(self.normalizer.std),
-            },
-            "attack": self.attack,
-            "metrics": self.metrics,
-            "training": self.training,
-            "package_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        if self.defense is not None:
-            meta["defense"] = self.defense
-        if self.extra:
-            meta["extra"] = self.extra
-        return meta
-
-
-def _key_mismatch(expected: dict, got: dict) -> tuple[list[str], list[str]]:
-    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+def bundle_meta(bundle: Bundle) -> dict[str, Any]:
+    """The ``meta.json`` content of ``bundle`` (without ``files``, which the writer adds)."""
+    spec = get_dataset_spec(bundle.dataset)
+    meta = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "model": bundle.model_config.to_dict(),
+        "dataset": {
+            "name": spec.name,
+            "num_classes": spec.num_classes,
+            "input_shape": list(spec.input_shape),
+            "mean": list(bundle.normalizer.mean),
+            "std": list(bundle.normalizer.std),
+        },
+        "attack": bundle.attack,
+        "metrics": bundle.metrics,
+        "training": bundle.training,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if bundle.defense is not None:
+        meta["defense"] = bundle.defense
+    if bundle.extra:
+        meta["extra"] = bundle.extra
+    return meta
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -127,11 +76,7 @@ def is_bundle(path: str | Path) -> bool:
 def save_bundle(bundle: Bundle, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``bundle`` to the folder ``path`` atomically; returns the path."""
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=overwrite) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in bundle.state_dict.items()}
         save_file(state, str(tmp / MODEL_FILE))
         bd = bundle.bd_test
@@ -140,19 +85,9 @@ def save_bundle(bundle: Bundle, path: str | Path, overwrite: bool = False) -> Pa
         if bundle.tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in bundle.tensors.items()}, str(tmp / EXTRA_FILE))
             files.append(EXTRA_FILE)
-        meta = bundle.meta()
+        meta = bundle_meta(bundle)
         meta["files"] = {name: sha256_file(tmp / name) for name in files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            os.replace(target, backup)
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

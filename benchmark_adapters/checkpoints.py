@@ -6,34 +6,32 @@ Formats register a reader with :func:`register_reader`; a reader returns a
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Callable
 
-from .bundle import Bundle, is_bundle, load_bundle
+from otbr_plugin.bundle import Bundle
+from otbr_plugin.registry import Registry
 
-__all__ = ["load_checkpoint", "register_reader", "CheckpointReader"]
+from .bundle import is_bundle, load_bundle
 
-# (name, probe(path) -> bool, load(path, **options) -> Bundle)
-CheckpointReader = tuple[str, Callable[[Path], bool], Callable[..., Bundle]]
-_READERS: list[CheckpointReader] = [("bundle", is_bundle, lambda p, **_: load_bundle(p))]
-_OPTIONAL_READER_MODULES = ["benchmark_adapters.backdoorbench"]
+__all__ = ["READERS", "load_checkpoint", "register_reader", "CheckpointReader"]
+
+# (probe(path) -> bool, load(path, **options) -> Bundle), tried in registration order
+CheckpointReader = tuple[Callable[[Path], bool], Callable[..., Bundle]]
+READERS: Registry[CheckpointReader] = Registry("checkpoint reader",
+                                               builtins={"backdoorbench": "benchmark_adapters.backdoorbench"})
+
+
+def _read_bundle(path: Path, **_: Any) -> Bundle:
+    return load_bundle(path)
+
+
+READERS.register("bundle", (is_bundle, _read_bundle))
 
 
 def register_reader(name: str, probe: Callable[[Path], bool], load: Callable[..., Bundle]) -> None:
     """Add a checkpoint format: ``probe(path)`` says whether ``load(path, **options)`` can read it."""
-    if any(r[0] == name for r in _READERS):
-        return
-    _READERS.append((name, probe, load))
-
-
-def _load_optional_readers() -> None:
-    for mod in _OPTIONAL_READER_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name is None or not mod.startswith(err.name):
-                raise
+    READERS.register(name, (probe, load))
 
 
 def load_checkpoint(path: str | Path, **options: Any) -> Bundle:
@@ -44,11 +42,11 @@ def load_checkpoint(path: str | Path, **options: Any) -> Bundle:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
-    _load_optional_readers()
-    for _name, probe, load in _READERS:
+    for _name, (probe, load) in READERS.items():
         if probe(p):
             return load(p, **options)
+    missing = "".join(f"; {reason}" for reason in READERS.unavailable().values())
     raise ValueError(
-        f"{p} is not a checkpoint this tool can read; expected one of: {', '.join(r[0] for r in _READERS)} "
-        "(a bundle folder holds meta.json, model.safetensors and bd_test.safetensors)"
+        f"{p} is not a checkpoint this tool can read; expected one of: {', '.join(READERS.list())} "
+        f"(a bundle folder holds meta.json, model.safetensors and bd_test.safetensors){missing}"
     )

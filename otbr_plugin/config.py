@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
 
-__all__ = ["load_yaml", "parse_overrides", "apply_overrides", "dataclass_from_dict", "configs_dir", "default_config_path"]
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
+
+__all__ = ["load_yaml", "parse_overrides", "apply_overrides", "dataclass_from_dict", "declared_values",
+           "PACKAGED_CONFIGS", "packaged_configs", "packaged_config", "find_config_file", "ResolvedConfig",
+           "resolve_config"]
 
 T = TypeVar("T")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; an empty file is ``{}``; anything else than a mapping is an error."""
-    p = Path(path)
+def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
+    """Read a YAML mapping (a file or a packaged resource); an empty file is ``{}``; anything else than a
+    mapping is an error."""
+    p = path if isinstance(path, Traversable) else Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{p}: not valid YAML ({err})") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping of key: value at the top level, got {type(data).__name__}")
-    return data
+    return _read_yaml(p, str(p))
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -116,6 +118,23 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def declared_values(cls: type, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The init fields of dataclass ``cls`` as declared (defaults, not values derived in ``__post_init__``), with
+    ``overrides`` on top: e.g. to write out a complete, editable config."""
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            values[f.name] = f.default_factory()  # type: ignore[misc]
+    return values
+
+
 def dataclass_from_dict(cls: type[T], data: Mapping[str, Any], what: str | None = None) -> T:
     """Build dataclass ``cls`` from a mapping: unknown keys are an error listing the valid ones, values are
     checked against the field types (ints are accepted for floats), missing keys take the defaults."""
@@ -131,21 +150,102 @@ def dataclass_from_dict(cls: type[T], data: Mapping[str, Any], what: str | None 
     return cls(**kwargs)  # type: ignore[call-arg]
 
 
-def configs_dir() -> Path | None:
-    """The project's ``configs/`` folder: ``$OTBR_CONFIGS``, ``./configs``, or the one beside the package source."""
-    import os
-
-    candidates = [os.environ.get("OTBR_CONFIGS"), "configs", str(Path(__file__).resolve().parents[1] / "configs")]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
-    return None
+PACKAGED_CONFIGS = "otbr_plugin.configs"  # the top-level configs/ folder, shipped inside the package
 
 
-def default_config_path(kind: str, name: str, dataset: str) -> Path | None:
-    """``configs/<kind>/<name>/<dataset>.yaml`` if it exists (kind: defense, attack, bench)."""
-    root = configs_dir()
-    if root is None:
-        return None
-    path = root / kind / name / f"{dataset}.yaml"
-    return path if path.is_file() else None
+def packaged_configs() -> Traversable:
+    """The packaged ``configs/`` folder, read through :mod:`importlib.resources` (works from a wheel, an editable
+    install or a zip). A source checkout that is not installed falls back to the ``configs/`` beside the
+    package; never to the current folder."""
+    try:
+        return importlib.resources.files(PACKAGED_CONFIGS)
+    except ModuleNotFoundError:
+        source = Path(__file__).resolve().parents[1] / "configs"
+        if source.is_dir():
+            return source
+        raise FileNotFoundError(f"the packaged configs ({PACKAGED_CONFIGS}) are missing: reinstall otbr-plugin")
+
+
+def packaged_config(kind: str, name: str, dataset: str) -> Traversable | None:
+    """``configs/<kind>/<name>/<dataset>.yaml`` of the package, if it exists (kind: defense, attack)."""
+    res = packaged_configs().joinpath(kind, name, f"{dataset}.yaml")
+    return res if res.is_file() else None
+
+
+def find_config_file(path: str | Path, *relative_to: Path) -> Path | Traversable:
+    """A config file named by a user: as given, relative to each of ``relative_to``, or, for a path that starts
+    with ``configs/`` (as the grids and docs write them), the packaged copy."""
+    p = Path(path)
+    for cand in (p, *(base / p for base in relative_to)):
+        if cand.is_file():
+            return cand
+    parts = p.parts
+    if len(parts) > 1 and parts[0] == "configs":
+        res = packaged_configs().joinpath(*parts[1:])
+        if res.is_file():
+            return res
+    where = ", ".join(str(b) for b in relative_to)
+    raise FileNotFoundError(f"config file {str(path)!r} does not exist (looked relative to the current folder"
+                            f"{', ' + where if where else ''} and in the packaged configs/)")
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A config mapping and where each layer came from (``source``, written to run records)."""
+
+    values: dict[str, Any]
+    source: str
+
+
+def resolve_config(kind: str, name: str, dataset: str | None, user_yaml: str | Path | Mapping[str, Any] | None = None,
+                   overrides: Mapping[str, Any] | list[str] | None = None, *, user_label: str | None = None
+                   ) -> ResolvedConfig:
+    """The one config resolution of every entry point (CLI, grid, BackdoorBench face, installer).
+
+    Layers, later wins: the built-in defaults of the config dataclass (applied when the class is built from
+    ``values``) < the packaged ``configs/<kind>/<name>/<dataset>.yaml`` < ``user_yaml`` (a file, or a mapping
+    such as a grid's inline config; ``user_label`` names it in ``source``) < ``overrides`` (``--set k=v``
+    strings or a mapping; ``None`` values are ignored)."""
+    values: dict[str, Any] = {}
+    layers = ["built-in defaults"]
+    packaged = packaged_config(kind, name, dataset) if dataset else None
+    if packaged is not None:
+        values = _merge(values, _read_yaml(packaged, f"packaged configs/{kind}/{name}/{dataset}.yaml"))
+        layers.append(f"packaged configs/{kind}/{name}/{dataset}.yaml")
+    if user_yaml is not None:
+        if isinstance(user_yaml, Mapping):
+            user, label = dict(user_yaml), user_label or "inline"
+        else:
+            user, label = load_yaml(user_yaml), user_label or str(user_yaml)
+        values = _merge(values, user)
+        layers.append(f"user {label}")
+    if overrides:
+        more = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        more = {k: v for k, v in more.items() if v is not None}
+        if more:
+            values = apply_overrides(values, more)
+            layers.append("--set " + ",".join(sorted(more)))
+    return ResolvedConfig(values, " < ".join(layers))
+
+
+def _merge(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge a YAML layer: unlike ``apply_overrides`` an explicit ``null`` in the layer is kept."""
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(res: Traversable, label: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(res.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{label}: not valid YAML ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{label}: expected a mapping of key: value at the top level, got {type(data).__name__}")
+    return data

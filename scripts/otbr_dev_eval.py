@@ -19,7 +19,7 @@ import torch
 
 from benchmark_adapters.bundle import load_bundle
 from otbr_plugin.attacks import create_attack
-from otbr_plugin.bench.metrics import predict
+from otbr_plugin.metrics import predict
 from otbr_plugin.data import load_dataset
 from otbr_plugin.defenses import get_defense
 from otbr_plugin.defenses.base import build_context

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from otbr_plugin.attacks import create_attack
-from otbr_plugin.bench.metrics import evaluate_backdoor
+from otbr_plugin.metrics import evaluate_backdoor
 from otbr_plugin.config import load_yaml
 from otbr_plugin.data import Normalizer, load_dataset
 from otbr_plugin.defenses import build_context, get_defense
@@ -84,7 +84,7 @@ def main() -> None:
             base = get_defense("otbr")(setting=setting)
             for g in gammas:
                 d = get_defense("otbr")(base.config.replace(gamma=g))
-                d.share_nwc_with(base)
+                d.share_work_with(base)
                 ctx = build_context(d, num_classes=spec.num_classes, input_shape=spec.input_shape,
                                     normalizer=normalizer, device=torch.device("cpu"), seed=0, progress=False)
                 seed_everything(0)

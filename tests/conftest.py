@@ -53,3 +53,29 @@ def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_
 def mnist_root(tmp_path: Path):
     data = write_mnist_like(tmp_path / "fashion_mnist")
     return tmp_path, data
+
+
+@pytest.fixture
+def tiny_fashion_bundle(tmp_path: Path) -> tuple[Path, Path]:
+    """A random smallcnn (width 0.25) bundle on Fashion-MNIST-shaped data, and a data root with 30 training and
+    24 test images in the official IDX format: (bundle folder, data root)."""
+    import torch
+
+    from benchmark_adapters.bundle import save_bundle
+    from otbr_plugin.bundle import Bundle
+    from otbr_plugin.data import Normalizer, PoisonedTestSet
+    from otbr_plugin.models import ModelConfig
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    (root / "fashion_mnist").mkdir(parents=True)
+    for split, n in (("train", 30), ("t10k", 24)):
+        write_idx(root / "fashion_mnist" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / "fashion_mnist" / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    cfg = ModelConfig("smallcnn", 10, 1, 28, 0.25)
+    torch.manual_seed(0)
+    bd = PoisonedTestSet(torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8), torch.zeros(12, dtype=torch.long),
+                         torch.randint(1, 10, (12,)), torch.arange(12))
+    bundle = save_bundle(Bundle(cfg, cfg.build().state_dict(), "fashion_mnist", Normalizer((0.5,), (0.5,)), bd,
+                                {"name": "badnets", "target": 0}, {}), tmp_path / "bundle")
+    return bundle, root

@@ -34,7 +34,7 @@ from benchmark_adapters.checkpoints import load_checkpoint
 from conftest import write_cifar_batch, write_mnist_like
 from otbr_plugin.cli import main as cli_main
 from otbr_plugin.defenses import Defense, DefenseConfig, DefenseContext, DefenseOutcome, register_defense
-from otbr_plugin.defenses.backdoorbench_face import BackdoorBenchDefense
+from benchmark_adapters.backdoorbench.face import BackdoorBenchDefense
 from otbr_plugin.defenses.registry import list_defenses
 from otbr_plugin.models import create_model
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from otbr_plugin.bench.metrics import BackdoorMetrics, accuracy, defense_effectiveness_rating, evaluate_backdoor, predict
+from otbr_plugin.metrics import BackdoorMetrics, accuracy, defense_effectiveness_rating, evaluate_backdoor, predict
 from otbr_plugin.data import Normalizer
 
 

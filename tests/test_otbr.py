@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import math
 import os
-import struct
 
 import numpy as np
 import pandas as pd
@@ -366,30 +364,11 @@ def test_defense_is_deterministic_and_gamma_zero_is_identity():
 
 # ----------------------------------------------------------------------------- CLI and the oracle sweep
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(str(path) + ".gz", "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
-def test_defend_cli_with_oracle_sweep(tmp_path):
-    from benchmark_adapters.bundle import Bundle, load_bundle, save_bundle
+def test_defend_cli_with_oracle_sweep(tmp_path, tiny_fashion_bundle):
+    from benchmark_adapters.bundle import load_bundle
     from otbr_plugin.cli import main
-    from otbr_plugin.data.poisoned import PoisonedTestSet
-    from otbr_plugin.models import ModelConfig
 
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    (root / "fashion_mnist").mkdir(parents=True)
-    for split, n in (("train", 30), ("t10k", 24)):
-        _write_idx(root / "fashion_mnist" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / "fashion_mnist" / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    cfg = ModelConfig("smallcnn", 10, 1, 28, 0.25)
-    torch.manual_seed(0)
-    bd = PoisonedTestSet(torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8), torch.zeros(12, dtype=torch.long),
-                         torch.randint(1, 10, (12,)), torch.arange(12))
-    save_bundle(Bundle(cfg, cfg.build().state_dict(), "fashion_mnist", Normalizer((0.5,), (0.5,)), bd,
-                       {"name": "badnets", "target": 0}, {}), tmp_path / "bundle")
+    _, root = tiny_fashion_bundle
     out = tmp_path / "out"
     rc = main(["defend", str(tmp_path / "bundle"), "--defense", "otbr", "--data-root", str(root), "--device", "cpu",
                "--no-progress", "--set", "unlearn_steps=2", "--set", "unlearn_batch_size=8", "--set", "gamma=0.1",
@@ -413,7 +392,7 @@ def test_shared_nwc_gives_the_same_result_as_a_fresh_run():
     model = small()
     base = get_defense("otbr")(gamma=0.1, unlearn_steps=2, unlearn_batch_size=16)
     other = get_defense("otbr")(gamma=0.25, unlearn_steps=2, unlearn_batch_size=16)
-    other.share_nwc_with(base)
+    other.share_work_with(base)
     base.mitigate(model, context(base))
     shared = other.mitigate(model, context(other))
     fresh = get_defense("otbr")(gamma=0.25, unlearn_steps=2, unlearn_batch_size=16).mitigate(model, context(other))
@@ -421,5 +400,5 @@ def test_shared_nwc_gives_the_same_result_as_a_fresh_run():
     a, b = shared.model.state_dict(), fresh.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     changed = get_defense("otbr")(gamma=0.25, unlearn_steps=3, unlearn_batch_size=16)  # unlearning differs: no reuse
-    changed.share_nwc_with(base)
+    changed.share_work_with(base)
     assert not changed.mitigate(model, context(changed)).diagnostics["unlearning_reused"]

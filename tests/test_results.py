@@ -7,7 +7,8 @@ import pytest
 
 from otbr_plugin.bench.leaderboard import (SubmissionError, build_leaderboard, entries_digest, export_submission,
                                            load_submission, validate_submission)
-from otbr_plugin.bench.records import RunRecord, read_record, record_filename, write_json_atomic, write_record
+from otbr_plugin.bench.records import RunRecord, read_record, record_filename, write_record
+from otbr_plugin.io import write_json as write_json_atomic
 from otbr_plugin.bench.regress import compare, make_baseline, parse_tolerance, read_baseline
 from otbr_plugin.bench.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
 from otbr_plugin.cli import main
@@ -16,7 +17,7 @@ SHA = "ab" * 32
 
 
 def rec(attack="badnets", defense="otbr", seed=0, acc=0.9, asr=0.1, ra=0.8, before=(0.92, 0.99, 0.01), **kw):
-    from otbr_plugin.bench.metrics import BackdoorMetrics, defense_effectiveness_rating
+    from otbr_plugin.metrics import BackdoorMetrics, defense_effectiveness_rating
 
     b = BackdoorMetrics(*before)
     a = BackdoorMetrics(acc, asr, ra)

@@ -4,7 +4,7 @@ import torch
 from otbr_plugin.data import get_dataset_spec
 from otbr_plugin.models import create_model
 from otbr_plugin.train import TrainConfig, train_classifier
-from otbr_plugin.bench.metrics import accuracy, predict
+from otbr_plugin.metrics import accuracy, predict
 from otbr_plugin.data import Normalizer
 
 

@@ -12,22 +12,18 @@ from typing import Any
 
 from ..bundle import Bundle
 from ..checkpoints import register_reader
+from .clean_test import check_clean_labels, load_clean_test, resolve_data_root
 from .record import (
     ATTACK_RESULT,
     MODEL_NAMES,
-    check_clean_labels,
     is_record,
     load_attack_result,
-    load_clean_test,
     poisoned_test_set,
     read_attack_result,
     record_folder,
-    resolve_data_root,
     state_dict_for_zoo,
-    write_attack_result,
-    write_defense_result,
-    write_defense_summary,
 )
+from .writer import write_attack_result, write_defense_result, write_defense_summary
 from .safe_load import ALLOWED_GLOBAL_NAMES, AttackResultError, UnsafeCheckpointError, numpy_safe_globals, safe_torch_load
 
 __all__ = [

@@ -10,11 +10,12 @@ An existing file with other content is never overwritten unless ``force=True``.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from otbr_plugin.io import write_text
 
 __all__ = ["DROPIN_DIR", "DROPIN_DEFENSES", "install_dropin", "render_config"]
 
@@ -35,7 +36,7 @@ def _plain(value: Any) -> Any:
 
 def render_config(save_name: str, dataset: str) -> str:
     """The YAML for ``config/defense/<save_name>/<dataset>.yaml``."""
-    from otbr_plugin.config import default_config_path, load_yaml
+    from otbr_plugin.config import declared_values, resolve_config
     from otbr_plugin.data.specs import get_dataset_spec
     from otbr_plugin.defenses import get_defense
 
@@ -48,21 +49,11 @@ def render_config(save_name: str, dataset: str) -> str:
         cls = get_defense(name)
     except ValueError:
         return text + f"# (defense {name!r} is not installed in this otbr-plugin: its hyperparameters take the defaults)\n"
-    path = default_config_path("defense", name, spec.name)
-    overrides = load_yaml(path) if path else {}
-    cls(overrides)  # the package's config must be valid before it is written out
+    resolved = resolve_config("defense", name, spec.name)
+    cls(resolved.values)  # the package's config must be valid before it is written out
     # the fields as declared (not as resolved by validation: a None that means "follow another option",
     # e.g. OTBR's per-option settings under `setting`, must stay None so that editing that option works)
-    values = {}
-    for f in dataclasses.fields(cls.config_class):
-        if not f.init:
-            continue
-        if f.name in overrides:
-            values[f.name] = overrides[f.name]
-        elif f.default is not dataclasses.MISSING:
-            values[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            values[f.name] = f.default_factory()  # type: ignore[misc]
+    values = declared_values(cls.config_class, resolved.values)
     if not values:
         return text
     from otbr_plugin import __version__
@@ -79,10 +70,7 @@ def _put(path: Path, content: str, force: bool, written: list[tuple[Path, str]])
             return
         if not force:
             raise FileExistsError(f"{path} exists with other content; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(content)
-    tmp.replace(path)
+    write_text(path, content)
     written.append((path, "written"))
 
 

@@ -1,4 +1,5 @@
-"""BackdoorBench records in and out: ``record/<name>/attack_result.pt`` <-> :class:`Bundle`.
+"""Read BackdoorBench records: ``record/<name>/attack_result.pt`` -> :class:`Bundle` (writing: :mod:`.writer`;
+the clean test set that goes with a record: :mod:`.clean_test`).
 
 The format (as a BackdoorBench v2 attack writes it):
 
@@ -25,21 +26,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
-from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from otbr_plugin.data import ImageDataset, PoisonedTestSet, default_data_root, find_dataset, get_dataset_spec, load_dataset
+from otbr_plugin.data import PoisonedTestSet, get_dataset_spec
 from otbr_plugin.data.transforms import Normalizer
 from otbr_plugin.models import ModelConfig, create_model
+from otbr_plugin.bundle import Bundle
+from otbr_plugin.io import sha256_file
 
-from ..bundle import Bundle, sha256_file
+from .clean_test import resolve_data_root
 from .safe_load import AttackResultError, safe_torch_load
 
 __all__ = [
@@ -53,12 +52,6 @@ __all__ = [
     "load_attack_result",
     "poisoned_test_set",
     "state_dict_for_zoo",
-    "resolve_data_root",
-    "load_clean_test",
-    "check_clean_labels",
-    "write_attack_result",
-    "write_defense_result",
-    "write_defense_summary",
 ]
 
 ATTACK_RESULT = "attack_result.pt"
@@ -391,207 +384,3 @@ def load_attack_result(path: str | Path, trust: bool = False, data_root: str | P
         training=side.get("training", {}) if isinstance(side.get("training"), dict) else {},
         extra=extra, path=record, model_sha256=sha256_file(pt),
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The clean test set
-# ----------------------------------------------------------------------------------------------------------
-def resolve_data_root(record: Path, dataset: str, data_path: str | None = None,
-                      data_root: str | Path | None = None) -> Path | None:
-    """The first data root under which ``dataset`` is found: the user's (``data_root`` or ``data_root/<dataset>``),
-    else the record's ``data_path`` relative to the BackdoorBench root that holds ``record/<name>``, that
-    root's ``data/``, and the default data root. None if not found."""
-    spec = get_dataset_spec(dataset)
-    if data_root is not None:
-        candidates = [Path(data_root), Path(data_root) / spec.name]
-    else:
-        bb_root = record.resolve().parent.parent
-        candidates = []
-        if data_path:
-            dp = Path(data_path)
-            dp = dp if dp.is_absolute() else bb_root / dp
-            candidates += [dp, dp.parent]
-        candidates += [bb_root / "data", default_data_root()]
-    for cand in candidates:
-        if cand.is_dir() and find_dataset(spec.name, cand) is not None:
-            return cand
-    return None
-
-
-def load_clean_test(bundle: Bundle, data_root: str | Path | None = None, download: bool = True) -> ImageDataset:
-    """The clean test split of the bundle's dataset, from ``data_root`` (or where the record says), checked
-    against the labels the record stores for its poisoned samples."""
-    root = Path(data_root) if data_root is not None else None
-    if root is not None:
-        found = resolve_data_root(root, bundle.dataset, None, root)
-        root = found or root
-    elif bundle.extra.get("data_root"):
-        root = Path(bundle.extra["data_root"])
-    test = load_dataset(bundle.dataset, "test", root, download=download)
-    check_clean_labels(bundle, test)
-    return test
-
-
-def check_clean_labels(bundle: Bundle, clean_test: ImageDataset) -> None:
-    """The record's original labels must equal the clean test labels at the original indices."""
-    bd = bundle.bd_test
-    n = len(clean_test)
-    if len(bd) and int(bd.original_indices.max()) >= n:
-        raise AttackResultError(
-            f"poisoned sample index {int(bd.original_indices.max())} is beyond the clean {bundle.dataset} test set "
-            f"({n} samples): the data root holds another dataset or split"
-        )
-    expected = clean_test.labels[bd.original_indices]
-    wrong = int((expected != bd.original_labels).sum())
-    if wrong:
-        raise AttackResultError(
-            f"{wrong} of {len(bd)} poisoned samples carry an original label that differs from the clean "
-            f"{bundle.dataset} test set at the same index: the data root holds a different dataset or ordering"
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------------------------------------
-def _atomic_dir(target: Path, overwrite: bool):
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-        os.replace(tmp, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def _save_png(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    arr = image.cpu().numpy()
-    img = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), mode="RGB")
-    img.save(path, format="PNG")
-
-
-def _zoo_order(bundle: Bundle) -> list[str]:
-    """The state_dict keys in the model's own order (as ``model.state_dict()`` lists them; safetensors sorts)."""
-    try:
-        order = list(bundle.model_config.build().state_dict())
-    except ValueError:
-        order = []
-    return order if set(order) == set(bundle.state_dict) else list(bundle.state_dict)
-
-
-def write_attack_result(bundle: Bundle, record: str | Path, overwrite: bool = False,
-                        test_size: int | None = None) -> Path:
-    """Write ``bundle`` as a BackdoorBench record folder (atomically): attack_result.pt in the documented
-    structure (protocol 2), bd_test_dataset/<original_label>/<index>.png, attack_df_summary.csv (when the
-    bundle has ACC/ASR/RA) and a JSON sidecar with the bundle's meta. ``bd_train`` is None: a bundle has
-    no poisoned training set (BackdoorBench stores None too, e.g. for LIRA)."""
-    target = Path(record)
-    name = target.name
-    cfg = bundle.model_config
-    bd = bundle.bd_test
-    spec = get_dataset_spec(bundle.dataset)
-    if test_size is None:
-        test_size = bundle.extra.get("clean_test", {}).get("num_samples") if isinstance(bundle.extra.get("clean_test"), dict) else None
-        test_size = int(test_size) if test_size else TEST_SIZES.get(spec.name)
-    indices = bd.original_indices.tolist()
-    if len(set(indices)) != len(indices):
-        raise ValueError("the bundle's poisoned test set has duplicate original indices; a record keys images by index")
-    if test_size is None or (indices and max(indices) >= test_size):
-        test_size = max(indices, default=-1) + 1 if test_size is None else test_size
-        if indices and max(indices) >= test_size:
-            raise ValueError(f"poisoned index {max(indices)} is beyond the {spec.name} test split ({test_size} samples)")
-    tmp = _atomic_dir(target, overwrite)
-    try:
-        folder = tmp / "bd_test_dataset"
-        stored_folder = f"./record/{name}/bd_test_dataset"
-        data_dict: dict[np.int64, dict[str, Any]] = {}
-        for i, idx in enumerate(indices):
-            label, target_label = int(bd.original_labels[i]), int(bd.targets[i])
-            (folder / str(label)).mkdir(parents=True, exist_ok=True)
-            _save_png(bd.images[i], folder / str(label) / f"{idx}.png")
-            data_dict[np.int64(idx)] = {"path": f"{stored_folder}/{label}/{idx}.png",
-                                        "other_info": [target_label, label]}
-        indicator = np.zeros(int(test_size), dtype=np.float64)
-        indicator[np.asarray(indices, dtype=np.int64)] = 1.0
-        bd_test = {
-            "bd_data_container": {"save_folder_path": stored_folder, "save_file_format": ".png", "data_dict": data_dict},
-            "getitem_all": True,
-            "getitem_all_switch": False,
-            "original_index_array": np.asarray(indices, dtype=np.int64),
-            "poison_indicator": indicator,
-            "save_folder_path": stored_folder,
-        }
-        bb_name = bundle.extra.get("backdoorbench", {}).get("model_name", cfg.name) \
-            if isinstance(bundle.extra.get("backdoorbench"), dict) else cfg.name
-        result = {
-            "model_name": bb_name,
-            "num_classes": int(cfg.num_classes),
-            "model": OrderedDict((k, bundle.state_dict[k].detach().cpu().clone()) for k in _zoo_order(bundle)),
-            "data_path": f"./data/{spec.name}",
-            "img_size": (int(cfg.image_size), int(cfg.image_size), int(cfg.in_channels)),
-            "clean_data": spec.name,
-            "bd_train": None,
-            "bd_test": bd_test,
-        }
-        torch.save(result, tmp / ATTACK_RESULT, pickle_protocol=2)
-        m = bundle.metrics or {}
-        if all(isinstance(m.get(k), (int, float)) for k in ("acc", "asr", "ra")):
-            with open(tmp / "attack_df_summary.csv", "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["", "test_acc", "test_asr", "test_ra"])
-                writer.writerow([0, m["acc"], m["asr"], m["ra"]])
-        side = {"model": cfg.to_dict(), "attack": bundle.attack, "metrics": bundle.metrics,
-                "training": bundle.training,
-                "extra": {k: v for k, v in bundle.extra.items() if k not in ("data_root", "backdoorbench")},
-                "source_model_sha256": bundle.model_sha256}
-        (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _write_atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_defense_result(folder: str | Path, model_name: str, num_classes: int,
-                         state_dict: Mapping[str, torch.Tensor]) -> Path:
-    """``defense_result.pt`` as BackdoorBench writes it: {model_name, num_classes, model} (a dict of CPU tensors;
-    loads with ``torch.load(weights_only=True)``)."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"model_name": str(model_name), "num_classes": int(num_classes),
-               "model": {k: v.detach().cpu().clone() for k, v in state_dict.items()}}
-    return _write_atomic(out / "defense_result.pt", lambda p: torch.save(payload, p))
-
-
-def write_defense_summary(folder: str | Path, name: str, acc: float, asr: float, ra: float) -> Path:
-    """``<name>_df_summary.csv`` with BackdoorBench's columns test_acc, test_asr, test_ra (fractions), index first."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def write(p: Path) -> None:
-        with open(p, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["", "test_acc", "test_asr", "test_ra"])
-            w.writerow([0, acc, asr, ra])
-
-    return _write_atomic(out / f"{name}_df_summary.csv", write)

@@ -4,35 +4,28 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..registry import Registry
 from .base import Attack, AttackConfig
 
-__all__ = ["register_attack", "get_attack", "create_attack", "list_attacks"]
+__all__ = ["ATTACKS", "register_attack", "get_attack", "create_attack", "list_attacks"]
 
-_REGISTRY: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack", case_insensitive=True, builtins={
+    name: f"otbr_plugin.attacks.{name}" for name in ("badnets", "blended", "sig", "wanet")})
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
     """Class decorator: register an :class:`Attack` subclass under its ``name``."""
-    name = getattr(cls, "name", "")
-    if not name:
-        raise ValueError(f"{cls.__name__} has no 'name'")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"attack {name!r} is already registered")
-    _REGISTRY[name] = cls
-    return cls
+    return ATTACKS.register(cls)
 
 
 def list_attacks() -> list[str]:
     """Names of all registered attacks, sorted."""
-    return sorted(_REGISTRY)
+    return ATTACKS.list()
 
 
 def get_attack(name: str) -> type[Attack]:
     """The attack class registered under ``name`` (case-insensitive)."""
-    key = str(name).lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; available: {', '.join(list_attacks())}")
-    return _REGISTRY[key]
+    return ATTACKS.get(name)
 
 
 def create_attack(name: str, config: AttackConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Attack:

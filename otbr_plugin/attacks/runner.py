@@ -17,9 +17,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..bench.metrics import accuracy, evaluate_backdoor, predict
+from ..bundle import Bundle
 from ..config import dataclass_from_dict
 from ..data import Normalizer, get_dataset_spec, load_dataset
+from ..metrics import accuracy, evaluate_backdoor, predict
 from ..models import ModelConfig, list_models
 from ..runtime import resolve_device
 from ..train import TrainConfig, train_classifier
@@ -103,15 +104,13 @@ def parse_attack_run(config: Mapping[str, Any]) -> AttackRun:
 
 
 def run_attack(run: AttackRun, data_root: str | Path | None = None,
-               log: Callable[[str], None] = print) -> "Bundle":  # noqa: F821
+               log: Callable[[str], None] = print) -> Bundle:
     """Poison the training set, train the model, evaluate ACC/ASR/RA and return the bundle (not yet saved).
 
     The per-epoch ACC/ASR/RA in the training curve are reported only; nothing is chosen from them. The curve
     also holds ``poison_train_fit`` (share of poisoned training samples predicted as their training label),
     the training-side signal a config may be adjusted on.
     """
-    from benchmark_adapters.bundle import Bundle  # the harness packages; the attack code stays file-agnostic
-
     start = time.perf_counter()
     cpu_start = time.process_time()
     train = load_dataset(run.dataset, "train", data_root)

@@ -16,9 +16,11 @@ from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
 
-from benchmark_adapters.bundle import Bundle, BundleError, load_bundle, save_bundle
+from benchmark_adapters.bundle import load_bundle, save_bundle
+
+from ..bundle import Bundle, BundleError
 from ..attacks.runner import parse_attack_run, run_attack
-from ..config import apply_overrides, configs_dir, default_config_path, load_yaml
+from ..config import apply_overrides, find_config_file, load_yaml, resolve_config
 from ..data import load_dataset
 from ..defenses import get_defense
 from .records import RunRecord, read_record, record_filename, write_record
@@ -59,31 +61,25 @@ class GridSpec:
         return cfg
 
 
-def _resolve_path(p: str, base: Path) -> Path:
-    for cand in (Path(p), base / p, (configs_dir() or base).parent / p):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"config file {p!r} not found (looked relative to the current folder and {base})")
-
-
 def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> GridSpec:
     """Read a grid YAML (see configs/bench/*.yaml) and resolve every referenced config file."""
-    gpath = Path(path)
-    raw = apply_overrides(load_yaml(gpath), overrides or {})
+    found = find_config_file(path)  # a file, or the packaged copy of configs/bench/<grid>.yaml
+    gpath = found if isinstance(found, Path) else Path(str(path))
+    raw = apply_overrides(load_yaml(found), overrides or {})
     unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
         raise ValueError(f"{gpath}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(GRID_KEYS))}")
     for key in ("dataset", "attacks", "defenses"):
         if key not in raw:
             raise ValueError(f"{gpath}: missing '{key}'")
-    base = gpath.parent
+    base = gpath.parent if isinstance(found, Path) else Path.cwd()
     sources: dict[str, str] = {}
     attacks: dict[str, dict] = {}
     if not isinstance(raw["attacks"], Mapping) or not raw["attacks"]:
         raise ValueError(f"{gpath}: 'attacks' must map attack labels to config files or inline configs")
     for label, spec in raw["attacks"].items():
         if isinstance(spec, str):
-            p = _resolve_path(spec, base)
+            p = find_config_file(spec, base)
             cfg, sources[f"attack:{label}"] = load_yaml(p), str(p)
         elif isinstance(spec, Mapping):
             cfg, sources[f"attack:{label}"] = dict(spec), "inline"
@@ -109,31 +105,20 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
             if extra or not isinstance(spec.get("set") or {}, Mapping):
                 raise ValueError(f"{gpath}: defenses.{name}: a variant takes 'defense', 'config' (file or null) and "
                                  f"'set' (a mapping of config keys), got {sorted(spec)}")
-            defense_names[str(name)] = str(spec["defense"])
-            base_spec = spec.get("config")
-            if isinstance(base_spec, Mapping):
+            if isinstance(spec.get("config"), Mapping):
                 raise ValueError(f"{gpath}: defenses.{name}.config must be a file or null; put values under 'set'")
-            cfg_src = base_spec
+            dname, spec, variant_set = str(spec["defense"]), spec.get("config"), dict(spec.get("set") or {})
         else:
-            defense_names[str(name)] = str(name)
-            cfg_src = spec
-        cls = get_defense(defense_names[str(name)])
-        spec = cfg_src if defense_names[str(name)] != str(name) else spec
-        dname = defense_names[str(name)]
-        if spec is None:
-            p = default_config_path("defense", dname, raw["dataset"])
-            cfg, sources[f"defense:{name}"] = (load_yaml(p), str(p)) if p else ({}, "built-in defaults")
-        elif isinstance(spec, str):
-            p = _resolve_path(spec, base)
-            cfg, sources[f"defense:{name}"] = load_yaml(p), str(p)
-        elif isinstance(spec, Mapping):
-            cfg, sources[f"defense:{name}"] = dict(spec), "inline"
-        else:
+            dname, variant_set = str(name), {}
+        defense_names[str(name)] = dname
+        cls = get_defense(dname)
+        if spec is not None and not isinstance(spec, (str, Mapping)):
             raise ValueError(f"{gpath}: defenses.{name} must be null, a config file path or a mapping")
-        if dname != str(name):
-            cfg = apply_overrides(cfg, dspec[name].get("set") or {})
-            sources[f"defense:{name}"] += f" + variant {name} of {dname}"
-        cfg = apply_overrides(cfg, doverrides.get(name, {}) or {})
+        user = find_config_file(spec, base) if isinstance(spec, str) else spec
+        overrides = {**variant_set, **(doverrides.get(name) or {})}
+        resolved = resolve_config("defense", dname, str(raw["dataset"]), user, overrides or None)
+        cfg, sources[f"defense:{name}"] = resolved.values, resolved.source + (f" (variant {name} of {dname})"
+                                                                                if dname != str(name) else "")
         cls(cfg)  # validate
         defenses[str(name)] = cfg
     seeds = raw.get("seeds", [0])
@@ -235,7 +220,7 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                     d = grid.defense_class(defense)(grid.defenses[defense])
                     run = run_defense(bundle, d, data_root=grid.data_root, device=grid.device, seed=seed,
                                       clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
-                                      before=before)
+                                      before=before, config_source=grid.sources.get(f"defense:{defense}", ""))
                     record = run.record()
                     record.attack["label"] = attack
                     if grid.defense_names.get(defense, defense) != defense:

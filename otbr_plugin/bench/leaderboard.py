@@ -17,8 +17,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .metrics import BackdoorMetrics, defense_effectiveness_rating
-from .records import RunRecord, library_versions, write_json_atomic
+from ..metrics import BackdoorMetrics, defense_effectiveness_rating
+from ..io import write_json
+from .records import RunRecord, library_versions
 
 __all__ = ["SUBMISSION_KIND", "export_submission", "validate_submission", "load_submission", "build_leaderboard",
            "SubmissionError", "entries_digest"]
@@ -66,7 +67,7 @@ def export_submission(records: Iterable[RunRecord], path: str | Path, submitter:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": library_versions(), "checkpoints": checkpoints, "entries": entries,
             "entries_sha256": entries_digest(entries)}
-    return write_json_atomic(path, data)
+    return write_json(path, data)
 
 
 def _check_metrics(where: str, m: Any, problems: list[str]) -> bool:

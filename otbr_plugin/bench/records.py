@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_json_atomic", "write_record", "read_record",
+from ..io import write_json
+
+__all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_record", "read_record",
            "library_versions", "record_filename"]
 
 RECORD_SCHEMA_VERSION = 1
@@ -58,6 +58,7 @@ class RunRecord:
     status: str = "ok"
     error: str | None = None
     device: str = "cpu"
+    config_source: str = ""  # the config layers used (see otbr_plugin.config.resolve_config)
     versions: dict[str, str] = field(default_factory=library_versions)
     timestamp: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = RECORD_SCHEMA_VERSION
@@ -94,39 +95,12 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON via a temporary file in the same folder and an atomic rename: never a partial file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=_json_default)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
 def record_filename(dataset: str, model: str, attack: str, defense: str, seed: int) -> str:
     return f"{dataset}__{model}__{attack}__{defense}__seed{seed}.json"
 
 
 def write_record(record: RunRecord, path: str | Path) -> Path:
-    return write_json_atomic(path, record.to_dict())
+    return write_json(path, record.to_dict())
 
 
 def read_record(path: str | Path) -> RunRecord:

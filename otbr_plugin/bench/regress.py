@@ -24,20 +24,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .records import RunRecord, write_json_atomic
+from ..io import write_json, write_text
+from .records import RunRecord
 
 __all__ = ["DEFAULT_TOLERANCE", "METRICS", "Tolerance", "ToleranceSpec", "parse_tolerance", "parse_tolerance_layer",
            "load_tolerance_file", "find_tolerance_file", "make_baseline", "read_baseline", "load_baseline", "Baseline",
            "compare", "RegressionRow", "MetricCheck", "RegressionReport", "build_report", "provenance_warnings",
-           "format_report", "format_markdown", "format_junit", "report_dict", "write_text_atomic"]
+           "format_report", "format_markdown", "format_junit", "report_dict"]
 
 BASELINE_SCHEMA_VERSION = 1
 BASELINE_KIND = "otbr-regression-baseline"
@@ -298,7 +297,7 @@ def make_baseline(records: Iterable[RunRecord], path: str | Path, note: str = ""
         spec = tolerance.to_dict()
         data["tolerances"] = {"default": spec["default"], "defenses": spec["defenses"]}
         data["std_factor"] = spec["std_factor"]
-    return write_json_atomic(path, data)
+    return write_json(path, data)
 
 
 @dataclass
@@ -683,19 +682,4 @@ def report_dict(report: RegressionReport) -> dict:
             "cells": cells}
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text via a temporary file in the same folder and an atomic rename (the project's JSON helper,
-    ``records.write_json_atomic``, only writes JSON)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+write_text_atomic = write_text  # the project-wide atomic text writer (otbr_plugin.io)

@@ -9,19 +9,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from benchmark_adapters.bundle import Bundle, save_bundle
+from benchmark_adapters.bundle import save_bundle
+
+from ..bundle import Bundle
 from ..data import ImageDataset, Normalizer, load_dataset
 from ..data.specs import get_dataset_spec
 from ..data.subsets import clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, build_context
 from ..runtime import resolve_device, seed_everything
-from .metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
-from .records import RunRecord, write_json_atomic
+from ..metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
+from ..io import write_csv, write_json
+from .records import RunRecord
 
 __all__ = ["DefenseRun", "evaluate_model", "run_defense", "write_defense_outputs"]
 
@@ -38,6 +40,7 @@ class DefenseRun:
     seed: int
     device: torch.device
     seconds: dict[str, float]
+    config_source: str = ""
 
     @property
     def der(self) -> float:
@@ -59,6 +62,7 @@ class DefenseRun:
             seconds=self.seconds,
             diagnostics=self.outcome.diagnostics,
             device=str(self.device),
+            config_source=self.config_source,
         )
 
 
@@ -81,10 +85,12 @@ def run_defense(
     progress: bool = True,
     clean_test: ImageDataset | None = None,
     before: BackdoorMetrics | None = None,
+    config_source: str = "",
 ) -> DefenseRun:
     """Evaluate the backdoored model, run ``defense``, evaluate the defended model.
 
-    ``clean_test`` and ``before`` may be passed in to avoid recomputing them across defenses.
+    ``clean_test`` and ``before`` may be passed in to avoid recomputing them across defenses; ``config_source``
+    (from :func:`~otbr_plugin.config.resolve_config`) is written to the record.
     """
     dev = resolve_device(device)
     spec = get_dataset_spec(bundle.dataset)
@@ -113,7 +119,7 @@ def run_defense(
     t2 = time.perf_counter()
     after = evaluate_model(outcome.model, bundle, clean_test, dev)
     seconds["evaluation"] = time.perf_counter() - t2 + (t1 - t0)
-    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds)
+    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source)
 
 
 def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
@@ -125,16 +131,15 @@ def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool 
     defended = Bundle(
         model_config=b.model_config, state_dict=state, dataset=b.dataset, normalizer=b.normalizer,
         bd_test=b.bd_test, attack=b.attack, metrics=run.after.to_dict(), training=b.training,
-        defense={"name": run.defense.name, "config": run.defense.config.to_dict(), "data_used": run.outcome.data_used,
+        defense={"name": run.defense.name, "config": run.defense.config.to_dict(), "config_source": run.config_source,
+                 "data_used": run.outcome.data_used,
                  "seed": run.seed, "source_checkpoint_sha256": b.model_sha256},
         extra={"metrics_before_defense": run.before.to_dict()},
     )
     paths: dict[str, Path] = {"model": save_bundle(defended, out / "model", overwrite=overwrite)}
     for name, table in run.outcome.tables.items():
-        tmp = out / f".{name}.csv.tmp"
-        table.to_csv(tmp, index=False)
-        paths[name] = tmp.replace(out / f"{name}.csv")
-    paths["record"] = write_json_atomic(out / "record.json", run.record().to_dict())
+        paths[name] = write_csv(out / f"{name}.csv", table)
+    paths["record"] = write_json(out / "record.json", run.record().to_dict())
     return paths
 
 
@@ -150,6 +155,3 @@ def summarize(run: DefenseRun) -> str:
     ]
     return "\n".join(lines)
 
-
-def describe_config(defense: Defense) -> dict[str, Any]:
-    return {"name": defense.name, **defense.config.to_dict()}

@@ -14,10 +14,11 @@ from typing import Any, Sequence
 import pandas as pd
 import yaml
 
-from benchmark_adapters.bundle import Bundle
+from ..bundle import Bundle
 from ..data import ImageDataset
 from ..defenses.base import Defense
-from .metrics import BackdoorMetrics
+from ..io import save_figure, write_csv
+from ..metrics import BackdoorMetrics
 from .runner import run_defense
 
 __all__ = ["ORACLE_LABEL", "parse_sweep", "sweep_defenses", "oracle_sweep", "write_sweep"]
@@ -43,10 +44,8 @@ def sweep_defenses(defense: Defense, key: str, values: Sequence[Any]) -> list[De
     if key not in fields:
         raise ValueError(f"--sweep: {defense.name} has no config field {key!r}; fields: {', '.join(sorted(fields))}")
     defenses = [type(defense)(defense.config.replace(**{key: v})) for v in values]
-    share = getattr(defense, "share_nwc_with", None)  # OTBR: reuse the unlearning stage when it is unchanged
-    if share is not None:
-        for d in defenses:
-            d.share_nwc_with(defense)
+    for d in defenses:  # the Defense hook: e.g. OTBR reuses its unlearning stage when it is unchanged
+        d.share_work_with(defense)
     return defenses
 
 
@@ -58,11 +57,10 @@ def oracle_sweep(bundle: Bundle, defenses: Sequence[Defense], key: str, *, clean
     for d in defenses:
         run = run_defense(bundle, d, data_root=data_root, device=device, seed=seed, clean_ratio=clean_ratio,
                           progress=progress, clean_test=clean_test, before=before)
-        diag = run.outcome.diagnostics
         rows.append({
             key: getattr(d.config, key),
             "acc": run.after.acc, "asr": run.after.asr, "ra": run.after.ra, "der": run.der,
-            "num_pruned": diag.get("num_pruned"),
+            "num_pruned": run.outcome.units_removed,  # column name kept for the committed sweep CSVs
             "defense_seconds": run.seconds.get("defense_total"),
             "diagnostic": ORACLE_LABEL,
         })
@@ -80,9 +78,7 @@ def write_sweep(table: pd.DataFrame, out_dir: str | Path, key: str, *, reported_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / f"oracle_sweep_{key}.csv", out / f"oracle_sweep_{key}.png"
-    tmp = out / f".oracle_sweep_{key}.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(csv_path)
+    write_csv(csv_path, table)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = table[key].astype(float)
@@ -101,8 +97,6 @@ def write_sweep(table: pd.DataFrame, out_dir: str | Path, key: str, *, reported_
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp_png = out / f".oracle_sweep_{key}.tmp.png"
-    fig.savefig(tmp_png, dpi=120)
+    save_figure(fig, png_path, dpi=120)
     plt.close(fig)
-    tmp_png.replace(png_path)
     return {"sweep_csv": csv_path, "sweep_png": png_path}

@@ -16,10 +16,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..io import save_figure
 from .records import RunRecord, read_record
 
 __all__ = ["load_records", "records_frame", "comparison_table", "format_table", "METRICS", "HIGHER_IS_BETTER",
-           "plot_acc_vs_asr"]
+           "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
@@ -163,8 +164,25 @@ def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    out = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return out
+
+
+def oracle_table(folder: str | Path) -> str:
+    """The oracle sweeps under ``folder`` (CSV files written by the grid or ``defend --sweep``), kept apart from
+    the comparison table and labelled: they are scored on the test set and never chose a reported result."""
+    files = sorted(Path(folder).rglob("oracle_sweep_*.csv"))
+    if not files:
+        return ""
+    frames = [pd.read_csv(f) for f in files]
+    df = pd.concat(frames, ignore_index=True)
+    keep = [c for c in df.columns if c not in ("diagnostic", "defense_seconds")]
+    df = df[keep]
+    for c in ("acc", "asr", "ra", "der"):
+        if c in df:
+            df[c] = (df[c] * 100).round(2)
+    lines = ["ORACLE DIAGNOSTIC (scored on the test set; not used for any reported result)", "",
+             "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import apply_overrides, load_yaml, parse_overrides
+from ..config import apply_overrides, find_config_file, load_yaml, parse_overrides
 from . import formatter
 
 EPILOG = """config sections (see configs/attack/<attack>/<dataset>.yaml):
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    config = apply_overrides(load_yaml(args.config), parse_overrides(args.overrides))
+    config = apply_overrides(load_yaml(find_config_file(args.config)), parse_overrides(args.overrides))
     train = dict(config.get("train") or {}) if isinstance(config.get("train", {}), dict) else config.get("train")
     if isinstance(train, dict):
         if args.device is not None:

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from ..bench.grid import load_grid, run_grid
-from ..bench.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
+from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
 from ..config import parse_overrides
+from ..io import write_text
 from . import formatter
 
 EPILOG = """examples:
@@ -49,14 +50,12 @@ def run(args: argparse.Namespace) -> int:
     if any(r.status == "ok" for r in records):
         mean, std = comparison_table(records)
         table = format_table(mean, std, "md")
-        (out / "table.md").write_text(table)
+        write_text(out / "table.md", table)
         plot_acc_vs_asr(records, out / "acc_vs_asr.png", title=f"{grid.name}: ACC vs ASR after defense")
         print(table)
-        from .results import oracle_table
-
         oracle = oracle_table(out / "oracle") if (out / "oracle").is_dir() else ""
         if oracle:
-            (out / "oracle_table.md").write_text(oracle)
+            write_text(out / "oracle_table.md", oracle)
             print(oracle)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:

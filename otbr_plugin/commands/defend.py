@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from benchmark_adapters.checkpoints import load_checkpoint
 
 from ..bench.runner import run_defense, summarize, write_defense_outputs
 from ..bench.sweep import ORACLE_LABEL, oracle_sweep, parse_sweep, sweep_defenses, write_sweep
 from ..data import get_dataset_spec, load_dataset
-from ..config import apply_overrides, default_config_path, load_yaml, parse_overrides
+from ..config import ResolvedConfig, resolve_config
 from ..defenses import get_defense, list_defenses
 from . import formatter
 
@@ -20,8 +19,9 @@ EPILOG = """examples:
   otbr-bench defend runs/badnets --defense clp --config configs/defense/clp/fashion_mnist.yaml --out runs/badnets-clp
   otbr-bench defend runs/badnets --defense otbr --out runs/badnets-otbr --sweep gamma=0.01,0.02,0.05,0.1,0.15,0.2
 
-The defense config is read from --config, else configs/defense/<defense>/<dataset>.yaml when it exists,
-else the defense's built-in defaults; --set key=value overrides single fields.
+The defense config is layered, later wins: the defense's built-in defaults < the packaged
+configs/defense/<defense>/<dataset>.yaml (when it exists) < --config < --set key=value. record.json says which
+layers were used (config_source).
 Outputs in --out: model/ (defended bundle), record.json (metrics before/after, DER, config, seconds),
 and one CSV per diagnostic table (e.g. nwc.csv for OTBR).
 --sweep KEY=V1,V2,... is an ORACLE DIAGNOSTIC: after the reported run it reruns the defense at each value and
@@ -57,20 +57,15 @@ def add_defense_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def resolve_defense_config(name: str, dataset: str, config_path: str | None, overrides: list[str]) -> tuple[dict, str]:
-    """The config mapping for ``name`` and where it came from."""
-    path = Path(config_path) if config_path else default_config_path("defense", name, dataset)
-    base = load_yaml(path) if path else {}
-    return apply_overrides(base, parse_overrides(overrides)), (str(path) if path else "built-in defaults")
 
 
 def load_for_defense(args: argparse.Namespace):
     bundle = load_checkpoint(args.checkpoint, data_root=args.data_root, trust=args.trust_checkpoint)
     if args.data_root is None and bundle.extra.get("data_root"):  # e.g. a BackdoorBench record's data/<dataset>
         args.data_root = bundle.extra["data_root"]
-    cfg, source = resolve_defense_config(args.defense, bundle.dataset, args.config, args.overrides)
-    defense = get_defense(args.defense)(cfg)
-    return bundle, defense, source
+    resolved: ResolvedConfig = resolve_config("defense", args.defense, bundle.dataset, args.config, args.overrides)
+    defense = get_defense(args.defense)(resolved.values)
+    return bundle, defense, resolved.source
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         sweep = (key, sweep_defenses(defense, key, values))  # bad keys/values fail before anything runs
     clean_test = load_dataset(get_dataset_spec(bundle.dataset).name, "test", args.data_root)
     result = run_defense(bundle, defense, data_root=args.data_root, device=args.device, seed=args.seed,
-                         clean_ratio=args.clean_ratio, progress=not args.no_progress, clean_test=clean_test)
+                         clean_ratio=args.clean_ratio, progress=not args.no_progress, clean_test=clean_test,
+                         config_source=source)
     paths = write_defense_outputs(result, args.out, overwrite=args.overwrite)
     print(summarize(result))
     if sweep is not None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..bench.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
 from ..bench.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
-                             report_dict, write_text_atomic)
-from ..bench.records import write_json_atomic
-from ..bench.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
+                             report_dict)
+from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..io import write_json, write_text
 from . import formatter
 
 TABLE_EPILOG = """examples:
@@ -93,8 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _emit(text: str, out: str | None) -> None:
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        write_text(out, text)
         print(f"wrote {out}")
     else:
         print(text, end="")
@@ -114,27 +112,6 @@ def _table(args: argparse.Namespace) -> int:
     if oracle:
         print("\n" + oracle, end="")
     return 0
-
-
-def oracle_table(folder: str | Path) -> str:
-    """The oracle sweeps under ``folder`` (CSV files written by the grid or ``defend --sweep``), kept apart from
-    the comparison table and labelled: they are scored on the test set and never chose a reported result."""
-    import pandas as pd
-
-    files = sorted(Path(folder).rglob("oracle_sweep_*.csv"))
-    if not files:
-        return ""
-    frames = [pd.read_csv(f) for f in files]
-    df = pd.concat(frames, ignore_index=True)
-    keep = [c for c in df.columns if c not in ("diagnostic", "defense_seconds")]
-    df = df[keep]
-    for c in ("acc", "asr", "ra", "der"):
-        if c in df:
-            df[c] = (df[c] * 100).round(2)
-    lines = ["ORACLE DIAGNOSTIC (scored on the test set; not used for any reported result)", "",
-             "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def _lb_export(args: argparse.Namespace) -> int:
@@ -199,9 +176,9 @@ def _regress(args: argparse.Namespace) -> int:
                           tolerance_file=str(tol_file) if tol_file else None)
     print(format_report(report))
     if args.junit:
-        print(f"wrote {write_text_atomic(args.junit, format_junit(report))}")
+        print(f"wrote {write_text(args.junit, format_junit(report))}")
     if args.markdown:
-        print(f"wrote {write_text_atomic(args.markdown, format_markdown(report))}")
+        print(f"wrote {write_text(args.markdown, format_markdown(report))}")
     if args.json:
-        print(f"wrote {write_json_atomic(args.json, report_dict(report))}")
+        print(f"wrote {write_json(args.json, report_dict(report))}")
     return 0 if report.passed else 1

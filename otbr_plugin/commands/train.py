@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..bench.metrics import accuracy, predict
+from ..metrics import accuracy, predict
 from ..data import Normalizer, load_dataset
 from ..models import create_model, list_models
 from ..runtime import resolve_device

@@ -9,10 +9,12 @@ from .datasets import (
     load_dataset,
 )
 from .poisoned import PoisonedTestSet
+from .subsets import CleanData, clean_defense_subset, stratified_indices
 from .specs import DATASETS, DatasetSpec, get_dataset_spec, list_datasets
 from .transforms import Normalizer, Preprocess, normalize, random_crop, random_hflip, to_float
 
 __all__ = [
+    "CleanData", "clean_defense_subset", "stratified_indices",
     "DatasetFormatError", "DatasetNotFoundError", "ImageDataset", "PoisonedTestSet", "default_data_root", "find_dataset",
     "load_dataset", "DATASETS", "DatasetSpec", "get_dataset_spec", "list_datasets", "Normalizer", "Preprocess",
     "normalize", "random_crop", "random_hflip", "to_float",

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..defenses.base import CleanData
 from .datasets import ImageDataset
 
-__all__ = ["clean_defense_subset", "stratified_indices"]
+__all__ = ["CleanData", "clean_defense_subset", "stratified_indices"]
+
+
+@dataclass
+class CleanData:
+    """The clean defense subset: uint8 images (N, C, H, W) and int64 labels drawn from the training set."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError("clean data images must be uint8 (N, C, H, W)")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("clean data needs one label per image")
+        if self.source != "train":
+            raise ValueError("the clean defense subset must come from the training split, never the test split")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def describe(self) -> str:
+        return f"clean subset of {len(self)}"
 
 
 def stratified_indices(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:

@@ -265,13 +265,12 @@ class ANP(Defense):
     description = "Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021): prune BN neurons sensitive to perturbation"
 
     def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
-        self.check_context(context)
+        clean = self.require_clean_data(context)
         cfg = self.config
         timer = StageTimer()
-        assert context.clean_data is not None
-        fit, hold = context.clean_data, None
+        fit, hold = clean, None
         if cfg.select_threshold:
-            fit, hold = split_holdout(context.clean_data, cfg.holdout_ratio, context.seed)
+            fit, hold = split_holdout(clean, cfg.holdout_ratio, context.seed)
         with timer("mask_optimization"):
             work = self.copy_model(model, context.device)
             masks, history = optimize_masks(work, fit.images, fit.labels, context, cfg)
@@ -279,8 +278,7 @@ class ANP(Defense):
         threshold = cfg.threshold
         selection = []
         with timer("pruning"):
-            if cfg.select_threshold:
-                assert hold is not None
+            if hold is not None:  # cfg.select_threshold: pick the threshold on the held-out clean part
                 base = clean_accuracy(self.copy_model(model, context.device), hold, context, cfg.batch_size_eval)
                 threshold = 0.0
                 for t in sorted(cfg.threshold_grid):
@@ -318,4 +316,4 @@ class ANP(Defense):
         if selection:
             tables["threshold_selection"] = pd.DataFrame(selection)
         return DefenseOutcome(model=defended.eval(), diagnostics=diagnostics, tables=tables,
-                              stage_seconds=timer.seconds, data_used=context.data_used())
+                              stage_seconds=timer.seconds, data_used=context.data_used(), units_removed=len(neurons))

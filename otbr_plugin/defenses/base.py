@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import dataclass_from_dict
+from ..data.subsets import CleanData
 from ..data.transforms import Normalizer
 
 __all__ = [
@@ -62,29 +63,6 @@ class DefenseConfig:
 
 
 @dataclass
-class CleanData:
-    """The clean defense subset: uint8 images (N, C, H, W) and int64 labels drawn from the training set."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    source: str = "train"
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError("clean data images must be uint8 (N, C, H, W)")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError("clean data needs one label per image")
-        if self.source != "train":
-            raise ValueError("the clean defense subset must come from the training split, never the test split")
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def describe(self) -> str:
-        return f"clean subset of {len(self)}"
-
-
-@dataclass
 class DefenseContext:
     """What a defense may know besides the model. No test data, ever."""
 
@@ -115,6 +93,8 @@ class DefenseOutcome:
     ``diagnostics``: JSON-serializable summary (pruned neurons, transport costs, thresholds, ...).
     ``tables``: named data frames written as CSV (e.g. ``"nwc"``: one row per neuron).
     ``stage_seconds``: wall time per stage of the method.
+    ``units_removed``: how many units (neurons / channels) the defense pruned or zeroed; every defense fills it
+    (0 for one that removes nothing), so harness code such as sweeps never reads a defense's diagnostics.
     """
 
     model: nn.Module
@@ -122,6 +102,7 @@ class DefenseOutcome:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     data_used: str = "none"
+    units_removed: int | None = None
 
 
 class StageTimer:
@@ -165,6 +146,20 @@ class Defense(ABC):
         """Called by subclasses first: refuses a context that lacks data the defense needs."""
         if self.needs_clean_data and context.clean_data is None:
             raise ValueError(f"defense {self.name!r} needs a clean defense subset, but the context holds none")
+
+    def require_clean_data(self, context: DefenseContext) -> CleanData:
+        """The clean defense subset of ``context``; a ``ValueError`` when it holds none (for defenses that
+        declare ``needs_clean_data``)."""
+        self.check_context(context)
+        if context.clean_data is None:
+            raise ValueError(f"defense {self.name!r} needs a clean defense subset, but the context holds none")
+        return context.clean_data
+
+    def share_work_with(self, other: "Defense") -> None:
+        """Hook: opt in to reusing expensive work of ``other`` (and vice versa), e.g. across the runs of a sweep
+        over a config field. A defense overrides it only where the reused work gives exactly the result of a
+        fresh run (OTBR shares its unlearning/NWC stage when the model, the context and the unlearning fields
+        match). The default shares nothing."""
 
     @staticmethod
     def copy_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -167,4 +167,4 @@ class CLP(Defense):
             "layers": [{k: v for k, v in l.items()} for l in layers],
         }
         return DefenseOutcome(model=defended.eval(), diagnostics=diagnostics, tables={"uclc": pd.DataFrame(rows)},
-                              stage_seconds=timer.seconds, data_used=context.data_used())
+                              stage_seconds=timer.seconds, data_used=context.data_used(), units_removed=total)

@@ -195,13 +195,12 @@ class FP(Defense):
     description = "Fine-Pruning (Liu et al., RAID 2018): prune dormant last-layer channels, then fine-tune"
 
     def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
-        self.check_context(context)
+        clean = self.require_clean_data(context)
         cfg = self.config
         timer = StageTimer()
         defended = self.copy_model(model, context.device)
-        assert context.clean_data is not None
         with timer("split"):
-            fit, hold = split_holdout(context.clean_data, cfg.holdout_ratio, context.seed)
+            fit, hold = split_holdout(clean, cfg.holdout_ratio, context.seed)
             site = feature_site(defended)
             tail = tail_module(defended, site.node)
         with timer("activations"):
@@ -273,4 +272,4 @@ class FP(Defense):
         }
         return DefenseOutcome(model=defended.eval(), diagnostics=diagnostics,
                               tables={"pruning_curve": curve, "activations": activations},
-                              stage_seconds=timer.seconds, data_used=context.data_used())
+                              stage_seconds=timer.seconds, data_used=context.data_used(), units_removed=int(n_pruned))

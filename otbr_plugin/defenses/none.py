@@ -23,4 +23,4 @@ class NoDefense(Defense):
     description = "no defense (the backdoored model as it is)"
 
     def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
-        return DefenseOutcome(model=self.copy_model(model, context.device), data_used="none")
+        return DefenseOutcome(model=self.copy_model(model, context.device), data_used="none", units_removed=0)

@@ -213,10 +213,12 @@ class OTBRDefense(Defense):
         super().__init__(config, **overrides)
         self._nwc_memo: dict[tuple, tuple] | None = None
 
-    def share_nwc_with(self, other: "OTBRDefense") -> None:
-        """Opt in to reusing the unlearning/NWC stage of ``other`` (and vice versa) when model, context and
-        the unlearning fields match exactly -- for sweeps over gamma, lam or the fusion options, where it
-        gives the same result as a fresh run at a fraction of the cost. Off by default."""
+    def share_work_with(self, other: Defense) -> None:
+        """Reuse the unlearning/NWC stage of ``other`` (and vice versa) when model, context and the unlearning
+        fields match exactly -- for sweeps over gamma, lam or the fusion options, where it gives the same
+        result as a fresh run at a fraction of the cost. Off by default; another defense class shares nothing."""
+        if not isinstance(other, OTBRDefense):
+            return
         if other._nwc_memo is None:
             other._nwc_memo = {}
         self._nwc_memo = other._nwc_memo
@@ -338,4 +340,5 @@ class OTBRDefense(Defense):
                 for n in fusion.fused_layers
             ])
         return DefenseOutcome(model=defended, diagnostics=diagnostics, tables=tables,
-                              stage_seconds=dict(timer.seconds), data_used=context.data_used())
+                              stage_seconds=dict(timer.seconds), data_used=context.data_used(),
+                              units_removed=diagnostics["num_pruned"])

@@ -7,31 +7,28 @@ from typing import Callable, Protocol
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "ModelConfig"]
+from ..registry import Registry
+
+__all__ = ["MODELS", "register_model", "create_model", "list_models", "ModelConfig"]
 
 
 class ModelFactory(Protocol):
     def __call__(self, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module: ...
 
 
-_REGISTRY: dict[str, ModelFactory] = {}
+MODELS: Registry[ModelFactory] = Registry("model", builtins={
+    "preactresnet18": "otbr_plugin.models.preact_resnet", "vgg19_bn": "otbr_plugin.models.vgg",
+    "smallcnn": "otbr_plugin.models.small"})
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator: register ``factory(num_classes, in_channels, image_size, width)`` under ``name``."""
-
-    def wrap(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    return MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
+    return MODELS.list()
 
 
 @dataclass(frozen=True)
@@ -70,8 +67,7 @@ def create_model(
         image_size: input height = width in pixels (the model must be able to take it).
         width: channel multiplier; 1.0 is the published architecture, 0.25 a CPU-sized one.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    factory = MODELS.get(name)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if in_channels not in (1, 3):
@@ -80,7 +76,7 @@ def create_model(
         raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
     if not (0 < float(width) <= 4):
         raise ValueError(f"width must be in (0, 4], got {width!r}")
-    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=float(width))
+    return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=float(width))
 
 
 def scaled(channels: int, width: float) -> int:

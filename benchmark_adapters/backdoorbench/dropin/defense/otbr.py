@@ -18,7 +18,7 @@ SAVE_NAME = "otbr"  # output folder record/<result_file>/defense/<SAVE_NAME>/ an
 
 if __name__ == "__main__":
     try:
-        from otbr_plugin.defenses.backdoorbench_face import main
+        from benchmark_adapters.backdoorbench.face import main
     except ImportError as err:
         sys.exit(f"{sys.argv[0]}: cannot import otbr-plugin ({err}); install it with: pip install otbr-plugin")
     sys.exit(main(DEFENSE, save_name=SAVE_NAME))

@@ -13,9 +13,9 @@ defense of the registry::
     face.configure(args)
     face.defense(args.result_file)
 
-Settings are layered, later wins: the defense's built-in defaults < the package's
-``configs/defense/<name>/<dataset>.yaml`` (when it exists) < the ``--yaml_path`` file < non-None CLI
-arguments. The YAML is flat, like BackdoorBench's: harness keys (dataset, device, random_seed, ratio, ...)
+Settings are layered by :func:`otbr_plugin.config.resolve_config`, later wins: the defense's built-in
+defaults < the package's ``configs/defense/<name>/<dataset>.yaml`` (when it exists) < the ``--yaml_path``
+file < non-None CLI arguments. The YAML is flat, like BackdoorBench's: harness keys (dataset, device, random_seed, ratio, ...)
 and any field of the defense's config dataclass; an unknown key is an error listing the valid ones.
 
 Outputs go where BackdoorBench expects them, ``record/<result_file>/defense/<name>/``:
@@ -36,10 +36,14 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import default_config_path, load_yaml
-from ..data.specs import get_dataset_spec
-from .base import Defense
-from .registry import get_defense
+from otbr_plugin.bench.runner import run_defense, summarize, write_defense_outputs
+from otbr_plugin.config import load_yaml, resolve_config
+from otbr_plugin.data.specs import get_dataset_spec
+from otbr_plugin.defenses import Defense, get_defense
+
+from .clean_test import load_clean_test, resolve_data_root
+from .record import load_attack_result
+from .writer import write_defense_result, write_defense_summary
 
 __all__ = ["BackdoorBenchDefense", "HARNESS_ARGUMENTS", "str2bool", "main"]
 
@@ -130,6 +134,9 @@ class BackdoorBenchDefense:
         self.save_path: Path | None = None
         self.defense_obj: Defense | None = None
         self.logger: logging.Logger | None = None
+        self.config_source = ""
+        self._yaml_fields: dict[str, Any] = {}
+        self._cli_fields: dict[str, Any] = {}
         self._configured = False
         if args is not None:
             self.configure(args)
@@ -179,6 +186,9 @@ class BackdoorBenchDefense:
         yaml_path = cli.get("yaml_path")
         base = load_yaml(yaml_path) if yaml_path else {}
         merged = {**base, **cli}
+        fields = set(self.config_fields)
+        self._yaml_fields = {k: v for k, v in base.items() if k in fields}
+        self._cli_fields = {k: v for k, v in cli.items() if k in fields}
         valid = _HARNESS_NAMES | set(self.config_fields)
         unknown = sorted(set(merged) - valid)
         if unknown:
@@ -200,12 +210,10 @@ class BackdoorBenchDefense:
         return merged
 
     def _build_defense(self, dataset: str | None) -> Defense:
-        layers: dict[str, Any] = {}
-        path = default_config_path("defense", self.name, dataset) if dataset else None
-        if path is not None:
-            layers.update(load_yaml(path))
-        layers.update({k: v for k, v in self.args.items() if k in self.config_fields})
-        self.defense_obj = self.defense_class(layers)
+        resolved = resolve_config("defense", self.name, dataset, self._yaml_fields, self._cli_fields,
+                                  user_label=self.args.get("yaml_path") or "--yaml_path")
+        self.config_source = resolved.source
+        self.defense_obj = self.defense_class(resolved.values)
         return self.defense_obj
 
     # ------------------------------------------------------------------------------------------------
@@ -217,8 +225,6 @@ class BackdoorBenchDefense:
 
     def set_result(self, result_file: str):
         """Read ``record/<result_file>/attack_result.pt`` (safely) and prepare ``.../defense/<name>/``."""
-        from benchmark_adapters.backdoorbench import load_attack_result
-
         if not self._configured:
             self.configure({"result_file": result_file})
         record = self._record(result_file)
@@ -269,11 +275,6 @@ class BackdoorBenchDefense:
 
     def mitigation(self) -> dict[str, Any]:
         """Run the defense on the loaded record, evaluate it and write BackdoorBench's outputs."""
-        from benchmark_adapters.backdoorbench import load_clean_test, resolve_data_root, write_defense_result, \
-            write_defense_summary
-
-        from ..bench.runner import run_defense, summarize, write_defense_outputs
-
         if self.result is None or self.save_path is None or self.record_path is None:
             raise RuntimeError("call set_result(result_file) before mitigation()")
         bundle = self.result
@@ -284,11 +285,12 @@ class BackdoorBenchDefense:
         root = root or (Path(user_root) if user_root else None) or (
             Path(bundle.extra["data_root"]) if bundle.extra.get("data_root") else None)
         self._log(f"{self.name} on {self.record_path} ({bundle.model_config.name}, {bundle.dataset}); "
-                  f"config {defense.config.to_dict()}; data root {root or 'default'}")
+                  f"config ({self.config_source}) {defense.config.to_dict()}; data root {root or 'default'}")
         clean_test = load_clean_test(bundle, root)
         run = run_defense(bundle, defense, data_root=root, device=a.get("device", "auto"),
                           seed=int(a.get("random_seed", 0)), clean_ratio=float(a.get("ratio", 0.05)),
-                          progress=bool(a.get("progress", True)), clean_test=clean_test)
+                          progress=bool(a.get("progress", True)), clean_test=clean_test,
+                          config_source=self.config_source)
         write_defense_outputs(run, self.save_path, overwrite=True)
         bb_model = bundle.extra.get("backdoorbench", {}).get("model_name", bundle.model_config.name)
         state = run.outcome.model.state_dict()
@@ -298,7 +300,7 @@ class BackdoorBenchDefense:
             self._log(line)
         self._log(f"wrote {result_pt} and {summary}")
         return {"model": run.outcome.model, "before": run.before.to_dict(), "after": run.after.to_dict(),
-                "der": run.der, "config": defense.config.to_dict(), "save_path": str(self.save_path),
+                "der": run.der, "config": defense.config.to_dict(), "config_source": self.config_source, "save_path": str(self.save_path),
                 "data_used": run.outcome.data_used, "seconds": run.seconds}
 
     def defense(self, result_file: str) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..data.transforms import Normalizer, to_float
-from ..runtime import resolve_device
+from .data.transforms import Normalizer, to_float
+from .runtime import resolve_device
 
 __all__ = ["BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
 

@@ -1,0 +1,118 @@
+"""Atomic writes: every file and folder the project writes goes through here, so nothing half-written is
+ever left behind (a temporary sibling is written, flushed and renamed into place).
+
+``write_text``, ``write_bytes``, ``write_json``, ``write_csv`` (a DataFrame or rows), ``save_figure`` (PNG),
+``write_with`` (any writer that takes a path, e.g. ``torch.save``) and ``atomic_dir`` (a whole folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+__all__ = ["write_with", "write_text", "write_bytes", "write_json", "write_csv", "save_figure", "atomic_dir",
+           "sha256_file", "json_default"]
+
+
+def write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path`` (atomic on POSIX)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return write_with(path, lambda p: p.write_bytes(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_with(path, lambda p: p.write_text(text))
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for tensors/arrays (``tolist``), paths and tuples."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_json(path: str | Path, data: Any, default: Callable[[Any], Any] | None = json_default) -> Path:
+    """Indented, key-sorted JSON."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=default))
+
+
+def write_csv(path: str | Path, table: Any = None, *, rows: Iterable[Sequence[Any]] | None = None) -> Path:
+    """A pandas DataFrame (written without its index) or plain ``rows`` (the first one the header)."""
+    if (table is None) == (rows is None):
+        raise TypeError("write_csv takes a DataFrame or rows=, not both")
+    if table is not None:
+        return write_with(path, lambda p: table.to_csv(p, index=False))
+
+    def write(p: Path) -> None:
+        with open(p, "w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+
+    return write_with(path, write)
+
+
+def save_figure(fig: Any, path: str | Path, **savefig: Any) -> Path:
+    """A matplotlib figure as PNG (``savefig`` options passed on)."""
+    return write_with(path, lambda p: fig.savefig(p, format="png", **savefig))
+
+
+@contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it into place when the block ends without error::
+
+        with atomic_dir(out / "model") as tmp:
+            (tmp / "meta.json").write_text(...)
+
+    An existing folder is refused unless ``overwrite``; then it is replaced only once the new one is complete.
+    On error the temporary folder is removed and the old one, if any, is left as it was."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, backup / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
