@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otbr_plugin.bench.metrics import BackdoorMetrics, defense_effectiveness_rating
+from otbr_plugin.metrics import BackdoorMetrics, defense_effectiveness_rating
 from otbr_plugin.bench.records import RunRecord, record_filename, write_record
 from otbr_plugin.bench.regress import (Tolerance, ToleranceSpec, build_report, compare, format_junit, format_markdown,
                                        load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..bench.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
 from ..bench.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
