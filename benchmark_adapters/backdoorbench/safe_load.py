@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -170,6 +171,8 @@ def safe_torch_load(path: str | Path, trust: bool = False) -> Any:
         raise AttackResultError(f"{p} is empty (truncated copy?)")
     try:
         if trust:
+            print(f"WARNING: unpickling {p} without the allowlist (trust flag): code in this file can run; do this "
+                  "only for files you made or trust", file=sys.stderr, flush=True)
             return torch.load(p, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(numpy_safe_globals()):
             return torch.load(p, map_location="cpu", weights_only=True)

@@ -22,10 +22,11 @@ from benchmark_adapters.bundle import MODEL_FILE, load_bundle, save_bundle, veri
 
 from ..bundle import Bundle, BundleError
 from ..attacks.runner import parse_attack_run, run_attack
-from ..config import apply_overrides, find_config_file, load_yaml, resolve_config
+from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
 from ..data import load_dataset
 from ..defenses import get_defense
 from ..io import folder_lock, json_default
+from ..runtime import resolve_device
 from .records import RunRecord, read_record, record_filename, run_fingerprint, write_record
 from .runner import evaluate_model, run_defense
 
@@ -127,6 +128,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"{gpath}: 'seeds' must be a non-empty list of non-negative integers")
+    resolve_device(str(raw.get("device", "auto")))  # an unavailable device is refused now, not in every cell
     ratio = float(raw.get("clean_ratio", 0.05))
     if not 0 < ratio <= 1:
         raise ValueError(f"{gpath}: clean_ratio must be in (0, 1], got {ratio}")
@@ -220,7 +222,13 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return "its last run failed"
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
-        changed = _changed_keys(_plain(record.defense_config), defense["config"])
+        # fields the config class gained after the record was written match when the grid leaves them at
+        # their declared defaults (the record's run had no such option)
+        defaults = _plain(declared_values(grid.defense_class(label).config_class))
+        asked = _plain(dict(grid.defenses[label] or {}))
+        current = {k: v for k, v in defense["config"].items()
+                   if k in record.defense_config or k not in defaults or asked.get(k, defaults[k]) != defaults[k]}
+        changed = _changed_keys(_plain(record.defense_config), current)
         if changed:
             return "the defense config changed (" + "; ".join(changed[:5]) + ")"
         if checkpoint is not None and record.checkpoint_sha256 != checkpoint:
