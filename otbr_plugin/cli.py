@@ -37,11 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(err: BaseException) -> str:
-    """The error's message on one line, with the message of the error it was raised from when that one says
-    more (e.g. the reason torch gives for refusing a file)."""
+    """The error's message on one line (the type named where the message alone would not say what happened)."""
     text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, (OSError, RecursionError)) and not isinstance(err, FileExistsError) and type(err).__name__ not in text:
-        text = f"{type(err).__name__}: {text}"
+    if isinstance(err, RecursionError) or (isinstance(err, OSError) and err.errno is not None):
+        text = f"{type(err).__name__}: {text}"  # e.g. "PermissionError: [Errno 13] Permission denied: 'x'"
     return text
 
 
