@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -17,11 +18,29 @@ try:
 except ImportError:  # Python 3.10
     from importlib.abc import Traversable
 
-__all__ = ["load_yaml", "parse_overrides", "apply_overrides", "dataclass_from_dict", "declared_values",
+__all__ = ["load_yaml", "parse_yaml", "YamlLoader", "parse_overrides", "apply_overrides", "dataclass_from_dict", "declared_values",
            "PACKAGED_CONFIGS", "packaged_configs", "packaged_config", "find_config_file", "ResolvedConfig",
            "resolve_config"]
 
 T = TypeVar("T")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads YAML 1.2 floats: ``1e-4`` and ``5E3`` are numbers, as every user
+    expects, not the strings YAML 1.1 makes of them."""
+
+
+YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (see :class:`YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
@@ -44,7 +63,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not key:
             raise ValueError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -241,9 +260,11 @@ def _merge(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(res: Traversable, label: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(res.read_text())
+        data = parse_yaml(res.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{label}: not valid YAML ({err})") from err
+    except RecursionError as err:
+        raise ValueError(f"{label}: nested too deeply to be a config file") from err
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -3,6 +3,8 @@ ever left behind (a temporary sibling is written, flushed and renamed into place
 
 ``write_text``, ``write_bytes``, ``write_json``, ``write_csv`` (a DataFrame or rows), ``save_figure`` (PNG),
 ``write_with`` (any writer that takes a path, e.g. ``torch.save``) and ``atomic_dir`` (a whole folder).
+Files and folders get the permissions the user's umask gives (``mkstemp``/``mkdtemp`` alone would make them
+private). ``folder_lock`` makes one writer per output folder at a time.
 """
 
 from __future__ import annotations
@@ -17,8 +19,54 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-__all__ = ["write_with", "write_text", "write_bytes", "write_json", "write_csv", "save_figure", "atomic_dir",
+__all__ = ["FolderLockedError", "folder_lock", "write_with", "write_text", "write_bytes", "write_json", "write_csv", "save_figure", "atomic_dir",
            "sha256_file", "json_default"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: Path, folder: bool) -> None:
+    """The mode ``open``/``mkdir`` would have given ``path`` under the current umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+class FolderLockedError(FileExistsError):
+    """Another process holds the lock of an output folder."""
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on ``<folder>/.lock`` for the block: one writer per folder at a time.
+
+    A second process (or a second lock in this one) gets :class:`FolderLockedError` at once, naming the
+    folder and the pid written by the holder. The lock goes with the process, also when it is killed."""
+    import fcntl
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / ".lock"
+    fh = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise FolderLockedError(
+                f"{root} is in use by another {what} (pid {holder} holds {lock}); wait for it to finish or pass "
+                "another output folder"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield root
+    finally:
+        fh.close()  # releases the lock
 
 
 def write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -29,6 +77,7 @@ def write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
     os.close(fd)
     tmp = Path(name)
     try:
+        _chmod_default(tmp, folder=False)
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -97,6 +146,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        _chmod_default(tmp, folder=True)
         yield tmp
         if target.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))

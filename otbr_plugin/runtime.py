@@ -26,9 +26,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
                 return torch.device(accel.type)
         return torch.device("cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as err:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu' or an accelerator name") from err
+    if dev.type in ("cpu", "meta"):
+        return dev
+    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    count = torch.accelerator.device_count() if accel is not None else 0
+    if accel is None or accel.type != dev.type or (dev.index is not None and dev.index >= count):
+        here = f"{accel.type}:0..{count - 1}" if accel is not None else "no accelerator"
+        raise ValueError(f"device {device!r} is not available on this machine ({here}); expected 'auto', 'cpu'"
+                         + (f" or {accel.type}[:N] with N < {count}" if accel is not None else ""))
+    return dev
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -74,14 +74,19 @@ def test_bench_command_exit_status_and_table(tmp_path, capsys):
     assert "FAILED badnets/test_exploding/seed0" in capsys.readouterr().out
 
 
-def test_cached_bundle_with_other_config_is_refused(tmp_path):
+def test_cached_bundle_with_other_config_is_trained_again(tmp_path):
     path = grid_file(tmp_path, ["none"])
     out = tmp_path / "out"
     run_grid(load_grid(path), out, progress=False, log=lambda s: None)
     grid = load_grid(path, {"attack_overrides": {"attack": {"poison_ratio": 0.2}}})
     (out / "records" / "fashion_mnist__smallcnn__badnets__none__seed0.json").unlink()
-    results = run_grid(grid, out, progress=False, log=lambda s: None)
-    assert results[0].status == "failed" and "another config" in results[0].error
+    logs = []
+    results = run_grid(grid, out, progress=False, log=logs.append)
+    assert results[0].status == "ok"
+    assert any("another config" in line and "poison_ratio" in line for line in logs)
+    from benchmark_adapters.bundle import load_bundle
+
+    assert load_bundle(out / "bundles" / "badnets-seed0").extra["resolved_config"]["attack"]["poison_ratio"] == 0.2
 
 
 def test_grid_validation(tmp_path):

@@ -73,7 +73,8 @@ HARNESS_ARGUMENTS: tuple[tuple[str, Any, str], ...] = (
     ("ratio", float, "clean defense subset as a share of the training set (data-dependent defenses); default 0.05"),
     ("model", str, "model name; checked against the record's model_name"),
     ("record_dir", str, "folder that holds the attack records (default ./record)"),
-    ("trust_checkpoint", str2bool, "true: unpickle attack_result.pt without the allowlist (only for files you trust)"),
+    ("trust_checkpoint", str2bool, "true: unpickle attack_result.pt without the allowlist (only for files you trust; "
+                                   "command line only, never from --yaml_path)"),
     ("progress", str2bool, "show progress bars (default true)"),
 )
 _HARNESS_NAMES = frozenset(a[0] for a in HARNESS_ARGUMENTS)
@@ -185,6 +186,15 @@ class BackdoorBenchDefense:
                if v is not None}
         yaml_path = cli.get("yaml_path")
         base = load_yaml(yaml_path) if yaml_path else {}
+        if "trust_checkpoint" in base:  # unsafe unpickling is never switched on by a file
+            try:
+                wants_trust = _harness_value("trust_checkpoint", str2bool, base["trust_checkpoint"])
+            except ValueError:
+                wants_trust = True
+            if wants_trust:
+                raise ValueError(f"{yaml_path}: trust_checkpoint may not be set in a config file (it would unpickle "
+                                 "arbitrary code); pass --trust_checkpoint true on the command line for a record you trust")
+            base = {k: v for k, v in base.items() if k != "trust_checkpoint"}
         merged = {**base, **cli}
         fields = set(self.config_fields)
         self._yaml_fields = {k: v for k, v in base.items() if k in fields}

@@ -140,36 +140,64 @@ def read_attack_result(path: str | Path, trust: bool = False) -> dict[str, Any]:
     return dict(obj)
 
 
+def _inside(record: Path, path: Path, stored: str) -> Path:
+    """``path`` with every symlink resolved, required to lie inside the (resolved) record folder."""
+    root = record.resolve()
+    try:
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise AttackResultError(f"{record}: image path {stored!r} cannot be resolved ({err})") from err
+    if real != root and root not in real.parents:
+        raise AttackResultError(
+            f"{record}: image path {stored!r} leads to {real}, outside the record folder {root} (through '..' or a "
+            "symlink); a record's poisoned test images must lie in its own bd_test_dataset/"
+        )
+    return real
+
+
 def _local_png(record: Path, stored: str, container_folder: str) -> Path:
     """Map a stored path (relative to the BackdoorBench root, or absolute) into ``record``.
 
     The part after the container folder's name (``bd_test_dataset``) is kept, so the record folder can live
-    anywhere; ``..`` is refused, so no path leads outside the record folder."""
+    anywhere; ``..`` is refused, and the result, with symlinks resolved (of the files and of the folder), must
+    lie inside the record folder."""
     parts = PurePosixPath(str(stored).replace("\\", "/")).parts
     base = PurePosixPath(str(container_folder).replace("\\", "/")).name or "bd_test_dataset"
+    if base in ("", ".", "..") or "/" in base:
+        raise AttackResultError(f"{record}: bd_test save_folder_path {container_folder!r} does not name a folder of the "
+                                "record (expected .../bd_test_dataset)")
     if base not in parts:
         raise AttackResultError(f"{record}: image path {stored!r} does not lie in the bd_test folder {container_folder!r}")
     pos = len(parts) - 1 - parts[::-1].index(base)
     rest = parts[pos + 1:]
-    if not rest or any(p in ("..", "") or p.startswith("/") for p in rest):
+    if not rest or any(p in ("..", ".", "") or p.startswith("/") for p in rest):
         raise AttackResultError(f"{record}: image path {stored!r} is not a file inside {base}/")
-    return record.joinpath(base, *rest)
+    return _inside(record, record.joinpath(base, *rest), stored)
 
 
 def _read_png(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """uint8 (C, H, W), and whether the file had another size and was resized (bilinear) to ``size``."""
+    """uint8 (C, H, W), and whether the file had another size and was resized (bilinear) to ``size``.
+
+    An image far larger than any dataset's (PIL's decompression-bomb limit) is refused before it is decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         raise AttackResultError(f"poisoned test image {path} is missing (the record's bd_test_dataset/ is incomplete)")
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            resized = img.size != (size[1], size[0])  # PIL size is (W, H)
-            if resized:
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                resized = img.size != (size[1], size[0])  # PIL size is (W, H)
+                if resized:
+                    img = img.resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise AttackResultError(f"poisoned test image {path} is too large to decode safely ({err}); expected a "
+                                f"{size[1]}x{size[0]} PNG") from err
+    except (OSError, ValueError, UnidentifiedImageError) as err:
         raise AttackResultError(f"poisoned test image {path} cannot be decoded ({err})") from err
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), resized
 

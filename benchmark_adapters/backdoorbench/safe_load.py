@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -38,12 +39,18 @@ class AttackResultError(ValueError):
 class UnsafeCheckpointError(AttackResultError):
     """The file needs pickle globals beyond the allowlist; it was NOT loaded (no code from it ran)."""
 
-    def __init__(self, path: Path, globals_: list[str]) -> None:
+    def __init__(self, path: Path, globals_: list[str], reason: str = "") -> None:
         self.path = path
         self.globals = globals_
-        names = ", ".join(globals_) if globals_ else "(unknown: see the chained error)"
+        if globals_:
+            what = f"the file needs global(s) outside the BackdoorBench allowlist: {', '.join(globals_)}"
+            if reason:
+                what += f" (torch's safe unpickler: {reason})"
+        else:
+            what = (f"the safe unpickler cannot read it ({reason or 'no reason given'}); it is not a torch.save "
+                    "archive of plain containers (a plain or old-protocol pickle?)")
         super().__init__(
-            f"{path}: refused to unpickle: the file needs global(s) outside the BackdoorBench allowlist: {names}. "
+            f"{path}: refused to unpickle: {what}. "
             f"A genuine attack_result.pt needs only numpy arrays, int64/float64 dtypes and numpy scalars. "
             f"Load it anyway only if you trust where it came from: pass {TRUST_HINT}."
         )
@@ -91,6 +98,39 @@ def globals_in_checkpoint(path: Path) -> list[str]:
     return sorted(g for g in found if g not in ALLOWED_GLOBAL_NAMES)
 
 
+def _pickle_globals(path: Path) -> list[str]:
+    """Globals named in a plain (non-zip) pickle file, read statically with :mod:`pickletools` (nothing runs)."""
+    import pickletools
+
+    found: set[str] = set()
+    recent: list[str | None] = []  # what the last ops pushed (a string, or None for anything else)
+    try:
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    found.add(arg.replace(" ", "."))
+                    recent.append(None)
+                elif op.name == "STACK_GLOBAL":
+                    if len(recent) >= 2 and isinstance(recent[-2], str) and isinstance(recent[-1], str):
+                        found.add(f"{recent[-2]}.{recent[-1]}")
+                    else:
+                        found.add("(a global named through the memo)")
+                    recent.append(None)
+                elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME", "PROTO"):
+                    continue
+                else:
+                    recent.append(arg if isinstance(arg, str) and "UNICODE" in op.name else None)
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    return sorted(g for g in found if g not in ALLOWED_GLOBAL_NAMES)
+
+
+def _unpickler_reason(text: str) -> str:
+    """The line after torch's "WeightsUnpickler error:" (e.g. "Unsupported operand 100"), if any."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return m.group(1).strip().splitlines()[0] if m else ""
+
+
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global|got <class '([\w.]+)'>")
 
 
@@ -101,7 +141,9 @@ def _describe_load_error(path: Path, err: BaseException) -> AttackResultError:
         names = globals_in_checkpoint(path)
         if not names:
             names = sorted({a or b for a, b in _GLOBAL_RE.findall(text)})
-        return UnsafeCheckpointError(path, names)
+        if not names and not zipfile.is_zipfile(path):
+            names = _pickle_globals(path)
+        return UnsafeCheckpointError(path, names, _unpickler_reason(text))
     if "zip archive" in text or "central directory" in text or isinstance(err, (EOFError, zipfile.BadZipFile)):
         return AttackResultError(
             f"{path}: not a readable torch archive ({_first_sentence(text) or type(err).__name__}); "
@@ -129,6 +171,8 @@ def safe_torch_load(path: str | Path, trust: bool = False) -> Any:
         raise AttackResultError(f"{p} is empty (truncated copy?)")
     try:
         if trust:
+            print(f"WARNING: unpickling {p} without the allowlist (trust flag): code in this file can run; do this "
+                  "only for files you made or trust", file=sys.stderr, flush=True)
             return torch.load(p, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(numpy_safe_globals()):
             return torch.load(p, map_location="cpu", weights_only=True)

@@ -8,6 +8,8 @@ interrupted grid resumes where it stopped; a failing cell is recorded with its e
 from __future__ import annotations
 
 import copy
+import json
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,17 +18,19 @@ from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
 
-from benchmark_adapters.bundle import load_bundle, save_bundle
+from benchmark_adapters.bundle import MODEL_FILE, load_bundle, save_bundle, verify_bundle
 
 from ..bundle import Bundle, BundleError
 from ..attacks.runner import parse_attack_run, run_attack
-from ..config import apply_overrides, find_config_file, load_yaml, resolve_config
+from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
 from ..data import load_dataset
 from ..defenses import get_defense
-from .records import RunRecord, read_record, record_filename, write_record
+from ..io import folder_lock, json_default
+from ..runtime import resolve_device
+from .records import RunRecord, read_record, record_filename, run_fingerprint, write_record
 from .runner import evaluate_model, run_defense
 
-__all__ = ["GridSpec", "CellResult", "load_grid", "run_grid"]
+__all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "stale_reason"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps"}
@@ -124,6 +128,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"{gpath}: 'seeds' must be a non-empty list of non-negative integers")
+    resolve_device(str(raw.get("device", "auto")))  # an unavailable device is refused now, not in every cell
     ratio = float(raw.get("clean_ratio", 0.05))
     if not 0 < ratio <= 1:
         raise ValueError(f"{gpath}: clean_ratio must be in (0, 1], got {ratio}")
@@ -148,6 +153,11 @@ class CellResult:
     error: str | None = None
 
 
+def _plain(value: Any) -> Any:
+    """JSON-equal plain data (tuples as lists, tensors as lists), so configs compare as they are stored."""
+    return json.loads(json.dumps(value, sort_keys=True, default=json_default))
+
+
 def _result_relevant(resolved: Mapping[str, Any] | None) -> Any:
     """A resolved attack config without the fields that cannot change the trained model (progress bars)."""
     if not isinstance(resolved, Mapping):
@@ -155,33 +165,138 @@ def _result_relevant(resolved: Mapping[str, Any] | None) -> Any:
     out = copy.deepcopy(dict(resolved))
     if isinstance(out.get("train"), dict):
         out["train"].pop("progress", None)
-    return out
+    return _plain(out)
+
+
+def _attack_fingerprint_config(grid: GridSpec, attack: str, seed: int) -> dict[str, Any]:
+    return _result_relevant(parse_attack_run(grid.attack_config(attack, seed)).resolved())
+
+
+def _defense_fingerprint_config(grid: GridSpec, label: str) -> dict[str, Any]:
+    """The defense's full config (defaults filled in) and the registered defense behind the label."""
+    return {"name": grid.defense_names.get(label, label),
+            "config": _plain(grid.defense_class(label)(grid.defenses[label]).config.to_dict())}
+
+
+def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str) -> str:
+    return run_fingerprint(attack_cfg, _defense_fingerprint_config(grid, label), checkpoint_sha256,
+                           {"clean_ratio": grid.clean_ratio})
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
+
+
+def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any]) -> str | None:
+    """sha256 of the cached bundle's weights when it exists and was trained with ``attack_cfg``, else None."""
+    if not path.exists():
+        return None
+    try:
+        meta = verify_bundle(path)
+    except BundleError:
+        return None
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    if _result_relevant(extra.get("resolved_config")) != attack_cfg:
+        return None
+    return meta["files"].get(MODEL_FILE)
+
+
+def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any], label: str,
+                 checkpoint: str | None) -> str | None:
+    """Why the cell behind ``record_path`` must run again, or None when its record can be reused.
+
+    A record is reused only when its fingerprint equals the cell's (resolved attack and defense configs,
+    checkpoint sha256, package version, clean ratio). ``checkpoint`` is the cached bundle's sha256; when there
+    is no cached bundle the record's own is used (the bundle is trained again from the same config). A record
+    written before fingerprints existed matches when its defense config and checkpoint sha256 match."""
+    try:
+        record = read_record(record_path)
+    except ValueError as err:
+        return f"its record cannot be read ({err})"
+    if record.status != "ok":
+        return "its last run failed"
+    defense = _defense_fingerprint_config(grid, label)
+    if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
+        # fields the config class gained after the record was written match when the grid leaves them at
+        # their declared defaults (the record's run had no such option)
+        defaults = _plain(declared_values(grid.defense_class(label).config_class))
+        asked = _plain(dict(grid.defenses[label] or {}))
+        current = {k: v for k, v in defense["config"].items()
+                   if k in record.defense_config or k not in defaults or asked.get(k, defaults[k]) != defaults[k]}
+        changed = _changed_keys(_plain(record.defense_config), current)
+        if changed:
+            return "the defense config changed (" + "; ".join(changed[:5]) + ")"
+        if checkpoint is not None and record.checkpoint_sha256 != checkpoint:
+            return "the backdoored checkpoint changed"
+        return None
+    sha = checkpoint or record.checkpoint_sha256
+    if record.fingerprint == _cell_fingerprint(grid, attack_cfg, label, sha):
+        return None
+    reasons = []
+    changed = _changed_keys(_plain(record.defense_config), defense["config"])
+    if changed or (record.defense_name or record.defense) != defense["name"]:
+        reasons.append("the defense config changed" + (" (" + "; ".join(changed[:5]) + ")" if changed else ""))
+    if record.attack_config is not None:
+        changed = _changed_keys(_plain(record.attack_config), attack_cfg)
+        if changed:
+            reasons.append("the attack config changed (" + "; ".join(changed[:5]) + ")")
+    if record.checkpoint_sha256 != sha:
+        reasons.append("the backdoored checkpoint changed")
+    if record.versions.get("otbr_plugin") != _package_version():
+        reasons.append(f"otbr-plugin {record.versions.get('otbr_plugin')} wrote it, this is {_package_version()}")
+    return "its fingerprint does not match" + (": " + ", ".join(reasons) if reasons else "")
+
+
+def _package_version() -> str:
+    from otbr_plugin import __version__
+
+    return __version__
 
 
 def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None]) -> Bundle:
-    """The cached bundle for (attack, seed), trained now if absent."""
+    """The cached bundle for (attack, seed), trained now if absent or trained with another config."""
     cfg = grid.attack_config(attack, seed)
     run = parse_attack_run(cfg)
     path = bundles / f"{attack}-seed{seed}"
     if path.exists():
         bundle = load_bundle(path)
-        if _result_relevant(bundle.extra.get("resolved_config")) != _result_relevant(run.resolved()):
-            raise BundleError(f"{path} was trained with another config than the grid asks for; remove it or use "
-                              "another --out folder")
-        log(f"{attack} seed {seed}: using cached bundle {path}")
-        return bundle
-    log(f"{attack} seed {seed}: training the backdoored model (cached in {path})")
+        changed = _changed_keys(_result_relevant(bundle.extra.get("resolved_config")), _result_relevant(run.resolved()))
+        if not changed:
+            log(f"{attack} seed {seed}: using cached bundle {path}")
+            return bundle
+        log(f"{attack} seed {seed}: the cached bundle {path} was trained with another config ("
+            + "; ".join(changed[:5]) + "); training it again")
+    else:
+        log(f"{attack} seed {seed}: training the backdoored model (cached in {path})")
     bundle = run_attack(run, grid.data_root, log=lambda s: None)
-    save_bundle(bundle, path)
+    save_bundle(bundle, path, overwrite=True)
     return load_bundle(path)
 
 
 def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
-             log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[CellResult]:
-    """Run every missing cell; returns one result per cell (skipped, ok or failed)."""
+             log: Callable[[str], None] = lambda s: print(s, flush=True), lock: bool = True) -> list[CellResult]:
+    """Run every cell whose record is missing, failed or stale; returns one result per cell (skipped, ok or
+    failed). ``lock``: hold ``<out>/.lock`` (and the bundles folder's) for the run, so a second run on the
+    same folder stops at once with :class:`~otbr_plugin.io.FolderLockedError` (pass False when the caller
+    holds it)."""
     out = Path(out)
-    records_dir = out / "records"
     bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
+    if not lock:
+        return _run_grid(grid, out, bundles, progress, log)
+    with folder_lock(out, "otbr-bench run"):
+        if bundles_dir is None or out.resolve() in bundles.resolve().parents:
+            return _run_grid(grid, out, bundles, progress, log)
+        with folder_lock(bundles, "otbr-bench run (bundles folder)"):
+            return _run_grid(grid, out, bundles, progress, log)
+
+
+def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Callable[[str], None]) -> list[CellResult]:
+    records_dir = out / "records"
     cells = [(a, d, s) for s in grid.seeds for a in grid.attacks for d in grid.defenses]
     model_name = {a: parse_attack_run(c).model.name for a, c in grid.attacks.items()}
     results: list[CellResult] = []
@@ -189,17 +304,18 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
     bar = tqdm(total=len(cells), desc=f"grid {grid.name}", disable=not progress)
     for seed in grid.seeds:
         for attack in grid.attacks:
+            attack_cfg = _attack_fingerprint_config(grid, attack, seed)
+            cached = _cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg)
             todo = []
             for defense in grid.defenses:
                 path = records_dir / record_filename(grid.dataset, model_name[attack], attack, defense, seed)
                 if path.exists():
-                    try:
-                        if read_record(path).status == "ok":
-                            results.append(CellResult(attack, defense, seed, "skipped"))
-                            bar.update(1)
-                            continue
-                    except ValueError:
-                        pass  # unreadable: run the cell again
+                    reason = stale_reason(grid, path, attack_cfg, defense, cached)
+                    if reason is None:
+                        results.append(CellResult(attack, defense, seed, "skipped"))
+                        bar.update(1)
+                        continue
+                    log(f"{attack}/{defense}/seed{seed}: running again, {reason}")
                 todo.append((defense, path))
             if not todo:
                 continue
@@ -210,7 +326,7 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                 before = evaluate_model(bundle.build_model(), bundle, clean_test)
             except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
                 for defense, path in todo:
-                    results.append(_fail(grid, attack, defense, seed, path, None, err))
+                    results.append(_fail(grid, attack, defense, seed, path, None, err, log))
                     bar.update(1)
                 continue
             for defense, path in todo:
@@ -225,13 +341,15 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                     record.attack["label"] = attack
                     if grid.defense_names.get(defense, defense) != defense:
                         record.defense, record.defense_name = defense, grid.defense_names[defense]
+                    record.attack_config = attack_cfg
+                    record.fingerprint = _cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256)
                     record.seconds["cell_total"] = time.perf_counter() - t0
                     write_record(record, path)
                     results.append(CellResult(attack, defense, seed, "ok"))
                     log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
                         f"RA {run.after.ra * 100:.2f}  DER {run.der * 100:.2f}  ({record.seconds['cell_total']:.1f} s)")
                 except Exception as err:  # noqa: BLE001
-                    results.append(_fail(grid, attack, defense, seed, path, bundle, err))
+                    results.append(_fail(grid, attack, defense, seed, path, bundle, err, log))
                 bar.update(1)
             _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log)
     bar.close()
@@ -264,14 +382,26 @@ def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, c
 
 
 def _fail(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bundle: Bundle | None,
-          err: BaseException) -> CellResult:
+          err: BaseException, log: Callable[[str], None] = lambda s: None) -> CellResult:
+    """Record a failed cell; an ok record already at ``path`` is never overwritten by a failed one."""
     message = f"{type(err).__name__}: {err}"
+    if path.exists():
+        try:
+            kept = read_record(path).status == "ok"
+        except ValueError:
+            kept = False
+        if kept:
+            log(f"{attack}/{defense}/seed{seed}: failed ({message}); kept the earlier ok record {path}")
+            return CellResult(attack, defense, seed, "failed", message)
+    metrics = dict(bundle.metrics) if bundle else {}
     record = RunRecord(
-        dataset=grid.dataset, model=bundle.model_config.to_dict() if bundle else {"name": grid.attacks[attack].get("model", {}).get("name")},
+        dataset=grid.dataset, model=bundle.model_config.to_dict() if bundle else {"name": str(grid.attacks[attack].get("model", {}).get("name"))},
         attack={**(dict(bundle.attack) if bundle else {"name": attack}), "label": attack}, defense=defense,
         defense_config=grid.defenses.get(defense, {}), seed=seed,
         checkpoint_sha256=(bundle.model_sha256 or "") if bundle else "",
-        metrics_before=dict(bundle.metrics) if bundle else {}, metrics_after=None, der=None, data_used="",
+        metrics_before={k: v for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)},
+        metrics_after=None, der=None, data_used="",
         status="failed", error=message, diagnostics={"traceback": traceback.format_exc(limit=8)},
     )
     write_record(record, path)

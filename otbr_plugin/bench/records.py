@@ -6,16 +6,18 @@ Tables, leaderboard files and regression checks read only these records.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json
+from ..io import json_default, write_json
 
 __all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_record", "read_record",
-           "library_versions", "record_filename"]
+           "library_versions", "record_filename", "run_fingerprint"]
 
 RECORD_SCHEMA_VERSION = 1
 
@@ -36,6 +38,59 @@ def library_versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover - POT is a dependency
         pass
     return out
+
+
+def run_fingerprint(attack_config: Any, defense_config: Any, checkpoint_sha256: str,
+                    extra: dict[str, Any] | None = None) -> str:
+    """sha256 over everything that produced a cell's result: the resolved attack config, the resolved defense
+    config, the checkpoint's sha256 and the package version (``extra``: anything else that shapes it, e.g. the
+    clean subset ratio). A grid reuses a record only when its fingerprint equals the one of the cell to run."""
+    from otbr_plugin import __version__
+
+    payload = {"attack": attack_config, "defense": defense_config, "checkpoint_sha256": checkpoint_sha256,
+               "otbr_plugin": __version__, **(extra or {})}
+    text = json.dumps(payload, sort_keys=True, default=json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """Every field of a record has the type the tables and the grid rely on (ValueError naming the field)."""
+    def need(ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"field {name!r} must be {expected}, got {data.get(name)!r:.80}")
+
+    for name in ("dataset", "defense", "checkpoint_sha256", "data_used"):
+        need(isinstance(data[name], str), name, "a string")
+    for name in ("model", "attack", "defense_config"):
+        need(isinstance(data[name], dict), name, "an object")
+    for name in ("seconds", "diagnostics", "versions"):
+        if name in data:
+            need(isinstance(data[name], dict), name, "an object")
+    for name in ("device", "config_source", "timestamp"):
+        if name in data:
+            need(isinstance(data[name], str), name, "a string")
+    for name in ("error", "defense_name", "fingerprint"):
+        if data.get(name) is not None:
+            need(isinstance(data[name], str), name, "a string or null")
+    need(isinstance(data["seed"], int) and not isinstance(data["seed"], bool) and data["seed"] >= 0, "seed",
+         "a non-negative integer")
+    need(isinstance(data["metrics_before"], dict) and all(_is_num(v) for v in data["metrics_before"].values()),
+         "metrics_before", "an object of finite numbers")
+    after = data["metrics_after"]
+    if after is not None:
+        need(isinstance(after, dict), "metrics_after", "an object or null")
+        for m in ("acc", "asr", "ra"):
+            v = after.get(m)
+            if not (_is_num(v) and 0 <= v <= 1):
+                raise ValueError(f"field 'metrics_after.{m}' must be a fraction in [0, 1], got {v!r:.80}")
+    der = data["der"]
+    need(der is None or (_is_num(der) and 0 <= der <= 1), "der", "a fraction in [0, 1] or null")
+    name = data["model"].get("name")
+    need(isinstance(name, str), "model", "an object with a string 'name'")
 
 
 @dataclass
@@ -63,6 +118,8 @@ class RunRecord:
     timestamp: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = RECORD_SCHEMA_VERSION
     defense_name: str | None = None  # the registered defense when ``defense`` is a grid label (a variant)
+    fingerprint: str | None = None  # run_fingerprint of the cell; None in records written before it existed
+    attack_config: dict[str, Any] | None = None  # the resolved attack run config (grid cells)
 
     def __post_init__(self) -> None:
         if self.status not in ("ok", "failed"):
@@ -83,6 +140,8 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        if not isinstance(data, dict):
+            raise ValueError(f"a run record is a JSON object, got {type(data).__name__}")
         if data.get("schema_version") != RECORD_SCHEMA_VERSION:
             raise ValueError(
                 f"run record schema_version {data.get('schema_version')!r} is not supported (expected {RECORD_SCHEMA_VERSION})"
@@ -92,6 +151,9 @@ class RunRecord:
                                "metrics_before", "metrics_after", "der", "data_used") if n not in data]
         if missing:
             raise ValueError(f"run record is missing field(s) {', '.join(missing)}")
+        _check_types(data)
+        if data.get("attack_config") is not None and not isinstance(data["attack_config"], dict):
+            raise ValueError("field 'attack_config' must be an object or null")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -107,8 +169,10 @@ def read_record(path: str | Path) -> RunRecord:
     p = Path(path)
     try:
         data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{p}: not a readable run record ({err})") from err
+    except RecursionError as err:
+        raise ValueError(f"{p}: not a run record (JSON nested too deeply)") from err
     try:
         return RunRecord.from_dict(data)
     except (TypeError, ValueError) as err:

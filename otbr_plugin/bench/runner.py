@@ -6,6 +6,7 @@ it needs data). Evaluation on the clean and poisoned test sets happens here, aft
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..data.subsets import clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, build_context
 from ..runtime import resolve_device, seed_everything
 from ..metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
-from ..io import write_csv, write_json
+from ..io import json_default, write_csv, write_json
 from .records import RunRecord
 
 __all__ = ["DefenseRun", "evaluate_model", "run_defense", "write_defense_outputs"]
@@ -136,10 +137,14 @@ def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool 
                  "seed": run.seed, "source_checkpoint_sha256": b.model_sha256},
         extra={"metrics_before_defense": run.before.to_dict()},
     )
+    if not overwrite and (out / "record.json").exists():
+        raise FileExistsError(f"{out / 'record.json'} already exists (pass overwrite=True / --overwrite to replace it)")
+    record = run.record().to_dict()  # built (and checked) before anything is written
+    RunRecord.from_dict(json.loads(json.dumps(record, default=json_default)))
     paths: dict[str, Path] = {"model": save_bundle(defended, out / "model", overwrite=overwrite)}
     for name, table in run.outcome.tables.items():
         paths[name] = write_csv(out / f"{name}.csv", table)
-    paths["record"] = write_json(out / "record.json", run.record().to_dict())
+    paths["record"] = write_json(out / "record.json", record)
     return paths
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 
 from ..bundle import Bundle
+from ..config import parse_yaml
 from ..data import ImageDataset
 from ..defenses.base import Defense
 from ..io import save_figure, write_csv
@@ -35,7 +36,7 @@ def parse_sweep(spec: str) -> tuple[str, list[Any]]:
     parts = [p.strip() for p in raw.split(",") if p.strip()]
     if not key or not parts:
         raise ValueError(f"--sweep {spec!r} needs a key and at least one value, e.g. gamma=0.01,0.05,0.1")
-    return key, [yaml.safe_load(p) for p in parts]
+    return key, [parse_yaml(p) for p in parts]
 
 
 def sweep_defenses(defense: Defense, key: str, values: Sequence[Any]) -> list[Defense]:

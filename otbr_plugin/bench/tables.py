@@ -33,15 +33,24 @@ def load_records(folder: str | Path) -> list[RunRecord]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder of run records")
     records = []
+    seen: dict[tuple, Path] = {}
     for path in sorted(root.rglob("*.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue
         if isinstance(data, dict) and "schema_version" in data and "checkpoint_sha256" in data:
-            records.append(read_record(path))
+            record = read_record(path)
+            key = record.key()
+            if key in seen:
+                raise ValueError(
+                    f"{seen[key]} and {path} are both the record of {'/'.join(map(str, key[:4]))} seed {key[4]}; "
+                    "one folder holds one record per (dataset, model, attack, defense, seed): remove one of them"
+                )
+            seen[key] = path
+            records.append(record)
     return sorted(records, key=lambda r: r.key())
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
 from ..bench.grid import load_grid, run_grid
 from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
 from ..config import parse_overrides
-from ..io import write_text
+from ..io import folder_lock, write_text
 from . import formatter
 
 EPILOG = """examples:
@@ -17,7 +18,9 @@ EPILOG = """examples:
   otbr-bench bench configs/bench/ci_slice.yaml --out runs/ci
   otbr-bench bench configs/bench/fashion_mnist.yaml --out runs/quick --set seeds=[0,1] --set attack_overrides.train.epochs=2
 
-Re-running the same command resumes: cells whose record exists are skipped, failed cells are retried.
+Re-running the same command resumes: a cell is skipped only when its record's fingerprint (resolved attack and
+defense configs, checkpoint sha256, package version) matches; changed cells run again (the log says why) and
+failed cells are retried. One run per --out at a time (<out>/.lock); an ok record is never replaced by a failed one.
 Outputs in --out: records/*.json (one run record per cell), bundles/ (cached backdoored models), table.md,
 acc_vs_asr.png. The exit status is 1 when any cell failed (the failures are listed at the end).
 """
@@ -38,10 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, parse_overrides(args.overrides))
     out = Path(args.out)
+    with contextlib.ExitStack() as locks:  # one writer per output folder (and per external bundles folder)
+        locks.enter_context(folder_lock(out, "otbr-bench bench run"))
+        if args.bundles is not None and out.resolve() not in Path(args.bundles).resolve().parents:
+            locks.enter_context(folder_lock(args.bundles, "otbr-bench bench run (bundles folder)"))
+        return _run_locked(args, grid, out)
+
+
+def _run_locked(args: argparse.Namespace, grid, out: Path) -> int:
     print(f"grid {grid.name}: {len(grid.attacks)} attack(s) x {len(grid.defenses)} defense(s) x {len(grid.seeds)} "
           f"seed(s) on {grid.dataset}; output {out}")
     start = time.perf_counter()
-    results = run_grid(grid, out, bundles_dir=args.bundles, progress=not args.no_progress)
+    results = run_grid(grid, out, bundles_dir=args.bundles, progress=not args.no_progress, lock=False)
     wall = time.perf_counter() - start
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from benchmark_adapters.checkpoints import load_checkpoint
 
@@ -11,6 +12,7 @@ from ..bench.sweep import ORACLE_LABEL, oracle_sweep, parse_sweep, sweep_defense
 from ..data import get_dataset_spec, load_dataset
 from ..config import ResolvedConfig, resolve_config
 from ..defenses import get_defense, list_defenses
+from ..runtime import resolve_device
 from . import formatter
 
 EPILOG = """examples:
@@ -68,7 +70,19 @@ def load_for_defense(args: argparse.Namespace):
     return bundle, defense, resolved.source
 
 
+def check_out_folder(out: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder that already holds a defense result, before any work is done."""
+    held = [name for name in ("model", "record.json") if (Path(out) / name).exists()]
+    if held and not overwrite:
+        raise FileExistsError(f"{out} already holds a defense result ({', '.join(held)}); pass --overwrite to replace "
+                              "it or choose another --out")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out} is a file; expected a folder (new or holding an earlier result)")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_out_folder(args.out, args.overwrite)
+    resolve_device(args.device)  # an unavailable device is refused before the checkpoint is read
     bundle, defense, source = load_for_defense(args)
     print(f"{defense.name} config ({source}): {defense.config.to_dict()}")
     sweep = None
