@@ -248,8 +248,9 @@ def test_diagnose_command_options_and_errors(tmp_path, capsys):
     root, bundle = _tiny_bundle(tmp_path)
     out = tmp_path / "ref"
     assert main(["diagnose", str(bundle), "--out", str(out), "--data-root", str(root), "--setting", "reference",
-                 "--unlearn-samples", "5", *FAST]) == 0
+                 "--unlearn-samples", "5", "--eval-samples", "10", *FAST]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluated_on"].startswith("10 of 30 clean and 10 of ")
     assert summary["config"]["setting"] == "reference" and summary["config"]["cost"] == "unaligned"
     assert summary["unlearning_samples"]["poison"].startswith("5 of 12")
     assert main(["diagnose", str(bundle), "--out", str(tmp_path / "x"), "--gammas", "1.5"]) == 1

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unlearn-samples", type=int, default=None, metavar="N",
                    help="poisoned / clean training samples used for data unlearning (default: unlearn_steps x "
                         "unlearn_batch_size of the config, i.e. each sample seen once)")
+    p.add_argument("--eval-samples", type=int, default=2000, metavar="N",
+                   help="ACC/ASR/RA on a seeded subset of N clean and N poisoned test samples (0: the whole test "
+                        "sets; evaluation is most of the run time: 26 evaluations for the default grid)")
     p.add_argument("--top", type=float, default=0.05, help="share of neurons (by poison NWC) that are the AUC's positives")
     p.add_argument("--data-root", default=None, help="data root of the training/test split (default $OTBR_DATA or ./data)")
     p.add_argument("--device", default="auto", help="auto (accelerator if present, else cpu), cpu, ...")
@@ -88,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--gammas must lie in [0, 1) and --lams in [0, 1]; got {bad}")
     if args.unlearn_samples is not None and args.unlearn_samples < 1:
         raise ValueError(f"--unlearn-samples must be >= 1, got {args.unlearn_samples}")
+    if args.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0 (0: the whole test sets), got {args.eval_samples}")
     if not 0.0 < args.top < 1.0:
         raise ValueError(f"--top must be a share in (0, 1), got {args.top}")
     if args.threads is not None:
@@ -115,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         train = None
     d = diagnose(bundle, defense, clean_test=clean_test, train=train, gammas=gammas, lams=lams,
                  unlearn_samples=args.unlearn_samples, device=device, seed=args.seed,
-                 progress=not args.no_progress, trust=args.trust_checkpoint, top=args.top)
+                 progress=not args.no_progress, trust=args.trust_checkpoint, top=args.top,
+                 eval_samples=args.eval_samples or None)
     out = write_diagnosis(d, args.out, overwrite=args.overwrite)
     s = summary_data(d)
     for comp, v in s["correlation_overall"].items():
