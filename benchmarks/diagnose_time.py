@@ -3,7 +3,7 @@ Fashion-MNIST preactresnet18 bundle with the default 5 x 4 grid on 2 CPU cores).
 nothing about wall time.
 
     PYTHONPATH=. python benchmarks/diagnose_time.py BUNDLE [--out DIR] [--threads N] [--data-root ROOT]
-                                                     [-- any further diagnose options]
+                                                     [any further diagnose options, e.g. --eval-samples 0]
 
 The diagnosis is written to --out (default: a temporary folder, removed afterwards). Stages: backdoored
 evaluation, random unlearning + NWC, poison and clean unlearning, correlations, the ORACLE DIAGNOSTIC
@@ -32,8 +32,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="where to write the diagnosis (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="further diagnose options after --")
-    args = p.parse_args()
+    args, extra = p.parse_known_args()  # anything else is passed on to `otbr-bench diagnose`
 
     tmp = None
     out = args.out
@@ -45,11 +44,11 @@ def main() -> None:
         argv += ["--threads", str(args.threads)]
     if args.data_root:
         argv += ["--data-root", args.data_root]
-    argv += [a for a in args.extra if a != "--"]
-    start = time.perf_counter()
+    argv += [a for a in extra if a != "--"]
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         rc = cli_main(argv)
-        total = time.perf_counter() - start
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if rc != 0:
             raise SystemExit(f"diagnose failed with exit status {rc}")
         summary = json.loads((Path(out) / "summary.json").read_text())
@@ -68,7 +67,8 @@ def main() -> None:
         print(f"  {stage:<{width}}  {sec:8.1f} s  {sec / total * 100:5.1f}%")
     other = total - sum(seconds.values())
     print(f"  {'other (loading data, model)':<{width}}  {other:8.1f} s")
-    print(f"  {'total':<{width}}  {total:8.1f} s  ({total / 60:.1f} min)")
+    print(f"  {'total':<{width}}  {total:8.1f} s  ({total / 60:.1f} min); CPU time of this process {cpu:.1f} s "
+          "(wall >> CPU / threads means the machine was busy with other work)")
     for comp, v in summary["correlation_overall"].items():
         print(f"NWC {comp}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}")
     for a in summary["auc"]:
