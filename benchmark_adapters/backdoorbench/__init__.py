@@ -19,6 +19,7 @@ from .record import (
     is_record,
     load_attack_result,
     poisoned_test_set,
+    poisoned_train_set,
     read_attack_result,
     record_folder,
     state_dict_for_zoo,
@@ -29,7 +30,7 @@ from .safe_load import ALLOWED_GLOBAL_NAMES, AttackResultError, UnsafeCheckpoint
 __all__ = [
     "ATTACK_RESULT", "MODEL_NAMES", "ALLOWED_GLOBAL_NAMES", "AttackResultError", "UnsafeCheckpointError",
     "check_clean_labels", "is_record", "load_attack_result", "load_clean_test", "numpy_safe_globals",
-    "poisoned_test_set", "read_attack_result", "record_folder", "resolve_data_root", "safe_torch_load",
+    "poisoned_test_set", "poisoned_train_set", "read_attack_result", "record_folder", "resolve_data_root", "safe_torch_load",
     "state_dict_for_zoo", "write_attack_result", "write_defense_result", "write_defense_summary",
 ]
 

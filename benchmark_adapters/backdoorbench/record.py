@@ -51,6 +51,7 @@ __all__ = [
     "read_attack_result",
     "load_attack_result",
     "poisoned_test_set",
+    "poisoned_train_set",
     "state_dict_for_zoo",
 ]
 
@@ -212,18 +213,23 @@ def _label(value: Any, what: str) -> int:
     return int(value)
 
 
-def poisoned_test_set(raw: Mapping[str, Any], record: Path, stats: dict[str, Any] | None = None) -> PoisonedTestSet:
+def poisoned_test_set(raw: Mapping[str, Any], record: Path, stats: dict[str, Any] | None = None,
+                      key: str = "bd_test", max_samples: int | None = None, seed: int = 0) -> PoisonedTestSet:
     """Rebuild the poisoned test set from bd_test: the poisoned original indices (in stored order), their PNGs
     and other_info's [bd_label, original_label]. PNGs of another size than img_size are resized (bilinear);
-    ``stats["resized_images"]`` counts them."""
-    bd = raw["bd_test"]
+    ``stats["resized_images"]`` counts them. ``key="bd_train"`` reads the poisoned *training* samples the
+    same way (targets are then their training labels); ``max_samples`` keeps a seeded random subset of them
+    (in stored order) before any PNG is read."""
+    bd = raw[key]
     where = record / ATTACK_RESULT
-    indices = _as_int_array(bd["original_index_array"], "bd_test['original_index_array']", where)
+    if not isinstance(bd, Mapping) or any(k not in bd for k in BD_TEST_KEYS):
+        raise AttackResultError(f"{where}: '{key}' must be a dict with {', '.join(BD_TEST_KEYS)}")
+    indices = _as_int_array(bd["original_index_array"], f"{key}['original_index_array']", where)
     if bd["poison_indicator"] is None:  # some writers leave it out: every listed sample is then poisoned
         indicator = np.zeros(int(indices.max(initial=-1)) + 1, dtype=np.int64)
         indicator[indices] = 1
     else:
-        indicator = _as_int_array(bd["poison_indicator"], "bd_test['poison_indicator']", where)
+        indicator = _as_int_array(bd["poison_indicator"], f"{key}['poison_indicator']", where)
     if indices.size and (indices.min() < 0 or indices.max() >= indicator.size):
         raise AttackResultError(
             f"{where}: original_index_array holds indices outside the poison_indicator (length {indicator.size})"
@@ -232,8 +238,14 @@ def poisoned_test_set(raw: Mapping[str, Any], record: Path, stats: dict[str, Any
         raise AttackResultError(f"{where}: original_index_array holds duplicate indices")
     poisoned = indices[indicator[indices] == 1]  # a bd_test that was not subset also lists clean samples
     if poisoned.size == 0:
-        raise AttackResultError(f"{where}: bd_test holds no poisoned sample (poison_indicator is 0 everywhere it points)")
+        raise AttackResultError(f"{where}: {key} holds no poisoned sample (poison_indicator is 0 everywhere it points)")
+    if max_samples is not None and poisoned.size > max_samples:
+        keep = torch.randperm(poisoned.size, generator=torch.Generator().manual_seed(int(seed)))[:max_samples]
+        poisoned = poisoned[np.sort(keep.numpy())]
     cont = bd["bd_data_container"]
+    if not isinstance(cont, Mapping) or any(k not in cont for k in CONTAINER_KEYS) \
+            or not isinstance(cont["data_dict"], Mapping):
+        raise AttackResultError(f"{where}: {key}['bd_data_container'] must be a dict with {', '.join(CONTAINER_KEYS)}")
     data_dict = cont["data_dict"]
     h, w, c = (int(v) for v in raw["img_size"])
     images, targets, originals = [], [], []
@@ -243,7 +255,7 @@ def poisoned_test_set(raw: Mapping[str, Any], record: Path, stats: dict[str, Any
         if entry is None:
             entry = data_dict.get(np.int64(idx))
         if not isinstance(entry, Mapping) or "path" not in entry or "other_info" not in entry:
-            raise AttackResultError(f"{where}: bd_test data_dict has no entry {{path, other_info}} for poisoned index {idx}")
+            raise AttackResultError(f"{where}: {key} data_dict has no entry {{path, other_info}} for poisoned index {idx}")
         info = entry["other_info"]
         if not isinstance(info, (list, tuple)) or len(info) < 2:
             raise AttackResultError(f"{where}: data_dict[{idx}]['other_info'] must be [bd_label, original_label], got {info!r}")
@@ -257,13 +269,25 @@ def poisoned_test_set(raw: Mapping[str, Any], record: Path, stats: dict[str, Any
     k = int(raw["num_classes"])
     bad = [t for t in targets + originals if not 0 <= t < k]
     if bad:
-        raise AttackResultError(f"{where}: label {bad[0]} in bd_test is out of range for {k} classes")
+        raise AttackResultError(f"{where}: label {bad[0]} in {key} is out of range for {k} classes")
     return PoisonedTestSet(
         images=torch.from_numpy(np.stack(images)),
         targets=torch.tensor(targets, dtype=torch.int64),
         original_labels=torch.tensor(originals, dtype=torch.int64),
         original_indices=torch.from_numpy(poisoned.copy()),
     )
+
+
+def poisoned_train_set(path: str | Path, trust: bool = False, max_samples: int | None = None,
+                       seed: int = 0) -> PoisonedTestSet | None:
+    """The poisoned training samples of a BackdoorBench record (its ``bd_train``: PNGs in
+    ``bd_train_dataset/``, training labels, original labels and indices), or None when the record has no
+    ``bd_train`` (e.g. LIRA). ``max_samples``/``seed``: a seeded random subset, read alone."""
+    record, pt = record_folder(path)
+    raw = read_attack_result(pt, trust=trust)
+    if raw["bd_train"] is None:
+        return None
+    return poisoned_test_set(raw, record, key="bd_train", max_samples=max_samples, seed=seed)
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

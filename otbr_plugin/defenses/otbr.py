@@ -188,6 +188,30 @@ class OTBRConfig(DefenseConfig):
                 data[key] = None
         return self.from_dict({**data, **changes})
 
+    def unlearning_options(self) -> dict[str, Any]:
+        """The gradient-ascent settings of the unlearning stage (steps, batch_size, lr, momentum, bn_mode), as
+        keyword arguments of :func:`~otbr_plugin.otbr.unlearning.random_unlearning` -- also used by
+        ``otbr-bench diagnose`` to unlearn poisoned/clean data with exactly the same loop."""
+        return {"steps": self.unlearn_steps, "batch_size": self.unlearn_batch_size, "lr": self.unlearn_lr,
+                "momentum": self.unlearn_momentum, "bn_mode": self.unlearn_bn}
+
+    def nwc_accumulate(self) -> torch.dtype:
+        """dtype of the NWC difference and sum (the published code works in float32)."""
+        return torch.float32 if self.nwc_precision == "round4" else torch.float64
+
+    def fusion_options(self) -> FusionOptions:
+        """The :class:`~otbr_plugin.otbr.pipeline.FusionOptions` of stages 3-4 this config asks for."""
+        return FusionOptions(target_mass=self.target_mass, mass_floor=self.mass_floor, cost=self.cost,
+                             residual=self.residual, attached=self.attached, solver=self.solver,
+                             sinkhorn_reg=self.sinkhorn_reg, emd_max_iter=self.emd_max_iter,
+                             strict_solver=self.setting != "reference", prune_rounding=self.prune_rounding)
+
+    def scores(self, nwc: Mapping[str, torch.Tensor], model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
+        """The values neurons are ranked by (and transport masses come from), from raw NWCs."""
+        modules = dict(model.named_modules())
+        fan_in = {n: int(modules[n].weight[0].numel()) for n in layers}
+        return nwc_scores(nwc, fan_in, self.nwc_norm, self.nwc_precision)
+
     def deviations_from_reference(self) -> dict[str, Any]:
         """Setting-dependent options whose value differs from the published code's."""
         return {k: getattr(self, k) for k, v in SETTINGS["reference"].items() if getattr(self, k) != v}
@@ -232,47 +256,47 @@ class OTBRDefense(Defense):
                 tuple(context.normalizer.mean), tuple(context.normalizer.std), str(context.device),
                 tuple(getattr(self.config, f) for f in self.UNLEARNING_FIELDS))
 
+    def random_nwc(self, model: nn.Module, context: DefenseContext, layers: list[str],
+                   timer: StageTimer | None = None) -> tuple[dict[str, torch.Tensor], list[float], torch.Tensor]:
+        """Stages 1-2 as this config runs them: random unlearning of a copy of ``model`` (seeded from the
+        context) and the raw NWC of each neuron of ``layers``; also the loss per step and the label counts."""
+        cfg = self.config
+        timer = timer or StageTimer()
+        with timer("unlearning"):
+            unlearned = random_unlearning(
+                model, num_classes=context.num_classes, input_shape=context.input_shape,
+                normalizer=context.normalizer, noise_space=cfg.noise_space, label_range=cfg.label_range,
+                generator=context.generator(), device=context.device,
+                progress=context.progress_bar if context.progress else None, **cfg.unlearning_options(),
+            )
+        with timer("nwc"):
+            nwc = neuron_weight_change(model, unlearned.model, layers, cfg.nwc_accumulate())
+        return nwc, unlearned.losses, unlearned.label_counts
+
     def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
         self.check_context(context)
         cfg = self.config
         timer = StageTimer()
         original = self.copy_model(model, context.device)
         layers = target_layer_names(original, cfg.include_shortcut, cfg.include_linear)
-        modules = dict(original.named_modules())
 
         key = self._memo_key(original, context) if self._nwc_memo is not None else None
         reused = key is not None and key in self._nwc_memo
-        with timer("unlearning"):
-            if reused:
+        if reused:
+            with timer("unlearning"):
                 nwc, losses, counts = self._nwc_memo[key]
-            else:
-                unlearned = random_unlearning(
-                    original, num_classes=context.num_classes, input_shape=context.input_shape,
-                    normalizer=context.normalizer, steps=cfg.unlearn_steps, batch_size=cfg.unlearn_batch_size,
-                    lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum, noise_space=cfg.noise_space,
-                    label_range=cfg.label_range, bn_mode=cfg.unlearn_bn, generator=context.generator(),
-                    device=context.device, progress=context.progress_bar if context.progress else None,
-                )
-                losses, counts = unlearned.losses, unlearned.label_counts
+        else:
+            nwc, losses, counts = self.random_nwc(original, context, layers, timer)
+            if key is not None:
+                self._nwc_memo[key] = (nwc, losses, counts)
         with timer("nwc"):
-            if not reused:
-                accumulate = torch.float32 if cfg.nwc_precision == "round4" else torch.float64  # published: float32
-                nwc = neuron_weight_change(original, unlearned.model, layers, accumulate)
-                del unlearned
-                if key is not None:
-                    self._nwc_memo[key] = (nwc, losses, counts)
-            fan_in = {n: int(modules[n].weight[0].numel()) for n in layers}
-            scores = nwc_scores(nwc, fan_in, cfg.nwc_norm, cfg.nwc_precision)
+            scores = cfg.scores(nwc, original, layers)
         with timer("auto"):
             gamma, gamma_info = (auto_gamma(scores, cfg.auto_z, cfg.auto_gamma_max) if cfg.gamma == "auto"
                                  else (float(cfg.gamma), None))
             lam = auto_lam(gamma, cfg.repair) if cfg.lam == "auto" else float(cfg.lam)
         with timer("prune_fuse"):
-            options = FusionOptions(target_mass=cfg.target_mass, mass_floor=cfg.mass_floor, cost=cfg.cost,
-                                    residual=cfg.residual, attached=cfg.attached, solver=cfg.solver,
-                                    sinkhorn_reg=cfg.sinkhorn_reg, emd_max_iter=cfg.emd_max_iter,
-                                    strict_solver=cfg.setting != "reference", prune_rounding=cfg.prune_rounding)
-            result = prune_and_fuse(original, scores, layers, gamma=gamma, lam=lam, options=options)
+            result = prune_and_fuse(original, scores, layers, gamma=gamma, lam=lam, options=cfg.fusion_options())
             masks, fusion, start = result.masks, result.fusion, result.start
             defended = result.model
         repair_info: dict[str, Any] = {"mode": cfg.repair}

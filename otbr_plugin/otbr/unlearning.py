@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ __all__ = [
     "UnlearningResult",
     "sample_unlearning_batch",
     "random_unlearning",
+    "gradient_ascent",
     "target_layer_names",
     "neuron_weight_change",
     "nwc_scores",
@@ -115,29 +116,60 @@ def random_unlearning(
     original running statistics. ``"eval"`` keeps BN (and dropout) in inference mode instead.
     ``progress``: optional ``callable(iterable, desc, total)`` returning an iterator (e.g. a tqdm wrapper).
     """
+    generator = generator or torch.Generator().manual_seed(0)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+
+    def batches():
+        while True:
+            x, y = sample_unlearning_batch(batch_size, input_shape, num_classes, generator, normalizer,
+                                           noise_space, label_range)
+            counts.add_(torch.bincount(y, minlength=num_classes))
+            yield x, y
+
+    unlearned, losses = gradient_ascent(model, batches(), steps=steps, lr=lr, momentum=momentum, bn_mode=bn_mode,
+                                        device=device, progress=progress, desc="OTBR random unlearning")
+    return UnlearningResult(model=unlearned, losses=losses, label_counts=counts)
+
+
+def gradient_ascent(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    momentum: float,
+    bn_mode: Literal["train", "eval"] = "train",
+    device: torch.device | None = None,
+    progress=None,
+    desc: str = "unlearning",
+) -> tuple[nn.Module, list[float]]:
+    """The unlearning loop shared by random unlearning and the diagnostics' data unlearning: on a copy of
+    ``model``, ``steps`` SGD steps (``lr``, ``momentum``) that *increase* the cross-entropy of the batches
+    ``(x, y)`` drawn in turn from ``batches`` (inputs already in the model's input space). Returns the copy
+    (in eval mode) and the loss of each step; ``model`` itself is not modified."""
     if steps < 1:
         raise ValueError(f"unlearning steps must be >= 1, got {steps}")
     device = device or next(model.parameters()).device
-    generator = generator or torch.Generator().manual_seed(0)
     unlearned = copy.deepcopy(model).to(device)
     unlearned.train(bn_mode == "train")
     for p in unlearned.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(unlearned.parameters(), lr=lr, momentum=momentum)
     losses: list[float] = []
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    it = range(steps) if progress is None else progress(range(steps), "OTBR random unlearning", steps)
+    source = iter(batches)
+    it = range(steps) if progress is None else progress(range(steps), desc, steps)
     for _ in it:
-        x, y = sample_unlearning_batch(batch_size, input_shape, num_classes, generator, normalizer,
-                                       noise_space, label_range)
-        counts += torch.bincount(y, minlength=num_classes)
+        try:
+            x, y = next(source)
+        except StopIteration:
+            raise ValueError(f"{desc}: the batches ran out after {len(losses)} of {steps} steps") from None
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(unlearned(x.to(device)), y.to(device))
         (-loss).backward()  # ascent: increase the loss
         optimizer.step()
         losses.append(float(loss.detach()))
     unlearned.eval()
-    return UnlearningResult(model=unlearned, losses=losses, label_counts=counts)
+    return unlearned, losses
 
 
 def target_layer_names(model: nn.Module, include_shortcut: bool = False, include_linear: bool = False) -> list[str]:
