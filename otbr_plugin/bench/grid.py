@@ -167,8 +167,12 @@ def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Call
 
 
 def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
-             log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[CellResult]:
-    """Run every missing cell; returns one result per cell (skipped, ok or failed)."""
+             log: Callable[[str], None] | None = None) -> list[CellResult]:
+    """Run every missing cell; returns one result per cell (skipped, ok or failed).
+
+    With ``progress``, one tqdm bar over all cells (with ETA) and one summary line per finished cell above it."""
+    if log is None:  # one line per finished cell; above the bar when there is one
+        log = (lambda s: tqdm.write(s)) if progress else (lambda s: print(s, flush=True))
     out = Path(out)
     records_dir = out / "records"
     bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
@@ -176,7 +180,10 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
     model_name = {a: parse_attack_run(c).model.name for a, c in grid.attacks.items()}
     results: list[CellResult] = []
     clean_test = None
-    bar = tqdm(total=len(cells), desc=f"grid {grid.name}", disable=not progress)
+    # one bar over all cells; cells already done count as its starting point, so the ETA reflects work left
+    done = sum(_record_ok(records_dir / record_filename(grid.dataset, model_name[a], a, d, s)) for a, d, s in cells)
+    bar = tqdm(total=len(cells), initial=done, desc=f"grid {grid.name}", unit="cell", disable=not progress,
+               dynamic_ncols=True)
     for seed in grid.seeds:
         for attack in grid.attacks:
             todo = []
@@ -186,13 +193,13 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                     try:
                         if read_record(path).status == "ok":
                             results.append(CellResult(attack, defense, seed, "skipped"))
-                            bar.update(1)
                             continue
                     except ValueError:
                         pass  # unreadable: run the cell again
                 todo.append((defense, path))
             if not todo:
                 continue
+            bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model")
             try:
                 bundle = _bundle_for(grid, attack, seed, bundles, log)
                 if clean_test is None:
@@ -201,6 +208,7 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
             except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
                 for defense, path in todo:
                     results.append(_fail(grid, attack, defense, seed, path, None, err))
+                    log(f"{attack}/{defense}/seed{seed}: FAILED (no backdoored model: {type(err).__name__}: {err})")
                     bar.update(1)
                 continue
             for defense, path in todo:
@@ -220,10 +228,18 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                         f"RA {run.after.ra * 100:.2f}  DER {run.der * 100:.2f}  ({record.seconds['cell_total']:.1f} s)")
                 except Exception as err:  # noqa: BLE001
                     results.append(_fail(grid, attack, defense, seed, path, bundle, err))
+                    log(f"{attack}/{defense}/seed{seed}: FAILED ({type(err).__name__}: {err})")
                 bar.update(1)
             _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log)
     bar.close()
     return results
+
+
+def _record_ok(path: Path) -> bool:
+    try:
+        return path.exists() and read_record(path).status == "ok"
+    except ValueError:
+        return False
 
 
 def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,
