@@ -249,3 +249,53 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     for attack in ATTACKS:
         assert f'data-attack="{attack}"' in dom
     assert 'class="comparison"' in dom and "Comparison table" in dom
+
+
+def _tiny_grid(tmp_path: Path, defenses: list[str]) -> Path:
+    import yaml
+
+    from conftest import write_mnist_like
+
+    write_mnist_like(tmp_path / "data" / "fashion_mnist", n_train=120, n_test=60)
+    attack = {"attack": {"name": "badnets", "target_class": 0, "poison_ratio": 0.1},
+              "dataset": "fashion_mnist", "model": {"name": "smallcnn", "width": 0.25},
+              "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"}}
+    grid = {"name": "tiny", "dataset": "fashion_mnist", "data_root": str(tmp_path / "data"),
+            "attacks": {"badnets": attack}, "defenses": {d: {} for d in defenses}, "seeds": [0], "device": "cpu"}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_grid_progress_bar_and_one_line_per_cell(tmp_path: Path, capsys) -> None:
+    from otbr_plugin.bench.grid import load_grid, run_grid
+
+    grid = load_grid(_tiny_grid(tmp_path, ["none", "clp"]))
+    run_grid(grid, tmp_path / "out", progress=True)
+    captured = capsys.readouterr()
+    lines = [s for s in captured.out.splitlines() if s.startswith("badnets/")]
+    assert sorted(s.split(":")[0] for s in lines) == ["badnets/clp/seed0", "badnets/none/seed0"]
+    assert all("ACC" in s and "ASR" in s and " s)" in s for s in lines)
+    assert "2/2" in captured.err and "cell" in captured.err  # one bar over all cells
+    run_grid(grid, tmp_path / "out", progress=True)  # resume: the bar starts full, no cell line
+    captured = capsys.readouterr()
+    assert not [s for s in captured.out.splitlines() if s.startswith("badnets/")] and "2/2" in captured.err
+
+
+def test_bench_writes_the_report(tmp_path: Path, capsys) -> None:
+    assert main(["bench", str(_tiny_grid(tmp_path, ["none", "clp"])), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    page = _parse((tmp_path / "o" / "report.html").read_text())
+    assert page.attacks == ["badnets", "average"] and page.defenses == {"none", "clp"}
+
+
+def test_quickstart_grid_and_readme() -> None:
+    from otbr_plugin.bench.grid import load_grid
+
+    grid = load_grid(ROOT / "configs" / "bench" / "quickstart.yaml")
+    assert list(grid.attacks) == ["badnets"] and set(grid.defenses) == set(DEFENSES) and grid.seeds == [0]
+    assert grid.attacks["badnets"]["train"]["epochs"] == 2
+    assert grid.attacks["badnets"]["model"] == {"name": "preactresnet18", "width": 0.25}
+    readme = (ROOT / "README.md").read_text()
+    first = readme[readme.index("```bash"):].split("```")[1]
+    assert "configs/bench/quickstart.yaml" in first

@@ -13,12 +13,13 @@ from . import formatter
 
 EPILOG = """examples:
   otbr-bench bench configs/bench/fashion_mnist.yaml --out results/fashion_mnist
+  otbr-bench bench configs/bench/quickstart.yaml --out runs/quickstart
   otbr-bench bench configs/bench/ci_slice.yaml --out runs/ci
   otbr-bench bench configs/bench/fashion_mnist.yaml --out runs/quick --set seeds=[0,1] --set attack_overrides.train.epochs=2
 
 Re-running the same command resumes: cells whose record exists are skipped, failed cells are retried.
 Outputs in --out: records/*.json (one run record per cell), bundles/ (cached backdoored models), table.md,
-acc_vs_asr.png. The exit status is 1 when any cell failed (the failures are listed at the end).
+acc_vs_asr.png, report.html (the self-contained HTML report of `otbr-bench report`). The exit status is 1 when any cell failed (the failures are listed at the end).
 """
 
 
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a grid key, e.g. seeds=[0,1] or attack_overrides.train.epochs=2")
     p.add_argument("--bundles", default=None, help="folder of cached attack bundles (default: <out>/bundles)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-report", action="store_true", help="do not write <out>/report.html (see `otbr-bench report`)")
     p.set_defaults(func=run)
 
 
@@ -58,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
         if oracle:
             (out / "oracle_table.md").write_text(oracle)
             print(oracle)
+        if not args.no_report:
+            try:
+                from ..bench.report import write_report
+
+                print(f"report: {write_report(out)}")
+            except Exception as err:  # noqa: BLE001 - the records and the table are the result; the page is extra
+                print(f"report not written ({type(err).__name__}: {err}); retry with `otbr-bench report {out}`")
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}: {r.error}")
