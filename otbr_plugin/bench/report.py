@@ -615,7 +615,7 @@ def render_leaderboard_page(submissions: Sequence[dict], board: pd.DataFrame, ti
     """The HTML page for ``otbr-bench leaderboard build --html``: the ranked board, then the same comparison
     table, plots and provenance as the report, over every submission's entries."""
     cols = list(board.columns)
-    best_der = board.groupby(["dataset", "model"])["der"].transform("max")
+    best_der = board["der"].where(board["defense"] != "none").groupby([board["dataset"], board["model"]]).transform("max")
     rows = []
     for (_, row), top in zip(board.iterrows(), best_der):
         cells = "".join(f'<td class="{"best" if c == "der" and row[c] == top else ""}">{_e(row[c])}</td>' for c in cols)
