@@ -276,7 +276,7 @@ def test_grid_progress_bar_and_one_line_per_cell(tmp_path: Path, capsys) -> None
     lines = [s for s in captured.out.splitlines() if s.startswith("badnets/")]
     assert sorted(s.split(":")[0] for s in lines) == ["badnets/clp/seed0", "badnets/none/seed0"]
     assert all("ACC" in s and "ASR" in s and " s)" in s for s in lines)
-    assert "2/2" in captured.err and "cell" in captured.err  # one bar over all cells
+    assert "2/2" in captured.err and "ETA" in captured.err  # one bar over all cells, with its ETA
     run_grid(grid, tmp_path / "out", progress=True)  # resume: the bar starts full, no cell line
     captured = capsys.readouterr()
     assert not [s for s in captured.out.splitlines() if s.startswith("badnets/")] and "2/2" in captured.err
@@ -299,3 +299,21 @@ def test_quickstart_grid_and_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     first = readme[readme.index("```bash"):].split("```")[1]
     assert "configs/bench/quickstart.yaml" in first
+
+
+def test_grid_eta_counts_trainings_apart_from_cells() -> None:
+    from otbr_plugin.bench.grid import _Eta
+
+    eta = _Eta(cells_left=10, trainings_left=2)
+    assert str(eta) == "ETA ?"
+    eta.training_done(600.0)  # one long training, then cheap cells
+    assert str(eta) == "ETA ?"
+    eta.cell_done(10.0)
+    assert eta.seconds() == 9 * 10.0 + 1 * 600.0
+    eta.training_done(400.0)
+    eta.cell_done(None)  # a failed cell counts as done, without a time
+    assert eta.seconds() == 8 * 10.0
+    assert str(eta) == "ETA 01:20"
+    for _ in range(8):
+        eta.cell_done(1.0)
+    assert eta.seconds() == 0.0

@@ -180,10 +180,13 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
     model_name = {a: parse_attack_run(c).model.name for a, c in grid.attacks.items()}
     results: list[CellResult] = []
     clean_test = None
-    # one bar over all cells; cells already done count as its starting point, so the ETA reflects work left
-    done = sum(_record_ok(records_dir / record_filename(grid.dataset, model_name[a], a, d, s)) for a, d, s in cells)
-    bar = tqdm(total=len(cells), initial=done, desc=f"grid {grid.name}", unit="cell", disable=not progress,
-               dynamic_ncols=True)
+    # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) counts the backdoored
+    # models still to train apart from the defense cells, so one long training does not inflate every cell.
+    left = [(a, s) for a, d, s in cells
+            if not _record_ok(records_dir / record_filename(grid.dataset, model_name[a], a, d, s))]
+    eta = _Eta(cells_left=len(left), trainings_left=sum(not (bundles / f"{a}-seed{s}").exists() for a, s in set(left)))
+    bar = tqdm(total=len(cells), initial=len(cells) - len(left), desc=f"grid {grid.name}", unit="cell",
+               disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     for seed in grid.seeds:
         for attack in grid.attacks:
             todo = []
@@ -199,20 +202,26 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                 todo.append((defense, path))
             if not todo:
                 continue
-            bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model")
+            bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
+            t0, cached = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
             try:
                 bundle = _bundle_for(grid, attack, seed, bundles, log)
                 if clean_test is None:
                     clean_test = load_dataset(grid.dataset, "test", grid.data_root)
                 before = evaluate_model(bundle.build_model(), bundle, clean_test)
+                if not cached:
+                    eta.training_done(time.perf_counter() - t0)
             except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+                if not cached:
+                    eta.training_done(None)
                 for defense, path in todo:
                     results.append(_fail(grid, attack, defense, seed, path, None, err))
                     log(f"{attack}/{defense}/seed{seed}: FAILED (no backdoored model: {type(err).__name__}: {err})")
+                    eta.cell_done(None)
                     bar.update(1)
                 continue
             for defense, path in todo:
-                bar.set_postfix_str(f"{attack}/{defense}/seed{seed}")
+                bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
                 t0 = time.perf_counter()
                 try:
                     d = get_defense(defense)(grid.defenses[defense])
@@ -229,10 +238,45 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
                 except Exception as err:  # noqa: BLE001
                     results.append(_fail(grid, attack, defense, seed, path, bundle, err))
                     log(f"{attack}/{defense}/seed{seed}: FAILED ({type(err).__name__}: {err})")
+                eta.cell_done(time.perf_counter() - t0)
+                bar.set_postfix_str(str(eta), refresh=False)
                 bar.update(1)
             _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log)
     bar.close()
     return results
+
+
+class _Eta:
+    """Time left in a grid: cells left x mean seconds per cell + models left to train x mean seconds per training
+    (each measured in this run); "?" until both are known."""
+
+    def __init__(self, cells_left: int, trainings_left: int) -> None:
+        self.cells_left, self.trainings_left = cells_left, trainings_left
+        self.cell_seconds: list[float] = []
+        self.training_seconds: list[float] = []
+
+    def training_done(self, seconds: float | None) -> None:
+        self.trainings_left = max(0, self.trainings_left - 1)
+        if seconds is not None:
+            self.training_seconds.append(seconds)
+
+    def cell_done(self, seconds: float | None) -> None:
+        self.cells_left = max(0, self.cells_left - 1)
+        if seconds is not None:
+            self.cell_seconds.append(seconds)
+
+    def seconds(self) -> float | None:
+        if self.cells_left == 0:
+            return 0.0
+        if not self.cell_seconds or (self.trainings_left and not self.training_seconds):
+            return None
+        per_training = sum(self.training_seconds) / len(self.training_seconds) if self.training_seconds else 0.0
+        return (self.cells_left * sum(self.cell_seconds) / len(self.cell_seconds)
+                + self.trainings_left * per_training)
+
+    def __str__(self) -> str:
+        left = self.seconds()
+        return "ETA ?" if left is None else f"ETA {tqdm.format_interval(left)}"
 
 
 def _record_ok(path: Path) -> bool:
