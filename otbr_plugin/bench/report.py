@@ -31,7 +31,7 @@ from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, _best_mask, _cell
                      load_records)
 
 __all__ = ["Section", "render_page", "records_sections", "render_report", "write_report", "find_diagnose_dirs",
-           "render_leaderboard_page", "submission_records", "ORACLE_TITLE"]
+           "render_leaderboard_page", "submission_records", "set_share_mode", "ORACLE_TITLE"]
 
 ORACLE_TITLE = "ORACLE DIAGNOSTIC — scored on the test set, never the reported row"
 ARROW = {True: "↑", False: "↓"}
@@ -227,6 +227,9 @@ def scatter_html(records: Sequence[RunRecord]) -> str:
         ax.set_title(d, fontsize=10, color=colors[d], fontweight="bold")
         ax.grid(alpha=0.3)
         ax.set_xlim(-3, 103)
+    lo = float(np.nanmin(np.r_[g["acc"], g["acc0"]]))
+    hi = float(np.nanmax(np.r_[g["acc"], g["acc0"]]))
+    axes.flat[0].set_ylim(max(0.0, min(lo - 3, hi - 15)), min(101.0, hi + 3))  # shared: at least 15 points tall
     for ax in axes[:, 0]:
         ax.set_ylabel("ACC after (%) ↑")
     for ax in axes[-1, :]:
@@ -253,7 +256,7 @@ def bars_html(records: Sequence[RunRecord]) -> str:
     std = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].std()
     ncol = min(4, len(attacks))
     nrow = (len(attacks) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 2.8 * nrow + 0.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(3.3 * ncol, 6.6), 2.8 * nrow + 0.4), squeeze=False, sharey=True)
     for ax in axes.flat[len(attacks):]:
         ax.set_visible(False)
     metrics = ["acc", "asr", "ra"]
@@ -590,7 +593,17 @@ def render_report(folder: str | Path, title: str | None = None) -> str:
 def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
     """Write the report atomically (temporary file + rename); default ``<folder>/report.html``."""
     target = Path(out) if out else Path(folder) / "report.html"
-    return write_text_atomic(target, render_report(folder, title))
+    return set_share_mode(write_text_atomic(target, render_report(folder, title)))
+
+
+def set_share_mode(path: Path) -> Path:
+    """A page is for sharing: the usual file mode (0644 under umask 022), not the temporary file's 0600."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+    return path
 
 
 # ----------------------------------------------------------------------------------------- leaderboard
