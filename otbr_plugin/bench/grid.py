@@ -279,11 +279,14 @@ def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Call
 
 
 def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
-             log: Callable[[str], None] = lambda s: print(s, flush=True), lock: bool = True) -> list[CellResult]:
+             log: Callable[[str], None] | None = None, lock: bool = True) -> list[CellResult]:
     """Run every cell whose record is missing, failed or stale; returns one result per cell (skipped, ok or
     failed). ``lock``: hold ``<out>/.lock`` (and the bundles folder's) for the run, so a second run on the
     same folder stops at once with :class:`~otbr_plugin.io.FolderLockedError` (pass False when the caller
-    holds it)."""
+    holds it). With ``progress``, one tqdm bar over all cells (with ETA) and one summary line per finished cell
+    above it."""
+    if log is None:  # one line per finished cell; above the bar when there is one
+        log = (lambda s: tqdm.write(s)) if progress else (lambda s: print(s, flush=True))
     out = Path(out)
     bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
     if not lock:
@@ -301,7 +304,13 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Cal
     model_name = {a: parse_attack_run(c).model.name for a, c in grid.attacks.items()}
     results: list[CellResult] = []
     clean_test = None
-    bar = tqdm(total=len(cells), desc=f"grid {grid.name}", disable=not progress)
+    # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) counts the backdoored
+    # models still to train apart from the defense cells, so one long training does not inflate every cell.
+    left = [(a, s) for a, d, s in cells
+            if not _record_ok(records_dir / record_filename(grid.dataset, model_name[a], a, d, s))]
+    eta = _Eta(cells_left=len(left), trainings_left=sum(not (bundles / f"{a}-seed{s}").exists() for a, s in set(left)))
+    bar = tqdm(total=len(cells), initial=len(cells) - len(left), desc=f"grid {grid.name}", unit="cell",
+               disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     for seed in grid.seeds:
         for attack in grid.attacks:
             attack_cfg = _attack_fingerprint_config(grid, attack, seed)
@@ -313,24 +322,30 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Cal
                     reason = stale_reason(grid, path, attack_cfg, defense, cached)
                     if reason is None:
                         results.append(CellResult(attack, defense, seed, "skipped"))
-                        bar.update(1)
                         continue
                     log(f"{attack}/{defense}/seed{seed}: running again, {reason}")
                 todo.append((defense, path))
             if not todo:
                 continue
+            bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
+            t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
             try:
                 bundle = _bundle_for(grid, attack, seed, bundles, log)
                 if clean_test is None:
                     clean_test = load_dataset(grid.dataset, "test", grid.data_root)
                 before = evaluate_model(bundle.build_model(), bundle, clean_test)
+                if not had_bundle:
+                    eta.training_done(time.perf_counter() - t0)
             except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+                if not had_bundle:
+                    eta.training_done(None)
                 for defense, path in todo:
                     results.append(_fail(grid, attack, defense, seed, path, None, err, log))
+                    eta.cell_done(None)
                     bar.update(1)
                 continue
             for defense, path in todo:
-                bar.set_postfix_str(f"{attack}/{defense}/seed{seed}")
+                bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
                 t0 = time.perf_counter()
                 try:
                     d = grid.defense_class(defense)(grid.defenses[defense])
@@ -350,10 +365,52 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Cal
                         f"RA {run.after.ra * 100:.2f}  DER {run.der * 100:.2f}  ({record.seconds['cell_total']:.1f} s)")
                 except Exception as err:  # noqa: BLE001
                     results.append(_fail(grid, attack, defense, seed, path, bundle, err, log))
+                eta.cell_done(time.perf_counter() - t0)
+                bar.set_postfix_str(str(eta), refresh=False)
                 bar.update(1)
             _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log)
     bar.close()
     return results
+
+
+class _Eta:
+    """Time left in a grid: cells left x mean seconds per cell + models left to train x mean seconds per training
+    (each measured in this run); "?" until both are known."""
+
+    def __init__(self, cells_left: int, trainings_left: int) -> None:
+        self.cells_left, self.trainings_left = cells_left, trainings_left
+        self.cell_seconds: list[float] = []
+        self.training_seconds: list[float] = []
+
+    def training_done(self, seconds: float | None) -> None:
+        self.trainings_left = max(0, self.trainings_left - 1)
+        if seconds is not None:
+            self.training_seconds.append(seconds)
+
+    def cell_done(self, seconds: float | None) -> None:
+        self.cells_left = max(0, self.cells_left - 1)
+        if seconds is not None:
+            self.cell_seconds.append(seconds)
+
+    def seconds(self) -> float | None:
+        if self.cells_left == 0:
+            return 0.0
+        if not self.cell_seconds or (self.trainings_left and not self.training_seconds):
+            return None
+        per_training = sum(self.training_seconds) / len(self.training_seconds) if self.training_seconds else 0.0
+        return (self.cells_left * sum(self.cell_seconds) / len(self.cell_seconds)
+                + self.trainings_left * per_training)
+
+    def __str__(self) -> str:
+        left = self.seconds()
+        return "ETA ?" if left is None else f"ETA {tqdm.format_interval(left)}"
+
+
+def _record_ok(path: Path) -> bool:
+    try:
+        return path.exists() and read_record(path).status == "ok"
+    except ValueError:
+        return False
 
 
 def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,

@@ -15,6 +15,7 @@ from . import formatter
 
 EPILOG = """examples:
   otbr-bench bench configs/bench/fashion_mnist.yaml --out results/fashion_mnist
+  otbr-bench bench configs/bench/quickstart.yaml --out runs/quickstart
   otbr-bench bench configs/bench/ci_slice.yaml --out runs/ci
   otbr-bench bench configs/bench/fashion_mnist.yaml --out runs/quick --set seeds=[0,1] --set attack_overrides.train.epochs=2
 
@@ -22,7 +23,7 @@ Re-running the same command resumes: a cell is skipped only when its record's fi
 defense configs, checkpoint sha256, package version) matches; changed cells run again (the log says why) and
 failed cells are retried. One run per --out at a time (<out>/.lock); an ok record is never replaced by a failed one.
 Outputs in --out: records/*.json (one run record per cell), bundles/ (cached backdoored models), table.md,
-acc_vs_asr.png. The exit status is 1 when any cell failed (the failures are listed at the end).
+acc_vs_asr.png, report.html (the self-contained HTML report of `otbr-bench report`). The exit status is 1 when any cell failed (the failures are listed at the end).
 """
 
 
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a grid key, e.g. seeds=[0,1] or attack_overrides.train.epochs=2")
     p.add_argument("--bundles", default=None, help="folder of cached attack bundles (default: <out>/bundles)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-report", action="store_true", help="do not write <out>/report.html (see `otbr-bench report`)")
     p.set_defaults(func=run)
 
 
@@ -68,6 +70,13 @@ def _run_locked(args: argparse.Namespace, grid, out: Path) -> int:
         if oracle:
             write_text(out / "oracle_table.md", oracle)
             print(oracle)
+        if not args.no_report:
+            try:
+                from ..bench.report import write_report
+
+                print(f"report: {write_report(out)}")
+            except Exception as err:  # noqa: BLE001 - the records and the table are the result; the page is extra
+                print(f"report not written ({type(err).__name__}: {err}); retry with `otbr-bench report {out}`")
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}: {r.error}")

@@ -22,6 +22,7 @@ LB_EPILOG = """examples:
   otbr-bench leaderboard export results/fashion_mnist --submitter "Jane Doe" --method "OTBR (reference)" --out sub.json
   otbr-bench leaderboard validate sub.json
   otbr-bench leaderboard build sub1.json sub2.json --out leaderboard.md
+  otbr-bench leaderboard build sub1.json sub2.json --html leaderboard.html
 """
 REGRESS_EPILOG = """examples:
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci
@@ -67,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("files", nargs="+")
     b.add_argument("--format", default="md", choices=["md", "csv"])
     b.add_argument("--out", default=None)
+    b.add_argument("--html", default=None, metavar="FILE",
+                   help="also write a self-contained HTML page (board, comparison table, plots; as `otbr-bench report`)")
     b.set_defaults(func=_lb_build)
 
     p = sub.add_parser("regress", help="compare run records against a committed baseline (CI)",
@@ -138,6 +141,12 @@ def _lb_build(args: argparse.Namespace) -> int:
     subs = [load_submission(f) for f in args.files]
     board = build_leaderboard(subs)
     _emit(board.to_csv(index=False) if args.format == "csv" else _plain_md(board), args.out)
+    if args.html:
+        from ..bench.report import render_leaderboard_page
+
+        from ..bench.report import set_share_mode
+
+        print(f"wrote {set_share_mode(write_text_atomic(args.html, render_leaderboard_page(subs, board)))}")
     return 0
 
 

@@ -1,0 +1,644 @@
+"""A results report as one self-contained HTML file, from run records only.
+
+``write_report(folder, out)`` reads the run records under ``folder`` (plus, where present, the labelled oracle
+sweeps ``oracle_sweep_*.csv`` and the ``otbr-bench diagnose`` outputs ``diagnose*/**/summary.md`` + ``*.png``) and
+writes one HTML page: the comparison table (mean ± std over seeds, best per attack and metric marked), ACC-vs-ASR
+scatter per defense, grouped ACC/ASR/RA bars per attack, the OTBR diagnostics, the oracle sweeps in their own
+clearly labelled section, and provenance (versions, configs, checkpoint hashes, device, seconds per cell).
+Images are PNGs drawn with matplotlib's Agg backend and embedded as base64, the CSS is inline: the page needs no
+network access and no other file. ``render_leaderboard_page`` builds the same kind of page for leaderboard
+submissions.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .records import RunRecord
+from .regress import write_text_atomic
+from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, _best_mask, _cell, _ordered, comparison_table,
+                     load_records)
+
+__all__ = ["Section", "render_page", "records_sections", "render_report", "write_report", "find_diagnose_dirs",
+           "render_leaderboard_page", "submission_records", "set_share_mode", "ORACLE_TITLE"]
+
+ORACLE_TITLE = "ORACLE DIAGNOSTIC — scored on the test set, never the reported row"
+ARROW = {True: "↑", False: "↓"}
+# one colour per defense, the same in every plot (tab10 order; "none" is grey)
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+_MAX_EMBED_BYTES = 120_000  # a diagnose PNG larger than this is downscaled before it is embedded
+
+CSS = """
+:root{--fg:#1d2330;--muted:#5b6475;--line:#d9dee7;--bg:#f6f7fb;--card:#fff;--best:#d7f5dd;--bestfg:#0b5d1e;
+--warn:#fff4d6;--warnline:#e0a800;--accent:#2f5aa8}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 -apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;color:var(--fg);
+background:var(--bg)}
+header{background:#1f2a44;color:#fff;padding:22px 32px 18px}
+header h1{margin:0 0 4px;font-size:22px;font-weight:600}
+header p{margin:0;color:#c9d3ea}
+nav{background:#2a3757;padding:6px 32px}
+nav a{color:#dfe7fb;margin-right:16px;text-decoration:none;font-size:13px}
+nav a:hover{text-decoration:underline}
+main{max-width:1320px;margin:0 auto;padding:12px 16px 48px}
+section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;margin:16px 0}
+section h2{margin:0 0 10px;font-size:18px;color:var(--accent)}
+section h3{font-size:15px;margin:16px 0 6px}
+p.note,.note{color:var(--muted);font-size:13px}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:12.5px;margin:6px 0}
+th,td{border:1px solid var(--line);padding:3px 5px;text-align:right;white-space:nowrap}
+th{background:#eef1f7;font-weight:600}
+td:first-child,th:first-child{text-align:left}
+tr.average td{font-weight:600;border-top:2px solid #9aa3b5}
+td.best{background:var(--best);color:var(--bestfg);font-weight:700}
+th.defense{text-align:center;background:#e3e8f3}
+td.nodef,th.nodef{color:var(--muted);background:#fafafa}
+.scroll{overflow-x:auto}
+img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px;background:#fff}
+.oracle{background:var(--warn);border:2px solid var(--warnline)}
+.oracle h2{color:#7a5200}
+.badge{display:inline-block;padding:1px 7px;border-radius:10px;background:#e3e8f3;font-size:12px;margin-right:4px}
+.badge.ok{background:#d7f5dd;color:#0b5d1e}.badge.failed{background:#fbd5d5;color:#8a1111}
+details{margin:6px 0}summary{cursor:pointer;color:var(--accent)}
+pre{background:#f3f5f9;border:1px solid var(--line);padding:8px;overflow-x:auto;font-size:12px}
+code{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px}
+ul.findings li{margin:2px 0}
+.md table{margin:8px 0}
+"""
+
+
+@dataclass
+class Section:
+    """One titled block of the page; ``body`` is trusted HTML built by this module."""
+
+    id: str
+    title: str
+    body: str
+    css_class: str = ""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _png(fig, dpi: int = 80) -> str:
+    """A matplotlib figure as an embedded ``<img>`` (base64 PNG); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"optimize": True})
+    plt.close(fig)
+    return _img(buf.getvalue(), "figure")
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(defenses: Sequence[str]) -> dict[str, str]:
+    out, i = {}, 0
+    for d in defenses:
+        if d == "none":
+            out[d] = "#7f7f7f"
+        else:
+            out[d] = _PALETTE[i % len(_PALETTE)]
+            i += 1
+    return out
+
+
+def _frame(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """One row per successful record: after-defense metrics in percent plus the before metrics."""
+    rows = []
+    for r in records:
+        if r.status != "ok" or r.metrics_after is None:
+            continue
+        rows.append({"dataset": r.dataset, "model": r.model.get("name"), "attack": r.attack_name,
+                     "defense": r.defense, "seed": r.seed, "acc": r.metrics_after["acc"] * 100,
+                     "asr": r.metrics_after["asr"] * 100, "ra": r.metrics_after["ra"] * 100, "der": r.der * 100,
+                     "acc_before": r.metrics_before.get("acc", np.nan) * 100,
+                     "asr_before": r.metrics_before.get("asr", np.nan) * 100})
+    return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", "acc", "asr", "ra", "der",
+                                       "acc_before", "asr_before"])
+
+
+def _groups(records: Sequence[RunRecord]) -> list[tuple[str, str, list[RunRecord]]]:
+    """Records split by (dataset, model): one comparison table each."""
+    keys = list(dict.fromkeys((r.dataset, str(r.model.get("name"))) for r in records))
+    return [(d, m, [r for r in records if (r.dataset, str(r.model.get("name"))) == (d, m)]) for d, m in keys]
+
+
+# ------------------------------------------------------------------------------------- comparison table
+def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS) -> str:
+    """The comparison table (percent, mean ± std over seeds) with the best defense per attack and metric marked."""
+    mean, std = comparison_table(records, metrics)
+    best = _best_mask(mean)
+    defenses = list(dict.fromkeys(mean.columns.get_level_values(0)))
+    head1 = '<tr><th rowspan="2">attack</th>' + "".join(
+        f'<th class="defense{" nodef" if d == "none" else ""}" colspan="{len(metrics)}">'
+        f'{_e("none (backdoored)" if d == "none" else d)}</th>' for d in defenses) + "</tr>"
+    head2 = "<tr>" + "".join(f'<th{" class=nodef" if d == "none" else ""}>{m.upper()} {ARROW[HIGHER_IS_BETTER[m]]}</th>'
+                             for d in defenses for m in metrics) + "</tr>"
+    rows = []
+    for attack in mean.index:
+        cells = []
+        for d, m in mean.columns:
+            cls = "best" if best.at[attack, (d, m)] else ("nodef" if d == "none" else "")
+            title = f"{d} {m.upper()} on {attack}" + (" (best)" if cls == "best" else "")
+            cells.append(f'<td class="{cls}" data-defense="{_e(d)}" data-metric="{m}" title="{_e(title)}">'
+                         f"{_e(_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)]))}</td>")
+        cls = ' class="average"' if attack == "average" else ""
+        rows.append(f'<tr{cls} data-attack="{_e(attack)}"><td>{_e(attack)}</td>{"".join(cells)}</tr>')
+    return (f'<div class="scroll"><table class="comparison">{head1}{head2}{"".join(rows)}</table></div>')
+
+
+def _findings(records: Sequence[RunRecord]) -> str:
+    """Per attack: the defense with the best DER, and what it left of ACC and ASR."""
+    df = _frame(records)
+    df = df[df["defense"] != "none"]
+    if df.empty:
+        return ""
+    g = df.groupby(["attack", "defense"])[["acc", "asr", "ra", "der"]].mean().reset_index()
+    items = []
+    for attack in _ordered(g["attack"], []):
+        sub = g[g["attack"] == attack].sort_values("der", ascending=False)
+        top = sub.iloc[0]
+        base = _frame([r for r in records if r.attack_name == attack and r.defense == "none"])
+        before = f" (backdoored: ACC {base['acc'].mean():.1f}, ASR {base['asr'].mean():.1f})" if not base.empty else ""
+        items.append(f"<li><b>{_e(attack)}</b>: best DER <b>{_e(top['defense'])}</b> — ACC {top['acc']:.1f}, "
+                     f"ASR {top['asr']:.1f}, RA {top['ra']:.1f}, DER {top['der']:.1f}{_e(before)}</li>")
+    return f'<ul class="findings">{"".join(items)}</ul>'
+
+
+# -------------------------------------------------------------------------------------------------- plots
+def scatter_html(records: Sequence[RunRecord]) -> str:
+    """ACC against ASR after defense, one panel per defense; grey hollow markers: the backdoored model."""
+    plt = _pyplot()
+    df = _frame(records)
+    if df.empty:
+        return ""
+    defenses = [d for d in _ordered(df["defense"], DEFENSE_ORDER) if d != "none"] or ["none"]
+    colors = _colors(_ordered(df["defense"], DEFENSE_ORDER))
+    attacks = _ordered(df["attack"], [])
+    markers = "osD^vP*Xh"
+    g = df.groupby(["attack", "defense"]).agg(acc=("acc", "mean"), asr=("asr", "mean"), acc_sd=("acc", "std"),
+                                              asr_sd=("asr", "std"), acc0=("acc_before", "mean"),
+                                              asr0=("asr_before", "mean")).reset_index()
+    ncol = min(4, len(defenses))
+    nrow = (len(defenses) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 3.1 * nrow + 0.4), squeeze=False, sharex=True,
+                             sharey=True)
+    for ax in axes.flat[len(defenses):]:
+        ax.set_visible(False)
+    for ax, d in zip(axes.flat, defenses):
+        ax.axvspan(-2, 20, color="#2ca02c", alpha=0.06)
+        for i, a in enumerate(attacks):
+            row = g[(g["attack"] == a) & (g["defense"] == d)]
+            if row.empty:
+                continue
+            r = row.iloc[0]
+            mk = markers[i % len(markers)]
+            ax.scatter([r["asr0"]], [r["acc0"]], marker=mk, facecolors="none", edgecolors="#999", s=36, zorder=2)
+            ax.annotate("", xy=(r["asr"], r["acc"]), xytext=(r["asr0"], r["acc0"]),
+                        arrowprops={"arrowstyle": "->", "color": "#bbb", "lw": 0.8}, zorder=1)
+            ax.errorbar([r["asr"]], [r["acc"]], xerr=None if pd.isna(r["asr_sd"]) else [r["asr_sd"]],
+                        yerr=None if pd.isna(r["acc_sd"]) else [r["acc_sd"]], fmt=mk, color=colors[d], ms=7,
+                        label=a, zorder=3)
+        ax.set_title(d, fontsize=10, color=colors[d], fontweight="bold")
+        ax.grid(alpha=0.3)
+        ax.set_xlim(-3, 103)
+    lo = float(np.nanmin(np.r_[g["acc"], g["acc0"]]))
+    hi = float(np.nanmax(np.r_[g["acc"], g["acc0"]]))
+    axes.flat[0].set_ylim(max(0.0, min(lo - 3, hi - 15)), min(101.0, hi + 3))  # shared: at least 15 points tall
+    for ax in axes[:, 0]:
+        ax.set_ylabel("ACC after (%) ↑")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("ASR after (%) ↓")
+    handles = [plt.Line2D([], [], marker=markers[i % len(markers)], ls="", color="#444", label=a)
+               for i, a in enumerate(attacks)]
+    handles.append(plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="#999",
+                              label="backdoored (before)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if nrow == 1 else 0.04, 1, 1))
+    return _png(fig)
+
+
+def bars_html(records: Sequence[RunRecord]) -> str:
+    """Grouped bars of ACC / ASR / RA after defense, one panel per attack, one bar per defense (± std)."""
+    plt = _pyplot()
+    df = _frame(records)
+    if df.empty:
+        return ""
+    defenses = _ordered(df["defense"], DEFENSE_ORDER)
+    colors = _colors(defenses)
+    attacks = _ordered(df["attack"], [])
+    mean = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].mean()
+    std = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].std()
+    ncol = min(4, len(attacks))
+    nrow = (len(attacks) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(3.3 * ncol, 6.6), 2.8 * nrow + 0.4), squeeze=False, sharey=True)
+    for ax in axes.flat[len(attacks):]:
+        ax.set_visible(False)
+    metrics = ["acc", "asr", "ra"]
+    width = 0.8 / max(1, len(defenses))
+    for ax, a in zip(axes.flat, attacks):
+        for j, d in enumerate(defenses):
+            if (a, d) not in mean.index:
+                continue
+            ys = [mean.at[(a, d), m] for m in metrics]
+            es = [0 if pd.isna(std.at[(a, d), m]) else std.at[(a, d), m] for m in metrics]
+            xs = np.arange(len(metrics)) - 0.4 + width * (j + 0.5)
+            ax.bar(xs, ys, width, yerr=es if any(es) else None, color=colors[d], label=d, capsize=2)
+        ax.set_xticks(range(len(metrics)), [f"{m.upper()} {ARROW[HIGHER_IS_BETTER[m]]}" for m in metrics])
+        ax.set_title(a, fontsize=10)
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("% after defense")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[d], label="none (backdoored)" if d == "none" else d)
+               for d in defenses]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if nrow == 1 else 0.04, 1, 1))
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------- oracle
+def oracle_html(folder: Path, records: Sequence[RunRecord]) -> str:
+    """The oracle sweeps (``oracle_sweep_<key>.csv``) under ``folder``: one plot panel per sweep and the table."""
+    files = sorted(folder.rglob("oracle_sweep_*.csv"))
+    if not files:
+        return ""
+    plt = _pyplot()
+    frames = []
+    for f in files:
+        try:
+            df = pd.read_csv(f)
+        except (OSError, ValueError, pd.errors.ParserError):
+            continue
+        key = f.stem[len("oracle_sweep_"):]
+        if key in df.columns and {"acc", "asr", "ra"} <= set(df.columns):
+            frames.append((key, f, df))
+    if not frames:
+        return ""
+    reported = {(r.attack_name, r.defense, r.seed): r.defense_config for r in records if r.status == "ok"}
+    n = len(frames)
+    ncol = min(4, n)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 2.7 * nrow + 0.5), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    parts = []
+    for ax, (key, f, df) in zip(axes.flat, frames):
+        first = df.iloc[0]
+        who = (str(first.get("attack", f.parent.name)), str(first.get("defense", "")), int(first.get("seed", 0)))
+        x = df[key].astype(float)
+        for col, color in (("acc", "tab:blue"), ("asr", "tab:red"), ("ra", "tab:green")):
+            ax.plot(x, df[col] * 100, marker="o", ms=3, color=color, label=col.upper())
+        rv = reported.get(who, {}).get(key)
+        if isinstance(rv, (int, float)):
+            ax.axvline(float(rv), color="k", ls="--", lw=1, label=f"reported {key}")
+        ax.set_title(f"{who[0]} / {who[1]} (seed {who[2]})", fontsize=9)
+        ax.set_xlabel(key)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        show = df[[c for c in df.columns if c not in ("diagnostic", "defense_seconds")]].copy()
+        for c in ("acc", "asr", "ra", "der"):
+            if c in show:
+                show[c] = (show[c] * 100).map(lambda v: f"{v:.2f}")
+        rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in show.itertuples(index=False))
+        parts.append(f"<details><summary>{_e(who[0])} / {_e(who[1])} seed {who[2]}: {_e(key)} sweep "
+                     f"({len(df)} values; reported {key} = {_e(rv)})</summary><div class=scroll><table class=oracle-table>"
+                     f"<tr>{''.join(f'<th>{_e(c)}</th>' for c in show.columns)}</tr>{rows}</table></div></details>")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("% of test samples")
+    h, lab = axes.flat[0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=len(h), fontsize=8, frameon=False)
+    fig.suptitle("ORACLE DIAGNOSTIC (test set) — never used to choose a reported result", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if nrow == 1 else 0.04, 1, 0.95))
+    intro = ("<p><b>These numbers are not results.</b> Each sweep scores one hyperparameter of a defense on the "
+             "<b>test set</b>, which no defense may see: it shows how much an oracle choice could gain, and where "
+             "the a-priori value (dashed line) sits. The comparison table above always uses the configured value.</p>")
+    return intro + _png(fig) + "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- diagnose
+def find_diagnose_dirs(folder: Path) -> list[Path]:
+    """Folders written by ``otbr-bench diagnose`` under ``folder``: ``diagnose*/`` (recursively) holding a
+    ``summary.md``."""
+    out = []
+    for d in sorted(p for p in folder.glob("diagnose*") if p.is_dir()):
+        out += sorted({s.parent for s in d.rglob("summary.md")})
+    return out
+
+
+def _inline_md(text: str) -> str:
+    t = _e(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+    return t
+
+
+def markdown_html(text: str) -> str:
+    """A small, safe Markdown subset (headings, pipe tables, lists, code blocks, paragraphs); everything escaped."""
+    out, para, lines, i = [], [], text.splitlines(), 0
+
+    def flush() -> None:
+        if para:
+            out.append(f"<p>{_inline_md(' '.join(para))}</p>")
+            para.clear()
+
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if line.startswith("```"):
+            flush()
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            out.append(f"<pre>{_e(chr(10).join(lines[i + 1:j]))}</pre>")
+            i = j + 1
+            continue
+        m = re.match(r"^(#{1,6})\s+(.*)$", line)
+        if m:
+            flush()
+            level = min(6, len(m.group(1)) + 2)
+            out.append(f"<h{level}>{_inline_md(m.group(2))}</h{level}>")
+        elif line.startswith("|"):
+            flush()
+            rows = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(re.fullmatch(r":?-{2,}:?", c) for c in cells if c):
+                    rows.append(cells)
+                i += 1
+            if rows:
+                body = "".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+                out.append("<div class=scroll><table><tr>" + "".join(f"<th>{_inline_md(c)}</th>" for c in rows[0])
+                           + f"</tr>{body}</table></div>")
+            continue
+        elif re.match(r"^\s*[-*]\s+", line):
+            flush()
+            items = []
+            while i < len(lines) and re.match(r"^\s*[-*]\s+", lines[i]):
+                items.append("<li>" + _inline_md(re.sub(r"^\s*[-*]\s+", "", lines[i])) + "</li>")
+                i += 1
+            out.append(f"<ul>{''.join(items)}</ul>")
+            continue
+        elif not line.strip():
+            flush()
+        else:
+            para.append(line.strip())
+        i += 1
+    flush()
+    return f'<div class="md">{"".join(out)}</div>'
+
+
+def _embed_png(path: Path) -> str:
+    data = path.read_bytes()
+    if len(data) > _MAX_EMBED_BYTES:
+        try:
+            from PIL import Image
+
+            im = Image.open(io.BytesIO(data))
+            scale = (_MAX_EMBED_BYTES / len(data)) ** 0.5
+            im = im.convert("RGB").resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+            data = buf.getvalue()
+        except Exception:  # noqa: BLE001 - embed the original rather than nothing
+            pass
+    return _img(data, path.name)
+
+
+def diagnose_html(folder: Path) -> str:
+    parts = []
+    for d in find_diagnose_dirs(folder):
+        rel = d.relative_to(folder)
+        summary = (d / "summary.md").read_text(encoding="utf-8", errors="replace")
+        pngs = "".join(f"<figure>{_embed_png(p)}<figcaption class=note>{_e(p.name)}</figcaption></figure>"
+                       for p in sorted(d.glob("*.png")))
+        parts.append(f"<h3>{_e(rel)}</h3>{markdown_html(summary)}{pngs}")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def _kv_table(pairs: Iterable[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td style='text-align:left'>{v}</td></tr>" for k, v in pairs) + "</table>"
+
+
+def _model_text(model: dict) -> str:
+    m = dict(model)
+    text = str(m.pop("name", "?"))
+    if "width" in m:
+        text += f" width {m.pop('width')}"
+    if {"in_channels", "image_size"} <= set(m):
+        text += f", input {m.pop('in_channels')}x{m['image_size']}x{m.pop('image_size')}"
+    if "num_classes" in m:
+        text += f", {m.pop('num_classes')} classes"
+    return text + (f", {json.dumps(m, sort_keys=True)}" if m else "")
+
+
+def provenance_html(records: Sequence[RunRecord]) -> str:
+    """Versions, devices, configs, checkpoint hashes and seconds per cell, all from the run records."""
+    parts = []
+    versions: dict[str, set] = {}
+    for r in records:
+        for k, v in (r.versions or {}).items():
+            versions.setdefault(k, set()).add(str(v))
+    devices = sorted({str(r.device) for r in records})
+    stamps = sorted(r.timestamp for r in records if r.timestamp)
+    pairs = [(k, _e(", ".join(sorted(v)))) for k, v in sorted(versions.items())]
+    pairs += [("device", _e(", ".join(devices))), ("records", _e(len(records)))]
+    if stamps:
+        pairs.append(("run between", _e(f"{stamps[0]} and {stamps[-1]}")))
+    parts.append("<h3>Versions and devices</h3>" + _kv_table(pairs))
+
+    ckpts: dict[tuple, RunRecord] = {}
+    for r in records:
+        ckpts.setdefault((r.attack_name, r.seed, r.checkpoint_sha256), r)
+    rows = "".join(
+        f"<tr><td>{_e(a)}</td><td>{s}</td><td style='text-align:left'><code>{_e(sha)}</code></td>"
+        f"<td style='text-align:left'>{_e(_model_text(r.model))}</td>"
+        f"<td>{' '.join(f'{k.upper()} {v * 100:.2f}' for k, v in sorted(r.metrics_before.items()) if isinstance(v, (int, float)))}</td></tr>"
+        for (a, s, sha), r in sorted(ckpts.items(), key=lambda kv: (kv[0][0], kv[0][1])))
+    parts.append("<h3>Backdoored checkpoints</h3><div class=scroll><table><tr><th>attack</th><th>seed</th>"
+                 "<th>model sha256</th><th>model</th><th>before defense (%)</th></tr>" + rows + "</table></div>")
+
+    cell_rows = []
+    order = {d: i for i, d in enumerate(_ordered((r.defense for r in records), DEFENSE_ORDER))}
+    for r in sorted(records, key=lambda r: (r.attack_name, order[r.defense], r.seed)):
+        sec = r.seconds or {}
+        status = f'<span class="badge {_e(r.status)}">{_e(r.status)}</span>'
+        err = f"<br><span class=note>{_e(r.error)}</span>" if r.error else ""
+        fmt = lambda k: f"{sec[k]:.1f}" if isinstance(sec.get(k), (int, float)) else "-"  # noqa: E731
+        cell_rows.append(f"<tr data-attack='{_e(r.attack_name)}' data-defense='{_e(r.defense)}'><td>{_e(r.attack_name)}</td>"
+                         f"<td>{_e(r.defense)}</td><td>{r.seed}</td><td>{status}{err}</td><td>{_e(r.device)}</td>"
+                         f"<td>{_e(r.data_used)}</td><td>{fmt('cell_total')}</td><td>{fmt('defense_total')}</td>"
+                         f"<td>{fmt('evaluation')}</td><td>{_e(r.timestamp)}</td></tr>")
+    total = sum(float((r.seconds or {}).get("cell_total", 0) or 0) for r in records)
+    parts.append(f"<h3>Cells</h3><p class=note>Seconds as recorded by the run (wall time on the machine that ran it; "
+                 f"{total / 60:.1f} min of defense cells in all, attack training not included).</p>"
+                 "<div class=scroll><table><tr><th>attack</th><th>defense</th><th>seed</th><th>status</th><th>device</th>"
+                 "<th>data used</th><th>s / cell</th><th>s defense</th><th>s evaluation</th><th>time stamp</th></tr>"
+                 + "".join(cell_rows) + "</table></div>")
+
+    cfg_parts = []
+    seen = set()
+    for r in records:
+        key = ("defense", r.defense, json.dumps(r.defense_config, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            cfg_parts.append(f"<details><summary>defense <b>{_e(r.defense)}</b> ({_e(r.attack_name)}, seed {r.seed})"
+                             f"</summary><pre>{_e(json.dumps(r.defense_config, indent=1, sort_keys=True))}</pre></details>")
+    for r in records:
+        key = ("attack", r.attack_name, json.dumps(r.attack, sort_keys=True, default=str))
+        if key not in seen:
+            seen.add(key)
+            cfg_parts.append(f"<details><summary>attack <b>{_e(r.attack_name)}</b> (seed {r.seed})</summary>"
+                             f"<pre>{_e(json.dumps(r.attack, indent=1, sort_keys=True, default=str))}</pre></details>")
+    parts.append("<h3>Configs (resolved, as recorded)</h3>" + "".join(cfg_parts))
+    return "".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------- page
+def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
+    """A complete, self-contained HTML document (inline CSS, embedded images, no scripts, no network)."""
+    nav = "".join(f'<a href="#{_e(s.id)}">{_e(s.title.split(" — ")[0])}</a>' for s in sections)
+    body = "".join(f'<section id="{_e(s.id)}" class="{_e(s.css_class)}"><h2>{_e(s.title)}</h2>{s.body}</section>'
+                   for s in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
+            f"<style>{CSS}</style></head><body><header><h1>{_e(title)}</h1><p>{subtitle}</p></header>"
+            f"<nav>{nav}</nav><main>{body}</main></body></html>\n")
+
+
+def records_sections(records: Sequence[RunRecord], folder: Path | None = None) -> list[Section]:
+    """The report's sections for a set of run records (and, with ``folder``, its diagnose and oracle outputs)."""
+    ok = [r for r in records if r.status == "ok"]
+    sections = []
+    multi = len(_groups(ok)) > 1
+    for dataset, model, recs in _groups(ok):
+        suffix = f" — {dataset} / {model}" if multi else ""
+        sid = re.sub(r"[^a-z0-9]+", "-", f"{dataset}-{model}".lower()) if multi else ""
+        widths = sorted({str(r.model.get("width", "")) for r in recs} - {""})
+        seeds = sorted({r.seed for r in recs})
+        info = (f"<p class=note>{_e(dataset)}, {_e(model)}{' width ' + _e(', '.join(widths)) if widths else ''}; "
+                f"seeds {_e(', '.join(map(str, seeds)))} (mean ± std over seeds where there are several); after-defense "
+                "metrics in percent. <b>Green</b>: the best defense per attack and metric (the backdoored model, "
+                "<i>none</i>, is never marked). ↑ higher is better, ↓ lower is better. DER = (max(0, ΔASR) − "
+                "max(0, ΔACC) + 1) / 2.</p>")
+        sections.append(Section(f"table{'-' + sid if sid else ''}", "Comparison table" + suffix,
+                                info + table_html(recs) + _findings(recs)))
+        sections.append(Section(f"scatter{'-' + sid if sid else ''}", "ACC vs ASR per defense" + suffix,
+                                "<p class=note>Each panel one defense; each marker one attack (mean over seeds). The "
+                                "arrow starts at the backdoored model (hollow grey). Top left (shaded: ASR below 20%) is "
+                                "where a good defense lands.</p>" + scatter_html(recs)))
+        sections.append(Section(f"bars{'-' + sid if sid else ''}", "ACC / ASR / RA per attack" + suffix,
+                                "<p class=note>After-defense metrics per attack, one bar per defense (± std over "
+                                "seeds).</p>" + bars_html(recs)))
+    failed = [r for r in records if r.status != "ok"]
+    if failed:
+        items = "".join(f"<li>{_e(r.attack_name)}/{_e(r.defense)}/seed{r.seed}: {_e(r.error)}</li>" for r in failed)
+        sections.append(Section("failed", "Failed cells", f"<p>Not in the table:</p><ul>{items}</ul>"))
+    if folder is not None:
+        diag = diagnose_html(folder)
+        if diag:
+            sections.append(Section("diagnostics", "OTBR diagnostics",
+                                    "<p class=note>From <code>otbr-bench diagnose</code> (its summary and plots, as "
+                                    "written).</p>" + diag))
+        oracle = oracle_html(folder, records)
+        if oracle:
+            sections.append(Section("oracle", ORACLE_TITLE, oracle, css_class="oracle"))
+    sections.append(Section("provenance", "Provenance", provenance_html(records)))
+    return sections
+
+
+def render_report(folder: str | Path, title: str | None = None) -> str:
+    """The HTML report for the run records under ``folder`` (as a string)."""
+    root = Path(folder)
+    records = load_records(root)
+    if not records:
+        raise ValueError(f"{root}: no run records found (expected records/*.json from `otbr-bench bench`)")
+    if not any(r.status == "ok" for r in records):
+        raise ValueError(f"{root}: every run record failed; nothing to report")
+    datasets = ", ".join(dict.fromkeys(r.dataset for r in records))
+    attacks = _ordered((r.attack_name for r in records), [])
+    defenses = _ordered((r.defense for r in records), DEFENSE_ORDER)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    subtitle = (f"{_e(datasets)} · {len(attacks)} attack(s): {_e(', '.join(attacks))} · {len(defenses)} defense(s): "
+                f"{_e(', '.join(defenses))} · {len(records)} run record(s) from <code>{_e(root)}</code> · "
+                f"generated {now} by otbr-bench report")
+    return render_page(title or f"Backdoor defense report: {root.name}", subtitle, records_sections(records, root))
+
+
+def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
+    """Write the report atomically (temporary file + rename); default ``<folder>/report.html``."""
+    target = Path(out) if out else Path(folder) / "report.html"
+    return set_share_mode(write_text_atomic(target, render_report(folder, title)))
+
+
+def set_share_mode(path: Path) -> Path:
+    """A page is for sharing: the usual file mode (0644 under umask 022), not the temporary file's 0600."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- leaderboard
+def submission_records(submissions: Sequence[dict]) -> list[RunRecord]:
+    """Leaderboard entries as run records; each defense is labelled ``<method>: <defense>`` so that methods are
+    columns of one comparison table (the backdoored model stays ``none``)."""
+    out = []
+    for sub in submissions:
+        method = sub["method"]["name"]
+        for e in sub["entries"]:
+            label = "none" if e["defense"] == "none" else f"{method}: {e['defense']}"
+            out.append(RunRecord(dataset=e["dataset"], model=e["model"], attack=e["attack"], defense=label,
+                                 defense_config=e["defense_config"], seed=e["seed"],
+                                 checkpoint_sha256=e["checkpoint_sha256"], metrics_before=e["metrics_before"],
+                                 metrics_after=e["metrics_after"], der=e["der"], data_used=e["data_used"],
+                                 seconds=e.get("seconds", {}), versions=dict(sub.get("versions", {})),
+                                 timestamp=str(sub.get("created", ""))))
+    return out
+
+
+def render_leaderboard_page(submissions: Sequence[dict], board: pd.DataFrame, title: str = "Leaderboard") -> str:
+    """The HTML page for ``otbr-bench leaderboard build --html``: the ranked board, then the same comparison
+    table, plots and provenance as the report, over every submission's entries."""
+    cols = list(board.columns)
+    best_der = board["der"].where(board["defense"] != "none").groupby([board["dataset"], board["model"]]).transform("max")
+    rows = []
+    for (_, row), top in zip(board.iterrows(), best_der):
+        cells = "".join(f'<td class="{"best" if c == "der" and row[c] == top else ""}">{_e(row[c])}</td>' for c in cols)
+        rows.append(f"<tr>{cells}</tr>")
+    board_html = ("<p class=note>Mean after-defense metrics (percent) per method and defense, ranked by DER within "
+                  "each dataset and model.</p><div class=scroll><table class=leaderboard><tr>"
+                  + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>" + "".join(rows) + "</table></div>")
+    subs = "".join(f"<li><b>{_e(s['method']['name'])}</b> by {_e(s['submitter']['name'])} ({_e(s.get('created', ''))}, "
+                   f"{len(s['entries'])} entries)</li>" for s in submissions)
+    sections = [Section("leaderboard", "Leaderboard", board_html + f"<ul>{subs}</ul>")]
+    sections += records_sections(submission_records(submissions))
+    subtitle = f"{len(submissions)} submission(s) · generated by otbr-bench leaderboard build"
+    return render_page(title, subtitle, sections)
