@@ -92,6 +92,9 @@ def test_harness_talks_to_otbr_only_through_the_defense_interface():
     files = sorted((PKG / "bench").rglob("*.py")) + sorted((PKG / "commands").rglob("*.py")) + [PKG / "cli.py"]
     files += sorted((ROOT / "benchmark_adapters").rglob("*.py"))
     files = [f for f in files if "dropin" not in f.parts]
+    # the one exception: `otbr-bench diagnose` is OTBR's own analysis (the paper's Fig. 1/4/5), so it calls the
+    # method's pure functions directly; it still builds the config and fusion options through OTBRConfig
+    files = [f for f in files if f.name != "diagnose.py"]
     assert violations(files, ("otbr_plugin.otbr", "otbr_plugin.defenses.otbr")) == []
 
 

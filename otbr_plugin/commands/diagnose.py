@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError, get_dataset_spec, load_dataset
     from ..defenses.otbr import OTBRDefense
     from ..runtime import resolve_device
-    from .defend import resolve_defense_config
+    from ..config import resolve_config
 
     gammas = list(args.gammas or DEFAULT_GAMMAS)
     lams = list(args.lams or DEFAULT_LAMS)
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.setting:
         overrides.insert(0, f"setting={args.setting}")
-    cfg, source = resolve_defense_config("otbr", bundle.dataset, args.config, overrides)
+    resolved = resolve_config("defense", "otbr", bundle.dataset, args.config, overrides)
+    cfg, source = resolved.values, resolved.source
     defense = OTBRDefense(cfg)
     print(f"otbr config ({source}{', ' + ' '.join(overrides) if overrides else ''}): {defense.config.to_dict()}")
 
