@@ -106,14 +106,14 @@ class OTBRConfig(DefenseConfig):
     sinkhorn_reg: float = 0.01
     # data-free repair after fusion (beyond the paper; docs/otbr.md): none | distill | bn_recal
     repair: Literal["none", "distill", "bn_recal"] = "none"
-    repair_images: int = 512
-    repair_inversion_steps: int = 200
+    repair_images: int = 256
+    repair_inversion_steps: int = 100
     repair_inversion_lr: float = 0.1
     repair_guide: Literal["none", "original", "defended"] = "none"
     repair_ce_weight: float = 0.0
-    repair_steps: int = 300
-    repair_batch_size: int = 128
-    repair_lr: float = 0.01
+    repair_steps: int = 200
+    repair_batch_size: int = 64
+    repair_lr: float = 0.001
     repair_temperature: float = 4.0
     repair_freeze: bool = True  # hold the pruned neurons' weights at zero in the repaired model
     # setting-dependent options (None: as `setting` says)
