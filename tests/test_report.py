@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from otbr_plugin.bench.metrics import BackdoorMetrics, defense_effectiveness_rating
+from otbr_plugin.metrics import BackdoorMetrics, defense_effectiveness_rating
 from otbr_plugin.bench.records import RunRecord, record_filename, write_record
 from otbr_plugin.bench.report import ORACLE_TITLE, markdown_html, render_report, write_report
 from otbr_plugin.bench.tables import load_records
@@ -293,7 +293,9 @@ def test_quickstart_grid_and_readme() -> None:
     from otbr_plugin.bench.grid import load_grid
 
     grid = load_grid(ROOT / "configs" / "bench" / "quickstart.yaml")
-    assert list(grid.attacks) == ["badnets"] and set(grid.defenses) == set(DEFENSES) and grid.seeds == [0]
+    assert list(grid.attacks) == ["badnets"] and set(DEFENSES) <= set(grid.defenses) and grid.seeds == [0]
+    assert {grid.defense_names[d] for d in grid.defenses} == set(DEFENSES)  # the OTBR variants are labels of otbr
+    assert {"otbr_reference", "otbr_strong"} <= set(grid.defenses)
     assert grid.attacks["badnets"]["train"]["epochs"] == 2
     assert grid.attacks["badnets"]["model"] == {"name": "preactresnet18", "width": 0.25}
     readme = (ROOT / "README.md").read_text()

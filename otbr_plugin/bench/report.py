@@ -26,12 +26,12 @@ import numpy as np
 import pandas as pd
 
 from .records import RunRecord
-from .regress import write_text_atomic
+from ..io import write_text as write_text_atomic
 from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, _best_mask, _cell, _ordered, comparison_table,
                      load_records)
 
 __all__ = ["Section", "render_page", "records_sections", "render_report", "write_report", "find_diagnose_dirs",
-           "render_leaderboard_page", "submission_records", "set_share_mode", "ORACLE_TITLE"]
+           "render_leaderboard_page", "submission_records", "ORACLE_TITLE"]
 
 ORACLE_TITLE = "ORACLE DIAGNOSTIC — scored on the test set, never the reported row"
 ARROW = {True: "↑", False: "↓"}
@@ -593,17 +593,7 @@ def render_report(folder: str | Path, title: str | None = None) -> str:
 def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
     """Write the report atomically (temporary file + rename); default ``<folder>/report.html``."""
     target = Path(out) if out else Path(folder) / "report.html"
-    return set_share_mode(write_text_atomic(target, render_report(folder, title)))
-
-
-def set_share_mode(path: Path) -> Path:
-    """A page is for sharing: the usual file mode (0644 under umask 022), not the temporary file's 0600."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-    return path
+    return write_text_atomic(target, render_report(folder, title))  # the io helper keeps the umask mode
 
 
 # ----------------------------------------------------------------------------------------- leaderboard

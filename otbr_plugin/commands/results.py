@@ -144,9 +144,7 @@ def _lb_build(args: argparse.Namespace) -> int:
     if args.html:
         from ..bench.report import render_leaderboard_page
 
-        from ..bench.report import set_share_mode
-
-        print(f"wrote {set_share_mode(write_text_atomic(args.html, render_leaderboard_page(subs, board)))}")
+        print(f"wrote {write_text(args.html, render_leaderboard_page(subs, board))}")
     return 0
 
 
