@@ -17,9 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ from ..attacks import get_attack
 from ..data import ImageDataset, PoisonedTestSet, load_dataset, to_float
 from ..data.specs import get_dataset_spec
 from ..defenses.base import StageTimer, build_context
+from ..io import atomic_dir
 from ..defenses.otbr import OTBRDefense
 from ..otbr.auto import auto_gamma, auto_lam
 from ..otbr.diagnostics import (
@@ -543,9 +541,7 @@ def write_diagnosis(d: Diagnosis, out: str | Path, overwrite: bool = False) -> P
     """Write every table, plot and summary.md into a temporary folder beside ``out``, then rename it to ``out``
     (an existing non-empty ``out`` is refused unless ``overwrite``)."""
     target = check_out_dir(out, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:  # check_out_dir refused a non-empty folder already
         start = time.perf_counter()
         files = []
 
@@ -568,15 +564,4 @@ def write_diagnosis(d: Diagnosis, out: str | Path, overwrite: bool = False) -> P
         (tmp / "summary.json").write_text(json.dumps(summary_data(d), indent=2, default=float))
         files.append("summary.json")
         (tmp / "summary.md").write_text(_summary_md(d, files + ["summary.md"]))
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(target, backup)
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
