@@ -227,8 +227,13 @@ def test_warns_when_a_cells_defense_config_changed(tmp_path):
 
 
 def test_old_baseline_format_still_read(tmp_path, capsys):
-    """results/ci/baseline.json (no grid, versions, tolerances or config hashes) works unchanged."""
-    path = ROOT / "results" / "ci" / "baseline.json"
+    """A baseline in the first format (no grid, versions, tolerances or config hashes; results/ci/baseline.json
+    until it was rewritten) works unchanged."""
+    new_format = json.loads((ROOT / "results" / "ci" / "baseline.json").read_text())
+    old_format = {"schema_version": 1, "kind": new_format["kind"], "note": "",
+                  "cells": [{k: v for k, v in c.items() if k != "defense_config_sha256"} for c in new_format["cells"]]}
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(old_format))
     b = load_baseline(path)
     assert b.grid is None and b.package_version is None and b.tolerances is None and len(b.cells) == 5
     cells = json.loads(path.read_text())["cells"]
