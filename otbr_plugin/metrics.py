@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,24 +14,36 @@ from .runtime import resolve_device
 __all__ = ["BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
 
 
+def _on_device(model: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``model`` is on ``device`` ("cuda" matches any "cuda:N")."""
+    return all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
+               for t in (*model.parameters(), *model.buffers()))
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
     images: torch.Tensor,
     normalizer: Normalizer,
     batch_size: int = 512,
-    device: torch.device | str | None = None,
+    *,
+    device: torch.device | str,
 ) -> torch.Tensor:
-    """Predicted class (int64, on CPU) for each uint8 image; the model is put in eval mode and restored."""
-    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    """Predicted class (int64, on CPU) for each uint8 image, computed on ``device`` (the run's device, from
+    :class:`~otbr_plugin.runtime.RunSettings`). The caller's model is left where it was and in the mode it was in:
+    a model already on ``device`` is used in place (eval mode, restored after), any other is evaluated as a
+    copy moved to ``device``."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    net = model if _on_device(model, dev) else copy.deepcopy(model).to(dev)
     was_training = model.training
-    model.eval()
-    model.to(dev)
+    net.eval()
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = normalizer(to_float(images[start : start + batch_size].to(dev)))
-        out.append(model(x).argmax(1).cpu())
-    model.train(was_training)
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = normalizer(to_float(images[start : start + batch_size].to(dev)))
+            out.append(net(x).argmax(1).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -69,12 +82,13 @@ def evaluate_backdoor(
     bd_original_labels: torch.Tensor,
     normalizer: Normalizer,
     batch_size: int = 512,
-    device: torch.device | str | None = None,
+    *,
+    device: torch.device | str,
 ) -> BackdoorMetrics:
     """ACC on the clean test set; ASR = share of poisoned samples predicted as their target; RA = share
-    predicted as their true label."""
-    clean_pred = predict(model, clean_images, normalizer, batch_size, device)
-    bd_pred = predict(model, bd_images, normalizer, batch_size, device)
+    predicted as their true label. ``device``: where to compute (the caller's model is not moved)."""
+    clean_pred = predict(model, clean_images, normalizer, batch_size, device=device)
+    bd_pred = predict(model, bd_images, normalizer, batch_size, device=device)
     return BackdoorMetrics(
         acc=accuracy(clean_pred, clean_labels.cpu()),
         asr=accuracy(bd_pred, bd_targets.cpu()),

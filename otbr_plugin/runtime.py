@@ -1,13 +1,14 @@
-"""Device choice and seeding: the two pieces of global state every command needs."""
+"""Device choice, threads and seeding: the global state every command needs, decided once in RunSettings."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "seed_everything", "autocast_context"]
+__all__ = ["RunSettings", "resolve_device", "seed_everything", "autocast_context"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -59,3 +60,33 @@ def autocast_context(device: torch.device, bf16: bool = False, amp: bool = False
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     dtype = torch.bfloat16 if bf16 else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=bf16 or amp)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a command runs, decided once (by :meth:`from_args`) and passed down to attack training,
+    evaluation and defenses; nothing below a command resolves ``"auto"`` or reads the device elsewhere."""
+
+    device: torch.device
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, device: str | torch.device | None = "auto", seed: int = 0, threads: int | None = None,
+                  progress: bool = True, apply: bool = True) -> "RunSettings":
+        """Validate the device (an unavailable one is a one-line :class:`ValueError`), the seed and the
+        thread count; with ``apply``, set torch's CPU thread count now."""
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        settings = cls(device=resolve_device(device), seed=seed, threads=threads, progress=bool(progress))
+        if apply:
+            settings.apply()
+        return settings
+
+    def apply(self) -> None:
+        """Set torch's CPU thread count (when one was asked for)."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)

@@ -77,16 +77,22 @@ def train_classifier(
     spec: DatasetSpec,
     config: TrainConfig,
     eval_fn: Callable[[nn.Module], dict] | None = None,
+    *,
+    device: torch.device | None = None,
+    progress: bool | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and int64 ``labels``.
 
     ``eval_fn(model)`` runs after each epoch (e.g. test ACC/ASR) and its dict is merged into the history.
+    ``device`` / ``progress``: the run's (:class:`~otbr_plugin.runtime.RunSettings`); when given they take the
+    place of ``config.device`` / ``config.progress``, which are used only by callers without settings.
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
-    device = resolve_device(config.device)
+    device = resolve_device(config.device) if device is None else device
+    show = config.progress if progress is None else progress
     gen = seed_everything(config.seed)
     model.to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -104,7 +110,7 @@ def train_classifier(
         start = time.perf_counter()
         order = torch.randperm(images.shape[0], generator=gen)
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = pre(images[idx]).contiguous(memory_format=memory_format)

@@ -44,8 +44,8 @@ def train_split_eval_sets(bundle, n: int, seed: int = 123):
 
 
 def score(model, clean, bd, normalizer):
-    acc = float((predict(model, clean[0], normalizer) == clean[1]).float().mean())
-    pred = predict(model, bd[0], normalizer)
+    acc = float((predict(model, clean[0], normalizer, device=torch.device("cpu")) == clean[1]).float().mean())
+    pred = predict(model, bd[0], normalizer, device=torch.device("cpu"))
     asr = float((pred == bd[2]).float().mean())
     ra = float((pred == bd[1]).float().mean())
     return {"acc": round(100 * acc, 2), "asr": round(100 * asr, 2), "ra": round(100 * ra, 2)}

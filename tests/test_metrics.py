@@ -30,7 +30,7 @@ IDENTITY = Normalizer((0.0,), (1.0,))
 def test_predict_batched_equals_unbatched():
     x = imgs([3, 1, 4, 1, 5, 9, 2, 6])
     m = FirstPixelClassifier()
-    assert predict(m, x, IDENTITY, batch_size=3).tolist() == [3, 1, 4, 1, 5, 9, 2, 6]
+    assert predict(m, x, IDENTITY, batch_size=3, device="cpu").tolist() == [3, 1, 4, 1, 5, 9, 2, 6]
 
 
 def test_hand_computed_acc_asr_ra():
@@ -39,7 +39,7 @@ def test_hand_computed_acc_asr_ra():
     bd_x = imgs([0, 0, 5, 7, 0])  # predicted: 0 0 5 7 0
     targets = torch.zeros(5, dtype=torch.long)
     true = torch.tensor([1, 2, 5, 3, 4])  # only the third is predicted as its true label
-    m_ = evaluate_backdoor(m, clean_x, clean_y, bd_x, targets, true, IDENTITY)
+    m_ = evaluate_backdoor(m, clean_x, clean_y, bd_x, targets, true, IDENTITY, device="cpu")
     assert m_.acc == pytest.approx(0.75)
     assert m_.asr == pytest.approx(0.6)
     assert m_.ra == pytest.approx(0.2)
@@ -47,7 +47,7 @@ def test_hand_computed_acc_asr_ra():
 
 def test_predict_restores_training_mode():
     m = FirstPixelClassifier().train()
-    predict(m, imgs([1]), IDENTITY)
+    predict(m, imgs([1]), IDENTITY, device="cpu")
     assert m.training
 
 

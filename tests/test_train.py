@@ -26,7 +26,7 @@ def test_training_learns_a_separable_problem():
     hist = train_classifier(model, x, y, spec, TrainConfig(epochs=4, batch_size=32, lr=0.05, progress=False, device="cpu"))
     assert len(hist.epochs) == 4 and hist.epochs[-1]["loss"] < hist.epochs[0]["loss"]
     xt, yt = separable_problem(128, seed=1)
-    assert accuracy(predict(model, xt, Normalizer.for_dataset(spec)), yt) > 0.95
+    assert accuracy(predict(model, xt, Normalizer.for_dataset(spec), device="cpu"), yt) > 0.95
     assert hist.epochs[-1]["lr"] < 0.05 * 0.1  # cosine schedule annealed
 
 

@@ -104,12 +104,18 @@ def parse_attack_run(config: Mapping[str, Any]) -> AttackRun:
 
 
 def run_attack(run: AttackRun, data_root: str | Path | None = None,
-               log: Callable[[str], None] = print) -> Bundle:
+               log: Callable[[str], None] = print, *, device: torch.device | None = None,
+               progress: bool | None = None) -> Bundle:
     """Poison the training set, train the model, evaluate ACC/ASR/RA and return the bundle (not yet saved).
 
     The per-epoch ACC/ASR/RA in the training curve are reported only; nothing is chosen from them. The curve
     also holds ``poison_train_fit`` (share of poisoned training samples predicted as their training label),
     the training-side signal a config may be adjusted on.
+
+    ``device`` / ``progress``: the command's or grid's (:class:`~otbr_plugin.runtime.RunSettings`); they decide
+    where training and evaluation run and whether bars are shown, in place of ``run.train.device`` /
+    ``run.train.progress`` (used only when not given). The recorded config (``extra.resolved_config``,
+    ``training.config``) is the run's as declared; ``training.device`` records where it actually ran.
     """
     start = time.perf_counter()
     cpu_start = time.process_time()
@@ -124,7 +130,7 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
         + (f", {poisoned.cross_indices.numel()} noise-mode samples" if poisoned.cross_indices.numel() else "")
         + f"); poisoned test set: {len(bd_test)} samples")
 
-    device = resolve_device(run.train.device)
+    device = resolve_device(run.train.device) if device is None else device
     model_config = run.model_config()
     torch.manual_seed(run.train.seed)  # weight init is part of "same seed, same result"
     model = model_config.build()
@@ -149,7 +155,8 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
 
     log(f"training {model_config.name} (width {model_config.width}) on poisoned {spec.name}: "
         f"{run.train.epochs} epoch(s), device {device}")
-    history = train_classifier(model, poisoned.images, poisoned.labels, spec, run.train, eval_fn=eval_and_log)
+    history = train_classifier(model, poisoned.images, poisoned.labels, spec, run.train, eval_fn=eval_and_log,
+                               device=device, progress=progress)
     final = history.epochs[-1]
     metrics = {"acc": final["acc"], "asr": final["asr"], "ra": final["ra"]}
     minutes = (time.perf_counter() - start) / 60.0

@@ -1,7 +1,7 @@
 """The grid runner behind ``otbr-bench bench``: attacks x defenses x seeds, one run record per cell.
 
 Each attack bundle is trained once per seed and cached (``<out>/bundles/<attack>-seed<s>``, reused only when its
-recorded config equals the requested one). A cell whose record exists with status "ok" is skipped, so an
+recorded config equals the requested one; see :func:`training_changes` for how the device is compared). A cell whose record exists with status "ok" is skipped, so an
 interrupted grid resumes where it stopped; a failing cell is recorded with its error and the grid goes on.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import torch
 from tqdm.auto import tqdm
 
 from benchmark_adapters.bundle import MODEL_FILE, load_bundle, save_bundle, verify_bundle
@@ -26,11 +27,11 @@ from ..config import apply_overrides, declared_values, find_config_file, load_ya
 from ..data import load_dataset
 from ..defenses import get_defense
 from ..io import folder_lock, json_default
-from ..runtime import resolve_device
+from ..runtime import RunSettings, resolve_device
 from .records import RunRecord, read_record, record_filename, run_fingerprint, write_record
 from .runner import evaluate_model, run_defense
 
-__all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "stale_reason"]
+__all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "stale_reason", "training_changes"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps"}
@@ -168,6 +169,32 @@ def _result_relevant(resolved: Mapping[str, Any] | None) -> Any:
     return _plain(out)
 
 
+def _device_type(value: Any) -> str:
+    """"cpu", "cuda", "mps", ... for a recorded device string; "auto" (or anything unreadable) stays as it is."""
+    try:
+        return torch.device(str(value)).type
+    except (RuntimeError, TypeError):
+        return str(value)
+
+
+def training_changes(recorded: Mapping[str, Any] | None, trained_on: Any, wanted: Mapping[str, Any],
+                     device: torch.device) -> list[str]:
+    """How a cached bundle's training differs from the one a grid asks for ("key old -> new"; empty: reuse it).
+
+    The rule for the device: in a grid, attack training runs on the grid's device (``RunSettings.device``), not on
+    the attack config's ``train.device``, so ``train.device`` is compared as the device *type* the bundle was
+    actually trained on (its ``training.device``; the recorded ``train.device`` for a bundle without one) against
+    the type of the grid's device. The device index (``cuda:0`` vs ``cuda:1``) and the declared ``train.device``
+    (``auto``/``cpu``) never force a retrain: a bundle trained with ``train.device: cpu`` is reused by a grid whose
+    device resolves to cpu. The configs themselves are recorded as declared (record fingerprints are unchanged)."""
+    old, new = _result_relevant(recorded), _result_relevant(wanted)
+    if isinstance(old, dict) and isinstance(old.get("train"), dict):
+        old["train"]["device"] = _device_type(trained_on if trained_on else old["train"].get("device", "auto"))
+    if isinstance(new, dict) and isinstance(new.get("train"), dict):
+        new["train"]["device"] = device.type
+    return _changed_keys(old, new)
+
+
 def _attack_fingerprint_config(grid: GridSpec, attack: str, seed: int) -> dict[str, Any]:
     return _result_relevant(parse_attack_run(grid.attack_config(attack, seed)).resolved())
 
@@ -192,8 +219,9 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
 
 
-def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any]) -> str | None:
-    """sha256 of the cached bundle's weights when it exists and was trained with ``attack_cfg``, else None."""
+def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.device) -> str | None:
+    """sha256 of the cached bundle's weights when it exists and was trained with ``attack_cfg`` (on a device of
+    ``device``'s type, see :func:`training_changes`), else None."""
     if not path.exists():
         return None
     try:
@@ -201,7 +229,8 @@ def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any]) -> str | None:
     except BundleError:
         return None
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
-    if _result_relevant(extra.get("resolved_config")) != attack_cfg:
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    if training_changes(extra.get("resolved_config"), training.get("device"), attack_cfg, device):
         return None
     return meta["files"].get(MODEL_FILE)
 
@@ -258,14 +287,17 @@ def _package_version() -> str:
     return __version__
 
 
-def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None]) -> Bundle:
-    """The cached bundle for (attack, seed), trained now if absent or trained with another config."""
+def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
+                settings: RunSettings) -> Bundle:
+    """The cached bundle for (attack, seed), trained now (on ``settings.device``) if absent or trained with another
+    config (:func:`training_changes`)."""
     cfg = grid.attack_config(attack, seed)
     run = parse_attack_run(cfg)
     path = bundles / f"{attack}-seed{seed}"
     if path.exists():
         bundle = load_bundle(path)
-        changed = _changed_keys(_result_relevant(bundle.extra.get("resolved_config")), _result_relevant(run.resolved()))
+        changed = training_changes(bundle.extra.get("resolved_config"), (bundle.training or {}).get("device"),
+                                   run.resolved(), settings.device)
         if not changed:
             log(f"{attack} seed {seed}: using cached bundle {path}")
             return bundle
@@ -273,32 +305,42 @@ def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Call
             + "; ".join(changed[:5]) + "); training it again")
     else:
         log(f"{attack} seed {seed}: training the backdoored model (cached in {path})")
-    bundle = run_attack(run, grid.data_root, log=lambda s: None)
+    # the grid's device and progress setting reach training; training bars follow the config unless --no-progress
+    bundle = run_attack(run, grid.data_root, log=lambda s: None, device=settings.device,
+                        progress=None if settings.progress else False)
     save_bundle(bundle, path, overwrite=True)
     return load_bundle(path)
 
 
 def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None, lock: bool = True) -> list[CellResult]:
+             log: Callable[[str], None] | None = None, lock: bool = True,
+             settings: RunSettings | None = None) -> list[CellResult]:
     """Run every cell whose record is missing, failed or stale; returns one result per cell (skipped, ok or
     failed). ``lock``: hold ``<out>/.lock`` (and the bundles folder's) for the run, so a second run on the
     same folder stops at once with :class:`~otbr_plugin.io.FolderLockedError` (pass False when the caller
     holds it). With ``progress``, one tqdm bar over all cells (with ETA) and one summary line per finished cell
-    above it."""
+    above it. ``settings``: the command's run settings (device, threads, progress), passed to attack training,
+    evaluation and every defense; without them they are built once here from the grid's ``device`` and
+    ``progress``."""
+    if settings is None:
+        settings = RunSettings.from_args(grid.device, progress=progress, apply=False)
+    progress = settings.progress
     if log is None:  # one line per finished cell; above the bar when there is one
         log = (lambda s: tqdm.write(s)) if progress else (lambda s: print(s, flush=True))
     out = Path(out)
     bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
     if not lock:
-        return _run_grid(grid, out, bundles, progress, log)
+        return _run_grid(grid, out, bundles, settings, log)
     with folder_lock(out, "otbr-bench run"):
         if bundles_dir is None or out.resolve() in bundles.resolve().parents:
-            return _run_grid(grid, out, bundles, progress, log)
+            return _run_grid(grid, out, bundles, settings, log)
         with folder_lock(bundles, "otbr-bench run (bundles folder)"):
-            return _run_grid(grid, out, bundles, progress, log)
+            return _run_grid(grid, out, bundles, settings, log)
 
 
-def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Callable[[str], None]) -> list[CellResult]:
+def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
+              log: Callable[[str], None]) -> list[CellResult]:
+    progress, device = settings.progress, settings.device
     records_dir = out / "records"
     cells = [(a, d, s) for s in grid.seeds for a in grid.attacks for d in grid.defenses]
     model_name = {a: parse_attack_run(c).model.name for a, c in grid.attacks.items()}
@@ -314,7 +356,7 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Cal
     for seed in grid.seeds:
         for attack in grid.attacks:
             attack_cfg = _attack_fingerprint_config(grid, attack, seed)
-            cached = _cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg)
+            cached = _cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device)
             todo = []
             for defense in grid.defenses:
                 path = records_dir / record_filename(grid.dataset, model_name[attack], attack, defense, seed)
@@ -330,10 +372,10 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Cal
             bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
             t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
             try:
-                bundle = _bundle_for(grid, attack, seed, bundles, log)
+                bundle = _bundle_for(grid, attack, seed, bundles, log, settings)
                 if clean_test is None:
                     clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-                before = evaluate_model(bundle.build_model(), bundle, clean_test)
+                before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
                 if not had_bundle:
                     eta.training_done(time.perf_counter() - t0)
             except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
@@ -349,7 +391,7 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Cal
                 t0 = time.perf_counter()
                 try:
                     d = grid.defense_class(defense)(grid.defenses[defense])
-                    run = run_defense(bundle, d, data_root=grid.data_root, device=grid.device, seed=seed,
+                    run = run_defense(bundle, d, data_root=grid.data_root, device=device, seed=seed,
                                       clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
                                       before=before, config_source=grid.sources.get(f"defense:{defense}", ""))
                     record = run.record()
@@ -369,7 +411,7 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, progress: bool, log: Cal
                 eta.cell_done(time.perf_counter() - t0)
                 bar.set_postfix_str(str(eta), refresh=False)
                 bar.update(1)
-            _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log)
+            _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
     bar.close()
     return results
 
@@ -415,7 +457,7 @@ def _record_ok(path: Path) -> bool:
 
 
 def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,
-                       folder: Path, log: Callable[[str], None]) -> None:
+                       folder: Path, log: Callable[[str], None], device: torch.device) -> None:
     """Labelled oracle diagnostics on the TEST set (e.g. OTBR's gamma sweep); never feed the reported rows."""
     from .sweep import oracle_sweep, sweep_defenses, write_sweep
 
@@ -427,7 +469,7 @@ def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, c
         try:
             base = grid.defense_class(dname)(grid.defenses[dname])
             table = oracle_sweep(bundle, sweep_defenses(base, key, values), key, clean_test=clean_test, before=before,
-                                 data_root=grid.data_root, device=grid.device, seed=seed, clean_ratio=grid.clean_ratio,
+                                 data_root=grid.data_root, device=device, seed=seed, clean_ratio=grid.clean_ratio,
                                  progress=False)
             table.insert(0, "attack", attack)
             table.insert(1, "defense", dname)

@@ -68,8 +68,9 @@ class DefenseRun:
 
 
 def evaluate_model(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
-                   device: torch.device | None = None) -> BackdoorMetrics:
-    """ACC/ASR/RA of ``model`` on the clean test set and the bundle's poisoned test set."""
+                   device: torch.device) -> BackdoorMetrics:
+    """ACC/ASR/RA of ``model`` on the clean test set and the bundle's poisoned test set, computed on ``device``
+    (the run's; the model is not moved)."""
     bd = bundle.bd_test
     return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
                              bd.original_labels, bundle.normalizer, device=device)

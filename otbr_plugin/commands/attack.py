@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import apply_overrides, find_config_file, load_yaml, parse_overrides
-from . import formatter
+from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """config sections (see configs/attack/<attack>/<dataset>.yaml):
   attack:  name (badnets, blended, sig, wanet) and its parameters (target_class, label_mode, poison_ratio, seed, ...)
@@ -32,12 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=2 --set attack.poison_ratio=0.05")
     p.add_argument("--data-root", default=None, help="data root (default: $OTBR_DATA or ./data)")
-    p.add_argument("--device", default=None, help="auto (accelerator if present, else cpu), cpu, ... "
-                                                  "(default: the config's train.device)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy shared CPU")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(p, device_default=None, device_help="auto (accelerator if present, else cpu), cpu, ... "
+                                                            "(default: the config's train.device)")
     p.set_defaults(func=run)
 
 
@@ -46,12 +43,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..attacks.runner import parse_attack_run, run_attack
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
@@ -64,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             train["progress"] = False
         config["train"] = train
     run_cfg = parse_attack_run(config)
-    bundle = run_attack(run_cfg, data_root=args.data_root)
+    settings = run_settings(args, device=run_cfg.train.device, seed=run_cfg.train.seed)  # once, before any work
+    bundle = run_attack(run_cfg, data_root=args.data_root, device=settings.device, progress=settings.progress)
     bundle.extra["config_file"] = str(args.config)
     bundle.extra["overrides"] = list(args.overrides)
     path = save_bundle(bundle, out, overwrite=args.overwrite)

@@ -11,7 +11,7 @@ from ..bench.grid import load_grid, run_grid
 from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
-from . import formatter
+from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """examples:
   otbr-bench bench configs/bench/fashion_mnist.yaml --out results/fashion_mnist
@@ -35,26 +35,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a grid key, e.g. seeds=[0,1] or attack_overrides.train.epochs=2")
     p.add_argument("--bundles", default=None, help="folder of cached attack bundles (default: <out>/bundles)")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p, device_default=None, device_help="auto, cpu, cuda, cuda:N, ... (default: the grid's "
+                                                            "device key); attack training, evaluation and every "
+                                                            "defense run on it")
     p.add_argument("--no-report", action="store_true", help="do not write <out>/report.html (see `otbr-bench report`)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, parse_overrides(args.overrides))
+    settings = run_settings(args, device=args.device or grid.device)  # once for the whole grid
     out = Path(args.out)
     with contextlib.ExitStack() as locks:  # one writer per output folder (and per external bundles folder)
         locks.enter_context(folder_lock(out, "otbr-bench bench run"))
         if args.bundles is not None and out.resolve() not in Path(args.bundles).resolve().parents:
             locks.enter_context(folder_lock(args.bundles, "otbr-bench bench run (bundles folder)"))
-        return _run_locked(args, grid, out)
+        return _run_locked(args, grid, out, settings)
 
 
-def _run_locked(args: argparse.Namespace, grid, out: Path) -> int:
+def _run_locked(args: argparse.Namespace, grid, out: Path, settings) -> int:
     print(f"grid {grid.name}: {len(grid.attacks)} attack(s) x {len(grid.defenses)} defense(s) x {len(grid.seeds)} "
           f"seed(s) on {grid.dataset}; output {out}")
     start = time.perf_counter()
-    results = run_grid(grid, out, bundles_dir=args.bundles, progress=not args.no_progress, lock=False)
+    results = run_grid(grid, out, bundles_dir=args.bundles, progress=settings.progress, lock=False,
+                       settings=settings)
     wall = time.perf_counter() - start
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "

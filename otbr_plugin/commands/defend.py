@@ -12,8 +12,7 @@ from ..bench.sweep import ORACLE_LABEL, oracle_sweep, parse_sweep, sweep_defense
 from ..data import get_dataset_spec, load_dataset
 from ..config import ResolvedConfig, resolve_config
 from ..defenses import get_defense, list_defenses
-from ..runtime import resolve_device
-from . import formatter
+from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """examples:
   otbr-bench defend runs/badnets --defense otbr --out runs/badnets-otbr
@@ -50,13 +49,12 @@ def add_defense_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field (repeatable)")
     p.add_argument("--data-root", default=None, help="data root for the clean test/defense data (default $OTBR_DATA or ./data)")
-    p.add_argument("--device", default="auto", help="auto (accelerator if present, else cpu), cpu, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clean-ratio", type=float, default=0.05,
                    help="size of the clean defense subset, as a share of the training set (data-dependent defenses only)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow arbitrary pickled objects in foreign checkpoints (only for files you trust)")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p)
 
 
 
@@ -82,7 +80,7 @@ def check_out_folder(out: str | Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_out_folder(args.out, args.overwrite)
-    resolve_device(args.device)  # an unavailable device is refused before the checkpoint is read
+    settings = run_settings(args)  # an unavailable device is refused before the checkpoint is read
     bundle, defense, source = load_for_defense(args)
     print(f"{defense.name} config ({source}): {defense.config.to_dict()}")
     sweep = None
@@ -90,16 +88,16 @@ def run(args: argparse.Namespace) -> int:
         key, values = parse_sweep(args.sweep)
         sweep = (key, sweep_defenses(defense, key, values))  # bad keys/values fail before anything runs
     clean_test = load_dataset(get_dataset_spec(bundle.dataset).name, "test", args.data_root)
-    result = run_defense(bundle, defense, data_root=args.data_root, device=args.device, seed=args.seed,
-                         clean_ratio=args.clean_ratio, progress=not args.no_progress, clean_test=clean_test,
+    result = run_defense(bundle, defense, data_root=args.data_root, device=settings.device, seed=settings.seed,
+                         clean_ratio=args.clean_ratio, progress=settings.progress, clean_test=clean_test,
                          config_source=source)
     paths = write_defense_outputs(result, args.out, overwrite=args.overwrite)
     print(summarize(result))
     if sweep is not None:
         key, defenses = sweep
         table = oracle_sweep(bundle, defenses, key, clean_test=clean_test, before=result.before,
-                             data_root=args.data_root, device=args.device, seed=args.seed,
-                             clean_ratio=args.clean_ratio, progress=not args.no_progress)
+                             data_root=args.data_root, device=settings.device, seed=settings.seed,
+                             clean_ratio=args.clean_ratio, progress=settings.progress)
         paths.update(write_sweep(table, args.out, key, reported_value=getattr(defense.config, key),
                                  before=result.before,
                                  title=f"{defense.name} on {bundle.attack.get('name', '?')} / {bundle.dataset}"))

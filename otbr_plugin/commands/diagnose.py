@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import formatter
+from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """examples:
   otbr-bench diagnose runs/badnets --out runs/badnets-diagnose
@@ -63,12 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "sets; evaluation is most of the run time: 26 evaluations for the default grid)")
     p.add_argument("--top", type=float, default=0.05, help="share of neurons (by poison NWC) that are the AUC's positives")
     p.add_argument("--data-root", default=None, help="data root of the training/test split (default $OTBR_DATA or ./data)")
-    p.add_argument("--device", default="auto", help="auto (accelerator if present, else cpu), cpu, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow arbitrary pickled objects in foreign checkpoints (only for files you trust)")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
                                   summary_data, write_diagnosis)
     from ..data import DatasetNotFoundError, get_dataset_spec, load_dataset
     from ..defenses.otbr import OTBRDefense
-    from ..runtime import resolve_device
     from ..config import resolve_config
 
     gammas = list(args.gammas or DEFAULT_GAMMAS)
@@ -95,12 +92,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-samples must be >= 0 (0: the whole test sets), got {args.eval_samples}")
     if not 0.0 < args.top < 1.0:
         raise ValueError(f"--top must be a share in (0, 1), got {args.top}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     check_out_dir(args.out, args.overwrite)  # fail before any work
-    device = resolve_device(args.device)
+    settings = run_settings(args)
+    device = settings.device
 
     bundle = load_checkpoint(args.checkpoint, data_root=args.data_root, trust=args.trust_checkpoint)
     data_root = args.data_root or bundle.extra.get("data_root")
@@ -120,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"training split not found ({err}); data unlearning is skipped")
         train = None
     d = diagnose(bundle, defense, clean_test=clean_test, train=train, gammas=gammas, lams=lams,
-                 unlearn_samples=args.unlearn_samples, device=device, seed=args.seed,
-                 progress=not args.no_progress, trust=args.trust_checkpoint, top=args.top,
+                 unlearn_samples=args.unlearn_samples, device=device, seed=settings.seed,
+                 progress=settings.progress, trust=args.trust_checkpoint, top=args.top,
                  eval_samples=args.eval_samples or None)
     out = write_diagnosis(d, args.out, overwrite=args.overwrite)
     s = summary_data(d)

@@ -10,9 +10,8 @@ import torch
 from ..metrics import accuracy, predict
 from ..data import Normalizer, load_dataset
 from ..models import create_model, list_models
-from ..runtime import resolve_device
 from ..train import TrainConfig, train_classifier
-from . import formatter
+from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """examples:
   otbr-bench train --dataset fashion_mnist --model preactresnet18 --width 0.25 --epochs 1
@@ -32,27 +31,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (accelerator if present, else cpu), cpu, ...")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = run_settings(args)  # an unavailable device is refused before the data is read
+    device = settings.device
     train = load_dataset(args.dataset, "train", args.data_root)
     test = load_dataset(args.dataset, "test", args.data_root)
     if args.train_subset:
         train = train.subset(torch.arange(min(args.train_subset, len(train))))
     spec = train.spec
-    device = resolve_device(args.device)
     model = create_model(args.model, spec.num_classes, spec.in_channels, spec.image_size, args.width)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=str(device),
                       bf16=args.bf16, channels_last=args.channels_last, progress=not args.no_progress)
     print(f"training {args.model} (width {args.width}) on {spec.name}: {len(train)} images, {args.epochs} epoch(s), "
           f"device {device}")
     start = time.perf_counter()
-    hist = train_classifier(model, train.images, train.labels, spec, cfg)
+    hist = train_classifier(model, train.images, train.labels, spec, cfg, device=device, progress=settings.progress)
     acc = accuracy(predict(model, test.images, Normalizer.for_dataset(spec), device=device), test.labels)
     print(f"train loss {hist.epochs[-1]['loss']:.4f}, train acc {hist.epochs[-1]['train_acc']:.4f}, "
           f"{time.perf_counter() - start:.1f} s")

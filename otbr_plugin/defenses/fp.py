@@ -237,7 +237,8 @@ class FP(Defense):
                     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay, seed=context.seed, device=str(context.device),
                                      augment=cfg.augment, progress=context.progress)
-                    history = train_classifier(defended, fit.images, fit.labels, spec, tc).epochs
+                    history = train_classifier(defended, fit.images, fit.labels, spec, tc, device=context.device,
+                                               progress=context.progress).epochs
         finally:
             handle.remove()
         with timer("bake"):
