@@ -1,6 +1,6 @@
 """The layers of DESIGN.md, checked on the import graph (``ast``; imports inside functions count too).
 
-    core + data + models   runtime, io, registry, metrics, config, bundle, train; data/, models/
+    core + data + models   runtime, io, registry, metrics, config, bundle, train, graph; data/, models/
     otbr/                  the method: core, data and models only
     defenses/ attacks/     the interface and the defenses; the attacks
     bench/ commands/ cli   the harness
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "otbr_plugin"
-CORE_MODULES = ("runtime", "io", "registry", "metrics", "config", "bundle", "train", "__init__")
+CORE_MODULES = ("runtime", "io", "registry", "metrics", "config", "bundle", "train", "graph", "__init__")
 HIGHER = ("otbr_plugin.defenses", "otbr_plugin.bench", "otbr_plugin.commands", "otbr_plugin.attacks",
           "otbr_plugin.cli", "otbr_plugin.otbr", "benchmark_adapters")
 HARNESS = ("otbr_plugin.defenses", "otbr_plugin.bench", "otbr_plugin.commands", "otbr_plugin.attacks",

@@ -8,12 +8,14 @@ in a pre-activation ResNet the BN that follows ``conv2`` belongs to the *next* b
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from ..graph import is_add
+from ..graph import trace as _trace
 
 __all__ = [
     "ConvBNPair",
@@ -25,7 +27,6 @@ __all__ = [
     "tail_module",
 ]
 
-_ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _RELU_FUNCS = {torch.relu, torch.nn.functional.relu, torch.relu_}
 _FLATTEN_FUNCS = {torch.flatten}
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
@@ -50,24 +51,12 @@ class ConvBNPair:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with an error that says what to do when the model cannot be traced."""
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as err:  # fx raises many kinds of errors on data-dependent control flow
-        raise ValueError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); structural analysis "
-            "needs a traceable forward (no data-dependent control flow). For CLP use pairing='backdoorbench'."
-        ) from err
+    """:func:`otbr_plugin.graph.trace` with the baselines' way out."""
+    return _trace(model, "For CLP use pairing='backdoorbench'.")
 
 
 def _modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     return dict(gm.named_modules())
-
-
-def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADD_TARGETS) or (
-        node.op == "call_method" and node.target in ("add", "add_")
-    )
 
 
 def structural_pairs(model: nn.Module) -> list[ConvBNPair]:
@@ -98,7 +87,7 @@ def structural_pairs(model: nn.Module) -> list[ConvBNPair]:
                     if user.op == "call_module" and isinstance(mods[user.target], nn.BatchNorm2d):
                         if found is None and mods[user.target].num_features == conv.out_channels:
                             found = (user.target, depth == 1)
-                    elif _is_add(user):
+                    elif is_add(user):
                         nxt.append(user)
             frontier = nxt
         pairs.append(ConvBNPair(node.target, found[0] if found else None, bool(found and found[1]),

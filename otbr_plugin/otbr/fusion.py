@@ -38,8 +38,10 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import ot
 import torch
-import torch.nn.functional as F
+import torch.fx
 from torch import nn
+
+from ..graph import trace, walk_back
 
 __all__ = [
     "LayerLink",
@@ -63,13 +65,6 @@ AttachedMode = Literal["transport", "keep"]
 Solver = Literal["emd", "sinkhorn"]
 MassMode = Literal["nwc", "uniform"]
 
-_PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.MaxPool2d,
-                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Identity, nn.Flatten)
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.gelu, F.silu, torch.flatten, F.max_pool2d, F.avg_pool2d,
-                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout}
-_PASS_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
-
-
 @dataclass(frozen=True)
 class LayerLink:
     """How a target layer connects to the others.
@@ -87,34 +82,8 @@ class LayerLink:
     is_output: bool = False
 
 
-def _walk_back(node, modules: Mapping[str, nn.Module]) -> tuple[str | None, list[str]]:
-    """From ``node`` walk back through channel-wise ops; return the producing conv/linear (or None) and the
-    batch norms passed on the way."""
-    bns: list[str] = []
-    while True:
-        if node.op == "call_module":
-            mod = modules[node.target]
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                return node.target, bns
-            if isinstance(mod, _PASS_MODULES):
-                if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                    bns.append(node.target)
-                node = node.args[0]
-                continue
-            return None, bns
-        if node.op == "call_function" and node.target in _PASS_FUNCTIONS:
-            node = node.args[0]
-            continue
-        if node.op == "call_method" and node.target in _PASS_METHODS:
-            node = node.args[0]
-            continue
-        return None, bns
-
-
 def _trace_graph_links(model: nn.Module, layers: Sequence[str]) -> dict[str, LayerLink]:
-    import torch.fx as fx
-
-    graph = fx.symbolic_trace(model).graph
+    graph = trace(model).graph
     modules = dict(model.named_modules())
     producer: dict[str, str | None] = {}
     attached: dict[str, list[str]] = {n: [] for n in layers}
@@ -123,17 +92,17 @@ def _trace_graph_links(model: nn.Module, layers: Sequence[str]) -> dict[str, Lay
         if node.op == "call_module":
             mod = modules[node.target]
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                src, _ = _walk_back(node.args[0], modules)
+                src, _ = walk_back(node.args[0], modules)
                 producer[node.target] = src
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                src, bns = _walk_back(node.args[0], modules)
+                src, bns = walk_back(node.args[0], modules)
                 if src in attached and not bns:  # BN directly (modulo activations) on a single target layer
                     attached[src].append(node.target)
         elif node.op == "output":
             args = node.args[0]
             for a in args if isinstance(args, (tuple, list)) else [args]:
-                if isinstance(a, fx.Node):
-                    src, _ = _walk_back(a, modules)
+                if isinstance(a, torch.fx.Node):
+                    src, _ = walk_back(a, modules)
                     if src is not None:
                         outputs.add(src)
     links = {}
