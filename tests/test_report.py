@@ -252,19 +252,9 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
 
 
 def _tiny_grid(tmp_path: Path, defenses: list[str]) -> Path:
-    import yaml
+    from test_grid import grid_file  # the one tiny grid of the tests
 
-    from conftest import write_mnist_like
-
-    write_mnist_like(tmp_path / "data" / "fashion_mnist", n_train=120, n_test=60)
-    attack = {"attack": {"name": "badnets", "target_class": 0, "poison_ratio": 0.1},
-              "dataset": "fashion_mnist", "model": {"name": "smallcnn", "width": 0.25},
-              "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"}}
-    grid = {"name": "tiny", "dataset": "fashion_mnist", "data_root": str(tmp_path / "data"),
-            "attacks": {"badnets": attack}, "defenses": {d: {} for d in defenses}, "seeds": [0], "device": "cpu"}
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
-    return path
+    return grid_file(tmp_path, defenses)
 
 
 def test_grid_progress_bar_and_one_line_per_cell(tmp_path: Path, capsys) -> None:
