@@ -286,3 +286,15 @@ def test_workflow_files_match_their_schemas(name):
     res = subprocess.run([str(exe), "--builtin-schema", WORKFLOWS[name], str(ROOT / "docs/ci" / name)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_tolerance_file_reads_scientific_notation_as_numbers(tmp_path):
+    from otbr_plugin.bench.regress import load_tolerance_file
+
+    f = tmp_path / "baseline.tolerances.yaml"
+    f.write_text("asr: 2e-2\nacc: 1e-2\n")
+    layer = load_tolerance_file(f)
+    assert "2e-2" not in repr(layer) and "0.02" in repr(layer)
+    f.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="tolerance file"):
+        load_tolerance_file(f)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..config import load_yaml
 from ..io import write_json, write_text
 from .records import RunRecord
 
@@ -178,14 +179,12 @@ def _check_std_factor(value: Any, where: str = "--std-factor") -> float:
 
 def load_tolerance_file(path: str | Path) -> dict:
     """Read a tolerance YAML file (see :func:`layer_from_mapping` for its form)."""
-    import yaml
-
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        data = load_yaml(p)  # the project's YAML reader: 1e-2 is a number, a non-mapping is an error
+    except (OSError, ValueError) as err:
         raise ValueError(f"{p}: not a readable tolerance file ({err})") from err
-    return layer_from_mapping(data or {}, where=str(p))
+    return layer_from_mapping(data, where=str(p))
 
 
 def find_tolerance_file(baseline: str | Path) -> Path | None:

@@ -10,6 +10,7 @@ from ..bench.regress import (ToleranceSpec, build_report, find_tolerance_file, f
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
 from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..config import load_yaml
 from ..io import write_json, write_text
 from . import formatter
 
@@ -161,10 +162,7 @@ def _grid_name(value: str | None) -> str | None:
         return None
     path = Path(value)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
-
-        data = yaml.safe_load(path.read_text()) or {}
-        return str(data.get("name") or path.stem) if isinstance(data, dict) else path.stem
+        return str(load_yaml(path).get("name") or path.stem)
     return value
 
 

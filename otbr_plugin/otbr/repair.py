@@ -222,8 +222,8 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, normalizer: Normalize
 @torch.no_grad()
 def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor, normalizer: Normalizer, batch_size: int = 512,
               device: torch.device | str = "cpu") -> float:
-    """Share of ``images`` (pixel space) on which models ``a`` and ``b`` predict the same class."""
-    a, b = a.to(device).eval(), b.to(device).eval()
+    """Share of ``images`` (pixel space) on which models ``a`` and ``b`` (both on ``device``, in inference
+    mode) predict the same class. The models are neither moved nor switched to another mode."""
     same = 0
     for i in range(0, images.shape[0], batch_size):
         x = normalizer(images[i:i + batch_size].to(device))
