@@ -22,7 +22,7 @@ from benchmark_adapters.backdoorbench.safe_load import safe_torch_load
 from benchmark_adapters.bundle import BundleError, load_bundle, save_bundle
 from otbr_plugin.bench import grid as grid_module
 from otbr_plugin.bench.grid import load_grid, run_grid
-from otbr_plugin.bench.records import read_record
+from otbr_plugin.bench.records import read_record, run_fingerprint, write_record
 from otbr_plugin.cli import main
 from otbr_plugin.config import parse_overrides
 from test_backdoorbench import make_bb_tree
@@ -164,6 +164,34 @@ def test_committed_records_without_fingerprint_stay_reusable():
     assert "gamma" in grid_module.stale_reason(other, path, grid_module._attack_fingerprint_config(other, "badnets", 0),
                                                "otbr", None)
     assert "checkpoint" in grid_module.stale_reason(grid, path, {}, "otbr", "0" * 64)
+
+
+def test_options_added_later_at_their_default_keep_records_reusable(tmp_path):
+    """A record written before a config class gained an option (OTBR's `ranking`, training's `bf16`; removed
+    here, fingerprint as it was then) is reused while the grid leaves the option at its default, and runs again
+    when the grid asks for another value."""
+    path = _otbr_grid(tmp_path)
+    out = tmp_path / "out"
+    run_grid(load_grid(path), out, progress=False, log=lambda s: None)
+    rpath = out / "records" / "fashion_mnist__smallcnn__badnets__otbr__seed0.json"
+    record = read_record(rpath)
+    del record.defense_config["ranking"]
+    del record.attack_config["train"]["bf16"]
+    record.fingerprint = run_fingerprint(record.attack_config, {"name": "otbr", "config": record.defense_config},
+                                         record.checkpoint_sha256, {"clean_ratio": load_grid(path).clean_ratio})
+    write_record(record, rpath)
+    grid = load_grid(path)
+    cfg = grid_module._attack_fingerprint_config(grid, "badnets", 0)
+    assert grid_module.stale_reason(grid, rpath, cfg, "otbr", None) is None
+    layer = load_grid(path, {"defense_overrides": {"otbr": {"ranking": "layer"}}})
+    assert "ranking" in grid_module.stale_reason(layer, rpath, cfg, "otbr", None)
+    bf16 = {**cfg, "train": {**cfg["train"], "bf16": True}}
+    assert "bf16" in grid_module.stale_reason(grid, rpath, bf16, "otbr", None)
+    results = run_grid(grid, out, progress=False, log=lambda s: None)
+    assert {r.status for r in results} == {"skipped"}
+    # a cached bundle trained before `bf16` existed is reused as well
+    assert not grid_module.training_changes({**cfg, "train": {k: v for k, v in cfg["train"].items() if k != "bf16"}},
+                                            "cpu", cfg, torch.device("cpu"))
 
 
 def test_two_records_of_one_cell_are_an_error_in_table(tmp_path, capsys):

@@ -146,6 +146,29 @@ def test_pruning_zeroes_exactly_the_global_top_k():
             assert torch.equal(pruned.state_dict()[k_], v)
 
 
+def test_layer_ranking_prunes_the_top_share_of_each_layer():
+    model = small("preactresnet18", 3, 10, 0.125)
+    layers = target_layer_names(model)
+    g = torch.Generator().manual_seed(6)
+    mods = dict(model.named_modules())
+    # deeper layers get larger scores, so a global ranking would take them only
+    scores = {n: torch.rand(mods[n].weight.shape[0], generator=g, dtype=torch.float64) + 10 * i
+              for i, n in enumerate(layers)}
+    masks = select_top_neurons(scores, 0.25, ranking="layer")
+    for n in layers:
+        k = math.floor(0.25 * scores[n].numel())
+        assert int(masks[n].sum()) == k
+        assert set(torch.nonzero(masks[n]).flatten().tolist()) == set(torch.argsort(-scores[n])[:k].tolist())
+    assert sum(bool(m.any()) for m in select_top_neurons(scores, 0.25).values()) < len(layers)
+    ties = select_top_neurons({"a": torch.tensor([1.0, 2.0, 2.0, 0.5])}, 0.5, ranking="layer")
+    assert ties["a"].tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match="ranking"):
+        select_top_neurons(scores, 0.1, ranking="local")
+    d = get_defense("otbr")(gamma=0.25, ranking="layer", unlearn_steps=1, unlearn_batch_size=8)
+    out = d.mitigate(model, context(d, (3, 10, 10)))
+    assert out.diagnostics["pruned_per_layer"] == {n: math.floor(0.25 * scores[n].numel()) for n in layers}
+
+
 def test_num_to_prune_and_tie_breaking():
     assert num_to_prune(100, 0.29) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
     assert num_to_prune(10, 0.0) == 0
@@ -296,7 +319,7 @@ def test_zero_nwc_neuron_fuses_without_nan():
 @pytest.mark.parametrize("field,value,needle", [
     ("gamma", 1.0, "gamma"), ("gamma", -0.1, "gamma"), ("lam", 1.5, "lam"), ("lam", -0.01, "lam"),
     ("unlearn_steps", 0, "unlearn_steps"), ("unlearn_steps", 2.5, "unlearn_steps"), ("cost", "l2", "cost"),
-    ("setting", "paper", "setting"), ("mass_floor", -0.1, "mass_floor"),
+    ("setting", "paper", "setting"), ("mass_floor", -0.1, "mass_floor"), ("ranking", "local", "ranking"),
 ])
 def test_invalid_config_is_rejected_with_a_clear_message(field, value, needle):
     with pytest.raises(ValueError, match=needle):

@@ -283,11 +283,11 @@ def test_quickstart_grid_and_readme() -> None:
     from otbr_plugin.bench.grid import load_grid
 
     grid = load_grid(ROOT / "configs" / "bench" / "quickstart.yaml")
-    assert list(grid.attacks) == ["badnets"] and set(DEFENSES) <= set(grid.defenses) and grid.seeds == [0]
+    assert list(grid.attacks) == ["blended"] and set(DEFENSES) <= set(grid.defenses) and grid.seeds == [0]
     assert {grid.defense_names[d] for d in grid.defenses} == set(DEFENSES)  # the OTBR variants are labels of otbr
     assert {"otbr_reference", "otbr_strong"} <= set(grid.defenses)
-    assert grid.attacks["badnets"]["train"]["epochs"] == 2
-    assert grid.attacks["badnets"]["model"] == {"name": "preactresnet18", "width": 0.25}
+    assert grid.attacks["blended"]["train"]["epochs"] == 2
+    assert grid.attacks["blended"]["model"] == {"name": "preactresnet18", "width": 0.125}
     readme = (ROOT / "README.md").read_text()
     first = readme[readme.index("```bash"):].split("```")[1]
     assert "configs/bench/quickstart.yaml" in first

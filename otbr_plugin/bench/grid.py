@@ -169,6 +169,22 @@ def _result_relevant(resolved: Mapping[str, Any] | None) -> Any:
     return _plain(out)
 
 
+def _without_new_defaults(old: Any, new: Any, defaults: Mapping[str, Any]) -> Any:
+    """``new`` without the keys that ``old`` lacks and that hold their declared default (``defaults``).
+
+    New options default to the behaviour that existed before them (a project rule), so an option a config class
+    gained after ``old`` was recorded, left at its default, reproduces the recorded run."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return new
+    return {k: v for k, v in new.items() if k in old or k not in defaults or v != defaults[k]}
+
+
+def _train_defaults() -> dict[str, Any]:
+    from ..train import TrainConfig
+
+    return _plain(declared_values(TrainConfig))
+
+
 def _device_type(value: Any) -> str:
     """"cpu", "cuda", "mps", ... for a recorded device string; "auto" (or anything unreadable) stays as it is."""
     try:
@@ -192,6 +208,8 @@ def training_changes(recorded: Mapping[str, Any] | None, trained_on: Any, wanted
         old["train"]["device"] = _device_type(trained_on if trained_on else old["train"].get("device", "auto"))
     if isinstance(new, dict) and isinstance(new.get("train"), dict):
         new["train"]["device"] = device.type
+        if isinstance(old, dict):
+            new["train"] = _without_new_defaults(old.get("train"), new["train"], _train_defaults())
     return _changed_keys(old, new)
 
 
@@ -205,9 +223,19 @@ def _defense_fingerprint_config(grid: GridSpec, label: str) -> dict[str, Any]:
             "config": _plain(grid.defense_class(label)(grid.defenses[label]).config.to_dict())}
 
 
-def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str) -> str:
-    return run_fingerprint(attack_cfg, _defense_fingerprint_config(grid, label), checkpoint_sha256,
-                           {"clean_ratio": grid.clean_ratio})
+def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str,
+                      since: RunRecord | None = None) -> str:
+    """The cell's fingerprint; ``since``: as of that record's configs -- options added to the config classes
+    after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`)."""
+    defense = _defense_fingerprint_config(grid, label)
+    if since is not None:
+        defaults = _plain(declared_values(grid.defense_class(label).config_class))
+        defense = {**defense, "config": _without_new_defaults(_plain(since.defense_config), defense["config"], defaults)}
+        old = since.attack_config
+        if isinstance(old, Mapping) and isinstance(attack_cfg.get("train"), Mapping):
+            attack_cfg = {**attack_cfg, "train": _without_new_defaults(old.get("train"), dict(attack_cfg["train"]),
+                                                                        _train_defaults())}
+    return run_fingerprint(attack_cfg, defense, checkpoint_sha256, {"clean_ratio": grid.clean_ratio})
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -264,7 +292,8 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
             return "the backdoored checkpoint changed"
         return None
     sha = checkpoint or record.checkpoint_sha256
-    if record.fingerprint == _cell_fingerprint(grid, attack_cfg, label, sha):
+    if record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
+                              _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
     reasons = []
     changed = _changed_keys(_plain(record.defense_config), defense["config"])

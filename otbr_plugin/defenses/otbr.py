@@ -22,7 +22,8 @@ attached        transport: bias and BN of   keep: backdoored bias and BN untouch
 
 Both settings use noise of the model's real input shape (the published code hard-codes 3x32x32) and a mass
 floor so that no transport mass is zero (the published code divides by zero when an NWC rounds to 0).
-Further named options (same default in both settings): ``nwc_norm`` ("none" | "fan_in"), ``target_mass``
+Further named options (same default in both settings): ``ranking`` ("global" | "layer": the top gamma share of
+each layer, beyond the paper), ``nwc_norm`` ("none" | "fan_in"), ``target_mass``
 ("nwc" | "uniform"), ``solver`` ("emd" | "sinkhorn"), ``include_shortcut``, ``include_linear``, ``unlearn_bn``.
 
 gamma is never chosen on test data: it comes from the config (0.05). ``otbr-bench defend --sweep gamma=...``
@@ -74,6 +75,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "solver": ("emd", "sinkhorn"),
     "unlearn_bn": ("train", "eval"),
     "prune_rounding": ("robust", "truncate"),
+    "ranking": ("global", "layer"),
     "repair": ("none", "distill", "bn_recal"),
     "repair_guide": ("none", "original", "defended"),
 }
@@ -99,7 +101,8 @@ class OTBRConfig(DefenseConfig):
     # which layers are ranked, pruned and fused
     include_shortcut: bool = False
     include_linear: bool = False
-    # NWC scores and transport
+    # NWC scores and transport; ranking "layer" (beyond the paper): the top gamma share of each layer
+    ranking: Literal["global", "layer"] = "global"
     nwc_norm: Literal["none", "fan_in"] = "none"
     target_mass: Literal["nwc", "uniform"] = "nwc"
     solver: Literal["emd", "sinkhorn"] = "emd"
@@ -204,7 +207,8 @@ class OTBRConfig(DefenseConfig):
         return FusionOptions(target_mass=self.target_mass, mass_floor=self.mass_floor, cost=self.cost,
                              residual=self.residual, attached=self.attached, solver=self.solver,
                              sinkhorn_reg=self.sinkhorn_reg, emd_max_iter=self.emd_max_iter,
-                             strict_solver=self.setting != "reference", prune_rounding=self.prune_rounding)
+                             strict_solver=self.setting != "reference", prune_rounding=self.prune_rounding,
+                             ranking=self.ranking)
 
     def scores(self, nwc: Mapping[str, torch.Tensor], model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
         """The values neurons are ranked by (and transport masses come from), from raw NWCs."""

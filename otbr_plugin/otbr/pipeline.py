@@ -33,6 +33,7 @@ class FusionOptions:
     emd_max_iter: int = 10_000_000
     strict_solver: bool = True
     prune_rounding: Literal["robust", "truncate"] = "robust"
+    ranking: Literal["global", "layer"] = "global"
 
 
 #: the published code's stages 3-4 (linweiii/OTBR ``pruning`` + ``ot_fusion``)
@@ -55,9 +56,10 @@ class PruneFuseResult:
 def prune_and_fuse(model: nn.Module, scores: Mapping[str, torch.Tensor], layers: Sequence[str], *, gamma: float,
                    lam: float, options: FusionOptions = FusionOptions()) -> PruneFuseResult:
     """Zero the incoming weights of the ``gamma`` share of target neurons with the highest score (ranked
-    globally, ties in layer-then-neuron order), then fuse the pruned model into ``model`` from the first layer
+    globally, ties in layer-then-neuron order; per layer with ``options.ranking="layer"``), then fuse the
+    pruned model into ``model`` from the first layer
     holding a pruned neuron to the last target layer, with target masses from the same scores."""
-    masks = select_top_neurons({n: scores[n] for n in layers}, gamma, options.prune_rounding)
+    masks = select_top_neurons({n: scores[n] for n in layers}, gamma, options.prune_rounding, options.ranking)
     pruned = prune_neurons(model, masks)
     start = next((n for n in layers if bool(masks[n].any())), None)
     if start is None:

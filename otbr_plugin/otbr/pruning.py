@@ -1,5 +1,8 @@
 """OTBR stage 3: rank all target neurons globally by NWC score and zero the top fraction gamma.
 
+``ranking="layer"`` (beyond the paper) zeroes the top gamma share of *each* target layer instead, so that
+pruning is not confined to the deepest, widest layers whose raw NWCs are largest (docs/otbr.md).
+
 Pruning a neuron zeroes its incoming weights (the rows ``weight[k]`` of its conv/linear layer), exactly
 as the published method does. The layer's bias and the batch norm that follows are left alone, so the
 pruned channel becomes a constant, input-independent signal (the trigger can no longer drive it); the
@@ -47,10 +50,16 @@ def global_ranking(scores: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, 
     return [keys[i] for i in order.tolist()], flat[order]
 
 
-def select_top_neurons(scores: Mapping[str, torch.Tensor], gamma: float,
-                       rounding: str = "robust") -> dict[str, torch.Tensor]:
+def select_top_neurons(scores: Mapping[str, torch.Tensor], gamma: float, rounding: str = "robust",
+                       ranking: str = "global") -> dict[str, torch.Tensor]:
     """Boolean mask per layer marking the ``floor(gamma * N)`` neurons with the highest score across all
-    layers (N = number of neurons in all layers together; ``rounding`` as in :func:`num_to_prune`)."""
+    layers (N = number of neurons in all layers together; ``rounding`` as in :func:`num_to_prune`).
+    ``ranking="layer"``: the ``floor(gamma * N_l)`` highest-scored neurons of each layer ``l`` (ties in neuron
+    order)."""
+    if ranking == "layer":
+        return {name: select_top_neurons({name: v}, gamma, rounding)[name] for name, v in scores.items()}
+    if ranking != "global":
+        raise ValueError(f"ranking must be 'global' or 'layer', got {ranking!r}")
     ranked, _ = global_ranking(scores)
     k = num_to_prune(len(ranked), gamma, rounding)
     masks = {name: torch.zeros(v.numel(), dtype=torch.bool) for name, v in scores.items()}
