@@ -167,6 +167,20 @@ def test_layer_ranking_prunes_the_top_share_of_each_layer():
     d = get_defense("otbr")(gamma=0.25, ranking="layer", unlearn_steps=1, unlearn_batch_size=8)
     out = d.mitigate(model, context(d, (3, 10, 10)))
     assert out.diagnostics["pruned_per_layer"] == {n: math.floor(0.25 * scores[n].numel()) for n in layers}
+    # fuse: false is the pruned model alone: pruned rows zero, every other parameter the backdoored one
+    d = get_defense("otbr")(gamma=0.25, ranking="layer", fuse=False, unlearn_steps=1, unlearn_batch_size=8)
+    out = d.mitigate(model, context(d, (3, 10, 10)))
+    assert out.diagnostics["fused_layers"] == [] and out.diagnostics["fusion_start"] is None
+    got, want = out.model.state_dict(), model.state_dict()
+    for k, v in want.items():
+        layer = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and layer in out.diagnostics["pruned_neurons"]:
+            rows = out.diagnostics["pruned_neurons"][layer]
+            assert bool((got[k][rows] == 0).all())
+            keep = [i for i in range(v.shape[0]) if i not in rows]
+            assert torch.equal(got[k][keep], v[keep])
+        else:
+            assert torch.equal(got[k], v), k
 
 
 def test_num_to_prune_and_tie_breaking():

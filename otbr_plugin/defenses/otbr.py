@@ -23,7 +23,7 @@ attached        transport: bias and BN of   keep: backdoored bias and BN untouch
 Both settings use noise of the model's real input shape (the published code hard-codes 3x32x32) and a mass
 floor so that no transport mass is zero (the published code divides by zero when an NWC rounds to 0).
 Further named options (same default in both settings): ``ranking`` ("global" | "layer": the top gamma share of
-each layer, beyond the paper), ``nwc_norm`` ("none" | "fan_in"), ``target_mass``
+each layer, beyond the paper), ``fuse`` (false: the pruned model alone, the ablation without fusion), ``nwc_norm`` ("none" | "fan_in"), ``target_mass``
 ("nwc" | "uniform"), ``solver`` ("emd" | "sinkhorn"), ``include_shortcut``, ``include_linear``, ``unlearn_bn``.
 
 gamma is never chosen on test data: it comes from the config (0.05). ``otbr-bench defend --sweep gamma=...``
@@ -103,6 +103,7 @@ class OTBRConfig(DefenseConfig):
     include_linear: bool = False
     # NWC scores and transport; ranking "layer" (beyond the paper): the top gamma share of each layer
     ranking: Literal["global", "layer"] = "global"
+    fuse: bool = True  # False: the pruned model alone, no OT fusion (ablation)
     nwc_norm: Literal["none", "fan_in"] = "none"
     target_mass: Literal["nwc", "uniform"] = "nwc"
     solver: Literal["emd", "sinkhorn"] = "emd"
@@ -178,7 +179,7 @@ class OTBRConfig(DefenseConfig):
                                     "0 = none, as published: a zero NWC is then an error)")
         if not isinstance(self.sinkhorn_reg, (int, float)) or not self.sinkhorn_reg > 0:
             raise bad("sinkhorn_reg", "> 0")
-        for key in ("include_shortcut", "include_linear", "repair_freeze"):
+        for key in ("include_shortcut", "include_linear", "repair_freeze", "fuse"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
 
@@ -208,7 +209,7 @@ class OTBRConfig(DefenseConfig):
                              residual=self.residual, attached=self.attached, solver=self.solver,
                              sinkhorn_reg=self.sinkhorn_reg, emd_max_iter=self.emd_max_iter,
                              strict_solver=self.setting != "reference", prune_rounding=self.prune_rounding,
-                             ranking=self.ranking)
+                             ranking=self.ranking, fuse=self.fuse)
 
     def scores(self, nwc: Mapping[str, torch.Tensor], model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
         """The values neurons are ranked by (and transport masses come from), from raw NWCs."""

@@ -34,6 +34,7 @@ class FusionOptions:
     strict_solver: bool = True
     prune_rounding: Literal["robust", "truncate"] = "robust"
     ranking: Literal["global", "layer"] = "global"
+    fuse: bool = True  # False: the pruned model alone (the ablation "without fusion")
 
 
 #: the published code's stages 3-4 (linweiii/OTBR ``pruning`` + ``ot_fusion``)
@@ -58,12 +59,13 @@ def prune_and_fuse(model: nn.Module, scores: Mapping[str, torch.Tensor], layers:
     """Zero the incoming weights of the ``gamma`` share of target neurons with the highest score (ranked
     globally, ties in layer-then-neuron order; per layer with ``options.ranking="layer"``), then fuse the
     pruned model into ``model`` from the first layer
-    holding a pruned neuron to the last target layer, with target masses from the same scores."""
+    holding a pruned neuron to the last target layer, with target masses from the same scores
+    (``options.fuse=False``: no fusion, the pruned model is the result)."""
     masks = select_top_neurons({n: scores[n] for n in layers}, gamma, options.prune_rounding, options.ranking)
     pruned = prune_neurons(model, masks)
     start = next((n for n in layers if bool(masks[n].any())), None)
-    if start is None:
-        return PruneFuseResult(masks, pruned, prune_neurons(model, {}), None, None)
+    if start is None or not options.fuse:
+        return PruneFuseResult(masks, pruned, prune_neurons(model, masks), None, None)
     fused_from = list(layers)[list(layers).index(start):]
     masses = {n: target_masses(scores[n], options.target_mass, options.mass_floor, layer=n) for n in fused_from}
     fusion = fuse_models(pruned, model, layers, masses, start=start, lam=lam, cost=options.cost,
