@@ -10,7 +10,7 @@ import sys
 from . import __version__
 
 # name of the module in otbr_plugin.commands, in the order shown by --help
-COMMAND_MODULES = ["info", "train", "attack", "defend", "diagnose", "bench", "results", "report", "convert",
+COMMAND_MODULES = ["info", "train", "attack", "defend", "diagnose", "bench", "status", "results", "report", "convert",
                    "backdoorbench"]
 
 EPILOG = """examples:

@@ -4,7 +4,7 @@ ever left behind (a temporary sibling is written, flushed and renamed into place
 ``write_text``, ``write_bytes``, ``write_json``, ``write_csv`` (a DataFrame or rows), ``save_figure`` (PNG),
 ``write_with`` (any writer that takes a path, e.g. ``torch.save``) and ``atomic_dir`` (a whole folder).
 Files and folders get the permissions the user's umask gives (``mkstemp``/``mkdtemp`` alone would make them
-private). ``folder_lock`` makes one writer per output folder at a time.
+private). ``folder_lock`` makes one writer per output folder at a time; ``file_lock`` locks one file (e.g. one cached bundle).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-__all__ = ["FolderLockedError", "folder_lock", "write_with", "write_text", "write_bytes", "write_json", "write_csv", "save_figure", "atomic_dir",
+__all__ = ["FolderLockedError", "file_lock", "folder_lock", "write_with", "write_text", "write_bytes", "write_json", "write_csv", "save_figure", "atomic_dir",
            "sha256_file", "json_default"]
 
 
@@ -39,34 +39,45 @@ class FolderLockedError(FileExistsError):
 
 
 @contextmanager
-def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
-    """Hold an exclusive ``fcntl.flock`` on ``<folder>/.lock`` for the block: one writer per folder at a time.
+def file_lock(path: str | Path, what: str = "run", *, wait: bool = False) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on the file ``path`` (created if absent) for the block.
 
-    A second process (or a second lock in this one) gets :class:`FolderLockedError` at once, naming the
-    folder and the pid written by the holder. The lock goes with the process, also when it is killed."""
+    Without ``wait``, a lock held elsewhere (another process, or a second lock in this one) raises
+    :class:`FolderLockedError` at once, naming the pid written by the holder; with ``wait``, the block waits for
+    it. The lock goes with the process, also when it is killed; on NFS, Linux maps ``flock`` to a POSIX lock held
+    by the server, so it holds across the nodes of a cluster."""
     import fcntl
 
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    lock = root / ".lock"
+    lock = Path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     fh = open(lock, "a+")
     try:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "unknown"
             raise FolderLockedError(
-                f"{root} is in use by another {what} (pid {holder} holds {lock}); wait for it to finish or pass "
-                "another output folder"
+                f"{lock.parent} is in use by another {what} (pid {holder} holds {lock}); wait for it to finish or "
+                "pass another output folder"
             ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
         fh.flush()
-        yield root
+        yield lock
     finally:
         fh.close()  # releases the lock
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
+    """Hold ``<folder>/.lock`` (:func:`file_lock`) for the block: one writer per folder at a time. A second
+    process (or a second lock in this one) gets :class:`FolderLockedError` at once, naming the folder and the pid
+    written by the holder."""
+    root = Path(folder)
+    with file_lock(root / ".lock", what):
+        yield root
 
 
 def write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:

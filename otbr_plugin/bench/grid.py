@@ -26,15 +26,17 @@ from ..attacks.runner import parse_attack_run, run_attack
 from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
 from ..data import load_dataset
 from ..defenses import get_defense
-from ..io import folder_lock, json_default
+from ..io import file_lock, folder_lock, json_default
 from ..runtime import RunSettings, resolve_device
 from .records import RunRecord, read_record, record_filename, run_fingerprint, write_record
 from .runner import evaluate_model, run_defense
+from .slurm import SlurmOptions
 
-__all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "stale_reason", "training_changes"]
+__all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "run_cell", "bundle_lock", "stale_reason",
+           "training_changes"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
-             "clean_ratio", "device", "description", "oracle_sweeps"}
+             "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
 
 
 @dataclass
@@ -53,6 +55,7 @@ class GridSpec:
     sources: dict[str, str] = field(default_factory=dict)
     oracle_sweeps: dict[str, dict[str, list]] = field(default_factory=dict)  # defense -> {config key: values}
     defense_names: dict[str, str] = field(default_factory=dict)  # label -> registered defense (variants)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)  # job options for --executor slurm
 
     def defense_class(self, label: str):
         """The registered defense class behind a grid label."""
@@ -66,8 +69,9 @@ class GridSpec:
         return cfg
 
 
-def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> GridSpec:
-    """Read a grid YAML (see configs/bench/*.yaml) and resolve every referenced config file."""
+def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, check_device: bool = True) -> GridSpec:
+    """Read a grid YAML (see configs/bench/*.yaml) and resolve every referenced config file. ``check_device``: refuse
+    a ``device`` this machine does not have (off for a Slurm submission: the jobs decide it on their nodes)."""
     found = find_config_file(path)  # a file, or the packaged copy of configs/bench/<grid>.yaml
     gpath = found if isinstance(found, Path) else Path(str(path))
     raw = apply_overrides(load_yaml(found), overrides or {})
@@ -129,7 +133,9 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"{gpath}: 'seeds' must be a non-empty list of non-negative integers")
-    resolve_device(str(raw.get("device", "auto")))  # an unavailable device is refused now, not in every cell
+    if check_device:
+        resolve_device(str(raw.get("device", "auto")))  # an unavailable device is refused now, not in every cell
+    slurm = SlurmOptions.from_mapping(raw.get("slurm"), f"{gpath}: slurm")
     ratio = float(raw.get("clean_ratio", 0.05))
     if not 0 < ratio <= 1:
         raise ValueError(f"{gpath}: clean_ratio must be in (0, 1], got {ratio}")
@@ -142,7 +148,8 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
             raise ValueError(f"{gpath}: oracle_sweeps.{dname}.{key} must be a config field with a list of values")
     return GridSpec(oracle_sweeps=dict(sweeps), name=str(raw.get("name", gpath.stem)), dataset=str(raw["dataset"]), attacks=attacks,
                     defenses=defenses, defense_names=defense_names, seeds=list(seeds), clean_ratio=ratio, device=str(raw.get("device", "auto")),
-                    data_root=raw.get("data_root"), description=str(raw.get("description", "")), sources=sources)
+                    data_root=raw.get("data_root"), description=str(raw.get("description", "")), sources=sources,
+                    slurm=slurm)
 
 
 @dataclass
@@ -316,10 +323,23 @@ def _package_version() -> str:
     return __version__
 
 
+def bundle_lock(bundles: Path, attack: str, seed: int):
+    """The lock of one cached bundle, waited for: whoever holds it trains or reads ``<bundles>/<attack>-seed<s>``, so
+    two processes (workers, Slurm jobs, runs sharing a bundles folder) never train the same bundle twice."""
+    return file_lock(bundles / f".{attack}-seed{seed}.lock", "training of this bundle", wait=True)
+
+
 def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
                 settings: RunSettings) -> Bundle:
     """The cached bundle for (attack, seed), trained now (on ``settings.device``) if absent or trained with another
-    config (:func:`training_changes`)."""
+    config (:func:`training_changes`). Holds the bundle's lock (:func:`bundle_lock`): a process that waited for
+    another one's training finds the bundle cached."""
+    with bundle_lock(bundles, attack, seed):
+        return _bundle_for_locked(grid, attack, seed, bundles, log, settings)
+
+
+def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
+                       settings: RunSettings) -> Bundle:
     cfg = grid.attack_config(attack, seed)
     run = parse_attack_run(cfg)
     path = bundles / f"{attack}-seed{seed}"
@@ -418,31 +438,40 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
             for defense, path in todo:
                 bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
                 t0 = time.perf_counter()
-                try:
-                    d = grid.defense_class(defense)(grid.defenses[defense])
-                    run = run_defense(bundle, d, data_root=grid.data_root, device=device, seed=seed,
-                                      clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
-                                      before=before, config_source=grid.sources.get(f"defense:{defense}", ""))
-                    record = run.record()
-                    record.attack["label"] = attack
-                    record.attack["grid"] = grid.name  # regress warns when records come from another grid
-                    if grid.defense_names.get(defense, defense) != defense:
-                        record.defense, record.defense_name = defense, grid.defense_names[defense]
-                    record.attack_config = attack_cfg
-                    record.fingerprint = _cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256)
-                    record.seconds["cell_total"] = time.perf_counter() - t0
-                    write_record(record, path)
-                    results.append(CellResult(attack, defense, seed, "ok"))
-                    log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
-                        f"RA {run.after.ra * 100:.2f}  DER {run.der * 100:.2f}  ({record.seconds['cell_total']:.1f} s)")
-                except Exception as err:  # noqa: BLE001
-                    results.append(_fail(grid, attack, defense, seed, path, bundle, err, log))
+                results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
+                                        device, log))
                 eta.cell_done(time.perf_counter() - t0)
                 bar.set_postfix_str(str(eta), refresh=False)
                 bar.update(1)
             _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
     bar.close()
     return results
+
+
+def run_cell(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bundle: Bundle, clean_test, before,
+             attack_cfg: Mapping[str, Any], device: torch.device, log: Callable[[str], None]) -> CellResult:
+    """Run one defense cell on its backdoored model and write its record to ``path`` (a failure is recorded with its
+    error). The one code path of a cell, in a sequential grid, a local worker and a Slurm job alike."""
+    t0 = time.perf_counter()
+    try:
+        d = grid.defense_class(defense)(grid.defenses[defense])
+        run = run_defense(bundle, d, data_root=grid.data_root, device=device, seed=seed,
+                          clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
+                          before=before, config_source=grid.sources.get(f"defense:{defense}", ""))
+        record = run.record()
+        record.attack["label"] = attack
+        record.attack["grid"] = grid.name  # regress warns when records come from another grid
+        if grid.defense_names.get(defense, defense) != defense:
+            record.defense, record.defense_name = defense, grid.defense_names[defense]
+        record.attack_config = dict(attack_cfg)
+        record.fingerprint = _cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256)
+        record.seconds["cell_total"] = time.perf_counter() - t0
+        write_record(record, path)
+        log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
+            f"RA {run.after.ra * 100:.2f}  DER {run.der * 100:.2f}  ({record.seconds['cell_total']:.1f} s)")
+        return CellResult(attack, defense, seed, "ok")
+    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+        return _fail(grid, attack, defense, seed, path, bundle, err, log)
 
 
 class _Eta:
@@ -486,11 +515,15 @@ def _record_ok(path: Path) -> bool:
 
 
 def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,
-                       folder: Path, log: Callable[[str], None], device: torch.device) -> None:
-    """Labelled oracle diagnostics on the TEST set (e.g. OTBR's gamma sweep); never feed the reported rows."""
+                       folder: Path, log: Callable[[str], None], device: torch.device,
+                       only: str | None = None) -> None:
+    """Labelled oracle diagnostics on the TEST set (e.g. OTBR's gamma sweep); never feed the reported rows.
+    ``only``: the sweep of this one grid defense (a job of its own)."""
     from .sweep import oracle_sweep, sweep_defenses, write_sweep
 
     for dname, spec in grid.oracle_sweeps.items():
+        if only is not None and dname != only:
+            continue
         key, values = next(iter(spec.items()))
         target = folder / f"{attack}__{dname}__seed{seed}"
         if (target / f"oracle_sweep_{key}.csv").exists():

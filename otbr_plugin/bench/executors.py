@@ -1,0 +1,359 @@
+"""Where a grid's jobs run: local worker processes (``--executor local --workers N``) or Slurm
+(``--executor slurm``, through submitit). Both run the tasks of :mod:`otbr_plugin.bench.jobs`, start a model's
+cells only after its training task has ended, show one progress bar over all jobs (done / running / pending /
+failed) and return one :class:`~otbr_plugin.bench.grid.CellResult` per cell, read from the records.
+
+Slurm jobs are written down in ``<out>/jobs/jobs.json`` when submitted, so ``--detach`` can return at once: a later
+``bench`` on the same folder waits for the jobs still queued instead of submitting them again, and
+``otbr-bench status OUT`` reports on them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..io import write_json
+from .grid import CellResult, GridSpec, _fail
+from .jobs import Task, cell_line, cell_record_path, plan_tasks, planning_device, read_cell, run_task
+from .slurm import JobState, SlurmOptions, Submitter, finished_outcome, live_jobs, require_slurm
+
+__all__ = ["run_local_workers", "run_slurm", "JobTable", "job_table", "live_slurm_jobs", "worker_gpus"]
+
+VANISHED_GRACE_S = 30.0  # a job that left the queue gets this long for its result file to appear (shared folders)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# local workers
+# ----------------------------------------------------------------------------------------------------------------
+def worker_gpus(device: torch.device) -> list[str]:
+    """The GPUs to spread local workers over, one per worker in turn: the visible CUDA devices when the run's
+    device is CUDA and there are several (``CUDA_VISIBLE_DEVICES`` entries where it is set), else none."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return ids[:torch.cuda.device_count()] if ids else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _init_worker(counter: Any, gpus: list[str]) -> None:
+    """Worker start-up: worker i sees only GPU i mod len(gpus) (before CUDA starts in it)."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+
+
+def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, workers: int, device: torch.device,
+                      threads: int | None = None, progress: bool = True,
+                      log: Callable[[str], None] | None = None) -> list[CellResult]:
+    """Run a grid's tasks on ``workers`` local processes (spawned). A model's cells start once its training task
+    has ended. With several GPUs, worker i gets GPU i mod #GPUs (``CUDA_VISIBLE_DEVICES``) and runs on "cuda".
+    ``threads``: torch CPU threads per worker (default: the CPU count divided among the workers). The caller holds
+    the output folder's lock."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
+    log = log or _default_log(progress)
+    out, bundles = Path(out), Path(bundles)
+    plan = plan_tasks(grid, out, bundles, device, log)
+    gpus = worker_gpus(device)
+    worker_device = device.type if gpus else str(device)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    waiting: dict[tuple[str, int], list[Task]] = {}
+    for task in plan.tasks:  # cells and sweeps of a model being trained wait for it
+        if task.kind != "train" and Task("train", task.attack, task.seed) in plan.tasks:
+            waiting.setdefault((task.attack, task.seed), []).append(task)
+    if not plan.tasks:
+        return plan.skipped
+    bar = _JobBar(len(plan.tasks), f"grid {grid.name} ({workers} workers)", progress)
+    context = multiprocessing.get_context("spawn")  # no fork: torch's thread pools do not survive it
+    errors: dict[Task, str] = {}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(context.Value("i", 0), gpus)) as pool:
+        running: dict[Future, Task] = {}
+
+        def start(task: Task) -> None:
+            running[pool.submit(run_task, grid, task, str(out), str(bundles), worker_device, threads, False)] = task
+
+        for task in plan.tasks:
+            if not any(task in group for group in waiting.values()):
+                start(task)
+        bar.update(running=len(running), pending=len(plan.tasks) - len(running))
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                try:
+                    future.result()
+                    failed = _cell_failed(grid, out, task)
+                except Exception as err:  # noqa: BLE001 - a training error or a dead worker
+                    errors[task] = f"{type(err).__name__}: {err}"
+                    failed = True
+                    if task.kind == "train":
+                        log(f"{task.key}: FAILED {errors[task]}")
+                if task.kind == "cell":
+                    _log_cell(grid, out, task, log)
+                for follower in waiting.pop((task.attack, task.seed), []) if task.kind == "train" else []:
+                    start(follower)
+                bar.finish(failed)
+            bar.update(running=len(running), pending=bar.total - bar.finished - len(running))
+    bar.close()
+    for task, error in errors.items():  # a cell whose worker died has no record yet
+        if task.kind == "cell" and read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed)) is None:
+            _record_lost(grid, out, task, f"its worker process ended without a record: {error}")
+    return plan.skipped + _cell_results(grid, out, plan.cells)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slurm
+# ----------------------------------------------------------------------------------------------------------------
+def jobs_file(out: Path) -> Path:
+    return Path(out) / "jobs" / "jobs.json"
+
+
+def slurm_folder(out: Path) -> Path:
+    return Path(out).resolve() / "jobs" / "slurm"
+
+
+def _load_jobs(out: Path) -> dict[str, dict[str, Any]]:
+    """The Slurm jobs submitted for ``out``: task key -> {"job_id", "submitted", "record" (cells)}."""
+    path = jobs_file(out)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        jobs = data["jobs"]
+        assert isinstance(jobs, dict) and all(isinstance(v, dict) and "job_id" in v for v in jobs.values())
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+        raise ValueError(f"{path}: not a jobs file of otbr-bench ({err}); move it away to start afresh") from err
+    return jobs
+
+
+def live_slurm_jobs(out: str | Path) -> dict[str, str]:
+    """The jobs submitted for ``out`` that are still queued or running (task key -> job id); empty when none were
+    submitted or this machine has no Slurm commands to ask."""
+    jobs = _load_jobs(Path(out))
+    if not jobs:
+        return {}
+    try:
+        live = live_jobs([e["job_id"] for e in jobs.values()])
+    except RuntimeError:
+        return {}
+    return {key: e["job_id"] for key, e in jobs.items() if e["job_id"] in live}
+
+
+def run_slurm(grid: GridSpec, out: str | Path, bundles: str | Path, *, options: SlurmOptions, device: str,
+              threads: int | None = None, progress: bool = True, detach: bool = False, poll_s: float = 10.0,
+              log: Callable[[str], None] | None = None) -> list[CellResult] | None:
+    """Submit a grid's tasks as Slurm jobs and wait for them (None with ``detach``: submitted, not waited for).
+
+    Each task is one job: a model's training job first, its cells and sweeps with an ``afterany`` dependency on it.
+    Jobs of an earlier submission still in the queue are waited for, not submitted again; a cell whose earlier job
+    ended without a record (cancelled, out of time) gets a failed record with the job's log tail. ``device`` is
+    resolved by each job on its node. ``threads`` defaults to the CPUs per task. The caller holds the output
+    folder's lock."""
+    require_slurm()
+    log = log or _default_log(progress)
+    out, bundles = Path(out).resolve(), Path(bundles).resolve()
+    folder = slurm_folder(out)
+    jobs = _load_jobs(out)
+    live = live_jobs([e["job_id"] for e in jobs.values()])
+    _collect_lost(grid, out, {k: e for k, e in jobs.items() if e["job_id"] not in live}, folder, log)
+    active = {key: e for key, e in jobs.items() if e["job_id"] in live}
+    plan = plan_tasks(grid, out, bundles, planning_device(device), log)
+    # trainings first (they start at once), then the cells and sweeps that wait for their job ids
+    new = sorted((t for t in plan.tasks if t.key not in active), key=lambda t: t.kind != "train")
+    threads = threads or options.cpus_per_task
+    ids: dict[str, str] = {key: e["job_id"] for key, e in active.items()}
+    submitter = Submitter(folder, options) if new else None
+    try:
+        for task in new:
+            after = ids.get(Task("train", task.attack, task.seed).key) if task.kind != "train" else None
+            ids[task.key] = submitter.submit(f"otbr-{task.key}", run_task,
+                                             (grid, task, str(out), str(bundles), device, threads), after)
+            jobs[task.key] = {"job_id": ids[task.key], "submitted": _now()}
+            if task.kind == "cell":
+                jobs[task.key]["record"] = str(cell_record_path(grid, out, task.attack, task.defense, task.seed)
+                                               .relative_to(out))
+    finally:  # also when sbatch refuses a job: the ones already submitted stay known
+        if new:
+            write_json(jobs_file(out), {"executor": "slurm", "grid": grid.name, "jobs": jobs})
+    watched = {t.key: jobs[t.key] for t in plan.tasks if t.key in jobs}
+    if new:
+        log(f"submitted {len(new)} Slurm job(s) ({', '.join(ids[t.key] for t in new[:8])}"
+            f"{', ...' if len(new) > 8 else ''}); logs in {folder}")
+    if active:
+        log(f"{len(active)} job(s) of an earlier submission still queued or running: waiting for them")
+    if detach:
+        return None
+    _wait_slurm(grid, out, watched, folder, poll_s, progress, log)
+    return plan.skipped + _cell_results(grid, out, [t for t in plan.tasks if t.kind == "cell"])
+
+
+def _wait_slurm(grid: GridSpec, out: Path, jobs: dict[str, dict[str, Any]], folder: Path, poll_s: float,
+                progress: bool, log: Callable[[str], None]) -> None:
+    """Poll the queue until every job has ended; one bar over them, one line per finished cell."""
+    bar = _JobBar(len(jobs), f"grid {grid.name} (Slurm)", progress)
+    ended: dict[str, JobState] = {}
+    gone_since: dict[str, float] = {}
+    squeue_errors = 0
+    while True:
+        try:
+            live = live_jobs([e["job_id"] for k, e in jobs.items() if k not in ended])
+            squeue_errors = 0
+        except RuntimeError as err:  # a busy controller: try again, give up after a few minutes
+            squeue_errors += 1
+            if squeue_errors * poll_s > 300:
+                raise
+            log(f"{err}; trying again in {poll_s:.0f} s")
+            time.sleep(poll_s)
+            continue
+        for key, entry in jobs.items():
+            if key in ended or entry["job_id"] in live:
+                continue
+            state = finished_outcome(folder, entry["job_id"])
+            if state.state == "failed" and "without a result" in (state.error or ""):
+                gone_since.setdefault(key, time.monotonic())  # the result file may still be on its way
+                if time.monotonic() - gone_since[key] < VANISHED_GRACE_S:
+                    continue
+            ended[key] = state
+            task = Task.from_key(key)
+            if task.kind == "cell":
+                if read_cell(out / entry["record"]) is None:
+                    _record_lost(grid, out, task, state.error or "its job ended without a record")
+                _log_cell(grid, out, task, log)
+            elif state.state == "failed":
+                log(f"{key}: FAILED {state.error}")
+            bar.finish(state.state == "failed" or (task.kind == "cell" and _cell_failed(grid, out, task)))
+        running = sum(s == "running" for s in live.values())
+        bar.update(running=running, pending=len(jobs) - len(ended) - running)
+        if len(ended) == len(jobs):
+            break
+        time.sleep(poll_s)
+    bar.close()
+
+
+def _collect_lost(grid: GridSpec, out: Path, ended: dict[str, dict[str, Any]], folder: Path,
+                  log: Callable[[str], None]) -> None:
+    """Cells of an earlier submission whose job ended without writing their record get a failed one now."""
+    for key, entry in ended.items():
+        task = Task.from_key(key)
+        if task.kind != "cell" or task.attack not in grid.attacks or task.defense not in grid.defenses:
+            continue
+        if read_cell(out / entry["record"]) is None:
+            state = finished_outcome(folder, entry["job_id"])
+            _record_lost(grid, out, task, state.error or f"Slurm job {entry['job_id']} ended without a record")
+            log(f"{key}: FAILED {state.error}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# status of a folder
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class JobTable:
+    """The jobs submitted for a folder, by state (task keys), with the errors of the failed ones."""
+
+    done: list[str]
+    running: list[str]
+    pending: list[str]
+    failed: dict[str, str]
+
+    @property
+    def live(self) -> int:
+        return len(self.running) + len(self.pending)
+
+
+def job_table(out: str | Path) -> JobTable:
+    """Where the Slurm jobs of ``out`` stand, from the queue, the job folders and the records (a cell whose job
+    ended is failed when its record is). Reads only; an empty table when no jobs were submitted."""
+    out = Path(out)
+    jobs = _load_jobs(out)
+    table = JobTable([], [], [], {})
+    if not jobs:
+        return table
+    live = live_jobs([e["job_id"] for e in jobs.values()])
+    for key, entry in sorted(jobs.items()):
+        if entry["job_id"] in live:
+            (table.running if live[entry["job_id"]] == "running" else table.pending).append(key)
+            continue
+        state = finished_outcome(slurm_folder(out), entry["job_id"])
+        record = read_cell(out / entry["record"]) if entry.get("record") else None
+        if record is not None and record.status == "failed":
+            table.failed[key] = str(record.error)
+        elif state.state == "failed" and (record is None or not entry.get("record")):
+            table.failed[key] = str(state.error)
+        else:
+            table.done.append(key)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------------------------
+class _JobBar:
+    """One tqdm bar over a grid's jobs, its postfix the counts: done / running / pending / failed."""
+
+    def __init__(self, total: int, desc: str, progress: bool) -> None:
+        self.total, self.finished, self.failed = total, 0, 0
+        self._bar = tqdm(total=total, desc=desc, unit="job", disable=not progress, dynamic_ncols=True)
+
+    def finish(self, failed: bool) -> None:
+        self.finished += 1
+        self.failed += bool(failed)
+        self._bar.update(1)
+
+    def update(self, running: int, pending: int) -> None:
+        self._bar.set_postfix_str(f"done {self.finished - self.failed}, running {running}, pending {max(0, pending)}, "
+                                  f"failed {self.failed}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _default_log(progress: bool) -> Callable[[str], None]:
+    return (lambda s: tqdm.write(s)) if progress else (lambda s: print(s, flush=True))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _cell_failed(grid: GridSpec, out: Path, task: Task) -> bool:
+    if task.kind != "cell":
+        return False
+    record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
+    return record is None or record.status != "ok"
+
+
+def _log_cell(grid: GridSpec, out: Path, task: Task, log: Callable[[str], None]) -> None:
+    record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
+    log(cell_line(record) if record is not None else f"{task.key}: no record written")
+
+
+def _record_lost(grid: GridSpec, out: Path, task: Task, error: str) -> None:
+    """A failed record for a cell whose job or worker ended without writing one (an ok record is kept)."""
+    path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
+    _fail(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error))
+
+
+def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResult]:
+    """One result per cell task, from its record (a missing record is a failure)."""
+    results = []
+    for task in cells:
+        record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
+        if record is None:
+            results.append(CellResult(task.attack, task.defense, task.seed, "failed", "no record was written"))
+        else:
+            results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error))
+    return results
