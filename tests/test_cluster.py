@@ -211,7 +211,8 @@ def test_slurm_grid_gives_the_sequential_records_detached_and_resumed(one_node_s
     # the same command again waits for the submitted jobs (submits none) and prints the table
     assert main(command) == 0
     printed = capsys.readouterr().out
-    print(printed)
+    with capsys.disabled():
+        print(printed)
     assert "| badnets |" in printed and "2 cell(s) run, 0 skipped (already done), 0 failed" in printed
     assert json.loads((out / "jobs" / "jobs.json").read_text())["jobs"] == jobs
     expected = sequential(path, tmp_path / "seq")
@@ -230,7 +231,8 @@ def test_slurm_training_failure_is_in_every_cell_record(one_node_slurm, tmp_path
     out = tmp_path / "slurm"
     assert main(slurm_command(path, out)) == 1
     printed = capsys.readouterr().out
-    print(printed)
+    with capsys.disabled():
+        print(printed)
     assert "FAILED badnets/none/seed0" in printed and "FAILED badnets/otbr/seed0" in printed
     for name in ("none", "otbr"):
         record = read_record(out / "records" / f"fashion_mnist__smallcnn__badnets__{name}__seed0.json")
