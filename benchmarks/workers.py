@@ -1,10 +1,10 @@
 """Wall time of a small grid run sequentially vs on local worker processes (`bench --workers N`), and whether the
 records agree. The grid: BadNets on synthetic data in Fashion-MNIST's IDX format (the tests' writer), preactresnet18
-at width 0.25, 1 epoch, N seeds x defenses none / OTBR / CLP, one torch thread per process in both runs. Each run is
+at width 0.25 (--model), 1 epoch, N seeds x defenses none / OTBR / CLP, one torch thread per process in both runs. Each run is
 the full `otbr-bench bench` command in a fresh Python (start-up included). Prints seconds and the ratio; asserts
 nothing about time.
 
-    python benchmarks/workers.py [--workers 2] [--seeds 2] [--train 2000] [--test 500]
+    python benchmarks/workers.py [--workers 2] [--seeds 2] [--train 2000] [--test 500] [--model smallcnn]
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from conftest import write_mnist_like  # noqa: E402 - the tests' IDX writer, reu
 from otbr_plugin.bench.tables import load_records  # noqa: E402
 
 
-def grid_yaml(folder: Path, seeds: int, n_train: int, n_test: int) -> Path:
+def grid_yaml(folder: Path, seeds: int, n_train: int, n_test: int, model: str) -> Path:
     write_mnist_like(folder / "data" / "fashion_mnist", n_train=n_train, n_test=n_test)
     attack = {"attack": {"name": "badnets", "target_class": 0, "poison_ratio": 0.1}, "dataset": "fashion_mnist",
-              "model": {"name": "preactresnet18", "width": 0.25},
+              "model": {"name": model, "width": 0.25},
               "train": {"epochs": 1, "batch_size": 128, "progress": False, "device": "cpu"}}
     grid = {"name": "workers_bench", "dataset": "fashion_mnist", "data_root": str(folder / "data"),
             "attacks": {"badnets": attack}, "defenses": {"none": {}, "otbr": {}, "clp": {}},
@@ -57,15 +57,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--train", type=int, default=2000, help="training images")
     ap.add_argument("--test", type=int, default=500, help="test images")
+    ap.add_argument("--model", default="preactresnet18", help="e.g. smallcnn for a quicker run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        grid = grid_yaml(folder, args.seeds, args.train, args.test)
+        grid = grid_yaml(folder, args.seeds, args.train, args.test, args.model)
         seq = timed_bench(grid, folder / "seq", [])
         par = timed_bench(grid, folder / "par", ["--workers", str(args.workers)])
         same = metrics(folder / "seq") == metrics(folder / "par")
         cells = len(metrics(folder / "seq"))
-    print(f"grid: {args.seeds} model(s) to train, {cells} cells, {args.train} training images, {os.cpu_count()} CPUs")
+    print(f"grid: {args.seeds} {args.model} model(s) to train, {cells} cells, {args.train} training images, "
+          f"{os.cpu_count()} CPUs")
     print(f"sequential            {seq:7.1f} s")
     print(f"--workers {args.workers:<11} {par:7.1f} s   speed-up {seq / par:.2f}x")
     print(f"records equal (metrics, DER, checkpoint sha256): {same}")
