@@ -84,7 +84,11 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
         running: dict[Future, Task] = {}
 
         def start(task: Task) -> None:
-            running[pool.submit(run_task, grid, task, str(out), str(bundles), worker_device, threads, False)] = task
+            try:
+                running[pool.submit(run_task, grid, task, str(out), str(bundles), worker_device, threads, False)] = task
+            except RuntimeError as err:  # the pool broke (a worker was killed): recorded below, the grid ends
+                errors[task] = f"{type(err).__name__}: {err}"
+                bar.finish(True)
 
         for task in plan.tasks:
             if not any(task in group for group in waiting.values()):
