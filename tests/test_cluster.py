@@ -67,15 +67,15 @@ def sequential(path: Path, out: Path) -> dict:
 # local workers
 # ------------------------------------------------------------------------------------------------------------------
 def test_local_workers_give_the_sequential_records(tmp_path):
-    path = tiny_grid(tmp_path, seeds=(0, 1))
+    path = tiny_grid(tmp_path)
     expected = sequential(path, tmp_path / "seq")
-    assert len(expected) == 4 and all(v[0] == "ok" for v in expected.values())
+    assert len(expected) == 2 and all(v[0] == "ok" for v in expected.values())
     out = tmp_path / "workers"
     cells = run_local_workers(load_grid(path), out, out / "bundles", workers=2,
                               device=RunSettings.from_args("cpu", apply=False).device, threads=1, progress=False,
                               log=lambda s: None)
     assert sorted((c.attack, c.defense, c.seed, c.status) for c in cells) == sorted(
-        (a, d, s, "ok") for a in ["badnets"] for d in ["none", "otbr"] for s in [0, 1])
+        ("badnets", d, 0, "ok") for d in ["none", "otbr"])
     assert results(out) == expected
     # a rerun finds every record and starts no worker
     again = run_local_workers(load_grid(path), out, out / "bundles", workers=2,
