@@ -311,7 +311,7 @@ def test_state_dict_with_a_wrong_shape_is_named(bb):
 def test_unsupported_model_name(bb):
     result = dict(bb["result"], model_name="vit_b_16")
     torch.save(result, bb["record"] / "attack_result.pt", pickle_protocol=2)
-    with pytest.raises(AttackResultError, match="vit_b_16.*supported: preactresnet18, smallcnn, vgg19_bn"):
+    with pytest.raises(AttackResultError, match="vit_b_16.*supported: preactresnet18, resnet18, smallcnn, vgg19_bn"):
         load_attack_result(bb["record"])
 
 

@@ -106,7 +106,10 @@ def clp_scores(model: nn.Module, pairing: str) -> list[tuple[ConvBNPair, torch.T
     out = []
     for pair in pairs:
         conv = mods[pair.conv]
-        scale = bn_scale(mods[pair.bn]) if pair.bn is not None else None
+        try:
+            scale = bn_scale(mods[pair.bn]) if pair.bn is not None else None
+        except ValueError as err:
+            raise ValueError(f"CLP cannot score layer {pair.conv!r} through BatchNorm {pair.bn!r}: {err}") from err
         out.append((pair, channel_lipschitz(conv.weight, scale)))
     return out
 
