@@ -53,9 +53,10 @@ def trace(model: nn.Module, hint: str = "") -> fx.GraphModule:
         layer = tracer.stack[-1] if tracer.stack else ""
         where = (f"layer {layer!r} ({type(mods[layer]).__name__})" if layer in mods
                  else f"the top-level forward of {type(model).__name__}")
+        first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(
             f"cannot follow {type(model).__name__} with torch.fx: {where} fails to trace ({type(err).__name__}: "
-            f"{err}); the graph analysis needs a traceable forward (no data-dependent control flow)."
+            f"{first}); the graph analysis needs a traceable forward (no data-dependent control flow)."
             f"{' ' + hint if hint else ''}"
         ) from err
     return fx.GraphModule(model, graph, type(model).__name__)

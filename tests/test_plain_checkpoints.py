@@ -45,7 +45,7 @@ def poisoned_arrays(n: int = 9, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def write_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     for i, (img, label) in enumerate(zip(images, labels)):
         (root / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img, mode="L").save(root / str(label) / f"{i}.png")
+        Image.fromarray(img).save(root / str(label) / f"{i}.png")
     return root
 
 

@@ -12,17 +12,20 @@ Input side. Before a layer is aligned, its input dimension is re-expressed in th
 mapped to: ``W_pruned <- W_pruned @ T_prev / T_prev.sum(0)`` (Singh & Jaggi 2020, "OT fusion").
 ``residual="block"`` finds the producer from the traced graph: a layer whose input comes straight (through
 BN/ReLU/pooling/flatten) from one conv/linear uses that layer's map; a layer whose input is a residual sum
-(pre-activation ResNet's ``layerX.Y.conv1``, shortcut convs, the classifier) or the network input uses the
-identity -- the stream adds branches aligned by different maps, so no single map describes it, and the
-identity is the natural correspondence between a pruned model and the backdoored model it was cut from.
-``residual="chain"`` (the published code) uses the previous target layer's map whatever the graph is.
+(``layerX.Y.conv1`` after the first block, shortcut/downsample convs and the classifier, in pre- and
+post-activation ResNets alike) or the network input uses the identity -- the stream adds branches aligned by
+different maps, so no single map describes it, and the identity is the natural correspondence between a pruned
+model and the backdoored model it was cut from. ``residual="chain"`` (the published code) uses the previous
+target layer's map whatever the graph is. A model the graph analysis cannot follow (``torch.fx`` fails in some
+layer) or a target layer whose neurons cannot be re-ordered (a grouped convolution) is refused with the layer
+named (:func:`check_fusable`); only ``"chain"`` runs without a graph.
 
 ``cost="aligned"`` measures the cost on the input-aligned pruned weights (Singh & Jaggi); ``"unaligned"``
 (the published code) measures it on the raw pruned weights but still projects the input-aligned ones.
 
 ``attached="transport"`` carries the parameters that belong to an aligned neuron along with it: the layer's
 bias and the batch norm that normalizes only this layer's output channels (affine and running statistics),
-fused with the same ``lam``. ``"keep"`` (the published code) keeps the backdoored model's bias and BN.
+fused with the same ``lam`` (in a post-activation ResNet every conv has one: its BN right after it). ``"keep"`` (the published code) keeps the backdoored model's bias and BN.
 
 The network's output layer (class logits), if it is a target layer, is never re-ordered: only its input side
 is aligned. All transport and fusion arithmetic runs in float64 on the CPU; results are cast back.
