@@ -93,7 +93,8 @@ def create_model(
     """
     factory = MODELS.get(name)
     known = model_options(name)
-    unknown = sorted(set(args) - set(known))
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    unknown = [] if takes_any else sorted(set(args) - set(known))
     if unknown:
         raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: "
                          f"{', '.join(f'{k} (default {v!r})' for k, v in known.items()) or '(none)'}")
