@@ -347,6 +347,13 @@ def test_otbr_on_any_module_fails_naming_the_layer_it_cannot_handle():
     with pytest.warns(UserWarning, match="layer 'gate'"):
         out = ref.mitigate(_Untraceable().eval(), context(ref))
     assert out.diagnostics["link_source"] == "module order"
+    # any module the graph can follow works (here a plain nn.Sequential, not from the zoo)
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    out = d.mitigate(seq, context(d))
+    assert out.diagnostics["link_source"] == "graph"  # "3", the last target layer, is always fused
+    assert out.diagnostics["input_links"]["3"] == "0" and out.diagnostics["attached_bn"]["3"] == ["4"]
 
 
 def test_output_layer_is_never_reordered():
