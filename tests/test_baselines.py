@@ -245,8 +245,8 @@ def test_clp_resnet18_planted_outlier_silences_the_branch_not_the_stream():
         assert torch.all(sd[f"{conv}.weight"][k] == 0) and sd[f"{bn}.weight"][k] == 0 and sd[f"{bn}.bias"][k] == 0
     # the pruned channel of the residual branch is exactly 0 after its BN; the shortcut still carries the channel
     seen = {}
-    out.model.layer3[0].bn2.register_forward_hook(lambda m, a, o: seen.setdefault("bn2", o))
-    out.model.layer3[0].downsample.register_forward_hook(lambda m, a, o: seen.setdefault("short", o))
+    out.model.layer3[0].bn2.register_forward_hook(lambda m, a, o: seen.update(bn2=o.clone()))
+    out.model.layer3[0].downsample.register_forward_hook(lambda m, a, o: seen.update(short=o.clone()))
     with torch.no_grad():
         out.model(torch.randn(3, 1, 8, 8))
     assert torch.all(seen["bn2"][:, 5] == 0) and seen["short"][:, 5].abs().sum() > 0

@@ -151,7 +151,7 @@ def test_resnet18_width_scales_channels_and_keeps_names(width):
 def test_resnet18_stems(stem, size, after_stem):
     model = create_model("resnet18", 7, 3, size, 0.125, stem=stem).eval()
     seen = {}
-    model.layer1.register_forward_hook(lambda m, a, out: seen.setdefault("hw", tuple(a[0].shape[2:])))
+    model.layer1.register_forward_hook(lambda m, a, out: seen.update(hw=tuple(a[0].shape[2:])))
     assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
     assert seen["hw"] == (after_stem, after_stem)
 

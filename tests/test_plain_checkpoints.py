@@ -105,9 +105,9 @@ def test_plain_state_dict_with_a_regenerated_attack_and_convert(tmp_path, plain_
     assert len(bd) == int((test.labels != 0).sum())  # all2one: the target class's own images are left out
     assert torch.all(bd.images[:, :, -3:, -3:] == 255)  # the BadNets patch, bottom right
     # convert: the same checkpoint as a bundle, weights bit for bit (prefixes stripped)
-    assert main(["convert", str(plain_pt), str(tmp_path / "bundle"), "--model", "resnet18", "--model-args",
+    assert main(["convert", str(plain_pt), str(tmp_path / "converted"), "--model", "resnet18", "--model-args",
                  "stem=cifar", "--dataset", "fashion_mnist", "--attack-config", attack, "--data-root", str(root)]) == 0
-    bundle = load_bundle(tmp_path / "bundle")
+    bundle = load_bundle(tmp_path / "converted")
     assert bundle.model_config.args == {"stem": "cifar"} and bundle.model_config.width == WIDTH
     assert all(torch.equal(v, bundle.state_dict[k]) for k, v in resnet().state_dict().items())
     assert torch.equal(bundle.bd_test.images, bd.images)
