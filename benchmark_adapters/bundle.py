@@ -175,6 +175,8 @@ def _check_meta(meta: dict[str, Any], where: Path) -> None:
     for key in ("num_classes", "in_channels", "image_size"):
         need(_is_int(model.get(key)) and model[key] > 0, f"model.{key}", "a positive integer", model.get(key))
     need(_is_num(model.get("width")) and model["width"] > 0, "model.width", "a positive number", model.get("width"))
+    if "args" in model:
+        need(isinstance(model["args"], dict), "model.args", "an object of model options", model["args"])
     need(isinstance(ds.get("name"), str), "dataset.name", "a dataset name", ds.get("name"))
     try:
         spec = get_dataset_spec(ds["name"])

@@ -28,15 +28,38 @@ CHANNELWISE_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 
 
+class _NamingTracer(fx.Tracer):
+    """``torch.fx`` tracer that remembers which submodule's ``forward`` it is in, so a failure can name it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return result
+
+
 def trace(model: nn.Module, hint: str = "") -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with an error that says what is wrong (``hint``: what the caller can do)."""
+    """``torch.fx.symbolic_trace`` with an error that says what is wrong: the innermost layer (module name and
+    type) whose ``forward`` could not be followed, and ``hint`` (what the caller can do)."""
+    tracer = _NamingTracer()
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as err:  # fx raises many kinds of errors on data-dependent control flow
+        mods = dict(model.named_modules())
+        layer = tracer.stack[-1] if tracer.stack else ""
+        where = (f"layer {layer!r} ({type(mods[layer]).__name__})" if layer in mods
+                 else f"the top-level forward of {type(model).__name__}")
+        first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); structural analysis "
-            f"needs a traceable forward (no data-dependent control flow).{' ' + hint if hint else ''}"
+            f"cannot follow {type(model).__name__} with torch.fx: {where} fails to trace ({type(err).__name__}: "
+            f"{first}); the graph analysis needs a traceable forward (no data-dependent control flow)."
+            f"{' ' + hint if hint else ''}"
         ) from err
+    return fx.GraphModule(model, graph, type(model).__name__)
 
 
 def is_add(node: fx.Node) -> bool:

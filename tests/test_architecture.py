@@ -1,9 +1,10 @@
 """The layers of DESIGN.md, checked on the import graph (``ast``; imports inside functions count too).
 
     core + data + models   runtime, io, registry, metrics, config, bundle, train, graph; data/, models/
+                           (the package root re-exports the API lazily from otbr_plugin.api)
     otbr/                  the method: core, data and models only
     defenses/ attacks/     the interface and the defenses; the attacks
-    bench/ commands/ cli   the harness
+    bench/ commands/ cli   the harness; api.py (otbr_plugin.defend / evaluate) sits beside the CLI
     benchmark_adapters/    formats of other toolkits; the only layer that combines a format with the harness
 """
 
@@ -80,6 +81,17 @@ def test_core_data_models_import_no_higher_layer():
     files = [PKG / f"{m}.py" for m in CORE_MODULES if (PKG / f"{m}.py").is_file()]
     files += sorted((PKG / "data").rglob("*.py")) + sorted((PKG / "models").rglob("*.py"))
     assert violations(files, HIGHER) == []
+    assert violations([f for f in files if f != PKG / "__init__.py"], ("otbr_plugin.api",)) == []
+
+
+def test_package_root_reaches_the_harness_only_through_the_api_facade():
+    """``otbr_plugin.defend`` / ``evaluate`` are re-exported lazily from ``otbr_plugin.api`` (a harness module, like
+    the CLI); the package root imports nothing else above the core."""
+    found = {m for _, m in imports(PKG / "__init__.py")}
+    assert {"otbr_plugin.api"} <= found
+    assert violations([PKG / "__init__.py"], HIGHER) == []
+    assert violations([PKG / "api.py"], ("otbr_plugin.otbr", "otbr_plugin.defenses.otbr", "benchmark_adapters",
+                                         "otbr_plugin.commands", "otbr_plugin.cli")) == []
 
 
 def test_defenses_and_attacks_do_not_reach_up():
@@ -90,6 +102,7 @@ def test_defenses_and_attacks_do_not_reach_up():
 
 def test_harness_talks_to_otbr_only_through_the_defense_interface():
     files = sorted((PKG / "bench").rglob("*.py")) + sorted((PKG / "commands").rglob("*.py")) + [PKG / "cli.py"]
+    files.append(PKG / "api.py")
     files += sorted((ROOT / "benchmark_adapters").rglob("*.py"))
     files = [f for f in files if "dropin" not in f.parts]
     # the one exception: `otbr-bench diagnose` is OTBR's own analysis (the paper's Fig. 1/4/5), so it calls the

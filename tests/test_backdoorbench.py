@@ -226,7 +226,7 @@ def test_cifar10_vgg19_bn_record(tmp_path):
 
 
 @pytest.mark.parametrize("name, width", [("preactresnet18", 0.3), ("preactresnet18", 1.0), ("smallcnn", 0.5),
-                                         ("vgg19_bn", 0.125)])
+                                         ("vgg19_bn", 0.125), ("resnet18", 1.0), ("resnet18", 0.25)])
 def test_width_is_inferred_from_the_weights(name, width):
     model = create_model(name, 10, 3, 32, width)
     state = {"module." + k: v for k, v in model.state_dict().items()}
@@ -311,7 +311,7 @@ def test_state_dict_with_a_wrong_shape_is_named(bb):
 def test_unsupported_model_name(bb):
     result = dict(bb["result"], model_name="vit_b_16")
     torch.save(result, bb["record"] / "attack_result.pt", pickle_protocol=2)
-    with pytest.raises(AttackResultError, match="vit_b_16.*supported: preactresnet18, smallcnn, vgg19_bn"):
+    with pytest.raises(AttackResultError, match="vit_b_16.*supported: preactresnet18, resnet18, smallcnn, vgg19_bn"):
         load_attack_result(bb["record"])
 
 

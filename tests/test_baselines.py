@@ -33,6 +33,17 @@ def tiny_preact(size: int = 8) -> nn.Module:
     return create_model("preactresnet18", 4, 1, size, 0.0625).eval()  # 4, 8, 16, 32 channels
 
 
+def tiny_resnet18(size: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, 1, size, 0.25, stem="cifar").eval()  # 16, 32, 64, 128 channels
+    with torch.no_grad():  # trained-looking BN statistics, so that the BN scale matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.8, 1.2)
+    return model
+
+
 def clean_subset(n: int = 80, classes: int = 4, size: int = 8, seed: int = 0) -> CleanData:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
@@ -205,6 +216,65 @@ def test_clp_stem_outlier_prunes_the_bn_path_not_the_residual_stream():
     assert torch.equal(sd["conv1.weight"], before["conv1.weight"])  # the identity path keeps the channel
 
 
+def test_clp_pairing_on_post_activation_resnet18():
+    """torchvision-style blocks put a BN right after every conv (stem, both convs of a block, the downsample
+    projection): every pair is exclusive, and module order (BackdoorBench's pairing) agrees with the graph."""
+    model = tiny_resnet18()
+    pairs = structural_pairs(model)
+    s = {p.conv: (p.bn, p.exclusive, p.shared_output) for p in pairs}
+    assert len(pairs) == 20
+    assert s["conv1"] == ("bn1", True, False)
+    assert s["layer1.0.conv2"] == ("layer1.0.bn2", True, False)
+    assert s["layer3.0.downsample.0"] == ("layer3.0.downsample.1", True, False)
+    assert s["layer4.1.conv2"] == ("layer4.1.bn2", True, False)
+    assert {(p.conv, p.bn) for p in backdoorbench_pairs(model)} == {(p.conv, p.bn) for p in pairs}
+
+
+def test_clp_resnet18_planted_outlier_silences_the_branch_not_the_stream():
+    model = tiny_resnet18()
+    with torch.no_grad():
+        model.layer3[0].conv2.weight[5] *= 50  # conv2 -> bn2 -> (+ shortcut)
+        model.layer2[0].conv1.weight[7] *= 50  # conv1 -> bn1 -> relu -> conv2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clp = create_defense("clp")
+    out = clp.mitigate(model, context_for(clp))
+    layers = {l["layer"]: l["pruned"] for l in out.diagnostics["layers"]}
+    assert layers["layer3.0.conv2"] == [5] and layers["layer2.0.conv1"] == [7]
+    sd = out.model.state_dict()
+    for conv, bn, k in (("layer3.0.conv2", "layer3.0.bn2", 5), ("layer2.0.conv1", "layer2.0.bn1", 7)):
+        assert torch.all(sd[f"{conv}.weight"][k] == 0) and sd[f"{bn}.weight"][k] == 0 and sd[f"{bn}.bias"][k] == 0
+    # the pruned channel of the residual branch is exactly 0 after its BN; the shortcut still carries the channel
+    seen = {}
+    out.model.layer3[0].bn2.register_forward_hook(lambda m, a, o: seen.update(bn2=o.clone()))
+    out.model.layer3[0].downsample.register_forward_hook(lambda m, a, o: seen.update(short=o.clone()))
+    with torch.no_grad():
+        out.model(torch.randn(3, 1, 8, 8))
+    assert torch.all(seen["bn2"][:, 5] == 0) and seen["short"][:, 5].abs().sum() > 0
+    assert torch.equal(model.state_dict()["layer3.0.conv2.weight"], before["layer3.0.conv2.weight"])
+
+
+class _Gate(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x  # data-dependent control flow: torch.fx cannot follow it
+
+
+def test_clp_on_any_module_names_the_layer_it_cannot_follow():
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), _Gate(),
+                             nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 4)).eval()
+
+    clp = create_defense("clp")
+    with pytest.raises(ValueError, match=r"layer '3' \(_Gate\).*pairing='backdoorbench'"):
+        clp.mitigate(net(), context_for(clp))
+    out = create_defense("clp", pairing="backdoorbench").mitigate(net(), context_for(clp))
+    assert out.diagnostics["scored_channels"] == 12
+    # a traceable custom module works with the structural pairing
+    traceable = nn.Sequential(*[m for i, m in enumerate(net()) if i != 3])
+    assert create_defense("clp").mitigate(traceable, context_for(clp)).diagnostics["scored_channels"] == 12
+
+
 # ---------------------------------------------------------------- FP
 
 def test_fp_stopping_rule_is_sequential():
@@ -281,6 +351,34 @@ def test_fp_on_residual_net_masks_channels_in_the_classifier():
         expected = model(x)
         handle.remove()
         torch.testing.assert_close(out.model(x), expected)  # the saved weights reproduce the mask
+
+
+def test_fp_on_resnet18_masks_the_block_output_in_the_classifier():
+    model = tiny_resnet18()
+    site = feature_site(model)
+    assert site.pool == "avgpool" and site.classifier == "fc"
+    assert site.producer is None and site.last_conv == "layer4.1.conv2"  # the feature map is relu(bn2 + shortcut)
+    fp = create_defense("fp", prune_ratio=0.25, epochs=0)
+    out = fp.mitigate(model, context_for(fp, clean_subset(n=40)))
+    pruned = out.diagnostics["pruned"]
+    assert len(pruned) == 32
+    mask = torch.ones(128)
+    mask[pruned] = 0
+    handle = model.avgpool.register_forward_pre_hook(lambda m, a: (a[0] * mask.view(1, -1, 1, 1),))
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        handle.remove()
+        torch.testing.assert_close(out.model(x), expected)
+
+
+def test_anp_on_resnet18_perturbs_every_bn_neuron():
+    model = tiny_resnet18()
+    anp = create_defense("anp", iterations=2, batch_size=16, pruning_by="number", prune_number=6)
+    out = anp.mitigate(model, context_for(anp, clean_subset()))
+    table = out.tables["masks"]
+    assert table["layer"].nunique() == 20 and "layer2.0.downsample.1" in set(table["layer"])
+    assert out.diagnostics["pruned_neurons"] == 6
 
 
 # ---------------------------------------------------------------- ANP

@@ -37,9 +37,9 @@ os.environ.setdefault("OTBR_OFFLINE", "1")
 CPU = torch.device("cpu")
 
 
-def small(name="smallcnn", channels=1, size=12, width=0.5, classes=10, seed=0) -> nn.Module:
+def small(name="smallcnn", channels=1, size=12, width=0.5, classes=10, seed=0, **args) -> nn.Module:
     torch.manual_seed(seed)
-    model = create_model(name, classes, channels, size, width)
+    model = create_model(name, classes, channels, size, width, **args)
     # non-trivial BN statistics so that BN handling matters
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -246,7 +246,7 @@ def permute_channels(model: nn.Module, chain: list[tuple[str, list[str], str]], 
     return out
 
 
-@pytest.mark.parametrize("arch", ["smallcnn", "preactresnet18", "vgg19_bn"])
+@pytest.mark.parametrize("arch", ["smallcnn", "preactresnet18", "vgg19_bn", "resnet18"])
 def test_alignment_recovers_a_permutation(arch):
     """Uniform masses, lambda=1: fusing a model into a channel-permuted copy of itself reproduces its outputs
     (the OT plan is the permutation), both with gamma=0 (fusing the model with itself) and across a permutation."""
@@ -257,6 +257,9 @@ def test_alignment_recovers_a_permutation(arch):
     elif arch == "preactresnet18":
         model, shape = small(arch, 3, 8, 0.0625), (3, 8, 8)
         chain = [(f"layer{s}.{b}.conv1", [f"layer{s}.{b}.bn2"], f"layer{s}.{b}.conv2") for s in range(1, 5) for b in (0, 1)]
+    elif arch == "resnet18":  # post-activation: conv1 -> bn1 (attached, transported) -> relu -> conv2
+        model, shape = small(arch, 3, 8, 0.0625, stem="cifar"), (3, 8, 8)
+        chain = [(f"layer{s}.{b}.conv1", [f"layer{s}.{b}.bn1"], f"layer{s}.{b}.conv2") for s in range(1, 5) for b in (0, 1)]
     else:
         model, shape = small(arch, 3, 32, 0.0625), (3, 32, 32)
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -293,6 +296,101 @@ def test_trace_links_follow_the_residual_structure():
     vl, _ = trace_links(v, target_layer_names(v, include_linear=True), "block")
     assert vl["classifier.0"].input_from == "features.49" and vl["classifier.0"].input_repeat == 49
     assert vl["features.3"].attached == ("features.4",)
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_trace_links_on_post_activation_resnet18(stem):
+    """torchvision-style blocks: every conv has its own BN right after it (attached, so it moves with the
+    conv's neurons); block outputs are residual sums (identity input map), the stem feeds layer1.0.conv1
+    through bn1, ReLU and the max-pool."""
+    m = small("resnet18", 3, 16, 0.0625, stem=stem)
+    layers = target_layer_names(m, include_shortcut=True, include_linear=True)
+    assert "layer2.0.downsample.0" in layers and "layer2.0.downsample.0" not in target_layer_names(m)
+    links, how = trace_links(m, layers, "block")
+    assert how == "graph"
+    assert links["conv1"].attached == ("bn1",) and links["conv1"].input_from is None
+    assert links["layer1.0.conv1"].input_from == "conv1"  # stem -> bn1 -> relu -> maxpool -> conv1
+    assert links["layer1.0.conv1"].attached == ("layer1.0.bn1",)
+    assert links["layer1.0.conv2"].input_from == "layer1.0.conv1" and links["layer1.0.conv2"].attached == ("layer1.0.bn2",)
+    for name in ("layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0", "layer4.1.conv1", "fc"):
+        assert links[name].input_from is None, name  # they read a residual sum
+    assert links["layer2.0.downsample.0"].attached == ("layer2.0.downsample.1",)
+    assert links["fc"].is_output and not links["layer4.1.conv2"].is_output
+
+
+def test_fused_resnet18_keeps_the_residual_stream_in_the_backdoored_order():
+    """Fusing a resnet18 into itself with a pruned copy at lam=0 is the identity; at lam=1 with nothing pruned
+    (gamma=0 scores) it reproduces the function; each fused BN moved with its conv."""
+    model = small("resnet18", 1, 12, 0.125, stem="cifar")
+    layers = target_layer_names(model)
+    x = torch.randn(4, 1, 12, 12)
+    res = fuse_models(model, model, layers, uniform_masses(model, layers), lam=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), model(x), atol=1e-5, rtol=1e-5)
+    assert res.links["layer3.1.conv2"].attached == ("layer3.1.bn2",)
+    mods = dict(model.named_modules())
+    scores = {n: torch.rand(mods[n].weight.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+              for n in layers}
+    pruned = prune_neurons(model, select_top_neurons(scores, 0.2))
+    half = fuse_models(pruned, model, layers, {n: target_masses(scores[n]) for n in layers}, lam=0.5).model
+    with torch.no_grad():
+        assert torch.isfinite(half(x)).all() and not torch.allclose(half(x), model(x))
+
+
+class _Gate(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x  # data-dependent control flow: torch.fx cannot follow it
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.gate = _Gate()
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.gate(torch.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn2(self.conv2(x)))), 1))
+
+
+class _Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn2(self.dw(x)))), 1))
+
+
+def test_otbr_on_any_module_fails_naming_the_layer_it_cannot_handle():
+    d = get_defense("otbr")(gamma=0.2, unlearn_steps=1, unlearn_batch_size=4)
+    with pytest.raises(ValueError, match=r"layer 'gate' \(_Gate\) fails to trace"):
+        d.mitigate(_Untraceable().eval(), context(d))
+    with pytest.raises(ValueError, match=r"cannot fuse layer 'dw' \(Conv2d with groups=8\)"):
+        d.mitigate(_Depthwise().eval(), context(d))
+    # the published chaining needs no graph: the reference setting still runs (with a warning)
+    ref = get_defense("otbr")(setting="reference", mass_floor=1e-3, gamma=0.2, unlearn_steps=1, unlearn_batch_size=4)
+    with pytest.warns(UserWarning, match="layer 'gate'"):
+        out = ref.mitigate(_Untraceable().eval(), context(ref))
+    assert out.diagnostics["link_source"] == "module order"
+    # any module the graph can follow works (here a plain nn.Sequential, not from the zoo)
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    out = d.mitigate(seq, context(d))
+    assert out.diagnostics["link_source"] == "graph"  # "3", the last target layer, is always fused
+    assert out.diagnostics["input_links"]["3"] == "0" and out.diagnostics["attached_bn"]["3"] == ["4"]
 
 
 def test_output_layer_is_never_reordered():
@@ -360,7 +458,7 @@ def test_config_from_mapping_rejects_unknown_keys_and_settings_resolve():
 # ----------------------------------------------------------------------------- the defense
 
 @pytest.mark.parametrize("arch,shape", [("smallcnn", (1, 12, 12)), ("preactresnet18", (3, 10, 10)),
-                                        ("vgg19_bn", (1, 32, 32))])
+                                        ("vgg19_bn", (1, 32, 32)), ("resnet18", (1, 12, 12))])
 def test_defense_end_to_end(arch, shape):
     assert "otbr" in list_defenses() and get_defense("otbr") is OTBRDefense
     model = small(arch, shape[0], shape[1], 0.0625 if arch != "smallcnn" else 0.5)

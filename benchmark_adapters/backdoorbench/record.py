@@ -62,9 +62,12 @@ BD_TEST_KEYS = ("bd_data_container", "original_index_array", "poison_indicator")
 CONTAINER_KEYS = ("save_folder_path", "data_dict")
 # BackdoorBench model_name -> zoo name, and how to read the width multiplier off the weights:
 # (key, dim, channels at width 1.0), best guess first
-MODEL_NAMES = {"preactresnet18": "preactresnet18", "vgg19_bn": "vgg19_bn", "smallcnn": "smallcnn"}
+# (BackdoorBench's resnet18 is torchvision's, ImageNet stem: the zoo's resnet18 with its default stem)
+MODEL_NAMES = {"preactresnet18": "preactresnet18", "vgg19_bn": "vgg19_bn", "smallcnn": "smallcnn",
+               "resnet18": "resnet18"}
 _WIDTH_PROBES = {
     "preactresnet18": (("conv1.weight", 0, 64), ("linear.weight", 1, 512)),
+    "resnet18": (("conv1.weight", 0, 64), ("fc.weight", 1, 512)),
     "vgg19_bn": (("features.0.weight", 0, 64), ("classifier.6.weight", 1, 4096)),
     "smallcnn": (("features.0.weight", 0, 16), ("linear.weight", 1, 64)),
 }

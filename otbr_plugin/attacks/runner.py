@@ -11,7 +11,7 @@ A run config is a mapping with four sections (all validated, unknown keys reject
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,7 +21,7 @@ from ..bundle import Bundle
 from ..config import dataclass_from_dict
 from ..data import Normalizer, get_dataset_spec, load_dataset
 from ..metrics import accuracy, evaluate_backdoor, predict
-from ..models import ModelConfig, list_models
+from ..models import ModelConfig, list_models, model_options
 from ..runtime import resolve_device
 from ..train import TrainConfig, train_classifier
 from .base import Attack
@@ -34,16 +34,32 @@ RUN_SECTIONS = ("attack", "dataset", "model", "train")
 
 @dataclass
 class ModelSection:
-    """The model to train: a zoo name and its channel multiplier."""
+    """The model to train: a zoo name, its channel multiplier and its own options (``args``, e.g.
+    ``{stem: cifar}`` for resnet18)."""
 
     name: str = "preactresnet18"
     width: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in list_models():
             raise ValueError(f"model.name {self.name!r} is not in the zoo; available: {', '.join(list_models())}")
         if not 0 < self.width <= 4:
             raise ValueError(f"model.width must be in (0, 4], got {self.width!r}")
+        if not isinstance(self.args, dict):
+            raise ValueError(f"model.args must be a mapping of option: value, got {self.args!r}")
+        known = model_options(self.name)
+        unknown = sorted(set(self.args) - set(known))
+        if unknown:
+            raise ValueError(f"model.args: {self.name} has no option(s) {', '.join(unknown)}; its options: "
+                             f"{', '.join(known) or '(none)'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """name and width, plus args when any (so configs without options keep their fingerprint)."""
+        out: dict[str, Any] = {"name": self.name, "width": self.width}
+        if self.args:
+            out["args"] = dict(self.args)
+        return out
 
 
 @dataclass
@@ -57,11 +73,12 @@ class AttackRun:
 
     def model_config(self) -> ModelConfig:
         spec = get_dataset_spec(self.dataset)
-        return ModelConfig(self.model.name, spec.num_classes, spec.in_channels, spec.image_size, float(self.model.width))
+        return ModelConfig(self.model.name, spec.num_classes, spec.in_channels, spec.image_size, float(self.model.width),
+                           dict(self.model.args))
 
     def resolved(self) -> dict[str, Any]:
         """The full resolved config (defaults filled in), as plain data."""
-        return {"attack": self.attack.params(), "dataset": self.dataset, "model": asdict(self.model),
+        return {"attack": self.attack.params(), "dataset": self.dataset, "model": self.model.to_dict(),
                 "train": self.train.to_dict()}
 
 

@@ -19,14 +19,14 @@ from benchmark_adapters.bundle import save_bundle
 from ..bundle import Bundle
 from ..data import ImageDataset, Normalizer, load_dataset
 from ..data.specs import get_dataset_spec
-from ..data.subsets import clean_defense_subset
+from ..data.subsets import CleanData, clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, build_context
 from ..runtime import resolve_device, seed_everything
 from ..metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
 from ..io import json_default, write_csv, write_json
 from .records import RunRecord
 
-__all__ = ["DefenseRun", "evaluate_model", "run_defense", "write_defense_outputs"]
+__all__ = ["DefenseRun", "defend_model", "evaluate_model", "run_defense", "write_defense_outputs"]
 
 
 @dataclass
@@ -76,6 +76,35 @@ def evaluate_model(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
                              bd.original_labels, bundle.normalizer, device=device)
 
 
+def defend_model(
+    model: nn.Module,
+    defense: Defense,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    normalizer: Normalizer,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+    clean_data: CleanData | None = None,
+    dataset: str | None = None,
+) -> DefenseOutcome:
+    """Run ``defense`` on ``model``: build its context (clean data only for a defense that declares it needs
+    it; a data-free defense given clean data is refused), seed, mitigate, time it. The one path from a model
+    to a defended model, under ``otbr-bench defend``, the grid, the BackdoorBench face and
+    :func:`otbr_plugin.defend`. ``outcome.seconds`` is the wall time of the defense."""
+    if clean_data is not None and not defense.needs_clean_data:
+        raise ValueError(f"defense {defense.name!r} is data-free: it takes no clean data (got {len(clean_data)} "
+                         "samples); pass clean_data only to a defense that needs it (fp, anp)")
+    context = build_context(defense, num_classes=num_classes, input_shape=input_shape, normalizer=normalizer,
+                            device=device, seed=seed, progress=progress, clean_data=clean_data, dataset=dataset)
+    seed_everything(seed)
+    start = time.perf_counter()
+    outcome = defense.mitigate(model, context)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
 def run_defense(
     bundle: Bundle,
     defense: Defense,
@@ -108,15 +137,11 @@ def run_defense(
     clean_data = None
     if defense.needs_clean_data:
         clean_data = clean_defense_subset(load_dataset(spec.name, "train", data_root), clean_ratio, seed)
-    context = build_context(
-        defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
-        normalizer=Normalizer(tuple(bundle.normalizer.mean), tuple(bundle.normalizer.std)),
-        device=dev, seed=seed, progress=progress, clean_data=clean_data, dataset=spec.name,
-    )
-    seed_everything(seed)
     t1 = time.perf_counter()
-    outcome = defense.mitigate(model, context)
-    seconds["defense_total"] = time.perf_counter() - t1
+    outcome = defend_model(model, defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
+                           normalizer=Normalizer(tuple(bundle.normalizer.mean), tuple(bundle.normalizer.std)),
+                           device=dev, seed=seed, progress=progress, clean_data=clean_data, dataset=spec.name)
+    seconds["defense_total"] = outcome.seconds
     seconds.update({f"stage_{k}": v for k, v in outcome.stage_seconds.items()})
     t2 = time.perf_counter()
     after = evaluate_model(outcome.model, bundle, clean_test, dev)

@@ -6,12 +6,18 @@ import argparse
 from pathlib import Path
 
 from . import formatter
+from .defend import add_plain_checkpoint_arguments, load_any_checkpoint
 
 EPILOG = """examples:
   otbr-bench convert ~/BackdoorBench/record/badnet_0_1 bundles/badnet_0_1          (record -> bundle)
   otbr-bench convert runs/badnets ~/BackdoorBench/record/otbr_badnets              (bundle -> record)
 
-The direction follows SRC: a bundle folder (meta.json) becomes a BackdoorBench record folder (attack_result.pt
+  otbr-bench convert model.pt bundles/mine --model resnet18 --model-args stem=cifar --dataset fashion_mnist \\
+      --attack-config configs/attack/badnets/fashion_mnist.yaml                  (plain state_dict -> bundle)
+
+With --model, SRC is a plain state_dict (.safetensors or torch.save file) and becomes a bundle; the options are
+those of `otbr-bench defend` (--model-args, --dataset, --poisoned-test | --attack-config, --target-class).
+Otherwise the direction follows SRC: a bundle folder (meta.json) becomes a BackdoorBench record folder (attack_result.pt
 in BackdoorBench's format, bd_test_dataset/<label>/<index>.png, attack_df_summary.csv); a record folder (or its
 attack_result.pt) becomes a bundle. Weights and the poisoned test set survive a round trip bit for bit.
 A record written from a bundle has bd_train None (a bundle holds no poisoned training set).
@@ -29,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-size", type=int, default=None,
                    help="bundle -> record: size of the clean test split for poison_indicator "
                         "(default: the bundle's meta, else the dataset's official size)")
+    p.add_argument("--data-root", default=None, help="data root for --attack-config (default $OTBR_DATA or ./data)")
+    add_plain_checkpoint_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -39,6 +47,14 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
+    plain = (args.model, args.dataset, args.poisoned_test, args.attack_config, args.target_class)
+    if any(v is not None for v in plain) or args.model_args:
+        args.checkpoint = str(src)
+        bundle = load_any_checkpoint(args)
+        out = save_bundle(bundle, dst, overwrite=args.overwrite)
+        print(f"plain state_dict {src} -> bundle {out} ({bundle.model_config.name} width "
+              f"{bundle.model_config.width:g}, {len(bundle.bd_test)} poisoned test images)")
+        return 0
     if is_bundle(src):
         bundle = load_bundle(src)
         out = write_attack_result(bundle, dst, overwrite=args.overwrite, test_size=args.test_size)

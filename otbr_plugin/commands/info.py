@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..data import DATASETS, default_data_root, find_dataset
-from ..models import create_model, list_models
+from ..models import create_model, list_models, model_options
 from . import formatter
 
 
@@ -20,10 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    print(f"{'model':<16} {'params (10 classes, 3x32x32, width 1.0)':>40}")
+    print(f"{'model':<16} {'params (10 classes, 3x32x32, width 1.0)':>40}  options (--model-args / model.args)")
     for name in list_models():
         n = sum(p.numel() for p in create_model(name, 10, 3, 32, 1.0).parameters())
-        print(f"{name:<16} {n:>40,}")
+        opts = ", ".join(f"{k}={v}" for k, v in model_options(name).items()) or "-"
+        print(f"{name:<16} {n:>40,}  {opts}")
     return 0
 
 

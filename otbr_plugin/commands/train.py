@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..config import parse_overrides
 from ..metrics import accuracy, predict
 from ..data import Normalizer, load_dataset
 from ..models import create_model, list_models
@@ -26,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="data root (default: $OTBR_DATA or ./data)")
     p.add_argument("--model", default="preactresnet18", choices=list_models())
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier (1.0 = published size)")
+    p.add_argument("--model-args", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model option, e.g. stem=cifar for resnet18 (repeatable; see otbr-bench models)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.01)
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if args.train_subset:
         train = train.subset(torch.arange(min(args.train_subset, len(train))))
     spec = train.spec
-    model = create_model(args.model, spec.num_classes, spec.in_channels, spec.image_size, args.width)
+    model = create_model(args.model, spec.num_classes, spec.in_channels, spec.image_size, args.width,
+                         **parse_overrides(args.model_args))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=str(device),
                       bf16=args.bf16, channels_last=args.channels_last, progress=not args.no_progress)
     print(f"training {args.model} (width {args.width}) on {spec.name}: {len(train)} images, {args.epochs} epoch(s), "

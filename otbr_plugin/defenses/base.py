@@ -93,6 +93,7 @@ class DefenseOutcome:
     ``diagnostics``: JSON-serializable summary (pruned neurons, transport costs, thresholds, ...).
     ``tables``: named data frames written as CSV (e.g. ``"nwc"``: one row per neuron).
     ``stage_seconds``: wall time per stage of the method.
+    ``seconds``: wall time of the whole defense (set by the harness that ran it).
     ``units_removed``: how many units (neurons / channels) the defense pruned or zeroed; every defense fills it
     (0 for one that removes nothing), so harness code such as sweeps never reads a defense's diagnostics.
     """
@@ -103,6 +104,7 @@ class DefenseOutcome:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     data_used: str = "none"
     units_removed: int | None = None
+    seconds: float | None = None  # wall time of mitigate(), set by the harness
 
 
 class StageTimer:

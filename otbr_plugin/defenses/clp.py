@@ -15,7 +15,8 @@ Pairing of convs and BNs (``pairing``):
 
 - ``"structural"`` (default): each conv is paired with the BN that really acts on its output, read from the
   dataflow graph (:func:`~otbr_plugin.defenses.structure.structural_pairs`). conv -> BN networks (VGG, the
-  small CNN) pair as in the paper. In a pre-activation ResNet (BN-ReLU-conv): a block's ``conv1`` feeds that
+  small CNN, the post-activation resnet18, whose branches and downsample end in their own BN) pair as in the
+  paper. In a pre-activation ResNet (BN-ReLU-conv): a block's ``conv1`` feeds that
   block's ``bn2`` (an ordinary conv -> BN pair); ``conv2`` and the projection shortcut are added to the
   residual stream and the sum enters the *next* block's ``bn1``, whose scale therefore acts on their channels
   (the pair is marked non-exclusive: the BN also sees the other summand); the stem conv feeds
@@ -106,7 +107,10 @@ def clp_scores(model: nn.Module, pairing: str) -> list[tuple[ConvBNPair, torch.T
     out = []
     for pair in pairs:
         conv = mods[pair.conv]
-        scale = bn_scale(mods[pair.bn]) if pair.bn is not None else None
+        try:
+            scale = bn_scale(mods[pair.bn]) if pair.bn is not None else None
+        except ValueError as err:
+            raise ValueError(f"CLP cannot score layer {pair.conv!r} through BatchNorm {pair.bn!r}: {err}") from err
         out.append((pair, channel_lipschitz(conv.weight, scale)))
     return out
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..otbr.auto import auto_gamma, auto_lam
+from ..otbr.fusion import trace_links
 from ..otbr.pipeline import FusionOptions, prune_and_fuse
 from ..otbr.pruning import nwc_table, pruned_per_layer
 from ..otbr.repair import agreement, bn_inversion, distill, recalibrate_bn
@@ -284,6 +285,7 @@ class OTBRDefense(Defense):
         timer = StageTimer()
         original = self.copy_model(model, context.device)
         layers = target_layer_names(original, cfg.include_shortcut, cfg.include_linear)
+        trace_links(original, layers, cfg.residual)  # a model the fusion cannot follow fails now, naming the layer
 
         key = self._memo_key(original, context) if self._nwc_memo is not None else None
         reused = key is not None and key in self._nwc_memo

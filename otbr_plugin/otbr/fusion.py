@@ -12,17 +12,20 @@ Input side. Before a layer is aligned, its input dimension is re-expressed in th
 mapped to: ``W_pruned <- W_pruned @ T_prev / T_prev.sum(0)`` (Singh & Jaggi 2020, "OT fusion").
 ``residual="block"`` finds the producer from the traced graph: a layer whose input comes straight (through
 BN/ReLU/pooling/flatten) from one conv/linear uses that layer's map; a layer whose input is a residual sum
-(pre-activation ResNet's ``layerX.Y.conv1``, shortcut convs, the classifier) or the network input uses the
-identity -- the stream adds branches aligned by different maps, so no single map describes it, and the
-identity is the natural correspondence between a pruned model and the backdoored model it was cut from.
-``residual="chain"`` (the published code) uses the previous target layer's map whatever the graph is.
+(``layerX.Y.conv1`` after the first block, shortcut/downsample convs and the classifier, in pre- and
+post-activation ResNets alike) or the network input uses the identity -- the stream adds branches aligned by
+different maps, so no single map describes it, and the identity is the natural correspondence between a pruned
+model and the backdoored model it was cut from. ``residual="chain"`` (the published code) uses the previous
+target layer's map whatever the graph is. A model the graph analysis cannot follow (``torch.fx`` fails in some
+layer) or a target layer whose neurons cannot be re-ordered (a grouped convolution) is refused with the layer
+named (:func:`check_fusable`); only ``"chain"`` runs without a graph.
 
 ``cost="aligned"`` measures the cost on the input-aligned pruned weights (Singh & Jaggi); ``"unaligned"``
 (the published code) measures it on the raw pruned weights but still projects the input-aligned ones.
 
 ``attached="transport"`` carries the parameters that belong to an aligned neuron along with it: the layer's
 bias and the batch norm that normalizes only this layer's output channels (affine and running statistics),
-fused with the same ``lam``. ``"keep"`` (the published code) keeps the backdoored model's bias and BN.
+fused with the same ``lam`` (in a post-activation ResNet every conv has one: its BN right after it). ``"keep"`` (the published code) keeps the backdoored model's bias and BN.
 
 The network's output layer (class logits), if it is a target layer, is never re-ordered: only its input side
 is aligned. All transport and fusion arithmetic runs in float64 on the CPU; results are cast back.
@@ -45,6 +48,7 @@ from ..graph import trace, walk_back
 
 __all__ = [
     "LayerLink",
+    "check_fusable",
     "trace_links",
     "target_masses",
     "transport_plan",
@@ -82,8 +86,27 @@ class LayerLink:
     is_output: bool = False
 
 
+def check_fusable(model: nn.Module, layers: Sequence[str]) -> None:
+    """Refuse target layers whose output neurons cannot be re-ordered one by one, naming the layer: a grouped
+    convolution (``groups > 1``, e.g. depthwise) ties each output channel to one group of input channels, so
+    transporting a neuron into another's place would make it read the wrong inputs."""
+    modules = dict(model.named_modules())
+    for name in layers:
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"OTBR target layer {name!r} is not a module of {type(model).__name__}")
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"OTBR cannot fuse layer {name!r} ({type(mod).__name__}): only Conv2d and Linear "
+                             "neurons are aligned")
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            raise ValueError(f"OTBR cannot fuse layer {name!r} (Conv2d with groups={mod.groups}): the output "
+                             "channels of a grouped convolution cannot be re-ordered independently of its input "
+                             "groups")
+
+
 def _trace_graph_links(model: nn.Module, layers: Sequence[str]) -> dict[str, LayerLink]:
-    graph = trace(model).graph
+    graph = trace(model, "OTBR's fusion needs it to follow residual streams (residual='chain' uses module "
+                         "order instead, as the published code).").graph
     modules = dict(model.named_modules())
     producer: dict[str, str | None] = {}
     attached: dict[str, list[str]] = {n: [] for n in layers}
@@ -93,6 +116,11 @@ def _trace_graph_links(model: nn.Module, layers: Sequence[str]) -> dict[str, Lay
             mod = modules[node.target]
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 src, _ = walk_back(node.args[0], modules)
+                if node.target in producer and producer[node.target] != src and node.target in attached:
+                    raise ValueError(
+                        f"OTBR cannot fuse layer {node.target!r}: it is called more than once with inputs from "
+                        f"different layers ({producer[node.target] or 'a residual sum or the input'} and "
+                        f"{src or 'a residual sum or the input'}), so no single input alignment fits it")
                 producer[node.target] = src
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 src, bns = walk_back(node.args[0], modules)
@@ -129,21 +157,22 @@ def _repeat(modules: Mapping[str, nn.Module], src: str | None, dst: str) -> int 
 def trace_links(model: nn.Module, layers: Sequence[str], residual: ResidualMode = "block") -> tuple[dict[str, LayerLink], str]:
     """The :class:`LayerLink` of each target layer and how it was found ("graph" or "module order").
 
-    ``residual="block"`` traces the model with ``torch.fx``; if tracing fails it falls back to module order
-    (each layer reads the previous target layer when the shapes fit). ``"chain"`` always uses module order
-    for the input side (the published behaviour) but still takes attached BNs from the graph when it can.
+    ``residual="block"`` traces the model with ``torch.fx``; a model it cannot follow is a ``ValueError``
+    naming the layer it fails in (a guessed input alignment would silently mix unrelated channels).
+    ``"chain"`` uses module order for the input side (the published behaviour: each layer reads the previous
+    target layer when the shapes fit) and takes attached BNs from the graph when it can be traced.
     """
-    modules = dict(model.named_modules())
-    try:
-        graph_links = _trace_graph_links(model, layers)
-        how = "graph"
-    except Exception as err:  # noqa: BLE001 - any model fx cannot trace falls back to module order
-        warnings.warn(f"OTBR: could not trace {type(model).__name__} ({err}); using module order", stacklevel=2)
-        graph_links, how = None, "module order"
-    if residual == "block" and graph_links is not None:
-        return graph_links, how
     if residual not in ("block", "chain"):
         raise ValueError(f"residual must be 'block' or 'chain', got {residual!r}")
+    check_fusable(model, layers)
+    modules = dict(model.named_modules())
+    if residual == "block":
+        return _trace_graph_links(model, layers), "graph"
+    try:
+        graph_links: dict[str, LayerLink] | None = _trace_graph_links(model, layers)
+    except ValueError as err:  # the published chaining needs no graph; only attached BNs come from it
+        warnings.warn(f"OTBR: {err} Using module order.", stacklevel=2)
+        graph_links = None
     links = {}
     prev: str | None = None
     for name in layers:
@@ -152,7 +181,7 @@ def trace_links(model: nn.Module, layers: Sequence[str], residual: ResidualMode 
         g = graph_links[name] if graph_links else LayerLink(name)
         links[name] = LayerLink(name, src, repeat or 1, g.attached, g.is_output)
         prev = name
-    return links, ("module order" if residual == "chain" else how)
+    return links, "module order"
 
 
 def target_masses(scores: torch.Tensor, mode: MassMode = "nwc", floor: float = 1e-3, layer: str = "") -> np.ndarray:
