@@ -66,3 +66,12 @@ def test_metric_validation():
         accuracy(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
         accuracy(torch.zeros(2), torch.zeros(3))
+
+
+def test_predict_default_batch_and_empty_input():
+    x = torch.randint(0, 10, (1100, 1, 4, 4), dtype=torch.uint8)
+    m = FirstPixelClassifier()
+    assert torch.equal(predict(m, x, IDENTITY, device="cpu"), predict(m, x, IDENTITY, batch_size=512, device="cpu"))
+    assert predict(m, x[:0], IDENTITY, device="cpu").shape == (0,)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(m, x, IDENTITY, batch_size=0, device="cpu")
