@@ -6,7 +6,8 @@ For preactresnet18 on 1x28x28 (Fashion-MNIST's spec) and 3x32x32 (CIFAR-10's spe
   ``--steps`` steps each, the second one timed (the first is the warm-up); its precision and memory format come
   from its own config (``TrainConfig.bf16`` / ``amp`` / ``channels_last``).
 - ours, evaluation: :func:`otbr_plugin.metrics.predict` (what every ACC/ASR/RA goes through), float32 always, on
-  the images as the harness holds them (uint8, on the CPU), with its default batch.
+  the images as the harness holds them (uint8, on the CPU), with its default batch and memory format (channels
+  last on an accelerator, contiguous on the CPU, where it keeps results bit-identical; ``--ours-eval-format``).
 - plain: the same model, batch, input size, augmentation (random crop, flip where the dataset allows it) and
   precision, written as a tuned plain-PyTorch loop: uint8 data kept on the device and normalized there, channels
   last, autocast (bf16, or fp16 with a gradient scaler), fused SGD, no host synchronisation between steps, an
@@ -127,12 +128,16 @@ def plain_train(spec: DatasetSpec, images, labels, device, width, batch, precisi
     return batch * steps / seconds
 
 
-def ours_eval(model: nn.Module, spec: DatasetSpec, images, device, repeats: int) -> float:
+def ours_eval(model: nn.Module, spec: DatasetSpec, images, device, repeats: int,
+              channels_last: bool | None = None) -> float:
     """images/s of predict (float32, its default batch) on CPU-held uint8 images."""
     norm = Normalizer.for_dataset(spec)
-    predict(model, images, norm, device=device)  # warm-up
-    return images.shape[0] * repeats / _timed(lambda: [predict(model, images, norm, device=device)
-                                                        for _ in range(repeats)], device)
+
+    def run() -> None:
+        predict(model, images, norm, device=device, channels_last=channels_last)
+
+    run()  # warm-up
+    return images.shape[0] * repeats / _timed(lambda: [run() for _ in range(repeats)], device)
 
 
 def plain_eval(model: nn.Module, spec: DatasetSpec, images, device, precision, channels_last, eval_batch,
@@ -184,6 +189,9 @@ def main() -> None:
                     help="training memory format of both loops (ours: TrainConfig.channels_last); default "
                          "channels_last")
     ap.add_argument("--no-augment", action="store_true", help="no random crop/flip in either loop")
+    ap.add_argument("--ours-eval-format", choices=["default", "channels_last", "contiguous"], default="default",
+                    help="predict's channels_last argument (default: predict's own choice: channels last on an "
+                         "accelerator, contiguous on the CPU)")
     ap.add_argument("--steps", type=int, default=50, help="timed training steps per loop (default 50)")
     ap.add_argument("--eval-images", type=int, default=10000, help="images per evaluation pass (default 10000)")
     ap.add_argument("--eval-batch", type=int, default=2048, help="plain loop's evaluation batch (default 2048)")
@@ -204,7 +212,7 @@ def main() -> None:
     header = {"device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "width": args.width, "batch": args.batch,
               "precision": args.precision, "memory_format": args.memory_format, "augment": augment,
-              "compile": args.compile, "steps": args.steps, "eval_images": args.eval_images,
+              "compile": args.compile, "ours_eval_format": args.ours_eval_format, "steps": args.steps, "eval_images": args.eval_images,
               "eval_batch_plain": args.eval_batch}
     print(", ".join(f"{k} {v}" for k, v in header.items()), flush=True)
     cols = ["input", "train ours", "train plain", "ratio", "eval ours", "eval plain fp32", "ratio",
@@ -220,7 +228,8 @@ def main() -> None:
         tr_plain = plain_train(spec, images, labels, steps=args.steps, **common)
         eval_images, _ = _data(spec, args.eval_images)
         model = _model(spec, args.width, device, args.compile)
-        ev_ours = ours_eval(model, spec, eval_images, device, args.repeats)
+        ev_ours = ours_eval(model, spec, eval_images, device, args.repeats,
+                            {"default": None, "channels_last": True, "contiguous": False}[args.ours_eval_format])
         ev_plain32 = plain_eval(model, spec, eval_images, device, "fp32", channels_last, args.eval_batch, args.repeats)
         ev_plain = (ev_plain32 if args.precision == "fp32" else
                     plain_eval(model, spec, eval_images, device, args.precision, channels_last, args.eval_batch,

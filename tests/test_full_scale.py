@@ -138,7 +138,7 @@ def test_synthetic_cifar10_script(tmp_path):
 
 def test_throughput_benchmark_runs(tmp_path):
     out = tmp_path / "t.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--width", "0.0625",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--width", "0.125",
            "--batch", "8", "--steps", "2", "--eval-images", "32", "--repeats", "1", "--shapes", "1x28x28",
            "--threads", "1", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

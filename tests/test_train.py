@@ -97,7 +97,7 @@ def _reference_cpu_training(model, images, labels, spec, cfg):
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * n
+            total += float(loss.detach()) * n
             correct += int((logits.argmax(1) == labels[idx]).sum())
         out.append((total / images.shape[0], correct / images.shape[0]))
     return out
