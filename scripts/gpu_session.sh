@@ -18,10 +18,11 @@ set -uo pipefail
 OUT=${OUT:-runs/gpu_session}
 WIDTH=${WIDTH:-1.0}
 STEPS=${STEPS:-50}
-PRECISIONS=${PRECISIONS:-fp32 bf16}
+PRECISIONS=${PRECISIONS-fp32 bf16}     # empty: no benchmark
 SEEDS=${SEEDS:-0 1 2}
 GRID_MINUTES=${GRID_MINUTES:-6}
 GRID_SET=${GRID_SET:-}          # extra --set for the grid, e.g. "attack_overrides.train.epochs=1" for a dry run
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:-}   # extra benchmark arguments, e.g. "--compile" or "--eval-images 2000"
 CIFAR=${CIFAR:-0}
 CIFAR_EPOCHS=${CIFAR_EPOCHS:-5}
 mkdir -p "$OUT"
@@ -42,18 +43,20 @@ date -u +"start %FT%TZ"
 
 for p in $PRECISIONS; do
   timeout 300 python3 benchmarks/throughput.py --device auto --width "$WIDTH" --steps "$STEPS" --precision "$p" \
-    --json "$OUT/throughput_$p.json"
+    --json "$OUT/throughput_$p.json" $THROUGHPUT_ARGS
 done
 
 sets=(); [ -n "$GRID_SET" ] && for s in $GRID_SET; do sets+=(--set "$s"); done
 start=$(date +%s)
+pids=()
 for s in $SEEDS; do
   mkdir -p runs/fashion_mnist_full/seed$s
   timeout "${GRID_MINUTES}m" "${BENCH[@]}" bench configs/bench/fashion_mnist_full.yaml --set "seeds=[$s]" "${sets[@]}" \
     --out runs/fashion_mnist_full/seed$s --bundles runs/fashion_mnist_full_bundles/seed$s --no-progress --no-report \
     > runs/fashion_mnist_full/seed$s/grid.log 2>&1 &
+  pids+=($!)
 done
-wait
+wait "${pids[@]}"  # these pids only: a bare wait would also wait for the tee above, forever
 echo "grid wall time: $(( $(date +%s) - start )) s (seeds $SEEDS in parallel)"
 for s in $SEEDS; do tail -n 3 runs/fashion_mnist_full/seed$s/grid.log; done
 "${BENCH[@]}" table runs/fashion_mnist_full | tee "$OUT/table.md"
