@@ -14,6 +14,12 @@ from .runtime import resolve_device
 __all__ = ["BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
 
 
+CPU_EVAL_BATCH = 512
+"""Evaluation batch on the CPU (the batch every committed CPU result was computed with)."""
+ACCELERATOR_EVAL_BATCH = 2048
+"""Evaluation batch on an accelerator: larger batches keep it busy (inference holds no activations for backward)."""
+
+
 def _on_device(model: nn.Module, device: torch.device) -> bool:
     """Whether every parameter and buffer of ``model`` is on ``device`` ("cuda" matches any "cuda:N")."""
     return all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
@@ -25,26 +31,45 @@ def predict(
     model: nn.Module,
     images: torch.Tensor,
     normalizer: Normalizer,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     *,
     device: torch.device | str,
+    channels_last: bool | None = None,
 ) -> torch.Tensor:
     """Predicted class (int64, on CPU) for each uint8 image, computed on ``device`` (the run's device, from
     :class:`~otbr_plugin.runtime.RunSettings`). The caller's model is left where it was and in the mode it was in:
     a model already on ``device`` is used in place (eval mode, restored after), any other is evaluated as a
-    copy moved to ``device``."""
+    copy moved to ``device``.
+
+    ``batch_size``: default 512 on the CPU, :data:`ACCELERATOR_EVAL_BATCH` on an accelerator. ``channels_last``:
+    evaluate a channels-last copy of the model on channels-last batches; default on an accelerator, off on the CPU
+    (where it is faster too, but computes with other kernels: off keeps CPU results bit-identical). The images are
+    moved to ``device`` once (uint8) and the predictions come back once, so an accelerator never waits for the host
+    between batches. Always float32 (no autocast): metrics do not depend on a training precision."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    net = model if _on_device(model, dev) else copy.deepcopy(model).to(dev)
+    if batch_size is None:
+        batch_size = CPU_EVAL_BATCH if dev.type == "cpu" else ACCELERATOR_EVAL_BATCH
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if channels_last is None:
+        channels_last = dev.type != "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:  # a copy: the caller's model keeps its memory format
+        net = copy.deepcopy(model).to(dev, memory_format=fmt)
+    else:
+        net = model if _on_device(model, dev) else copy.deepcopy(model).to(dev)
     was_training = model.training
     net.eval()
+    normalize = normalizer.on(dev)
+    data = images.to(dev)
     out = []
     try:
-        for start in range(0, images.shape[0], batch_size):
-            x = normalizer(to_float(images[start : start + batch_size].to(dev)))
-            out.append(net(x).argmax(1).cpu())
+        for start in range(0, data.shape[0], batch_size):
+            x = normalize(to_float(data[start : start + batch_size])).contiguous(memory_format=fmt)
+            out.append(net(x).argmax(1))
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
@@ -81,14 +106,16 @@ def evaluate_backdoor(
     bd_targets: torch.Tensor,
     bd_original_labels: torch.Tensor,
     normalizer: Normalizer,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     *,
     device: torch.device | str,
+    channels_last: bool | None = None,
 ) -> BackdoorMetrics:
     """ACC on the clean test set; ASR = share of poisoned samples predicted as their target; RA = share
-    predicted as their true label. ``device``: where to compute (the caller's model is not moved)."""
-    clean_pred = predict(model, clean_images, normalizer, batch_size, device=device)
-    bd_pred = predict(model, bd_images, normalizer, batch_size, device=device)
+    predicted as their true label. ``device``: where to compute (the caller's model is not moved);
+    ``batch_size`` / ``channels_last``: see :func:`predict`."""
+    clean_pred = predict(model, clean_images, normalizer, batch_size, device=device, channels_last=channels_last)
+    bd_pred = predict(model, bd_images, normalizer, batch_size, device=device, channels_last=channels_last)
     return BackdoorMetrics(
         acc=accuracy(clean_pred, clean_labels.cpu()),
         asr=accuracy(bd_pred, bd_targets.cpu()),

@@ -66,3 +66,24 @@ def test_metric_validation():
         accuracy(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
         accuracy(torch.zeros(2), torch.zeros(3))
+
+
+def test_predict_default_batch_and_empty_input():
+    x = torch.randint(0, 10, (1100, 1, 4, 4), dtype=torch.uint8)
+    m = FirstPixelClassifier()
+    assert torch.equal(predict(m, x, IDENTITY, device="cpu"), predict(m, x, IDENTITY, batch_size=512, device="cpu"))
+    assert predict(m, x[:0], IDENTITY, device="cpu").shape == (0,)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(m, x, IDENTITY, batch_size=0, device="cpu")
+
+
+def test_predict_channels_last_gives_the_same_predictions_and_leaves_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).train()
+    x = torch.randint(0, 256, (40, 1, 6, 6), dtype=torch.uint8)
+    before = {k: (v.data_ptr(), v.is_contiguous()) for k, v in model.state_dict().items()}
+    plain = predict(model, x, IDENTITY, device="cpu")
+    last = predict(model, x, IDENTITY, device="cpu", channels_last=True)
+    assert (plain == last).float().mean() > 0.95  # other kernels: equal up to float rounding near ties
+    assert {k: (v.data_ptr(), v.is_contiguous()) for k, v in model.state_dict().items()} == before
+    assert model.training

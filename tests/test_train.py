@@ -60,3 +60,84 @@ def test_invalid_config_and_inputs():
     with pytest.raises(ValueError, match="uint8"):
         train_classifier(create_model("smallcnn", 10, 1, 28), torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long),
                          spec, TrainConfig(progress=False))
+
+
+def _reference_cpu_training(model, images, labels, spec, cfg):
+    """The CPU training semantics written out plainly, independently of train_classifier: seeded shuffling; per
+    step the crop offsets (rows, then columns) and the flip draws from the same generator; float32 [0, 1] images,
+    zero-padded crop, flip, per-channel normalization; SGD with momentum and weight decay, cosine schedule stepped
+    per iteration. Returns the per-epoch (mean loss, train accuracy)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps = -(-images.shape[0] // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    pad = spec.crop_padding
+    out = []
+    for _ in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(images.shape[0], generator=gen)
+        total, correct = 0.0, 0
+        for step in range(steps):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = images[idx].float() / 255
+            n, _, h, w = x.shape
+            oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+            ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            x = torch.stack([padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
+            if spec.hflip:
+                flip = torch.rand(n, generator=gen) < 0.5
+                x = torch.stack([xi.flip(-1) if f else xi for xi, f in zip(x, flip)])
+            logits = model((x - mean) / std)
+            loss = torch.nn.functional.cross_entropy(logits, labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * n
+            correct += int((logits.argmax(1) == labels[idx]).sum())
+        out.append((total / images.shape[0], correct / images.shape[0]))
+    return out
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
+def test_cpu_training_is_bit_identical_to_the_plain_reference(dataset):
+    """The committed CPU results depend on every draw and every operation of the CPU step: the speed work on the
+    accelerator path must leave them exactly as they were (same weights, same history, bit for bit)."""
+    spec = get_dataset_spec(dataset)
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (40, *spec.input_shape), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (40,), generator=g)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=3, progress=False, device="cpu")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(create_model("smallcnn", 10, spec.in_channels, spec.image_size, 0.25))
+    history = train_classifier(models[0], images, labels, spec, cfg, device=torch.device("cpu"))
+    expected = _reference_cpu_training(models[1], images, labels, spec, cfg)
+    assert [(e["loss"], e["train_acc"]) for e in history.epochs] == expected
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_reads_the_device_once_per_epoch(monkeypatch):
+    """No host read of a tensor inside the step (each one makes an accelerator wait): the loss and accuracy sums are
+    read once per epoch. Counted on the CPU by spying on the tensor -> Python number conversions."""
+    spec = get_dataset_spec("fashion_mnist")
+    x, y = separable_problem(64)
+    reads = []
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    model = create_model("smallcnn", 10, 1, 28, 0.25)
+    train_classifier(model, x, y, spec, TrainConfig(epochs=2, batch_size=8, progress=False), device=torch.device("cpu"))
+    monkeypatch.undo()
+    assert len(reads) <= 2 * 2, reads  # 8 steps per epoch: the old loop read 2 per step

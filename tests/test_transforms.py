@@ -63,3 +63,13 @@ def test_preprocess_eval_is_plain_normalization_and_train_augments():
 def test_flip_only_where_the_dataset_allows_it():
     assert get_dataset_spec("cifar10").hflip and not get_dataset_spec("gtsrb").hflip
     assert not get_dataset_spec("fashion_mnist").hflip
+
+
+def test_device_normalizer_gives_the_same_numbers():
+    norm = Normalizer.for_dataset(get_dataset_spec("cifar10"))
+    x = torch.rand(5, 3, 4, 4)
+    on = norm.on("cpu")
+    assert torch.equal(on(x), norm(x))  # bit for bit: CPU results must not move
+    assert torch.equal(on(x.double()), norm(x.double()))  # another dtype: the plain path
+    with pytest.raises(ValueError, match="normalization values"):
+        on(torch.rand(1, 2, 4, 4))  # the channel check stays

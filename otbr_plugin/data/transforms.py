@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from .specs import DatasetSpec
 
-__all__ = ["to_float", "normalize", "denormalize", "random_crop", "random_hflip", "Normalizer", "Preprocess"]
+__all__ = ["to_float", "normalize", "denormalize", "random_crop", "random_hflip", "Normalizer", "DeviceNormalizer",
+           "Preprocess"]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -41,14 +42,23 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return x * _stats(std, x) + _stats(mean, x)
 
 
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where random numbers are drawn: on the generator's device (the default generator's: the CPU)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image.
+
+    The offsets are drawn on ``generator``'s device (a generator on the images' device keeps the step off the
+    host) and moved to the images' device."""
     if padding <= 0:
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    src = _draw_device(generator)
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=src).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=src).to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None]  # (n,1,h,1)
     cols = (ox[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :]  # (n,1,1,w)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
@@ -57,8 +67,9 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image left-right with probability ``p``."""
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device).view(-1, 1, 1, 1)
+    """Flip each image left-right with probability ``p`` (drawn on ``generator``'s device)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=_draw_device(generator)) < p
+    flip = flip.to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
 
@@ -79,6 +90,25 @@ class Normalizer:
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         return denormalize(x, self.mean, self.std)
 
+    def on(self, device: torch.device | str) -> "DeviceNormalizer":
+        """The same normalization with its constants made once on ``device``, for loops over batches (building
+        them per batch is a host-to-device copy that makes an accelerator wait)."""
+        return DeviceNormalizer(self, torch.device(device))
+
+
+class DeviceNormalizer:
+    """A :class:`Normalizer` whose float32 mean/std tensors are already on one device; same results."""
+
+    def __init__(self, normalizer: Normalizer, device: torch.device) -> None:
+        self.normalizer = normalizer
+        self.mean = torch.as_tensor(normalizer.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(normalizer.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.mean.device or x.dtype != self.mean.dtype or self.mean.shape[1] not in (1, x.shape[1]):
+            return self.normalizer(x)  # another device or dtype: the plain path (and its checks)
+        return (x - self.mean) / self.std
+
 
 class Preprocess:
     """uint8 batch -> normalized float batch on ``device``; ``train=True`` adds crop (+ flip if allowed)."""
@@ -90,6 +120,7 @@ class Preprocess:
         self.device = torch.device(device)
         self.generator = generator
         self.normalizer = Normalizer.for_dataset(spec)
+        self._normalize = self.normalizer.on(self.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = to_float(images.to(self.device, non_blocking=True))
@@ -97,4 +128,4 @@ class Preprocess:
             x = random_crop(x, self.spec.crop_padding, self.generator)
             if self.spec.hflip:
                 x = random_hflip(x, 0.5, self.generator)
-        return self.normalizer(x)
+        return self._normalize(x)
