@@ -39,8 +39,8 @@ def balanced_labels(n: int, k: int = 10) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ registry
-def test_registry_lists_the_four_attacks_and_rejects_unknown_names():
-    assert {"badnets", "blended", "sig", "wanet"} <= set(list_attacks())
+def test_registry_lists_the_attacks_and_rejects_unknown_names():
+    assert {"badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn"} <= set(list_attacks())
     assert get_attack("BadNets") is BadNets
     with pytest.raises(ValueError, match="unknown attack 'nope'.*badnets"):
         get_attack("nope")
@@ -359,7 +359,7 @@ def test_parse_attack_run_validates_sections():
             parse_attack_run(cfg)
 
 
-@pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet"])
+@pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn"])
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
 def test_shipped_configs_parse(attack, dataset):
     from otbr_plugin.config import load_yaml
@@ -401,12 +401,21 @@ def _config(tmp_path: Path, attack: str, **params) -> Path:
     return path
 
 
-@pytest.mark.parametrize("attack", ["badnets", "sig", "wanet"])
+FAST = {  # learned triggers, searched in seconds on the tiny data
+    "lf": {"uap_samples": 40, "uap_passes": 1, "clean_epochs": 1},
+    "trojannn": {"trigger_iters": 5, "clean_epochs": 1},
+    "inputaware": {"mask_epochs": 1, "generator_channels": 4},
+}
+
+
+@pytest.mark.parametrize("attack", ["badnets", "sig", "wanet", "lf", "trojannn", "inputaware"])
 def test_attack_cli_end_to_end(tmp_path, tiny_root, attack, capsys):
     from benchmark_adapters.bundle import load_bundle
+    from otbr_plugin.attacks import restore_attack
+    from otbr_plugin.data import load_dataset
 
     out = tmp_path / "bundle"
-    cfg = _config(tmp_path, attack)
+    cfg = _config(tmp_path, attack, **FAST.get(attack, {}))
     rc = main(["attack", str(cfg), "--out", str(out), "--data-root", str(tiny_root), "--no-progress",
                "--set", "train.epochs=2", "--set", "attack.seed=3"])
     assert rc == 0
@@ -420,6 +429,16 @@ def test_attack_cli_end_to_end(tmp_path, tiny_root, attack, capsys):
     assert torch.equal(b.tensors["poison_indices"], expected_idx)
     if attack == "wanet":
         assert b.tensors["cross_indices"].numel() == 40 == b.attack["cross_count"]
+    if attack == "inputaware":
+        assert b.tensors["cross_indices"].numel() == 20 == b.attack["cross_count"]
+    if attack in FAST:  # the learned trigger is in the bundle (safetensors) and rebuilds the poisoned test set
+        assert b.attack["state"] == "extra.safetensors:attack.*" and "trigger_search" in b.attack
+        assert any(k.startswith("attack.") for k in b.tensors)
+        test = load_dataset("fashion_mnist", "test", tiny_root)
+        rebuilt = restore_attack(b.attack, b.tensors).poison_test(test.images, test.labels, 10)
+        assert torch.equal(rebuilt.images, b.bd_test.images)
+    else:
+        assert not any(k.startswith("attack.") for k in b.tensors) and "state" not in b.attack
     assert len(b.bd_test) == 54 and torch.all(b.bd_test.targets == 0)
     assert set(b.metrics) == {"acc", "asr", "ra"} and all(0 <= v <= 1 for v in b.metrics.values())
     curve = b.training["curve"]
@@ -456,3 +475,27 @@ def test_attack_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["attack", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_train_save_gives_the_clean_model_of_the_trigger_search(tmp_path, tiny_root, capsys):
+    """`otbr-bench train --save` writes the weights LF/TrojanNN would train with clean_epochs (so one clean training
+    can be shared through attack.clean_model)."""
+    from safetensors.torch import load_file
+
+    from otbr_plugin.attacks import AttackContext
+    from otbr_plugin.attacks.clean import clean_model
+    from otbr_plugin.data import load_dataset
+    from otbr_plugin.models import ModelConfig
+    from otbr_plugin.train import TrainConfig
+
+    path = tmp_path / "clean.safetensors"
+    assert main(["train", "--model", "smallcnn", "--epochs", "1", "--save", str(path), "--data-root", str(tiny_root),
+                 "--device", "cpu", "--no-progress", "--threads", "1"]) == 0
+    assert "weights written" in capsys.readouterr().out
+    train = load_dataset("fashion_mnist", "train", tiny_root)
+    ctx = AttackContext(train.images, train.labels, train.spec, ModelConfig("smallcnn", 10, 1, 28, 0.25),
+                        TrainConfig(epochs=5, device="cpu", progress=False), torch.device("cpu"))
+    model, info = clean_model(ctx, 1, None)
+    saved = load_file(str(path))
+    assert info["source"] == "trained" and saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

@@ -154,6 +154,18 @@ def test_allowlist_is_exactly_the_documented_numpy_globals():
     assert set(ALLOWED_GLOBAL_NAMES) == expected
 
 
+@pytest.mark.parametrize("name", ["inputaware_0_1", "lf_0_1", "trojannn_0_1"])
+def test_records_of_the_learned_trigger_attacks_read_like_any_other(tmp_path, name):
+    """BackdoorBench's inputaware, lf and trojannn write the same v2 record (bd_test as PNGs with
+    [bd_label, original_label]); their learned triggers are already baked into those PNGs."""
+    tree = make_bb_tree(tmp_path / "BackdoorBench", name=name)
+    bundle = load_attack_result(tree["record"])
+    assert bundle.attack["name"] == name and bundle.attack["target_class"] == tree["target"]
+    assert bundle.bd_test.original_indices.tolist() == tree["poisoned"].tolist()
+    expected = np.stack([_trigger(tree["test_x"][i]) for i in tree["poisoned"]])[:, None]
+    assert torch.equal(bundle.bd_test.images, torch.from_numpy(expected))
+
+
 def test_load_record_rebuilds_weights_and_poisoned_test_set(bb):
     bundle = load_attack_result(bb["record"])
     cfg = bundle.model_config

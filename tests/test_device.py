@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from conftest import write_mnist_like
-from otbr_plugin.attacks import runner as attack_runner
+from otbr_plugin.attacks import base as attack_base
 from otbr_plugin.bench import grid as grid_mod
 from otbr_plugin.bench import runner as bench_runner
 from otbr_plugin.bench.grid import load_grid, run_grid, training_changes
@@ -41,7 +41,7 @@ def spies(monkeypatch):
     seen: dict[str, list] = {"train": [], "train_progress": [], "attack": [], "evaluate": [], "defense": [],
                              "context": []}
 
-    real_train = attack_runner.train_classifier
+    real_train = attack_base.train_classifier  # the shared loop behind Attack.train_model
 
     def train(*a, device=None, progress=None, **k):
         seen["train"].append(device)
@@ -73,7 +73,7 @@ def spies(monkeypatch):
         seen["context"].append(ctx.device)
         return ctx
 
-    monkeypatch.setattr(attack_runner, "train_classifier", train)
+    monkeypatch.setattr(attack_base, "train_classifier", train)
     monkeypatch.setattr(grid_mod, "run_attack", attack)
     monkeypatch.setattr(grid_mod, "evaluate_model", evaluate)
     monkeypatch.setattr(bench_runner, "evaluate_model", evaluate)

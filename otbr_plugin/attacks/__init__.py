@@ -1,20 +1,29 @@
-"""Attacks that build backdoored checkpoints: BadNets, Blended, SIG, WaNet.
+"""Attacks that build backdoored checkpoints: BadNets, Blended, SIG, WaNet (fixed triggers) and InputAware, LF,
+TrojanNN (learned triggers).
 
-``create_attack(name, config)`` builds one; ``attack.poison_train(images, labels, K)`` gives the poisoned
-training set (with its poisoned indices) and ``attack.poison_test(images, labels, K)`` the poisoned test set.
-Triggers are pure functions in :mod:`otbr_plugin.attacks.triggers`.
+``create_attack(name, config)`` builds one; ``attack.prepare(context)`` computes a learned trigger from the clean
+training set; ``attack.poison_train(images, labels, K)`` gives the poisoned training set (with its poisoned
+indices) and ``attack.poison_test(images, labels, K)`` the poisoned test set; ``restore_attack(meta, tensors)``
+rebuilds an attack, learned trigger included, from a bundle. Triggers are pure functions in
+:mod:`otbr_plugin.attacks.triggers`.
 """
 
-from .base import LABEL_MODES, Attack, AttackConfig, PoisonedTrainSet, attack_targets, select_poison_indices
-from .registry import create_attack, get_attack, list_attacks, register_attack
-from . import badnets, blended, sig, wanet  # noqa: F401  (registers the attacks)
+from .base import (LABEL_MODES, STATE_PREFIX, Attack, AttackConfig, AttackContext, PoisonedTrainSet, attack_targets,
+                   select_poison_indices)
+from .registry import create_attack, get_attack, list_attacks, register_attack, restore_attack
+from . import badnets, blended, inputaware, lf, sig, trojannn, wanet  # noqa: F401  (registers the attacks)
 from .badnets import BadNets, BadNetsConfig
 from .blended import Blended, BlendedConfig
+from .inputaware import InputAware, InputAwareConfig
+from .lf import LF, LFConfig
 from .sig import SIG, SIGConfig
+from .trojannn import TrojanNN, TrojanNNConfig
 from .wanet import WaNet, WaNetConfig
 
 __all__ = [
-    "Attack", "AttackConfig", "PoisonedTrainSet", "attack_targets", "select_poison_indices", "LABEL_MODES",
-    "register_attack", "get_attack", "create_attack", "list_attacks",
+    "Attack", "AttackConfig", "AttackContext", "PoisonedTrainSet", "attack_targets", "select_poison_indices",
+    "LABEL_MODES", "STATE_PREFIX",
+    "register_attack", "get_attack", "create_attack", "list_attacks", "restore_attack",
     "BadNets", "BadNetsConfig", "Blended", "BlendedConfig", "SIG", "SIGConfig", "WaNet", "WaNetConfig",
+    "InputAware", "InputAwareConfig", "LF", "LFConfig", "TrojanNN", "TrojanNNConfig",
 ]

@@ -8,6 +8,17 @@ its trigger parameters, validated on construction) and two methods the harness u
 * :meth:`Attack.poison_test` -> :class:`~otbr_plugin.data.PoisonedTestSet` (every test sample whose true
   label differs from its attack target, trigger applied, true labels and indices kept).
 
+Attacks whose trigger is *learned* (LF, TrojanNN: from a clean model; InputAware: generators trained with the
+classifier) also implement the optional hooks, all no-ops for the fixed-trigger attacks:
+
+* :meth:`Attack.prepare` computes the trigger from the clean training set before poisoning;
+* :meth:`Attack.initial_state` gives the weights training starts from (TrojanNN retrains its clean model);
+* :meth:`Attack.train_model` trains the classifier (InputAware trains its trigger generator along with it;
+  such an attack sets ``dynamic = True`` so the harness rebuilds the poisoned sets after training);
+* :meth:`Attack.state_tensors` / :meth:`Attack.load_state` hold everything needed to rebuild the trigger
+  (stored in the bundle's ``extra.safetensors`` under ``attack.``), so a bundle's poisoned samples can be
+  recomputed without pickle.
+
 Poison-index selection follows BackdoorBench (``utils/aggregate_block/bd_attack_generate`` +
 ``generate_single_target_attack_train_poison_index``): ``round(poison_ratio * N)`` indices drawn without
 replacement, for dirty-label all2one attacks from *all* training samples (BackdoorBench deliberately does not
@@ -22,17 +33,23 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Literal, Mapping, TypeVar
 
 import torch
+from torch import nn
 
 from ..config import dataclass_from_dict
 from ..data.poisoned import PoisonedTestSet
+from ..data.specs import DatasetSpec
+from ..models import ModelConfig
+from ..train import TrainConfig, TrainHistory, train_classifier
 from .triggers import check_images
 
 __all__ = [
     "AttackConfig",
     "Attack",
+    "AttackContext",
+    "STATE_PREFIX",
     "PoisonedTrainSet",
     "attack_targets",
     "select_poison_indices",
@@ -40,6 +57,7 @@ __all__ = [
 ]
 
 LABEL_MODES = ("all2one", "all2all")
+STATE_PREFIX = "attack."  # key prefix of an attack's state tensors in a bundle's extra.safetensors
 C = TypeVar("C", bound="AttackConfig")
 
 
@@ -125,6 +143,21 @@ class PoisonedTrainSet:
         return self.poison_count / max(1, len(self))
 
 
+@dataclass
+class AttackContext:
+    """What an attack with a learned trigger may use: the *clean training set* (uint8 images, int64 labels),
+    the dataset spec, the model it attacks, the run's training settings and where/how to run. Never test data."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    spec: DatasetSpec
+    model_config: ModelConfig
+    train: TrainConfig
+    device: torch.device
+    progress: bool = False
+    log: Callable[[str], None] = lambda message: None
+
+
 def attack_targets(labels: torch.Tensor, label_mode: str, target_class: int, num_classes: int) -> torch.Tensor:
     """The label an attack wants for each true label: all2one -> ``target_class``; all2all -> (y + 1) % K."""
     if label_mode == "all2one":
@@ -156,6 +189,7 @@ class Attack(ABC):
     config_cls: ClassVar[type[AttackConfig]] = AttackConfig
     clean_label: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    dynamic: ClassVar[bool] = False  # the trigger changes while the classifier trains (InputAware)
 
     def __init__(self, config: AttackConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
         if config is None:
@@ -168,6 +202,7 @@ class Attack(ABC):
             raise TypeError(f"{type(self).__name__} expects a {self.config_cls.__name__} or a mapping, "
                             f"got {type(config).__name__}")
         self.config = cfg
+        self.info: dict[str, Any] = {}  # facts from prepare()/training, for meta.json (JSON values only)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -180,6 +215,29 @@ class Attack(ABC):
     def poison_train_images(self, images: torch.Tensor) -> torch.Tensor:
         """The trigger used on training samples (the test-time trigger unless an attack differs)."""
         return self.apply_trigger(images)
+
+    # -- learned triggers (no-ops for fixed triggers) -----------------------------------------------------
+    def prepare(self, context: AttackContext) -> None:
+        """Compute whatever the trigger needs from the clean training set (before poisoning)."""
+
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        """The classifier weights training starts from (None: a fresh, seeded initialisation)."""
+        return None
+
+    def train_model(self, model: nn.Module, poisoned: PoisonedTrainSet, context: AttackContext,
+                    eval_fn: Callable[[nn.Module], dict] | None = None) -> TrainHistory:
+        """Train ``model`` in place on the poisoned training set (the shared loop unless an attack differs)."""
+        return train_classifier(model, poisoned.images, poisoned.labels, context.spec, context.train,
+                                eval_fn=eval_fn, device=context.device, progress=context.progress)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that rebuild the trigger (without the ``attack.`` prefix); empty for fixed triggers."""
+        return {}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore the trigger from :meth:`state_tensors`' output."""
+        if tensors:
+            raise ValueError(f"{self.name} has a fixed trigger and takes no state tensors, got {', '.join(tensors)}")
 
     # -- labels and indices ------------------------------------------------------------------------------
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -23,8 +23,8 @@ from ..data import Normalizer, get_dataset_spec, load_dataset
 from ..metrics import accuracy, evaluate_backdoor, predict
 from ..models import ModelConfig, list_models, model_options
 from ..runtime import resolve_device
-from ..train import TrainConfig, train_classifier
-from .base import Attack
+from ..train import TrainConfig
+from .base import STATE_PREFIX, Attack, AttackContext
 from .registry import create_attack
 
 __all__ = ["ModelSection", "AttackRun", "parse_attack_run", "run_attack", "RUN_SECTIONS"]
@@ -123,7 +123,9 @@ def parse_attack_run(config: Mapping[str, Any]) -> AttackRun:
 def run_attack(run: AttackRun, data_root: str | Path | None = None,
                log: Callable[[str], None] = print, *, device: torch.device | None = None,
                progress: bool | None = None) -> Bundle:
-    """Poison the training set, train the model, evaluate ACC/ASR/RA and return the bundle (not yet saved).
+    """Compute a learned trigger (``attack.prepare``: clean training set only), poison the training set, train
+    the model (``attack.train_model``), evaluate ACC/ASR/RA and return the bundle (not yet saved). A learned
+    trigger's tensors go into the bundle's extra tensors under ``attack.``; ``minutes`` include its search.
 
     The per-epoch ACC/ASR/RA in the training curve are reported only; nothing is chosen from them. The curve
     also holds ``poison_train_fit`` (share of poisoned training samples predicted as their training label),
@@ -140,27 +142,37 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
     test = load_dataset(run.dataset, "test", data_root)
     spec = train.spec
     attack = run.attack
+    device = resolve_device(run.train.device) if device is None else device
+    show = run.train.progress if progress is None else progress
+    model_config = run.model_config()
+    context = AttackContext(images=train.images, labels=train.labels, spec=spec, model_config=model_config,
+                            train=run.train, device=device, progress=show, log=log)
+    attack.prepare(context)  # learned triggers (LF, TrojanNN, InputAware); nothing for fixed ones
     poisoned = attack.poison_train(train.images, train.labels, spec.num_classes)
     bd_test = attack.poison_test(test.images, test.labels, spec.num_classes)
     log(f"{attack.name}: poisoned {poisoned.poison_count} of {len(poisoned)} training samples "
         f"(ratio {poisoned.realized_ratio:.4f}"
-        + (f", {poisoned.cross_indices.numel()} noise-mode samples" if poisoned.cross_indices.numel() else "")
+        + (f", {poisoned.cross_indices.numel()} noise-mode/cross samples" if poisoned.cross_indices.numel() else "")
         + f"); poisoned test set: {len(bd_test)} samples")
 
-    device = resolve_device(run.train.device) if device is None else device
-    model_config = run.model_config()
     torch.manual_seed(run.train.seed)  # weight init is part of "same seed, same result"
     model = model_config.build()
+    init = attack.initial_state()
+    if init is not None:
+        model.load_state_dict(init, strict=True)
     normalizer = Normalizer.for_dataset(spec)
 
     fit_idx = poisoned.poison_indices
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        metrics = evaluate_backdoor(m, test.images, test.labels, bd_test.images, bd_test.targets,
-                                    bd_test.original_labels, normalizer, device=device).to_dict()
+        # a dynamic attack's trigger changes while the model trains: rebuild its poisoned samples each time
+        bd = attack.poison_test(test.images, test.labels, spec.num_classes) if attack.dynamic else bd_test
+        metrics = evaluate_backdoor(m, test.images, test.labels, bd.images, bd.targets,
+                                    bd.original_labels, normalizer, device=device).to_dict()
         # training behaviour (the only thing a config may be adjusted on): how well the model fits its
         # poisoned training samples, without augmentation
-        preds = predict(m, poisoned.images[fit_idx], normalizer, device=device)
+        fit_images = attack.poison_train_images(train.images[fit_idx]) if attack.dynamic else poisoned.images[fit_idx]
+        preds = predict(m, fit_images, normalizer, device=device)
         metrics["poison_train_fit"] = accuracy(preds, poisoned.labels[fit_idx])
         return metrics
 
@@ -172,8 +184,10 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
 
     log(f"training {model_config.name} (width {model_config.width}) on poisoned {spec.name}: "
         f"{run.train.epochs} epoch(s), device {device}")
-    history = train_classifier(model, poisoned.images, poisoned.labels, spec, run.train, eval_fn=eval_and_log,
-                               device=device, progress=progress)
+    history = attack.train_model(model, poisoned, context, eval_fn=eval_and_log)
+    if attack.dynamic:  # the final trigger
+        poisoned = attack.poison_train(train.images, train.labels, spec.num_classes)
+        bd_test = attack.poison_test(test.images, test.labels, spec.num_classes)
     final = history.epochs[-1]
     metrics = {"acc": final["acc"], "asr": final["asr"], "ra": final["ra"]}
     minutes = (time.perf_counter() - start) / 60.0
@@ -194,6 +208,14 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
     if poisoned.cross_indices.numel():
         tensors["cross_indices"] = poisoned.cross_indices.clone()
         attack_meta["cross_indices"] = "extra.safetensors:cross_indices"
+    state = attack.state_tensors()
+    if state:  # what rebuilds a learned trigger (restore_attack reads it back)
+        tensors.update({STATE_PREFIX + k: v.detach().cpu().clone() for k, v in state.items()})
+        attack_meta["state"] = f"extra.safetensors:{STATE_PREFIX}*"
+    if attack.info:
+        attack_meta["trigger_search"] = attack.info
+    if init is not None:
+        attack_meta["initialized_from"] = "clean model of the trigger search"
     return Bundle(
         model_config=model_config,
         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},

@@ -16,6 +16,17 @@ The triggers follow the original papers with BackdoorBench's default settings:
 * WaNet (Nguyen & Tran 2021): ``x' = grid_sample(x, clip((I + s P / H) * rescale, -1, 1))`` with the identity
   grid ``I`` and a smooth field ``P`` (``k x k`` uniform noise in [-1, 1], normalised by its mean absolute
   value, bicubically upsampled); the noise mode adds per-sample random offsets in ``[-1, 1] / H``.
+
+Learned triggers (their search lives in the attack modules; applying them is here):
+
+* LF (Zeng et al. 2021): ``x' = clip(x + 255 * delta)`` with ``delta`` a float (C, H, W) perturbation on the
+  [0, 1] scale whose 2-d DFT is zero outside the low-frequency window ``|f_y|, |f_x| <= max_frequency``
+  (:func:`lowpass`), scaled into the L-inf ball of radius ``epsilon`` (:func:`scale_into_linf`).
+* TrojanNN (Liu et al. 2018): ``x' = x (1 - m) + 255 * p m`` with a binary mask ``m`` (H, W) and a pattern
+  ``p`` (C, H, W) in [0, 1] (:func:`stamp`).
+* InputAware (Nguyen & Tran 2020): ``x' = x + (g(x) - x) * m(x)`` with a per-image pattern ``g(x)`` and
+  soft mask ``m(x)`` in [0, 1] from two generators (:func:`mix`, on float images in [0, 1]); the
+  generators are trained with :func:`diversity_loss` and :func:`mask_norm_loss`.
 """
 
 from __future__ import annotations
@@ -42,6 +53,15 @@ __all__ = [
     "wanet_grid",
     "cross_grids",
     "warp",
+    "frequency_window",
+    "lowpass",
+    "scale_into_linf",
+    "apply_additive",
+    "stamp",
+    "mix",
+    "soft_threshold",
+    "diversity_loss",
+    "mask_norm_loss",
 ]
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
@@ -208,3 +228,101 @@ def warp(images: torch.Tensor, grid: torch.Tensor, batch_size: int = 1024) -> to
         out[start : start + batch_size] = to_uint8(F.grid_sample(x, g, mode="bilinear", padding_mode="zeros",
                                                                  align_corners=True))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LF: low-frequency additive perturbation
+# ----------------------------------------------------------------------------------------------------------
+def frequency_window(height: int, width: int, max_frequency: int) -> torch.Tensor:
+    """Boolean (H, W) mask over the (unshifted) 2-d DFT: True where ``|f_y| <= max_frequency`` and
+    ``|f_x| <= max_frequency`` (f in cycles per image, signed as ``torch.fft.fftfreq``). The window is symmetric,
+    so a real signal filtered with it stays real."""
+    if isinstance(max_frequency, bool) or not isinstance(max_frequency, int) or max_frequency < 0:
+        raise ValueError(f"max_frequency must be a non-negative integer, got {max_frequency!r}")
+    if 2 * max_frequency >= min(height, width):
+        raise ValueError(f"max_frequency {max_frequency} must be below half the image size "
+                         f"({min(height, width)} px); it would keep every frequency")
+    fy = (torch.fft.fftfreq(height) * height).round().abs()
+    fx = (torch.fft.fftfreq(width) * width).round().abs()
+    return (fy[:, None] <= max_frequency) & (fx[None, :] <= max_frequency)
+
+
+def lowpass(signal: torch.Tensor, max_frequency: int) -> torch.Tensor:
+    """Ideal low-pass filter over the last two dimensions: zero every DFT coefficient outside
+    :func:`frequency_window` and transform back (real part; float32, on the input's device; not differentiable)."""
+    if signal.dim() < 2:
+        raise ValueError(f"lowpass needs (..., H, W), got shape {tuple(signal.shape)}")
+    h, w = signal.shape[-2:]
+    window = frequency_window(h, w, max_frequency)
+    spectrum = torch.fft.fft2(signal.detach().cpu().double())  # float64 on the CPU: exact and device-independent
+    return torch.fft.ifft2(spectrum * window).real.float().to(signal.device)
+
+
+def scale_into_linf(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``delta`` scaled down (never up) so that ``max |delta| <= epsilon``. Scaling, unlike clipping, keeps a
+    band-limited perturbation band-limited."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    peak = float(delta.abs().max()) if delta.numel() else 0.0
+    return delta * (epsilon / peak) if peak > epsilon else delta.clone()
+
+
+def apply_additive(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``clip(round(x + 255 * delta))``: add a float (C, H, W) perturbation on the [0, 1] scale to uint8 images."""
+    check_images(images)
+    if delta.dim() != 3 or tuple(delta.shape) != tuple(images.shape[1:]):
+        raise ValueError(f"perturbation must have shape {tuple(images.shape[1:])} (C, H, W), got {tuple(delta.shape)}")
+    return to_uint8(images.float() + 255.0 * delta.to(images.device, torch.float32).unsqueeze(0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TrojanNN: a pattern stamped into a mask region
+# ----------------------------------------------------------------------------------------------------------
+def stamp(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replace the pixels under the boolean (H, W) ``mask`` by ``round(255 * pattern)`` (pattern float (C, H, W)
+    in [0, 1]); pixels outside the mask are unchanged."""
+    check_images(images)
+    c, h, w = images.shape[1:]
+    if mask.dtype != torch.bool or tuple(mask.shape) != (h, w):
+        raise ValueError(f"mask must be a boolean ({h}, {w}) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if pattern.dim() != 3 or tuple(pattern.shape) != (c, h, w):
+        raise ValueError(f"pattern must have shape ({c}, {h}, {w}), got {tuple(pattern.shape)}")
+    if pattern.numel() and (float(pattern.min()) < 0 or float(pattern.max()) > 1):
+        raise ValueError("pattern values must lie in [0, 1]")
+    values = to_uint8(255.0 * pattern.to(images.device, torch.float32))
+    out = images.clone()
+    m = mask.to(images.device)
+    out[:, :, m] = values[:, m].unsqueeze(0).expand(images.shape[0], -1, -1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# InputAware: generated pattern and mask
+# ----------------------------------------------------------------------------------------------------------
+def mix(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x + (pattern - x) * mask`` on float images in [0, 1] (differentiable; mask broadcasts over channels)."""
+    return x + (pattern - x) * mask
+
+
+def soft_threshold(raw: torch.Tensor) -> torch.Tensor:
+    """The InputAware mask nonlinearity: ``(1 + tanh(20 raw - 10)) / 2``, nearly binary around raw = 0.5."""
+    return 0.5 * (1.0 + torch.tanh(20.0 * raw - 10.0))
+
+
+def _rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+
+
+def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor,
+                   eps: float = 1e-7) -> torch.Tensor:
+    """Mean over pairs of ``d(x1, x2) / (d(out1, out2) + eps)`` (d: per-sample root-mean-square distance):
+    small when different inputs get different generator outputs (the paper's diversity loss)."""
+    if x1.shape != x2.shape or out1.shape != out2.shape or x1.shape[0] != out1.shape[0]:
+        raise ValueError("diversity_loss needs pairs of equal shape: inputs "
+                         f"{tuple(x1.shape)}/{tuple(x2.shape)}, outputs {tuple(out1.shape)}/{tuple(out2.shape)}")
+    return (_rms_distance(x1, x2) / (_rms_distance(out1, out2) + eps)).mean()
+
+
+def mask_norm_loss(mask: torch.Tensor, density: float) -> torch.Tensor:
+    """``mean(relu(mask - density))``: pushes mask values (and so the mask's area) below ``density``."""
+    return F.relu(mask - density).mean()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from benchmark_adapters.bundle import Bundle
-from ..attacks import get_attack
+from ..attacks import restore_attack
 from ..data import ImageDataset, PoisonedTestSet, load_dataset, to_float
 from ..data.specs import get_dataset_spec
 from ..defenses.base import StageTimer, build_context
@@ -129,14 +129,12 @@ def poisoned_training_samples(bundle: Bundle, train: ImageDataset | None, limit:
                              "poison unlearning skipped: the checkpoint records no poisoned training indices "
                              "(extra.safetensors:poison_indices)")
     try:
-        cls = get_attack(name)
+        attack = restore_attack(bundle.attack, bundle.tensors)  # a learned trigger comes from the bundle's state
     except ValueError as err:
         return UnlearningSet(None, None, "attack rebuild", f"poison unlearning skipped: {err}")
     if train is None:
         return UnlearningSet(None, None, "attack rebuild",
                              "poison unlearning skipped: the training split was not found")
-    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
-    attack = cls({k: v for k, v in bundle.attack.items() if k in fields})
     idx = idx.long()
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(train)):
         raise ValueError(f"poisoned indices of {bundle.path} lie outside the training split ({len(train)} samples)")

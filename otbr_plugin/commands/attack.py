@@ -10,7 +10,7 @@ from ..config import apply_overrides, find_config_file, load_yaml, parse_overrid
 from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """config sections (see configs/attack/<attack>/<dataset>.yaml):
-  attack:  name (badnets, blended, sig, wanet) and its parameters (target_class, label_mode, poison_ratio, seed, ...)
+  attack:  name (badnets, blended, sig, wanet, inputaware, lf, trojannn) and its parameters (target_class, label_mode, poison_ratio, seed, ...)
   dataset: fashion_mnist, cifar10, ...
   model:   {name: preactresnet18, width: 0.25}
   train:   TrainConfig fields (epochs, batch_size, lr, momentum, weight_decay, seed, device, bf16, ...)
@@ -20,6 +20,8 @@ examples:
   otbr-bench attack configs/attack/blended/fashion_mnist.yaml --out runs/blended --set train.epochs=2 \\
       --set attack.alpha=0.15
   otbr-bench attack configs/attack/wanet/cifar10.yaml --out runs/wanet --data-root data --device auto --overwrite
+  otbr-bench train --epochs 2 --save runs/clean.safetensors
+  otbr-bench attack configs/attack/lf/fashion_mnist.yaml --out runs/lf --set attack.clean_model=runs/clean.safetensors
 """
 
 

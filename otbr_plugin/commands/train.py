@@ -17,6 +17,7 @@ from . import add_run_arguments, formatter, run_settings
 EPILOG = """examples:
   otbr-bench train --dataset fashion_mnist --model preactresnet18 --width 0.25 --epochs 1
   otbr-bench train --dataset fashion_mnist --model smallcnn --epochs 2 --train-subset 10000 --device cpu
+  otbr-bench train --epochs 2 --save runs/clean.safetensors   # a clean model for LF / TrojanNN (attack.clean_model)
 """
 
 
@@ -36,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--save", default=None, metavar="FILE",
+                   help="write the trained weights as a safetensors state_dict (e.g. for attack.clean_model)")
     add_run_arguments(p)
     p.set_defaults(func=run)
 
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_subset:
         train = train.subset(torch.arange(min(args.train_subset, len(train))))
     spec = train.spec
+    torch.manual_seed(args.seed)  # weight init is part of "same seed, same result"
     model = create_model(args.model, spec.num_classes, spec.in_channels, spec.image_size, args.width,
                          **parse_overrides(args.model_args))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=str(device),
@@ -60,4 +64,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"train loss {hist.epochs[-1]['loss']:.4f}, train acc {hist.epochs[-1]['train_acc']:.4f}, "
           f"{time.perf_counter() - start:.1f} s")
     print(f"test accuracy: {acc * 100:.2f}% on {len(test)} {spec.name} test images")
+    if args.save:
+        from safetensors.torch import save_file
+
+        from ..io import write_with
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        write_with(args.save, lambda tmp: save_file(state, str(tmp)))
+        print(f"weights written to {args.save}")
     return 0
