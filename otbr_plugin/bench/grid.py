@@ -303,7 +303,9 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
                               _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
     reasons = []
-    changed = _changed_keys(_plain(record.defense_config), defense["config"])
+    defaults = _plain(declared_values(grid.defense_class(label).config_class))  # options added since: not a change
+    changed = _changed_keys(_plain(record.defense_config),
+                            _without_new_defaults(_plain(record.defense_config), defense["config"], defaults))
     if changed or (record.defense_name or record.defense) != defense["name"]:
         reasons.append("the defense config changed" + (" (" + "; ".join(changed[:5]) + ")" if changed else ""))
     if record.attack_config is not None:
