@@ -186,6 +186,11 @@ def _without_new_defaults(old: Any, new: Any, defaults: Mapping[str, Any]) -> An
     return {k: v for k, v in new.items() if k in old or k not in defaults or v != defaults[k]}
 
 
+def _defense_defaults(grid: GridSpec, label: str) -> dict[str, Any]:
+    """The declared defaults of the config class of the defense behind ``label``."""
+    return _plain(declared_values(grid.defense_class(label).config_class))
+
+
 def _train_defaults() -> dict[str, Any]:
     from ..train import TrainConfig
 
@@ -236,7 +241,7 @@ def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str,
     after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`)."""
     defense = _defense_fingerprint_config(grid, label)
     if since is not None:
-        defaults = _plain(declared_values(grid.defense_class(label).config_class))
+        defaults = _defense_defaults(grid, label)
         defense = {**defense, "config": _without_new_defaults(_plain(since.defense_config), defense["config"], defaults)}
         old = since.attack_config
         if isinstance(old, Mapping) and isinstance(attack_cfg.get("train"), Mapping):
@@ -288,7 +293,7 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
         # fields the config class gained after the record was written match when the grid leaves them at
         # their declared defaults (the record's run had no such option)
-        defaults = _plain(declared_values(grid.defense_class(label).config_class))
+        defaults = _defense_defaults(grid, label)
         asked = _plain(dict(grid.defenses[label] or {}))
         current = {k: v for k, v in defense["config"].items()
                    if k in record.defense_config or k not in defaults or asked.get(k, defaults[k]) != defaults[k]}
@@ -303,7 +308,7 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
                               _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
     reasons = []
-    defaults = _plain(declared_values(grid.defense_class(label).config_class))  # options added since: not a change
+    defaults = _defense_defaults(grid, label)  # options added since: not a change
     changed = _changed_keys(_plain(record.defense_config),
                             _without_new_defaults(_plain(record.defense_config), defense["config"], defaults))
     if changed or (record.defense_name or record.defense) != defense["name"]:
