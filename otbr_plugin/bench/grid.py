@@ -28,7 +28,7 @@ from ..data import load_dataset
 from ..defenses import get_defense
 from ..io import file_lock, folder_lock, json_default
 from ..runtime import RunSettings, resolve_device
-from .records import RunRecord, read_record, record_filename, run_fingerprint, write_record
+from .records import RunRecord, read_record, run_fingerprint, write_record
 from .runner import evaluate_model, run_defense
 from .slurm import SlurmOptions
 
@@ -396,61 +396,50 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
 
 def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
               log: Callable[[str], None]) -> list[CellResult]:
+    from .jobs import cell_record_path, plan_tasks  # jobs builds on this module
+
     progress, device = settings.progress, settings.device
-    records_dir = out / "records"
-    cells = [(a, d, s) for s in grid.seeds for a in grid.attacks for d in grid.defenses]
-    model_name = {a: parse_attack_run(c).model.name for a, c in grid.attacks.items()}
-    results: list[CellResult] = []
+    plan = plan_tasks(grid, out, bundles, device, log)  # the skip rules of every executor
+    results: list[CellResult] = list(plan.skipped)
+    todo: dict[tuple[str, int], list[str]] = {}
+    for task in plan.cells:
+        todo.setdefault((task.attack, task.seed), []).append(task.defense)
     clean_test = None
     # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) counts the backdoored
     # models still to train apart from the defense cells, so one long training does not inflate every cell.
-    left = [(a, s) for a, d, s in cells
-            if not _record_ok(records_dir / record_filename(grid.dataset, model_name[a], a, d, s))]
-    eta = _Eta(cells_left=len(left), trainings_left=sum(not (bundles / f"{a}-seed{s}").exists() for a, s in set(left)))
-    bar = tqdm(total=len(cells), initial=len(cells) - len(left), desc=f"grid {grid.name}", unit="cell",
+    total = len(grid.seeds) * len(grid.attacks) * len(grid.defenses)
+    eta = _Eta(cells_left=len(plan.cells), trainings_left=sum(t.kind == "train" for t in plan.tasks))
+    bar = tqdm(total=total, initial=total - len(plan.cells), desc=f"grid {grid.name}", unit="cell",
                disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-    for seed in grid.seeds:
-        for attack in grid.attacks:
-            attack_cfg = _attack_fingerprint_config(grid, attack, seed)
-            cached = _cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device)
-            todo = []
-            for defense in grid.defenses:
-                path = records_dir / record_filename(grid.dataset, model_name[attack], attack, defense, seed)
-                if path.exists():
-                    reason = stale_reason(grid, path, attack_cfg, defense, cached)
-                    if reason is None:
-                        results.append(CellResult(attack, defense, seed, "skipped"))
-                        continue
-                    log(f"{attack}/{defense}/seed{seed}: running again, {reason}")
-                todo.append((defense, path))
-            if not todo:
-                continue
-            bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
-            t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
-            try:
-                bundle = _bundle_for(grid, attack, seed, bundles, log, settings)
-                if clean_test is None:
-                    clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-                before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
-                if not had_bundle:
-                    eta.training_done(time.perf_counter() - t0)
-            except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-                if not had_bundle:
-                    eta.training_done(None)
-                for defense, path in todo:
-                    results.append(_fail(grid, attack, defense, seed, path, None, err, log))
-                    eta.cell_done(None)
-                    bar.update(1)
-                continue
-            for defense, path in todo:
-                bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
-                t0 = time.perf_counter()
-                results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
-                                        device, log))
-                eta.cell_done(time.perf_counter() - t0)
-                bar.set_postfix_str(str(eta), refresh=False)
+    for (attack, seed), defenses in todo.items():
+        attack_cfg = _attack_fingerprint_config(grid, attack, seed)
+        paths = {d: cell_record_path(grid, out, attack, d, seed) for d in defenses}
+        bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
+        t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
+        try:
+            bundle = _bundle_for(grid, attack, seed, bundles, log, settings)
+            if clean_test is None:
+                clean_test = load_dataset(grid.dataset, "test", grid.data_root)
+            before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
+            if not had_bundle:
+                eta.training_done(time.perf_counter() - t0)
+        except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+            if not had_bundle:
+                eta.training_done(None)
+            for defense, path in paths.items():
+                results.append(_fail(grid, attack, defense, seed, path, None, err, log))
+                eta.cell_done(None)
                 bar.update(1)
-            _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
+            continue
+        for defense, path in paths.items():
+            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
+            t0 = time.perf_counter()
+            results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
+                                    device, log))
+            eta.cell_done(time.perf_counter() - t0)
+            bar.set_postfix_str(str(eta), refresh=False)
+            bar.update(1)
+        _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
     bar.close()
     return results
 
@@ -512,13 +501,6 @@ class _Eta:
     def __str__(self) -> str:
         left = self.seconds()
         return "ETA ?" if left is None else f"ETA {tqdm.format_interval(left)}"
-
-
-def _record_ok(path: Path) -> bool:
-    try:
-        return path.exists() and read_record(path).status == "ok"
-    except ValueError:
-        return False
 
 
 def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,
