@@ -43,6 +43,7 @@ from torch import nn
 
 from ..otbr.auto import auto_gamma, auto_lam
 from ..otbr.fusion import trace_links
+from ..otbr.meanshift import compensate_means
 from ..otbr.pipeline import FusionOptions, prune_and_fuse
 from ..otbr.pruning import nwc_table, pruned_per_layer
 from ..otbr.repair import agreement, bn_inversion, distill, recalibrate_bn
@@ -77,7 +78,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "unlearn_bn": ("train", "eval"),
     "prune_rounding": ("robust", "truncate"),
     "ranking": ("global", "layer"),
-    "repair": ("none", "distill", "bn_recal"),
+    "repair": ("none", "distill", "bn_recal", "mean", "moments"),
     "repair_guide": ("none", "original", "defended"),
 }
 
@@ -109,8 +110,9 @@ class OTBRConfig(DefenseConfig):
     target_mass: Literal["nwc", "uniform"] = "nwc"
     solver: Literal["emd", "sinkhorn"] = "emd"
     sinkhorn_reg: float = 0.01
-    # data-free repair after fusion (beyond the paper; docs/otbr.md): none | distill | bn_recal
-    repair: Literal["none", "distill", "bn_recal"] = "none"
+    # data-free repair after fusion (beyond the paper; docs/otbr.md): none | distill | bn_recal (surrogate images)
+    # | mean | moments (BN statistics shifted analytically by what pruning/fusion removed; no images)
+    repair: Literal["none", "distill", "bn_recal", "mean", "moments"] = "none"
     repair_images: int = 256
     repair_inversion_steps: int = 100
     repair_inversion_lr: float = 0.1
@@ -307,7 +309,12 @@ class OTBRDefense(Defense):
             masks, fusion, start = result.masks, result.fusion, result.start
             defended = result.model
         repair_info: dict[str, Any] = {"mode": cfg.repair}
-        if cfg.repair != "none":
+        if cfg.repair in ("mean", "moments"):
+            with timer("repair"):
+                defended, shifts = compensate_means(original, defended, variance=cfg.repair == "moments")
+            repair_info["batch_norms_moved"] = len(shifts)
+            repair_info["largest_mean_shift"] = max(shifts.values(), default=0.0)
+        elif cfg.repair != "none":
             progress = context.progress_bar if context.progress else None
             with timer("repair_synthesis"):
                 guide = {"none": None, "original": original, "defended": defended}[cfg.repair_guide]
