@@ -78,7 +78,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "unlearn_bn": ("train", "eval"),
     "prune_rounding": ("robust", "truncate"),
     "ranking": ("global", "layer"),
-    "repair": ("none", "distill", "bn_recal", "mean", "moments"),
+    "repair": ("none", "distill", "bn_recal", "mean"),
     "repair_guide": ("none", "original", "defended"),
 }
 
@@ -111,8 +111,8 @@ class OTBRConfig(DefenseConfig):
     solver: Literal["emd", "sinkhorn"] = "emd"
     sinkhorn_reg: float = 0.01
     # data-free repair after fusion (beyond the paper; docs/otbr.md): none | distill | bn_recal (surrogate images)
-    # | mean | moments (BN statistics shifted analytically by what pruning/fusion removed; no images)
-    repair: Literal["none", "distill", "bn_recal", "mean", "moments"] = "none"
+    # | mean (BN running means shifted analytically by what pruning/fusion removed; no images)
+    repair: Literal["none", "distill", "bn_recal", "mean"] = "none"
     repair_images: int = 256
     repair_inversion_steps: int = 100
     repair_inversion_lr: float = 0.1
@@ -309,9 +309,9 @@ class OTBRDefense(Defense):
             masks, fusion, start = result.masks, result.fusion, result.start
             defended = result.model
         repair_info: dict[str, Any] = {"mode": cfg.repair}
-        if cfg.repair in ("mean", "moments"):
+        if cfg.repair == "mean":
             with timer("repair"):
-                defended, shifts = compensate_means(original, defended, variance=cfg.repair == "moments")
+                defended, shifts = compensate_means(original, defended)
             repair_info["batch_norms_moved"] = len(shifts)
             repair_info["largest_mean_shift"] = max(shifts.values(), default=0.0)
         elif cfg.repair != "none":

@@ -119,20 +119,23 @@ def compensate_means(original: nn.Module, defended: nn.Module, variance: bool = 
                      ) -> tuple[nn.Module, dict[str, float]]:
     """A copy of ``defended`` whose batch norms' running means absorb the change in their inputs' expected value
     caused by the defense (estimated from each model's weights and batch-norm parameters); returns it and, per
-    batch norm moved, the largest shift. Models of the same architecture; no data is used."""
+    batch norm moved, the largest shift. A batch norm whose running mean the defense already changed (OTBR
+    transports the statistics attached to a fused layer) is left alone. Models of the same architecture; no data
+    is used."""
     repaired = copy.deepcopy(defended)
     graph = trace(repaired, "mean compensation follows the graph").graph
     before = expected_conv_outputs(original, graph)
     after = expected_conv_outputs(repaired, graph)
     modules = dict(repaired.named_modules())
+    kept = dict(original.named_modules())
     shifts: dict[str, float] = {}
     with torch.no_grad():
         for node in graph.nodes:
             if node.op != "call_module" or not isinstance(modules[node.target], _BN):
                 continue
             bn = modules[node.target]
-            if bn.running_mean is None:
-                continue
+            if bn.running_mean is None or not torch.equal(bn.running_mean, kept[node.target].running_mean):
+                continue  # statistics the defense rewrote itself (OTBR's transported BNs) are left as they are
             delta = torch.zeros(bn.num_features, dtype=torch.float64)
             sources = [s for s in _linear_sources(node.args[0], modules)
                        if s in before and s in after and before[s][0].numel() == bn.num_features]
