@@ -43,6 +43,21 @@ def train_split_eval_sets(bundle, n: int, seed: int = 123):
     return (train.images[clean_idx], train.labels[clean_idx]), (bd_images, train.labels[bd_idx], target)
 
 
+def random_unlearning_scores(bundle, model):
+    """OTBR's paper-default random unlearning (seed 0) on ``model``: (target layers, NWC scores per layer)."""
+    from otbr_plugin.data import get_dataset_spec
+    from otbr_plugin.otbr.unlearning import target_layer_names
+
+    spec = get_dataset_spec(bundle.dataset)
+    defense = get_defense("otbr")({})
+    ctx = build_context(defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
+                        normalizer=bundle.normalizer, device=torch.device("cpu"), seed=0, progress=False,
+                        dataset=spec.name)
+    layers = target_layer_names(model)
+    nwc, _, _ = defense.random_nwc(model, ctx, layers)
+    return layers, defense.config.scores(nwc, model, layers)
+
+
 def score(model, clean, bd, normalizer):
     acc = float((predict(model, clean[0], normalizer, device=torch.device("cpu")) == clean[1]).float().mean())
     pred = predict(model, bd[0], normalizer, device=torch.device("cpu"))

@@ -16,13 +16,9 @@ import json
 import torch
 
 from benchmark_adapters.bundle import load_bundle
-from otbr_plugin.data import get_dataset_spec
-from otbr_plugin.defenses import get_defense
-from otbr_plugin.defenses.base import build_context
 from otbr_plugin.otbr.meanshift import compensate_means, expected_conv_outputs
 from otbr_plugin.otbr.pipeline import FusionOptions, prune_and_fuse
-from otbr_plugin.otbr.unlearning import target_layer_names
-from otbr_dev_eval import score, train_split_eval_sets
+from otbr_dev_eval import random_unlearning_scores, score, train_split_eval_sets
 
 SETTINGS = [("layer", 0.05, 0.5), ("global", 0.05, 0.5), ("global", 0.1, 1.0), ("layer", 0.05, 1.0),
             ("global", 0.1, 0.5)]
@@ -44,14 +40,7 @@ def main() -> None:
                               "mean_abs_error": round(float((mean - measured).abs().mean()), 4),
                               "mean_abs": round(float(measured.abs().mean()), 4)}))
     clean, bd = train_split_eval_sets(bundle, args.n)
-    spec = get_dataset_spec(bundle.dataset)
-    defense = get_defense("otbr")({})
-    ctx = build_context(defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
-                        normalizer=bundle.normalizer, device=torch.device("cpu"), seed=0, progress=False,
-                        dataset=spec.name)
-    layers = target_layer_names(model)
-    nwc, _, _ = defense.random_nwc(model, ctx, layers)
-    scores = defense.config.scores(nwc, model, layers)
+    layers, scores = random_unlearning_scores(bundle, model)
     print(json.dumps({"bundle": args.bundle, "none": score(model, clean, bd, bundle.normalizer)}), flush=True)
     for ranking, gamma, lam in SETTINGS:
         res = prune_and_fuse(model, scores, layers, gamma=gamma, lam=lam, options=FusionOptions(ranking=ranking))

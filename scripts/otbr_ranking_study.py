@@ -19,11 +19,9 @@ import torch
 from benchmark_adapters.bundle import load_bundle
 from otbr_plugin.data import get_dataset_spec
 from otbr_plugin.defenses import get_defense
-from otbr_plugin.defenses.base import build_context
 from otbr_plugin.metrics import predict
 from otbr_plugin.otbr.pipeline import prune_and_fuse
-from otbr_plugin.otbr.unlearning import target_layer_names
-from otbr_dev_eval import score, train_split_eval_sets
+from otbr_dev_eval import random_unlearning_scores, score, train_split_eval_sets
 
 
 def main() -> None:
@@ -39,14 +37,8 @@ def main() -> None:
     model = bundle.build_model().eval()
     clean, bd = train_split_eval_sets(bundle, args.n)
     spec = get_dataset_spec(bundle.dataset)
-    defense = get_defense("otbr")({})
-    ctx = build_context(defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
-                        normalizer=bundle.normalizer, device=torch.device("cpu"), seed=0, progress=False,
-                        dataset=spec.name)
-    layers = target_layer_names(model)
     t0 = time.perf_counter()
-    nwc, _, _ = defense.random_nwc(model, ctx, layers)
-    scores = defense.config.scores(nwc, model, layers)
+    layers, scores = random_unlearning_scores(bundle, model)
     noise = (torch.rand((2000, *spec.input_shape), generator=torch.Generator().manual_seed(1)) * 255).round()
     on_noise = predict(model, noise.to(torch.uint8), bundle.normalizer, device=torch.device("cpu"))
     rows = [{"bundle": args.bundle, "ranking": "none", **score(model, clean, bd, bundle.normalizer),
@@ -54,7 +46,7 @@ def main() -> None:
              "noise_predictions": torch.bincount(on_noise, minlength=spec.num_classes).tolist()}]
     print(json.dumps(rows[0]), flush=True)
     lams = [float(x) for x in args.lams.split(",")]
-    base = defense.config.fusion_options()
+    base = get_defense("otbr")({}).config.fusion_options()
     for ranking in args.rankings.split(","):
         options = type(base)(**{**vars(base), "ranking": ranking})
         for gamma in (float(x) for x in args.gammas.split(",")):
