@@ -267,6 +267,24 @@ def test_mix_threshold_and_losses():
         T.diversity_loss(a, b, a, torch.ones(2, 1, 2, 2))
 
 
+def test_diversity_loss_has_finite_gradients_where_outputs_coincide():
+    # saturated masks are equal for two different images; sqrt'(0) made the InputAware mask pre-training NaN
+    x1, x2 = torch.zeros(3, 1, 4, 4), torch.ones(3, 1, 4, 4)
+    out = torch.zeros(3, 1, 4, 4, requires_grad=True)
+    loss = T.diversity_loss(x1, x2, out, out.detach().clone(), eps=1e-7)
+    loss.backward()
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(out.grad).all())
+
+
+def test_inputaware_stops_with_a_clear_error_when_its_loss_diverges(monkeypatch):
+    import otbr_plugin.attacks.inputaware as inputaware_mod
+
+    monkeypatch.setattr(inputaware_mod, "mask_norm_loss", lambda mask, density: mask.mean() * float("nan"))
+    attack = _tiny_inputaware()
+    with pytest.raises(FloatingPointError, match="InputAware: the loss is nan at mask pre-training epoch 1 step 1"):
+        attack.prepare(context())
+
+
 def test_trigger_generator_shapes_and_ranges():
     g = TriggerGenerator(1, 1, channels=4, depth=2)
     x = torch.rand(3, 1, 16, 16)

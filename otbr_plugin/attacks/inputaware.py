@@ -58,6 +58,13 @@ def squash(raw: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(raw))
 
 
+def _check_finite(loss: torch.Tensor, where: str) -> None:
+    """Stop a training whose loss is no longer a number (its model would silently predict one class)."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise FloatingPointError(f"InputAware: the loss is {float(loss.detach())} at {where}; training diverged "
+                                 "(lower lr_G / lr_M or lambda_norm, or check the input range)")
+
+
 def _conv_block(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout, momentum=0.05), nn.ReLU(inplace=True)]
 
@@ -297,6 +304,7 @@ class InputAware(Attack):
                 norm = mask_norm_loss(m1, cfg.mask_density)
                 div = diversity_loss(x1, x2, m1, m2, EPSILON)
                 loss = cfg.lambda_norm * norm + cfg.lambda_div * div
+                _check_finite(loss, f"mask pre-training epoch {epoch} step {step + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -367,6 +375,7 @@ class InputAware(Attack):
                             x = random_hflip(x, 0.5, gen)
                     logits = model(norm(x))
                     loss = F.cross_entropy(logits, y) + cfg.lambda_div * div
+                _check_finite(loss, f"epoch {epoch} step {step + 1}")
                 opt_c.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)
                 loss.backward()

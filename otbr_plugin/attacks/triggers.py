@@ -310,7 +310,9 @@ def soft_threshold(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+    # the floor keeps the gradient finite where two outputs are equal (sqrt'(0) is infinite: saturated masks gave
+    # NaN weights in InputAware's mask pre-training); it moves a distance by at most 1e-6
+    return (a - b).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
 
 
 def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor,
