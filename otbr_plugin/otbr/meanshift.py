@@ -38,24 +38,26 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _PASS_MODULES = (nn.Identity, nn.Dropout)
 
 
+def _normal_terms(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``|w|``, ``b`` (float64), ``Phi(b/|w|)`` and ``phi(b/|w|)`` (``w`` = 0 treated as 1; callers mask it)."""
+    w, b = weight.double().abs(), bias.double()
+    t = b / torch.where(w > 0, w, torch.ones_like(w))
+    return w, b, 0.5 * (1 + torch.erf(t / math.sqrt(2))), torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+
+
 def relu_gaussian_mean(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``E[relu(w z + b)]`` for ``z ~ N(0, 1)``, elementwise: ``b Phi(b/|w|) + |w| phi(b/|w|)`` (``relu(b)`` where
     ``w`` is 0)."""
-    w, b = weight.double().abs(), bias.double()
-    safe = torch.where(w > 0, w, torch.ones_like(w))
-    t = b / safe
-    mean = b * 0.5 * (1 + torch.erf(t / math.sqrt(2))) + w * torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
-    return torch.where(w > 0, mean, b.clamp_min(0))
+    w, b, cdf, pdf = _normal_terms(weight, bias)
+    return torch.where(w > 0, b * cdf + w * pdf, b.clamp_min(0))
 
 
 def relu_gaussian_var(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``Var[relu(w z + b)]`` for ``z ~ N(0, 1)``, elementwise."""
-    w, b = weight.double().abs(), bias.double()
-    safe = torch.where(w > 0, w, torch.ones_like(w))
-    t = b / safe
-    cdf, pdf = 0.5 * (1 + torch.erf(t / math.sqrt(2))), torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+    w, b, cdf, pdf = _normal_terms(weight, bias)
     second = (b * b + w * w) * cdf + b * w * pdf
-    return torch.where(w > 0, (second - relu_gaussian_mean(weight, bias) ** 2).clamp_min(0), torch.zeros_like(b))
+    mean = b * cdf + w * pdf
+    return torch.where(w > 0, (second - mean * mean).clamp_min(0), torch.zeros_like(b))
 
 
 def _is_relu(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -72,8 +74,10 @@ def _input_moments(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[tor
     if not (node.op == "call_module" and isinstance(modules[node.target], _BN)):
         return None
     bn = modules[node.target]
-    if bn.weight is None:
-        w, b = torch.ones(bn.num_features), torch.zeros(bn.num_features)
+    if bn.weight is None:  # on the model's device, like everything computed here
+        ref = bn.running_mean if bn.running_mean is not None else torch.empty(0)
+        w = torch.ones(bn.num_features, device=ref.device)
+        b = torch.zeros_like(w)
     else:
         w, b = bn.weight.detach(), bn.bias.detach()
     if relu:
@@ -136,7 +140,7 @@ def compensate_means(original: nn.Module, defended: nn.Module, variance: bool = 
             bn = modules[node.target]
             if bn.running_mean is None or not torch.equal(bn.running_mean, kept[node.target].running_mean):
                 continue  # statistics the defense rewrote itself (OTBR's transported BNs) are left as they are
-            delta = torch.zeros(bn.num_features, dtype=torch.float64)
+            delta = torch.zeros(bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
             sources = [s for s in _linear_sources(node.args[0], modules)
                        if s in before and s in after and before[s][0].numel() == bn.num_features]
             for src in sources:
