@@ -73,6 +73,7 @@ def tiny_model(seed: int = 0) -> nn.Module:
     ("inputaware", {"cross_ratio": -1}, "cross_ratio"),
     ("inputaware", {"mask_lr_milestones": [0]}, "mask_lr_milestones"),
     ("inputaware", {"generator_depth": 0}, "generator_depth"),
+    ("inputaware", {"generator_schedule": "cosine"}, "generator_schedule must be one of classifier, constant"),
 ])
 def test_bad_config_values_raise_clear_errors(name, params, message):
     with pytest.raises(ValueError, match=message):
@@ -369,6 +370,8 @@ def test_inputaware_trains_generator_with_classifier_and_round_trips():
     seen = []
     hist = attack.train_model(model, poisoned, ctx, eval_fn=lambda m: seen.append(1) or {"x": 1.0})
     assert [e["epoch"] for e in hist.epochs] == [1, 2] and hist.epochs[0]["x"] == 1.0 and len(seen) == 2
+    # the generator's lr follows the classifier's cosine schedule down to 0 (BackdoorBench decays both together)
+    assert hist.epochs[0]["lr_G"] == pytest.approx(0.005) and hist.epochs[-1]["lr_G"] == pytest.approx(0.0, abs=1e-12)
     assert not torch.equal(before["net.0.weight"], attack.generator.state_dict()["net.0.weight"])
     assert all(torch.equal(v, attack.mask_generator.state_dict()[k]) for k, v in mask_before.items())  # frozen
     state = attack.state_tensors()
@@ -376,6 +379,14 @@ def test_inputaware_trains_generator_with_classifier_and_round_trips():
     assert torch.equal(back.apply_trigger(ctx.images), attack.apply_trigger(ctx.images))
     with pytest.raises(ValueError, match="do not fit"):
         restore_attack({**attack.params(), "generator_channels": 8}, {f"attack.{k}": v for k, v in state.items()})
+
+
+def test_inputaware_constant_generator_schedule_keeps_lr_g():
+    ctx = context(n=32)
+    attack = _tiny_inputaware(poison_ratio=0.25, generator_schedule="constant", lr_G=0.02)
+    attack.prepare(ctx)
+    hist = attack.train_model(tiny_model(), attack.poison_train(ctx.images, ctx.labels, 10), ctx)
+    assert hist.epochs[-1]["lr_G"] == 0.02 and hist.epochs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_fixed_trigger_attacks_take_no_state():
