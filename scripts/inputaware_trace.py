@@ -20,20 +20,20 @@ import json
 import math
 
 import torch
-import yaml
 
 from benchmark_adapters.bundle import load_bundle
 from otbr_plugin.attacks.inputaware import EPSILON
 from otbr_plugin.attacks.registry import restore_attack
 from otbr_plugin.attacks.runner import parse_attack_run
 from otbr_plugin.attacks.triggers import diversity_loss, mask_norm_loss, mix
+from otbr_plugin.config import find_config_file, load_yaml
 from otbr_plugin.data.datasets import load_dataset
 from otbr_plugin.data.transforms import Normalizer, to_float
+from otbr_plugin.io import write_text
 
 
 def trace_mask_epoch(config_path: str, out: str, data_root: str | None = None) -> None:
-    with open(config_path) as fh:
-        run = parse_attack_run(yaml.safe_load(fh))
+    run = parse_attack_run(load_yaml(find_config_file(config_path)))
     attack, cfg = run.attack, run.attack.config
     train = load_dataset(run.dataset, "train", data_root)
     attack.build(tuple(train.images.shape[1:]), Normalizer.for_dataset(train.spec))
@@ -43,29 +43,30 @@ def trace_mask_epoch(config_path: str, out: str, data_root: str | None = None) -
     n, bs = train.images.shape[0], run.train.batch_size
     first, second = torch.randperm(n, generator=gen), torch.randperm(n, generator=gen)
     m.train()
-    with open(out, "w") as fh:
-        for step in range(math.ceil(n / bs)):
-            sl = slice(step * bs, (step + 1) * bs)
-            x1, x2 = to_float(train.images[first[sl]]), to_float(train.images[second[sl]])
-            m1, m2 = attack.masks(x1), attack.masks(x2)
-            norm = mask_norm_loss(m1, cfg.mask_density)
-            div = diversity_loss(x1, x2, m1, m2, EPSILON)
-            loss = cfg.lambda_norm * norm + cfg.lambda_div * div
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            with torch.no_grad():
-                dist = (m1 - m2).pow(2).flatten(1).mean(1)
-                grad = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in m.parameters() if p.grad is not None))
-                row = {"step": step + 1, "loss": float(loss), "norm": float(norm), "diversity": float(div),
-                       "mean_mask": float(m1.mean()), "min_pair_distance": float(dist.min().sqrt()),
-                       "equal_pairs": int((dist == 0).sum()), "grad_norm": grad,
-                       "max_abs_weight": max(float(p.abs().max()) for p in m.parameters())}
-            fh.write(json.dumps(row) + "\n")
-            if not (math.isfinite(row["loss"]) and math.isfinite(grad)):
-                print(f"not finite at step {step + 1}: {row}")
-                return
-            opt.step()
-    print(f"{math.ceil(n / bs)} steps finite; trace in {out}")
+    rows: list[dict[str, float]] = []
+    for step in range(math.ceil(n / bs)):
+        sl = slice(step * bs, (step + 1) * bs)
+        x1, x2 = to_float(train.images[first[sl]]), to_float(train.images[second[sl]])
+        m1, m2 = attack.masks(x1), attack.masks(x2)
+        norm = mask_norm_loss(m1, cfg.mask_density)
+        div = diversity_loss(x1, x2, m1, m2, EPSILON)
+        loss = cfg.lambda_norm * norm + cfg.lambda_div * div
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            dist = (m1 - m2).pow(2).flatten(1).mean(1)
+            grad = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in m.parameters() if p.grad is not None))
+            rows.append({"step": step + 1, "loss": float(loss), "norm": float(norm), "diversity": float(div),
+                         "mean_mask": float(m1.mean()), "min_pair_distance": float(dist.min().sqrt()),
+                         "equal_pairs": int((dist == 0).sum()), "grad_norm": grad,
+                         "max_abs_weight": max(float(p.abs().max()) for p in m.parameters())})
+        if not (math.isfinite(rows[-1]["loss"]) and math.isfinite(grad)):
+            print(f"not finite at step {step + 1}: {rows[-1]}")
+            break
+        opt.step()
+    else:
+        print(f"{len(rows)} steps finite; trace in {out}")
+    write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def trigger_fit(bundle_path: str, data_root: str | None = None, batch_size: int = 128) -> dict[str, float]:
@@ -76,10 +77,10 @@ def trigger_fit(bundle_path: str, data_root: str | None = None, batch_size: int 
     idx = bundle.tensors["poison_indices"].long()
     x_all = to_float(train.images[idx])
     target = int(bundle.attack["target_class"])
+    stored = {k: v.clone() for k, v in attack.generator.state_dict().items()}
     fits = {}
     for mode in ("eval", "train"):
-        fresh = restore_attack(bundle.attack, bundle.tensors)  # train-mode passes move the running statistics
-        attack.generator.load_state_dict(fresh.generator.state_dict())
+        attack.generator.load_state_dict(stored)  # train-mode passes move the running statistics
         attack.generator.train(mode == "train")
         hits = 0
         with torch.no_grad():
