@@ -7,7 +7,9 @@ loss or gradient is not finite. This found the NaN of the 7-epoch Fashion-MNIST 
 
 ``trigger BUNDLE``: the share of the bundle's poisoned training samples the model predicts as the target, with the
 pattern generator in eval mode (running statistics, how the trigger is applied) and in train mode (batch
-statistics, how it was trained). A gap means the trigger moved after the classifier stopped following it.
+statistics, how it was trained). A gap means the trigger moved after the classifier stopped following it. In eval
+mode it also breaks the fit down by how much the trigger changes the image (L1 distance, pixels in [0, 1]) and by
+the sample's true class, and gives the share of pattern pixels saturated at exactly 0 or 1 (no gradient there).
 
   python scripts/inputaware_trace.py mask configs/attack/inputaware/fashion_mnist.yaml --out trace.jsonl
   python scripts/inputaware_trace.py trigger runs/bundles/inputaware-seed0
@@ -78,17 +80,35 @@ def trigger_fit(bundle_path: str, data_root: str | None = None, batch_size: int 
     x_all = to_float(train.images[idx])
     target = int(bundle.attack["target_class"])
     stored = {k: v.clone() for k, v in attack.generator.state_dict().items()}
-    fits = {}
+    fits: dict[str, float] = {}
     for mode in ("eval", "train"):
         attack.generator.load_state_dict(stored)  # train-mode passes move the running statistics
         attack.generator.train(mode == "train")
-        hits = 0
+        hits, change, saturated = [], [], 0
         with torch.no_grad():
             for s in range(0, x_all.shape[0], batch_size):
                 x = x_all[s:s + batch_size]
-                poisoned = mix(x, attack.patterns(x), attack.masks(x))
-                hits += int((model(attack.normalizer(poisoned)).argmax(1) == target).sum())
-        fits[mode] = hits / x_all.shape[0]
+                pattern = attack.patterns(x)
+                poisoned = mix(x, pattern, attack.masks(x))
+                hits.append(model(attack.normalizer(poisoned)).argmax(1) == target)
+                change.append((poisoned - x).abs().flatten(1).sum(1))
+                saturated += int(((pattern == 0) | (pattern == 1)).sum())
+        hit, l1 = torch.cat(hits), torch.cat(change)
+        fits[mode] = float(hit.float().mean())
+        if mode == "eval":
+            fits["saturated_pattern_share"] = saturated / (x_all.numel())
+            edges = [0.0, 2.0, 4.0, 8.0, 16.0, float("inf")]
+            for lo, hi in zip(edges, edges[1:]):
+                sel = (l1 >= lo) & (l1 < hi)
+                if sel.any():
+                    fits[f"fit_l1_{lo:g}_{hi:g}"] = float(hit[sel].float().mean())
+                    print(f"  trigger L1 in [{lo:g}, {hi:g}): {int(sel.sum())} samples, fit {fits[f'fit_l1_{lo:g}_{hi:g}']:.3f}")
+            labels = train.labels[idx]
+            for c in labels.unique().tolist():
+                sel = labels == c
+                print(f"  true class {c}: {int(sel.sum())} samples, fit {float(hit[sel].float().mean()):.3f}, median trigger "
+                      f"L1 {float(l1[sel].median()):.1f}")
+            print(f"  pattern pixels saturated at exactly 0 or 1: {fits['saturated_pattern_share']:.3f}")
     print(f"poisoned training samples predicted as the target: generator in eval mode {fits['eval']:.4f}, "
           f"in train mode {fits['train']:.4f}")
     return fits
