@@ -3,7 +3,8 @@
 ``mask CONFIG --out FILE.jsonl [--set KEY=VALUE ...]``: one epoch of the mask generator's pre-training (the same
 loss, optimizer and pairing as ``InputAware._train_mask``; ``--set`` as for ``otbr-bench attack``), one JSON line
 per step: loss terms, mean mask, the smallest pair distance between two masks, how many pairs coincide exactly,
-gradient norm, largest weight. It stops at the first step whose loss or gradient is not finite. This found the NaN of the 7-epoch Fashion-MNIST run (configs/attack/README.md).
+gradient norm, largest weight. It stops at the first step whose loss or gradient is not finite. This found the NaN
+of the 7-epoch Fashion-MNIST run (configs/attack/README.md).
 
 ``trigger BUNDLE``: the share of the bundle's poisoned training samples the model predicts as the target, with the
 pattern generator in eval mode (running statistics, how the trigger is applied) and in train mode (batch
