@@ -1,0 +1,616 @@
+"""Cross-check inside a real BackdoorBench checkout: BackdoorBench's own attacks make the records, then its own
+defenses and otbr-plugin's drop-ins run on the same records through BackdoorBench's own command lines.
+
+    python scripts/backdoorbench_crosscheck.py BB_ROOT --bb-python BB_VENV/bin/python --out DIR
+
+BackdoorBench is CC BY-NC: this script imports none of its code. It only runs BackdoorBench's Python
+(``--bb-python``, an environment that holds BackdoorBench's requirements and otbr-plugin) on BackdoorBench's
+own scripts, from BB_ROOT, via subprocess, and reads what they write (CSV summaries; ``defense_result.pt`` and
+``attack_result.pt`` through otbr-plugin's allowlisted loader, never a plain unpickle).
+
+Steps, each resumable (an output that exists is not made again):
+1. ``install_dropin`` into BB_ROOT (defense/otbr*.py, config/defense/otbr*/gtsrb.yaml).
+2. Data: Fashion-MNIST (offline, the IDX files otbr-plugin finds) SUBSAMPLED, stratified with a fixed seed, and
+   written in the on-disk layout of BackdoorBench's ``gtsrb`` loader (Train/000NN/GT-000NN.csv + PNGs,
+   Test/GT-final_test.csv): BackdoorBench's ``mnist`` path cannot feed its preactresnet18 (a 3-channel conv1;
+   MNIST images are 1-channel), while its ``gtsrb`` path reads RGB image files with no checksum. Images are the
+   28x28 Fashion-MNIST pixels, grey replicated to RGB and zero-padded to 32x32 (so BackdoorBench's Resize(32)
+   and otbr-plugin's reader both leave them unchanged). Classes 0-9 are Fashion-MNIST's; the model has
+   gtsrb's 43 outputs, 10-42 never seen.
+3. Attacks: ``attack/<attack>.py`` with BackdoorBench's gtsrb prototype YAML and its attack YAML, on CPU.
+4. Defenses: BackdoorBench's defense/<d>.py and the drop-ins defense/otbr*.py, each run from BB_ROOT; each
+   run's output folder ``record/<r>/defense/<d>/`` is moved to ``record/<r>/defense/<d>__s<seed>/``.
+5. One table (markdown + CSV): defense x {BackdoorBench, plug-in} x ACC/ASR/RA/DER/seconds, with versions,
+   machine and load; for CLP also the max |dw| between BackdoorBench's pruned weights and the plug-in's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DATASET = "gtsrb"  # BackdoorBench's loader whose layout the subsample is written in (see the module docstring)
+NUM_CLASSES_BB = 43
+PAD = 2  # 28 -> 32
+
+
+# ----------------------------------------------------------------------------------------------- data
+def data_dir_name(n_train: int, n_test: int, seed: int) -> str:
+    """The folder under BB_ROOT/data/ that holds one subsample (BackdoorBench appends /gtsrb)."""
+    return f"otbr_crosscheck_fmnist_{n_train}_{n_test}_s{seed}"
+
+
+def _stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` indices, an equal share of every class (the remainder to the lowest classes), sorted."""
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    per, rest = divmod(n, len(classes))
+    picked = []
+    for i, c in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        k = per + (1 if i < rest else 0)
+        if k > len(idx):
+            raise ValueError(f"class {c} has {len(idx)} samples, {k} requested")
+        picked.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def _rgb32(img28: np.ndarray) -> np.ndarray:
+    out = np.zeros((28 + 2 * PAD, 28 + 2 * PAD, 3), dtype=np.uint8)
+    out[PAD:PAD + 28, PAD:PAD + 28, :] = img28[:, :, None]
+    return out
+
+
+GT_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+
+
+def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[str, dict]:
+    """Write the subsample under BB_ROOT/data/<name>/gtsrb/ (once) and return (dataset_path for BackdoorBench's
+    ``--dataset_path``, a description)."""
+    from PIL import Image
+
+    from otbr_plugin.data import find_dataset
+    from otbr_plugin.data.datasets import _idx_path, read_idx
+    from otbr_plugin.io import atomic_dir
+
+    src = find_dataset("fashion_mnist")
+    if src is None:
+        raise SystemExit("Fashion-MNIST not found (otbr_plugin.data.find_dataset('fashion_mnist')); install Debian's "
+                         "dataset-fashion-mnist or put its IDX files under the data root")
+    name = data_dir_name(n_train, n_test, seed)
+    rel = f"./data/{name}"
+    target = bb_root / "data" / name / DATASET
+    info = {"source": str(src), "n_train": n_train, "n_test": n_test, "seed": seed, "folder": str(target),
+            "layout": "BackdoorBench gtsrb loader (Train/000NN/GT-000NN.csv, Test/GT-final_test.csv), RGB PNG 32x32 "
+                      "= Fashion-MNIST 28x28 grey replicated to 3 channels, zero-padded by 2"}
+    if (target / "Test" / "GT-final_test.csv").is_file():
+        return rel, info
+    splits = {}
+    for split, stem, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        x = read_idx(_idx_path(src, f"{stem}-images-idx3-ubyte"))
+        y = read_idx(_idx_path(src, f"{stem}-labels-idx1-ubyte")).astype(np.int64)
+        idx = _stratified_take(y, n, seed)
+        splits[split] = (x[idx], y[idx], idx)
+    with atomic_dir(target) as tmp:
+        x, y, idx = splits["train"]
+        for c in range(NUM_CLASSES_BB):
+            cdir = tmp / "Train" / f"{c:05d}"
+            cdir.mkdir(parents=True)
+            lines = [GT_HEADER]
+            for j in np.flatnonzero(y == c):
+                fn = f"{int(idx[j]):05d}.png"
+                Image.fromarray(_rgb32(x[j])).save(cdir / fn)
+                lines.append(f"{fn};32;32;0;0;31;31;{c}\n")
+            (cdir / f"GT-{c:05d}.csv").write_text("".join(lines))
+        x, y, idx = splits["test"]
+        tdir = tmp / "Test"
+        tdir.mkdir()
+        lines = [GT_HEADER]
+        for j in range(len(y)):
+            fn = f"{int(idx[j]):05d}.png"
+            Image.fromarray(_rgb32(x[j])).save(tdir / fn)
+            lines.append(f"{fn};32;32;0;0;31;31;{int(y[j])}\n")
+        (tdir / "GT-final_test.csv").write_text("".join(lines))
+        (tmp / "SUBSAMPLE.json").write_text(json.dumps(info, indent=1))
+    return rel, info
+
+
+# ----------------------------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    """One subprocess run from BB_ROOT: an attack or a defense on one record."""
+
+    kind: str  # "attack" or "defense"
+    record: str
+    name: str  # attack name, or the defense as tabulated (clp, fp, anp, otbr)
+    impl: str  # "BackdoorBench" or "plug-in"
+    script: str  # path relative to BB_ROOT
+    args: list[str]
+    seed: int = 0
+    variant: str = ""  # e.g. "pairing=backdoorbench"
+    output: str = ""  # the folder the script writes, relative to BB_ROOT (moved to ``kept`` afterwards)
+    kept: str = ""  # where the output is kept, relative to BB_ROOT (defenses); the record folder (attacks)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        v = f" [{self.variant}]" if self.variant else ""
+        return f"{self.record} {self.impl} {self.name}{v} seed {self.seed}"
+
+
+@dataclass
+class Settings:
+    bb_root: Path
+    bb_python: str
+    out: Path
+    work: Path
+    dataset_path: str
+    attacks: list[str]
+    attack_epochs: int
+    n_train: int
+    seeds: list[int]
+    seeds_blended: list[int]
+    threads: int
+    fp_epochs: int
+    fp_once_prune_ratio: float
+    anp_iters: int
+    anp_batch: int
+    anp_pruning_step: float
+    clp_u: float
+    defenses: list[str]
+
+
+def record_name(attack: str, n_train: int) -> str:
+    return f"otbrx_fmnist{n_train}_{attack}"
+
+
+COMMON_BB = ["--device", "cpu", "--num_workers", "0", "--pin_memory", "False", "--non_blocking", "False"]
+
+
+def attack_run(s: Settings, attack: str) -> Run:
+    rec = record_name(attack, s.n_train)
+    args = ["--yaml_path", "./config/attack/prototype/gtsrb.yaml", "--bd_yaml_path", f"./config/attack/{attack}/default.yaml",
+            "--dataset_path", s.dataset_path, *COMMON_BB, "--epochs", str(s.attack_epochs), "--save_folder_name", rec]
+    return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
+
+
+def clp_yaml(s: Settings) -> Path:
+    """BackdoorBench's clp/gtsrb.yaml with the u sweep narrowed to the one u that is compared (its ``--u_num``
+    flag is parsed as float, which its own np.linspace refuses, so the sweep can only be narrowed by YAML)."""
+    import yaml
+
+    src = s.bb_root / "config" / "defense" / "clp" / "gtsrb.yaml"
+    values = yaml.safe_load(src.read_text())
+    values.update({"u": s.clp_u, "u_min": s.clp_u, "u_max": s.clp_u, "u_num": 1})
+    path = s.work / "yaml" / f"clp_gtsrb_u{s.clp_u:g}.yaml"
+    from otbr_plugin.io import write_text
+
+    write_text(path, f"# {src} with u_min = u_max = u, u_num 1 (otbr-plugin crosscheck)\n"
+                     + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def defense_runs(s: Settings, attack: str) -> list[Run]:
+    """The defense runs on one record, most important first (so an interrupted run still fills the table)."""
+    rec = record_name(attack, s.n_train)
+    base = ["--result_file", rec, "--dataset", DATASET, "--dataset_path", s.dataset_path]
+    bb = [*base, *COMMON_BB, "--amp", "False"]
+    ours = [*base, "--device", "cpu", "--progress", "false"]
+    seeds = s.seeds if attack == s.attacks[0] else s.seeds_blended
+    runs: list[Run] = []
+
+    def add(name, impl, script, args, seed, out_name, variant=""):
+        tag = out_name + (f"__{variant.replace('=', '-')}" if variant else "") + f"__s{seed}"
+        if name in s.defenses:
+            runs.append(Run("defense", rec, name, impl, script, [*args, "--random_seed", str(seed)], seed, variant,
+                            output=f"record/{rec}/defense/{out_name}", kept=f"record/{rec}/defense/crosscheck/{tag}"))
+
+    yaml_clp = clp_yaml(s)
+    add("clp", "BackdoorBench", "./defense/clp.py", [*bb, "--yaml_path", str(yaml_clp), "--u", str(s.clp_u)], 0, "clp")
+    for pairing in ("backdoorbench", "structural"):
+        add("clp", "plug-in", "./defense/otbr_clp.py",
+            [*ours, "--yaml_path", "./config/defense/otbr_clp/gtsrb.yaml", "--u", str(s.clp_u), "--pairing", pairing],
+            0, "otbr_clp", f"pairing={pairing}")
+    add("otbr", "plug-in", "./defense/otbr.py", [*ours, "--yaml_path", "./config/defense/otbr/gtsrb.yaml"], 0, "otbr")
+    fp_bb = [*bb, "--yaml_path", "./config/defense/fp/gtsrb.yaml", "--epochs", str(s.fp_epochs),
+             "--once_prune_ratio", str(s.fp_once_prune_ratio)]
+    fp_ours = [*ours, "--yaml_path", "./config/defense/otbr_fp/gtsrb.yaml", "--epochs", str(s.fp_epochs)]
+    anp_bb = [*bb, "--yaml_path", "./config/defense/anp/gtsrb.yaml", "--nb_iter", str(s.anp_iters),
+              "--print_every", str(s.anp_iters), "--batch_size", str(s.anp_batch),
+              "--pruning_step", str(s.anp_pruning_step)]
+    anp_ours = [*ours, "--yaml_path", "./config/defense/otbr_anp/gtsrb.yaml", "--iterations", str(s.anp_iters)]
+    for i, seed in enumerate(seeds):
+        add("fp", "BackdoorBench", "./defense/fp.py", fp_bb, seed, "fp")
+        add("anp", "BackdoorBench", "./defense/anp.py", anp_bb, seed, "anp")
+        if i == 0:
+            add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
+            add("anp", "plug-in", "./defense/otbr_anp.py", anp_ours, seed, "otbr_anp")
+    return runs
+
+
+COMPAT_DIR = Path(__file__).resolve().parent / "backdoorbench_compat"
+
+
+def run_env(s: Settings, run: Run) -> dict[str, str]:
+    """Threads limited for every run. BackdoorBench's own scripts (not the drop-ins) also get the two
+    workarounds they need under torch >= 2.6 / numpy 2 (docs/backdoorbench.md): TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+    (its loader calls torch.load without weights_only, i.e. a full unpickle of its own records) and
+    scripts/backdoorbench_compat/sitecustomize.py on PYTHONPATH (restores np.infty, removed in numpy 2)."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "PYTHONUNBUFFERED": "1"})
+    env.pop("PYTHONPATH", None)
+    if run.impl == "BackdoorBench":
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        env["PYTHONPATH"] = str(COMPAT_DIR)
+        env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def _done_marker(s: Settings, run: Run) -> Path:
+    return s.bb_root / run.kept / "crosscheck_run.json"
+
+
+def execute(s: Settings, run: Run) -> dict:
+    """Run one script from BB_ROOT unless its kept output exists; returns its run info."""
+    from otbr_plugin.io import write_json
+
+    marker = _done_marker(s, run)
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    if run.kind == "attack" and (s.bb_root / run.kept / "attack_result.pt").is_file():
+        info = {"label": run.label, "cmd": [run.script, *run.args], "seconds": None, "note": "existing record"}
+        write_json(marker, info)
+        return info
+    if run.output and (s.bb_root / run.output).exists():  # a half-written folder of an interrupted run
+        shutil.rmtree(s.bb_root / run.output)
+    log = s.work / "logs" / run.record / (Path(run.kept).name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [s.bb_python, run.script, *run.args]
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        rc = subprocess.call(cmd, cwd=s.bb_root, env=run_env(s, run), stdout=fh, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"{run.label}: exit {rc}; see {log}")
+    if run.kind == "defense":
+        dest = s.bb_root / run.kept
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(s.bb_root / run.output, dest)
+    info = {"label": run.label, "record": run.record, "defense": run.name, "impl": run.impl, "variant": run.variant,
+            "seed": run.seed, "cmd": ["python", run.script, *run.args], "seconds": round(seconds, 1),
+            "threads": s.threads, "loadavg_start": [round(x, 2) for x in load0],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()], "log": str(log)}
+    write_json(marker, info)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- results
+def _read_summary(path: Path) -> dict[str, float]:
+    """test_acc/test_asr/test_ra from a BackdoorBench-style CSV: the row labelled ``last`` of a
+    Metric_Aggregator summary, else the last row."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{path}: empty")
+    first = next(iter(rows[0]))
+    row = next((r for r in rows if r.get(first) == "last"), rows[-1])
+    return {k: float(row[f"test_{k}"]) for k in ("acc", "asr", "ra")}
+
+
+SUMMARY_FILE = {"clp": "clp_df_summary.csv", "fp": "finetune_df_summary.csv", "anp": "anp_df_summary.csv",
+                "otbr_clp": "otbr_clp_df_summary.csv", "otbr_fp": "otbr_fp_df_summary.csv",
+                "otbr_anp": "otbr_anp_df_summary.csv", "otbr": "otbr_df_summary.csv"}
+
+
+def run_metrics(s: Settings, run: Run) -> dict[str, float]:
+    out_name = Path(run.output).name
+    return _read_summary(s.bb_root / run.kept / SUMMARY_FILE[out_name])
+
+
+def attack_metrics(s: Settings, record: str) -> dict[str, float]:
+    return _read_summary(s.bb_root / "record" / record / "attack_df_summary.csv")
+
+
+def der(before: dict[str, float], after: dict[str, float]) -> float:
+    from otbr_plugin.metrics import BackdoorMetrics, defense_effectiveness_rating
+
+    return defense_effectiveness_rating(BackdoorMetrics(**before), BackdoorMetrics(**after))
+
+
+def load_state(path: Path) -> dict:
+    """``model`` of a defense_result.pt, through otbr-plugin's allowlisted loader."""
+    from benchmark_adapters.backdoorbench.safe_load import safe_torch_load
+
+    obj = safe_torch_load(path)
+    return obj["model"] if isinstance(obj, dict) and "model" in obj else obj
+
+
+def max_weight_diff(a: dict, b: dict) -> tuple[float, str, list[str]]:
+    """max |a - b| over the float tensors both hold, the key where it is, and the keys that differ at all."""
+    worst, where, differ = 0.0, "", []
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k], b[k]
+        if not (hasattr(x, "is_floating_point") and x.is_floating_point()) or x.shape != y.shape:
+            continue
+        d = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+        if d > 0:
+            differ.append(k)
+        if d > worst:
+            worst, where = d, k
+    return worst, where, differ
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f}" if pct else f"{x:.1f}"
+
+
+def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions: dict, data_info: dict) -> None:
+    """Write crosscheck.csv, crosscheck.md and crosscheck.json under ``s.out``."""
+    from otbr_plugin.io import write_csv, write_json, write_text
+
+    rows, by_key = [], {}
+    records = sorted({r.record for r in runs if r.kind == "defense" and r.label in infos})
+    before = {rec: attack_metrics(s, rec) for rec in records}
+    for run in runs:
+        if run.kind != "defense" or run.label not in infos:
+            continue
+        m = run_metrics(s, run)
+        row = {"record": run.record, "defense": run.name, "impl": run.impl, "variant": run.variant, "seed": run.seed,
+               "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "der": der(before[run.record], m),
+               "seconds": infos[run.label]["seconds"], "threads": s.threads,
+               "loadavg_start_1min": infos[run.label]["loadavg_start"][0]}
+        rows.append(row)
+        by_key.setdefault((run.record, run.name, run.impl, run.variant), []).append(row)
+    header = list(rows[0]) if rows else ["record"]
+    write_csv(s.out / "crosscheck_runs.csv", rows=[header] + [[r[h] for h in header] for r in rows])
+
+    # CLP: weights of BackdoorBench's pruned model against the plug-in's, per record and pairing
+    clp_rows = []
+    for rec in records:
+        bb_run = next((r for r in runs if r.record == rec and r.name == "clp" and r.impl == "BackdoorBench"), None)
+        if bb_run is None or bb_run.label not in infos:
+            continue
+        bb_state = load_state(s.bb_root / bb_run.kept / "defense_result.pt")
+        for r in runs:
+            if r.record == rec and r.name == "clp" and r.impl == "plug-in" and r.label in infos:
+                ours = load_state(s.bb_root / r.kept / "defense_result.pt")
+                worst, where, differ = max_weight_diff(bb_state, ours)
+                clp_rows.append({"record": rec, "u": s.clp_u, "variant": r.variant, "max_abs_dw": worst,
+                                 "at": where, "tensors_differing": len(differ),
+                                 "differing": ";".join(differ)})
+
+    def agg(key):
+        rs = by_key.get(key, [])
+        if not rs:
+            return None
+        out = {k: statistics.fmean(r[k] for r in rs) for k in ("acc", "asr", "ra", "der", "seconds")}
+        for k in ("acc", "asr"):
+            out[k + "_spread"] = max(r[k] for r in rs) - min(r[k] for r in rs)
+            out[k + "_min"], out[k + "_max"] = min(r[k] for r in rs), max(r[k] for r in rs)
+        out["n"] = len(rs)
+        out["seeds"] = ",".join(str(r["seed"]) for r in rs)
+        return out
+
+    lines = [
+        "# BackdoorBench's own defenses vs otbr-plugin's drop-ins on BackdoorBench's own records",
+        "",
+        f"Data: Fashion-MNIST SUBSAMPLED ({data_info['n_train']} train / {data_info['n_test']} test, stratified, "
+        f"seed {data_info['seed']}), written in BackdoorBench's `gtsrb` loader layout (43-output model, classes 0-9 "
+        "used). Attacks: BackdoorBench's own attack scripts; defenses: BackdoorBench's own scripts and the drop-ins, "
+        "all from BackdoorBench's root on CPU. Metrics in %, on the subsample's test split; DER against the attack's "
+        "own last-epoch metrics. Seconds: wall time of the whole script (load, defend, evaluate, save) on a "
+        f"shared machine, {s.threads} thread(s) each.",
+        "",
+        "| record | attack ACC / ASR / RA |",
+        "|---|---|",
+    ]
+    for rec in records:
+        b = before[rec]
+        lines.append(f"| {rec} | {_fmt(b['acc'])} / {_fmt(b['asr'])} / {_fmt(b['ra'])} |")
+    lines += ["", "| record | defense | implementation | seeds | ACC | ASR | RA | DER | seconds |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2] != "BackdoorBench", k[3])):
+        a = agg(key)
+        rec, name, impl, variant = key
+        impl_txt = impl + (f" ({variant})" if variant else "")
+        if a["n"] > 1:
+            acc = f"{_fmt(a['acc'])} ({_fmt(a['acc_min'])}-{_fmt(a['acc_max'])})"
+            asr = f"{_fmt(a['asr'])} ({_fmt(a['asr_min'])}-{_fmt(a['asr_max'])})"
+        else:
+            acc, asr = _fmt(a["acc"]), _fmt(a["asr"])
+        lines.append(f"| {rec} | {name} | {impl_txt} | {a['seeds']} | {acc} | {asr} | {_fmt(a['ra'])} | "
+                     f"{a['der']:.3f} | {_fmt(a['seconds'], pct=False)} |")
+    # FP / ANP: the plug-in against BackdoorBench's seed spread
+    diff_rows = []
+    for rec in records:
+        for name in ("fp", "anp"):
+            bbk, ok = agg((rec, name, "BackdoorBench", "")), agg((rec, name, "plug-in", ""))
+            if bbk is None or ok is None:
+                continue
+            diff_rows.append({"record": rec, "defense": name, "bb_seeds": bbk["n"],
+                              "dacc": abs(ok["acc"] - bbk["acc"]), "acc_spread": bbk["acc_spread"],
+                              "dasr": abs(ok["asr"] - bbk["asr"]), "asr_spread": bbk["asr_spread"],
+                              "time_ratio": ok["seconds"] / bbk["seconds"]})
+    if diff_rows:
+        lines += ["", "FP and ANP: the plug-in's (default setting) |difference| from BackdoorBench's mean, against the "
+                  "spread (max - min) of BackdoorBench's own runs over its seeds; time ratio = plug-in / BackdoorBench.",
+                  "", "| record | defense | BB seeds | abs dACC | BB ACC spread | abs dASR | BB ASR spread | time ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for d in diff_rows:
+            lines.append(f"| {d['record']} | {d['defense']} | {d['bb_seeds']} | {_fmt(d['dacc'])} | "
+                         f"{_fmt(d['acc_spread'])} | {_fmt(d['dasr'])} | {_fmt(d['asr_spread'])} | "
+                         f"{d['time_ratio']:.2f} |")
+    if clp_rows:
+        lines += ["", f"CLP at u = {s.clp_u:g}: max |dw| between BackdoorBench's pruned weights and the plug-in's "
+                  "(all float tensors of the state dicts).", "",
+                  "| record | plug-in pairing | max abs dw | where | tensors that differ |", "|---|---|---|---|---|"]
+        for c in clp_rows:
+            lines.append(f"| {c['record']} | {c['variant']} | {c['max_abs_dw']:.3g} | {c['at'] or '-'} | "
+                         f"{c['tensors_differing']} |")
+    lines += ["", "Versions and machine:", ""] + [f"- {k}: {v}" for k, v in versions.items()]
+    lines += ["", "Commands (from BackdoorBench's root; `python` = BackdoorBench's environment):", ""]
+    seen = set()
+    for run in runs:
+        info = infos.get(run.label)
+        if info and info.get("cmd"):
+            cmd = " ".join(info["cmd"]).replace(str(s.work), "<work>")
+            key = (run.record, run.impl, run.name, run.variant)
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"- {run.impl} {run.name}{' ' + run.variant if run.variant else ''} "
+                             f"({run.record}): `{cmd}`")
+    lines.append("")
+    write_text(s.out / "crosscheck.md", "\n".join(lines))
+    write_json(s.out / "crosscheck.json", {"versions": versions, "data": data_info, "attack_metrics": before,
+                                           "runs": rows, "clp_weights": clp_rows, "fp_anp_vs_spread": diff_rows})
+    if clp_rows:
+        h = list(clp_rows[0])
+        write_csv(s.out / "crosscheck_clp_weights.csv", rows=[h] + [[c[k] for k in h] for c in clp_rows])
+
+
+# ----------------------------------------------------------------------------------------------- main
+def _git(root: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions(s: Settings) -> dict:
+    probe = ("import sys, torch, numpy, torchvision; "
+             "print(sys.version.split()[0], torch.__version__, numpy.__version__, torchvision.__version__)")
+    try:
+        py, torch_v, np_v, tv_v = subprocess.run([s.bb_python, "-c", probe], capture_output=True, text=True,
+                                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError, ValueError) as err:
+        raise SystemExit(f"--bb-python {s.bb_python}: cannot import torch, numpy and torchvision ({err})")
+    from otbr_plugin import __version__
+
+    dirty = _git(REPO, "status", "--porcelain", "--untracked-files=no")
+    return {
+        "BackdoorBench commit": _git(s.bb_root, "rev-parse", "HEAD"),
+        "otbr-plugin": f"{__version__}, commit {_git(REPO, 'rev-parse', 'HEAD')}" + (" (+ local changes)" if dirty
+                                                                                    else ""),
+        "python / torch / torchvision / numpy (BackdoorBench's environment)": f"{py} / {torch_v} / {tv_v} / {np_v}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; CPU only",
+        "threads per run": s.threads,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bb_root", help="root of a BackdoorBench checkout (holds attack/, defense/, config/, utils/)")
+    p.add_argument("--bb-python", default=sys.executable,
+                   help="python of BackdoorBench's environment, with otbr-plugin installed (default: this python)")
+    p.add_argument("--out", required=True, help="folder for the table (crosscheck.md/.csv/.json)")
+    p.add_argument("--work", default=None, help="folder for logs and generated YAMLs (default: OUT/work)")
+    p.add_argument("--n-train", type=int, default=2000, help="training subsample (stratified) (default 2000)")
+    p.add_argument("--n-test", type=int, default=500, help="test subsample (stratified) (default 500)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--attacks", nargs="+", default=["badnet", "blended"])
+    p.add_argument("--attack-epochs", type=int, default=5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of BackdoorBench's FP and ANP on the first attack's record (default 0 1 2)")
+    p.add_argument("--seeds-other", type=int, nargs="+", default=None,
+                   help="seeds of BackdoorBench's FP and ANP on the other records (default: --seeds)")
+    p.add_argument("--defenses", nargs="+", default=["clp", "otbr", "fp", "anp"])
+    p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of every run (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="records processed in parallel (default 1)")
+    p.add_argument("--fp-epochs", type=int, default=100, help="FP fine-tuning epochs, both (BackdoorBench: 100)")
+    p.add_argument("--fp-once-prune-ratio", type=float, default=0.01,
+                   help="BackdoorBench FP's pruning step as a share of the channels (BackdoorBench: 0.01)")
+    p.add_argument("--anp-iters", type=int, default=2000, help="ANP mask iterations, both (BackdoorBench: 2000)")
+    p.add_argument("--anp-batch", type=int, default=256, help="BackdoorBench ANP's batch size (BackdoorBench: 256)")
+    p.add_argument("--anp-pruning-step", type=float, default=0.05,
+                   help="BackdoorBench ANP's threshold grid step (BackdoorBench: 0.05)")
+    p.add_argument("--clp-u", type=float, default=3.0)
+    p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    bb_root = Path(a.bb_root).resolve()
+    from benchmark_adapters.backdoorbench.install import install_dropin
+
+    for sub in ("attack", "defense", "config/defense", "utils"):
+        if not (bb_root / sub).is_dir():
+            raise SystemExit(f"{bb_root} is not a BackdoorBench checkout (no {sub}/)")
+    out = Path(a.out).resolve()
+    s = Settings(bb_root=bb_root, bb_python=a.bb_python, out=out, work=Path(a.work).resolve() if a.work else out / "work",
+                 dataset_path="", attacks=a.attacks, attack_epochs=a.attack_epochs, n_train=a.n_train,
+                 seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
+                 fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
+                 anp_pruning_step=a.anp_pruning_step, clp_u=a.clp_u, defenses=a.defenses)
+    ver = versions(s)
+    print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
+    for path, status in install_dropin(bb_root, datasets=[DATASET]):
+        print(f"  drop-in {status:9} {path.relative_to(bb_root)}", flush=True)
+    s.dataset_path, data_info = prepare_data(bb_root, a.n_train, a.n_test, a.data_seed)
+    print(f"  data: Fashion-MNIST SUBSAMPLED to {a.n_train} train / {a.n_test} test (stratified, seed "
+          f"{a.data_seed}) in BackdoorBench's gtsrb layout at {data_info['folder']}", flush=True)
+
+    runs: list[Run] = []
+    queues: list[list[Run]] = []
+    for attack in s.attacks:
+        q = [attack_run(s, attack)] + defense_runs(s, attack)
+        queues.append(q)
+        runs += q
+    infos: dict[str, dict] = {}
+    for run in runs:
+        if _done_marker(s, run).is_file():
+            infos[run.label] = json.loads(_done_marker(s, run).read_text())
+    failures: list[str] = []
+
+    def work(q: list[Run]) -> None:
+        for run in q:
+            if run.label in infos:
+                continue
+            print(f"  run  {run.label}", flush=True)
+            try:
+                infos[run.label] = execute(s, run)
+            except RuntimeError as err:
+                failures.append(str(err))
+                print(f"  FAIL {err}", flush=True)
+                if run.kind == "attack":
+                    return
+                continue
+            print(f"  done {run.label}: {infos[run.label]['seconds']} s", flush=True)
+
+    if not a.tables_only:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            list(pool.map(work, queues))
+    ver["load average at the table's writing (1/5/15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    build_tables(s, runs, infos, ver, data_info)
+    print(f"table: {s.out / 'crosscheck.md'}", flush=True)
+    for f in failures:
+        print(f"failed: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
