@@ -163,6 +163,7 @@ class Settings:
     dataset_path: str
     attacks: list[str]
     attack_epochs: int
+    attack_batch: int
     n_train: int
     seeds: list[int]
     seeds_blended: list[int]
@@ -186,7 +187,8 @@ COMMON_BB = ["--device", "cpu", "--num_workers", "0", "--pin_memory", "False", "
 def attack_run(s: Settings, attack: str) -> Run:
     rec = record_name(attack, s.n_train)
     args = ["--yaml_path", "./config/attack/prototype/gtsrb.yaml", "--bd_yaml_path", f"./config/attack/{attack}/default.yaml",
-            "--dataset_path", s.dataset_path, *COMMON_BB, "--epochs", str(s.attack_epochs), "--save_folder_name", rec]
+            "--dataset_path", s.dataset_path, *COMMON_BB, "--epochs", str(s.attack_epochs),
+            "--batch_size", str(s.attack_batch), "--save_folder_name", rec]
     return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
 
 
@@ -530,7 +532,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=500, help="test subsample (stratified) (default 500)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--attacks", nargs="+", default=["badnet", "blended"])
-    p.add_argument("--attack-epochs", type=int, default=5)
+    p.add_argument("--attack-epochs", type=int, default=3, help="BackdoorBench's --epochs of the attacks (default 3)")
+    p.add_argument("--attack-batch", type=int, default=32,
+                   help="BackdoorBench's --batch_size of the attacks (default 32: more steps per CPU second)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds of BackdoorBench's FP and ANP on the first attack's record (default 0 1 2)")
     p.add_argument("--seeds-other", type=int, nargs="+", default=None,
@@ -560,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{bb_root} is not a BackdoorBench checkout (no {sub}/)")
     out = Path(a.out).resolve()
     s = Settings(bb_root=bb_root, bb_python=a.bb_python, out=out, work=Path(a.work).resolve() if a.work else out / "work",
-                 dataset_path="", attacks=a.attacks, attack_epochs=a.attack_epochs, n_train=a.n_train,
+                 dataset_path="", attacks=a.attacks, attack_epochs=a.attack_epochs, attack_batch=a.attack_batch, n_train=a.n_train,
                  seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
                  anp_pruning_step=a.anp_pruning_step, clp_u=a.clp_u, defenses=a.defenses)
