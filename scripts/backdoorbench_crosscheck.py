@@ -236,7 +236,8 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
     anp_bb = [*bb, "--yaml_path", "./config/defense/anp/gtsrb.yaml", "--nb_iter", str(s.anp_iters),
               "--print_every", str(s.anp_iters), "--batch_size", str(s.anp_batch),
               "--pruning_step", str(s.anp_pruning_step)]
-    anp_ours = [*ours, "--yaml_path", "./config/defense/otbr_anp/gtsrb.yaml", "--iterations", str(s.anp_iters)]
+    anp_ours = [*ours, "--yaml_path", "./config/defense/otbr_anp/gtsrb.yaml", "--iterations", str(s.anp_iters),
+                "--batch_size", str(s.anp_batch)]
     for i, seed in enumerate(seeds):
         add("fp", "BackdoorBench", "./defense/fp.py", fp_bb, seed, "fp")
         add("anp", "BackdoorBench", "./defense/anp.py", anp_bb, seed, "anp")
@@ -520,6 +521,73 @@ def versions(s: Settings) -> dict:
     }
 
 
+def schedule(s: Settings) -> list[Run]:
+    """All runs in priority order: the attacks; then per record CLP, OTBR and the first seed of FP/ANP (both
+    implementations); then BackdoorBench's FP/ANP at the further seeds, record by record. A run that is cut off
+    by a deadline thus leaves the most informative part of the table filled."""
+    first, later = [], []
+    for attack in s.attacks:
+        for run in defense_runs(s, attack):
+            (later if run.impl == "BackdoorBench" and run.name in ("fp", "anp") and run.seed != (
+                s.seeds if attack == s.attacks[0] else s.seeds_blended)[0] else first).append(run)
+    return [attack_run(s, attack) for attack in s.attacks] + first + later
+
+
+def run_all(s: Settings, runs: list[Run], infos: dict[str, dict], failures: list[str], jobs: int) -> None:
+    """Execute the runs not yet done with ``jobs`` workers, in order, never two at once that write the same
+    output folder, and a record's defenses only after its attack."""
+    import threading
+
+    pending = [r for r in runs if r.label not in infos]
+    busy: set[str] = set()
+    failed_records: set[str] = set()
+    lock = threading.Lock()
+
+    def ready(run: Run) -> bool:
+        if run.kind == "defense":
+            attack = next(r for r in runs if r.kind == "attack" and r.record == run.record)
+            if attack.label not in infos:
+                return False
+        return (run.output or run.kept) not in busy
+
+    def worker() -> None:
+        while True:
+            with lock:
+                for r in list(pending):
+                    if r.record in failed_records:
+                        pending.remove(r)
+                if not pending:
+                    return
+                run = next((r for r in pending if ready(r)), None)
+                if run is not None:
+                    pending.remove(run)
+                    busy.add(run.output or run.kept)
+            if run is None:
+                time.sleep(5)
+                continue
+            print(f"  run  {run.label}", flush=True)
+            try:
+                info = execute(s, run)
+                with lock:
+                    infos[run.label] = info
+                print(f"  done {run.label}: {info['seconds']} s", flush=True)
+            except RuntimeError as err:
+                with lock:
+                    failures.append(str(err))
+                    if run.kind == "attack":
+                        failed_records.add(run.record)
+                print(f"  FAIL {err}", flush=True)
+            finally:
+                with lock:
+                    busy.discard(run.output or run.kept)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -541,12 +609,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seeds of BackdoorBench's FP and ANP on the other records (default: --seeds)")
     p.add_argument("--defenses", nargs="+", default=["clp", "otbr", "fp", "anp"])
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of every run (default 1)")
-    p.add_argument("--jobs", type=int, default=1, help="records processed in parallel (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--fp-epochs", type=int, default=100, help="FP fine-tuning epochs, both (BackdoorBench: 100)")
     p.add_argument("--fp-once-prune-ratio", type=float, default=0.01,
                    help="BackdoorBench FP's pruning step as a share of the channels (BackdoorBench: 0.01)")
     p.add_argument("--anp-iters", type=int, default=2000, help="ANP mask iterations, both (BackdoorBench: 2000)")
-    p.add_argument("--anp-batch", type=int, default=256, help="BackdoorBench ANP's batch size (BackdoorBench: 256)")
+    p.add_argument("--anp-batch", type=int, default=256, help="ANP batch size, both (BackdoorBench: 256, plug-in default 128)")
     p.add_argument("--anp-pruning-step", type=float, default=0.05,
                    help="BackdoorBench ANP's threshold grid step (BackdoorBench: 0.05)")
     p.add_argument("--clp-u", type=float, default=3.0)
@@ -576,38 +644,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  data: Fashion-MNIST SUBSAMPLED to {a.n_train} train / {a.n_test} test (stratified, seed "
           f"{a.data_seed}) in BackdoorBench's gtsrb layout at {data_info['folder']}", flush=True)
 
-    runs: list[Run] = []
-    queues: list[list[Run]] = []
-    for attack in s.attacks:
-        q = [attack_run(s, attack)] + defense_runs(s, attack)
-        queues.append(q)
-        runs += q
+    runs = schedule(s)
     infos: dict[str, dict] = {}
     for run in runs:
         if _done_marker(s, run).is_file():
             infos[run.label] = json.loads(_done_marker(s, run).read_text())
     failures: list[str] = []
-
-    def work(q: list[Run]) -> None:
-        for run in q:
-            if run.label in infos:
-                continue
-            print(f"  run  {run.label}", flush=True)
-            try:
-                infos[run.label] = execute(s, run)
-            except RuntimeError as err:
-                failures.append(str(err))
-                print(f"  FAIL {err}", flush=True)
-                if run.kind == "attack":
-                    return
-                continue
-            print(f"  done {run.label}: {infos[run.label]['seconds']} s", flush=True)
-
     if not a.tables_only:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-            list(pool.map(work, queues))
+        run_all(s, runs, infos, failures, a.jobs)
     ver["load average at the table's writing (1/5/15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     build_tables(s, runs, infos, ver, data_info)
     print(f"table: {s.out / 'crosscheck.md'}", flush=True)
