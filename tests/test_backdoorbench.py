@@ -673,3 +673,65 @@ def test_install_dropin_refuses_a_folder_that_is_not_backdoorbench(tmp_path):
     for folder in ("attack", "utils", "config/defense"):
         (tmp_path / folder).mkdir(parents=True)
     assert install_dropin(tmp_path, defenses=["otbr_clp"])
+
+
+def _run_face(defense: str, argv: list[str]) -> tuple[BackdoorBenchDefense, dict]:
+    face = BackdoorBenchDefense(defense, save_name=f"otbr_{defense}")
+    settings = face.configure(_face_args(face, ["--result_file", NAME, "--dataset", "mnist", "--device", "cpu",
+                                                "--progress", "false", *argv]))
+    return face, face.defense(settings["result_file"])
+
+
+def test_fp_dropin_without_oracle_never_scores_on_test_data(bb, monkeypatch, capsys):
+    import otbr_plugin.bench.runner as runner
+
+    monkeypatch.chdir(bb["root"])
+    calls = []
+    real = runner.evaluate_model
+    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    face, result = _run_face("fp", ["--setting", "backdoorbench", "--epochs", "0", "--ratio", "0.5",
+                                    "--amp", "true", "--once_prune_ratio", "0.1"])
+    assert len(calls) == 2  # before and after the defense: nothing in between
+    out = bb["record"] / "defense" / "otbr_fp"
+    log = list(csv.DictReader(open(out / "prune_log.csv", newline="")))
+    assert log and "holdout_acc" in log[0] and "test_acc" not in log[0]
+    record = json.loads((out / "record.json").read_text())
+    assert "TEST" not in record["data_used"] and record["defense_config"]["oracle"] is False
+    printed = capsys.readouterr().out
+    assert "setting=backdoorbench" in printed and "oracle=False" in printed and "ignored" in printed and "amp" in printed
+    saved = torch.load(out / "defense_result.pt", weights_only=True)["model"]
+    assert "linear.weight_orig" in saved and "linear.weight_mask" in saved  # as BackdoorBench saves FP
+
+
+def test_fp_dropin_oracle_is_labelled_and_kept_apart(bb, monkeypatch):
+    monkeypatch.chdir(bb["root"])
+    face, result = _run_face("fp", ["--setting", "backdoorbench", "--oracle", "true", "--epochs", "0",
+                                    "--ratio", "0.5", "--once_prune_ratio", "0.25"])
+    out = bb["record"] / "defense" / "otbr_fp_oracle"
+    assert Path(result["save_path"]) == Path("record") / NAME / "defense" / "otbr_fp_oracle"
+    assert not (bb["record"] / "defense" / "otbr_fp" / "record.json").exists()
+    record = json.loads((out / "record.json").read_text())
+    assert "TEST set" in record["data_used"] and record["diagnostics"]["oracle"] == "oracle diagnostic (test set)"
+    log = list(csv.DictReader(open(out / "prune_log.csv", newline="")))
+    assert {"test_acc", "test_asr", "test_ra", "diagnostic"} <= set(log[0])
+
+
+def test_oracle_config_is_refused_outside_the_dropin(bb, tmp_path, capsys):
+    assert cli_main(["defend", str(bb["record"]), "--defense", "fp", "--set", "setting=backdoorbench",
+                     "--set", "oracle=true", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 1
+    assert "oracle: true selects on the TEST set" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "record.json").exists()
+
+
+def test_anp_and_clp_dropins_write_backdoorbench_tables(bb, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(bb["root"])
+    _run_face("anp", ["--setting", "backdoorbench", "--nb_iter", "2", "--print_every", "1", "--ratio", "0.5",
+                      "--batch_size", "8"])
+    rows = list(csv.DictReader(open(bb["record"] / "defense" / "otbr_anp" / "threshold_df.csv", newline="")))
+    assert len(rows) == 19 and {"threshold", "value", "holdout_acc", "chosen"} <= set(rows[0])
+    yaml_path = _bb_yaml(tmp_path, "clp", dataset="mnist", u=3, u_min=0, u_max=4, u_num=3)
+    face, _ = _run_face("clp", ["--yaml_path", str(yaml_path), "--pairing", "backdoorbench"])
+    rows = list(csv.DictReader(open(bb["record"] / "defense" / "otbr_clp" / "u_step_df.csv", newline="")))
+    assert [float(r["u"]) for r in rows] == [0.0, 2.0, 4.0]
+    assert {r["diagnostic"] for r in rows} == {"oracle diagnostic (test set)"} and "test_acc" in rows[0]
+    assert "pairing=backdoorbench" in capsys.readouterr().out
