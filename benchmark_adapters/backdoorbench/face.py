@@ -17,6 +17,10 @@ Settings are layered by :func:`otbr_plugin.config.resolve_config`, later wins: t
 defaults < the package's ``configs/defense/<name>/<dataset>.yaml`` (when it exists) < the ``--yaml_path``
 file < non-None CLI arguments. The YAML is flat, like BackdoorBench's: harness keys (dataset, device, random_seed, ratio, ...)
 and any field of the defense's config dataclass; an unknown key is an error listing the valid ones.
+BackdoorBench's own keys for the same defense (its YAMLs and flags) are taken too (:mod:`.bb_args`): mapped to
+our fields, or accepted and reported as ignored, or an error naming a semantic we do not implement. A config
+with ``oracle: true`` (FP/ANP's test-set selection, as BackdoorBench) runs with a test-set scorer and writes to
+``defense/<name>_oracle/``, labelled.
 
 Outputs go where BackdoorBench expects them, ``record/<result_file>/defense/<name>/``:
 ``defense_result.pt`` ({model_name, num_classes, model}), ``<name>_df_summary.csv`` (test_acc, test_asr,
