@@ -615,7 +615,9 @@ def test_dropin_reads_backdoorbench_own_yaml(defense, tmp_path):
     cfg = face.defense_obj.config
     report = "\n".join(face.bb_report())
     assert "ignored" in report and "amp" in report and "checkpoint_load" not in report  # None values drop out
+    assert "num_workers" in face.bb_args.ignored  # data is held in memory: no loader workers
     if defense == "clp":
+        assert "batch_size" in face.bb_args.ignored  # data-free: no batch size to set
         assert cfg.u == 3 and face.bb_args.sweep == {"u_min": 0.0, "u_max": 10.0, "u_num": 21}
         assert "u_step_df.csv" in report and "TEST" in report
     elif defense == "fp":

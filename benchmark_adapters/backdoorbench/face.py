@@ -223,6 +223,10 @@ class BackdoorBenchDefense:
         if self.bb_args.sweep:
             u_values(self.bb_args.sweep)  # all three keys, a valid grid: checked now, before any data is loaded
         merged = {k: v for k, v in {**base, **cli}.items() if k not in bb_keys}
+        # harness keys that cannot change this defense's result: reported with BackdoorBench's ignored ones
+        idle = [k for k in ("num_workers",) if k in merged] + (["batch_size"] if "batch_size" in merged and
+                                                               "batch_size" not in fields else [])
+        self.bb_args.ignored = sorted(set(self.bb_args.ignored) | set(idle))
         valid = _HARNESS_NAMES | set(self.config_fields)
         unknown = sorted(set(merged) - valid)
         if unknown:
