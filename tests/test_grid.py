@@ -30,11 +30,11 @@ class Exploding(Defense):
 
 def grid_file(tmp_path, defenses):
     write_mnist_like(tmp_path / "data" / "fashion_mnist", n_train=120, n_test=60)
-    attack = {"attack": {"name": "inputaware", "target_class": 0, "poison_ratio": 0.1},
+    attack = {"attack": {"name": "badnets", "target_class": 0, "poison_ratio": 0.1},
               "dataset": "fashion_mnist", "model": {"name": "smallcnn", "width": 0.25},
               "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"}}
     grid = {"name": "tiny", "dataset": "fashion_mnist", "data_root": str(tmp_path / "data"),
-            "attacks": {"inputaware": attack}, "defenses": {d: {} for d in defenses}, "seeds": [0], "device": "cpu"}
+            "attacks": {"badnets": attack}, "defenses": {d: {} for d in defenses}, "seeds": [0], "device": "cpu"}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     return path
