@@ -300,7 +300,8 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         defaults = _defense_defaults(grid, label)
         asked = _plain(dict(grid.defenses[label] or {}))
         current = {k: v for k, v in defense["config"].items()
-                   if k in record.defense_config or k not in defaults or asked.get(k, defaults[k]) != defaults[k]}
+                   if k in record.defense_config or k not in defaults
+                   or (defaults[k] if asked.get(k) is None else asked[k]) != defaults[k]}  # None: the default
         changed = _changed_keys(_plain(record.defense_config), current)
         if changed:
             return "the defense config changed (" + "; ".join(changed[:5]) + ")"
