@@ -289,6 +289,9 @@ def execute(s: Settings, run: Run) -> dict:
         info = {"label": run.label, "cmd": [run.script, *run.args], "seconds": None, "note": "existing record"}
         write_json(marker, info)
         return info
+    if run.kind == "attack" and (s.bb_root / run.kept).exists():
+        raise RuntimeError(f"{s.bb_root / run.kept} exists without attack_result.pt: an attack still running or "
+                           "interrupted; wait for it, or remove the folder to make the record again")
     if run.output and (s.bb_root / run.output).exists():  # a half-written folder of an interrupted run
         shutil.rmtree(s.bb_root / run.output)
     log = s.work / "logs" / run.record / (Path(run.kept).name + ".log")
@@ -541,15 +544,25 @@ def versions(s: Settings) -> dict:
 
 
 def schedule(s: Settings) -> list[Run]:
-    """All runs in priority order: the attacks; then per record CLP, OTBR and the first seed of FP/ANP (both
-    implementations); then BackdoorBench's FP/ANP at the further seeds, record by record. A run that is cut off
-    by a deadline thus leaves the most informative part of the table filled."""
-    first, later = [], []
+    """All runs in priority order, so that a run cut off by a deadline leaves the most informative part of the
+    table filled: the attacks; then per record (in --attacks order) CLP, the first seed of BackdoorBench's FP
+    and ANP with the drop-ins in BackdoorBench's setting, BackdoorBench's further seeds, the drop-ins in their
+    default setting; OTBR (no BackdoorBench counterpart) last."""
+    def rank(run: Run) -> tuple[int, int]:
+        first_seed = (s.seeds if run.record == record_name(s.attacks[0], s.n_train, s.n_test) else s.seeds_blended)[0]
+        if run.name == "clp":
+            return (0, 0)
+        if run.name == "otbr":
+            return (9, 0)
+        if run.impl == "BackdoorBench":
+            return (1, 0) if run.seed == first_seed else (2, run.seed)
+        return (1, 1) if run.variant == BB_SETTING else (3, 0)
+
+    ordered = []
     for attack in s.attacks:
-        for run in defense_runs(s, attack):
-            (later if run.impl == "BackdoorBench" and run.name in ("fp", "anp") and run.seed != (
-                s.seeds if attack == s.attacks[0] else s.seeds_blended)[0] else first).append(run)
-    return [attack_run(s, attack) for attack in s.attacks] + first + later
+        ordered += sorted(defense_runs(s, attack), key=rank)
+    ordered.sort(key=lambda r: rank(r)[0] == 9)  # OTBR of every record after everything else
+    return [attack_run(s, attack) for attack in s.attacks] + ordered
 
 
 def run_all(s: Settings, runs: list[Run], infos: dict[str, dict], failures: list[str], jobs: int) -> None:
