@@ -176,6 +176,7 @@ class Settings:
     anp_pruning_step: float
     clp_u: float
     defenses: list[str]
+    wait_attacks_min: float = 0.0
 
 
 def record_name(attack: str, n_train: int, n_test: int) -> str:
@@ -289,6 +290,15 @@ def execute(s: Settings, run: Run) -> dict:
         info = {"label": run.label, "cmd": [run.script, *run.args], "seconds": None, "note": "existing record"}
         write_json(marker, info)
         return info
+    deadline = time.time() + 60 * s.wait_attacks_min
+    while run.kind == "attack" and (s.bb_root / run.kept).exists() and time.time() < deadline:
+        if (s.bb_root / run.kept / "attack_result.pt").is_file():
+            time.sleep(10)  # let it finish writing
+            info = {"label": run.label, "cmd": [run.script, *run.args], "seconds": None,
+                    "note": "made by an earlier invocation"}
+            write_json(marker, info)
+            return info
+        time.sleep(15)
     if run.kind == "attack" and (s.bb_root / run.kept).exists():
         raise RuntimeError(f"{s.bb_root / run.kept} exists without attack_result.pt: an attack still running or "
                            "interrupted; wait for it, or remove the folder to make the record again")
@@ -650,6 +660,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anp-pruning-step", type=float, default=0.05,
                    help="BackdoorBench ANP's threshold grid step (BackdoorBench: 0.05)")
     p.add_argument("--clp-u", type=float, default=3.0)
+    p.add_argument("--wait-attacks", type=float, default=0.0, metavar="MIN",
+                   help="wait up to MIN minutes for an attack record that another process is still making")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 
@@ -667,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
                  dataset_path="", attacks=a.attacks, attack_epochs=a.attack_epochs, attack_batch=a.attack_batch, n_train=a.n_train, n_test=a.n_test,
                  seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
-                 anp_pruning_step=a.anp_pruning_step, clp_u=a.clp_u, defenses=a.defenses)
+                 anp_pruning_step=a.anp_pruning_step, clp_u=a.clp_u, defenses=a.defenses,
+                 wait_attacks_min=a.wait_attacks)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
     # force: the drop-ins of the otbr-plugin that runs the crosscheck replace older ones (only defense/otbr*.py
