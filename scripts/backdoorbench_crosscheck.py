@@ -638,7 +638,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="python of BackdoorBench's environment, with otbr-plugin installed (default: this python)")
     p.add_argument("--out", required=True, help="folder for the table (crosscheck.md/.csv/.json)")
     p.add_argument("--work", default=None, help="folder for logs and generated YAMLs (default: OUT/work)")
-    p.add_argument("--n-train", type=int, default=2000, help="training subsample (stratified) (default 2000)")
+    p.add_argument("--n-train", type=int, default=1000, help="training subsample (stratified) (default 1000)")
     p.add_argument("--n-test", type=int, default=250, help="test subsample (stratified) (default 250)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--attacks", nargs="+", default=["badnet", "blended"])
