@@ -287,14 +287,15 @@ def execute(s: Settings, run: Run) -> dict:
     if marker.is_file():
         return json.loads(marker.read_text())
     if run.kind == "attack" and (s.bb_root / run.kept / "attack_result.pt").is_file():
-        info = {"label": run.label, "cmd": [run.script, *run.args], "seconds": None, "note": "existing record"}
+        info = {"label": run.label, "cmd": ["python", run.script, *run.args], "seconds": None,
+                "note": "existing record"}
         write_json(marker, info)
         return info
     deadline = time.time() + 60 * s.wait_attacks_min
     while run.kind == "attack" and (s.bb_root / run.kept).exists() and time.time() < deadline:
         if (s.bb_root / run.kept / "attack_result.pt").is_file():
             time.sleep(10)  # let it finish writing
-            info = {"label": run.label, "cmd": [run.script, *run.args], "seconds": None,
+            info = {"label": run.label, "cmd": ["python", run.script, *run.args], "seconds": None,
                     "note": "made by an earlier invocation"}
             write_json(marker, info)
             return info
@@ -504,7 +505,10 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
             lines.append(f"| {c['record']} | {c['variant']} | {c['max_abs_dw']:.3g} | {c['at'] or '-'} | "
                          f"{c['tensors_differing']} |")
     lines += ["", "Versions and machine:", ""] + [f"- {k}: {v}" for k, v in versions.items()]
-    lines += ["", "Commands (from BackdoorBench's root; `python` = BackdoorBench's environment):", ""]
+    lines += ["", "Commands (from BackdoorBench's root; `python` = BackdoorBench's environment; every run with "
+              f"`OMP_NUM_THREADS={s.threads} MKL_NUM_THREADS={s.threads}`, BackdoorBench's own scripts also with "
+              "`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 PYTHONPATH=<otbr-plugin>/scripts/backdoorbench_compat`, "
+              "see docs/backdoorbench.md):", ""]
     seen = set()
     for run in runs:
         info = infos.get(run.label)
