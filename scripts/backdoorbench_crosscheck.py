@@ -179,8 +179,20 @@ class Settings:
     wait_attacks_min: float = 0.0
 
 
+def split_attack(spec: str, default_epochs: int) -> tuple[str, int, str]:
+    """``badnet`` or ``badnet:8`` (8 epochs for this attack) -> (attack, epochs, record-name suffix)."""
+    name, _, epochs = spec.partition(":")
+    if not epochs:
+        return name, default_epochs, ""
+    if not epochs.isdigit() or int(epochs) < 1:
+        raise SystemExit(f"--attacks {spec!r}: expected NAME or NAME:EPOCHS with EPOCHS a positive integer")
+    return name, int(epochs), f"_e{int(epochs)}"
+
+
 def record_name(attack: str, n_train: int, n_test: int) -> str:
-    return f"otbrx_fmnist{n_train}_{n_test}_{attack}"
+    """The record of ``attack`` (``NAME`` or ``NAME:EPOCHS``) on the subsample."""
+    name, _, suffix = split_attack(attack, 0)
+    return f"otbrx_fmnist{n_train}_{n_test}_{name}{suffix}"
 
 
 COMMON_BB = ["--device", "cpu", "--num_workers", "0", "--pin_memory", "False", "--non_blocking", "False"]
@@ -188,8 +200,9 @@ COMMON_BB = ["--device", "cpu", "--num_workers", "0", "--pin_memory", "False", "
 
 def attack_run(s: Settings, attack: str) -> Run:
     rec = record_name(attack, s.n_train, s.n_test)
+    attack, epochs, _ = split_attack(attack, s.attack_epochs)
     args = ["--yaml_path", "./config/attack/prototype/gtsrb.yaml", "--bd_yaml_path", f"./config/attack/{attack}/default.yaml",
-            "--dataset_path", s.dataset_path, *COMMON_BB, "--epochs", str(s.attack_epochs),
+            "--dataset_path", s.dataset_path, *COMMON_BB, "--epochs", str(epochs),
             "--batch_size", str(s.attack_batch), "--save_folder_name", rec]
     return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
 
@@ -645,7 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=1000, help="training subsample (stratified) (default 1000)")
     p.add_argument("--n-test", type=int, default=250, help="test subsample (stratified) (default 250)")
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--attacks", nargs="+", default=["badnet", "blended"])
+    p.add_argument("--attacks", nargs="+", default=["badnet", "blended"],
+                   help="BackdoorBench attack scripts, NAME or NAME:EPOCHS (own epochs, record name gets _eEPOCHS); "
+                        "the first gets --seeds, the others --seeds-other")
     p.add_argument("--attack-epochs", type=int, default=3, help="BackdoorBench's --epochs of the attacks (default 3)")
     p.add_argument("--attack-batch", type=int, default=32,
                    help="BackdoorBench's --batch_size of the attacks (default 32: more steps per CPU second)")
