@@ -490,8 +490,9 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                 ok = agg((rec, name, "plug-in", variant))
                 if bbk is None or ok is None:
                     continue
-                within = (abs(ok["acc"] - bbk["acc"]) <= bbk["acc_spread"]
-                          and abs(ok["asr"] - bbk["asr"]) <= bbk["asr_spread"]) if bbk["n"] > 1 else None
+                # 1e-6: the drop-ins write float32 fractions, BackdoorBench python floats (0.64 vs 0.6399999938)
+                within = (abs(ok["acc"] - bbk["acc"]) <= bbk["acc_spread"] + 1e-6
+                          and abs(ok["asr"] - bbk["asr"]) <= bbk["asr_spread"] + 1e-6) if bbk["n"] > 1 else None
                 diff_rows.append({"record": rec, "defense": name, "plugin_setting": variant or "default",
                                   "bb_seeds": bbk["seeds"], "dacc": abs(ok["acc"] - bbk["acc"]),
                                   "acc_spread": bbk["acc_spread"], "dasr": abs(ok["asr"] - bbk["asr"]),
