@@ -8,7 +8,9 @@ constant (UCLC) is
 
 where W_k is the channel's kernel reshaped to (C_in, kh * kw) and ||.||_2 its largest singular value, and
 gamma_k / sigma_k the BN scale acting on the channel (sigma_k = sqrt(running_var_k + eps): the scale the BN
-really applies; the reference code omits eps, which differs only for dead channels, where it divides by 0).
+really applies; the reference code omits eps: a relative change of ~eps / (2 var) in the bound, which decides only
+for a channel that close to its threshold, or for a dead channel, where it divides 0 by 0 and then prunes nothing in
+that layer; docs/baselines.md lists every point).
 Within each layer, channels with UCLC_k > mean + u * std (unbiased std, as ``torch.std``) are pruned.
 
 Pairing of convs and BNs (``pairing``):
