@@ -106,14 +106,10 @@ def reference_clp(model: nn.Module, plan, u: float, eps: float | None = None, dd
 
 # ------------------------------------------------------------------ models with planted outliers
 
-def planted_preact() -> nn.Module:
-    """preactresnet18 at width 0.25 (16-128 channels) with trained-looking BN statistics and outlier channels
-    planted through the kernel, the BN scale and the running variance, including convs only one pairing
-    scores (``layer2.0.conv2``: BackdoorBench scores the shortcut against ``layer2.1.bn1`` instead;
-    ``layer4.1.conv2``: no BN follows it)."""
-    torch.manual_seed(0)
-    model = create_model("preactresnet18", 4, 1, 8, 0.25).eval()
-    g = torch.Generator().manual_seed(1)
+def trained_looking(model: nn.Module, seed: int) -> nn.Module:
+    """BN statistics and affine parameters as after training (variances in [0.8, 1.2], scales of either sign with
+    magnitude in [0.9, 1.1]) and conv biases where present, so that the BN scale matters."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -123,6 +119,19 @@ def planted_preact() -> nn.Module:
                 m.weight.copy_(sign * (torch.rand(n, generator=g) * 0.2 + 0.9))
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.out_channels, generator=g) * 0.1)
+    return model
+
+
+def planted_preact() -> nn.Module:
+    """preactresnet18 at width 0.25 (16-128 channels) with trained-looking BN statistics and outlier channels
+    planted through the kernel, the BN scale and the running variance, including convs only one pairing
+    scores (``layer2.0.conv2``: BackdoorBench scores the shortcut against ``layer2.1.bn1`` instead;
+    ``layer4.1.conv2``: no BN follows it)."""
+    torch.manual_seed(0)
+    model = trained_looking(create_model("preactresnet18", 4, 1, 8, 0.25).eval(), seed=1)
+    with torch.no_grad():
         model.conv1.weight[5] *= 8                      # stem -> layer1.0.bn1
         model.layer1[1].conv1.weight[2] *= 6            # conv1 -> bn2
         model.layer2[0].conv2.weight[7] *= 9            # conv2 -> (add) -> layer2.1.bn1, structural only
@@ -135,15 +144,8 @@ def planted_preact() -> nn.Module:
 
 def planted_cnn() -> nn.Module:
     torch.manual_seed(0)
-    model = create_model("smallcnn", 4, 1, 8, 0.5).eval()
-    g = torch.Generator().manual_seed(2)
+    model = trained_looking(create_model("smallcnn", 4, 1, 8, 0.5).eval(), seed=2)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            if isinstance(m, nn.Conv2d):
-                m.bias.copy_(torch.randn(m.out_channels, generator=g) * 0.1) if m.bias is not None else None
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         convs[-1].weight[9] *= 8
         convs[-2].weight[1] *= 6

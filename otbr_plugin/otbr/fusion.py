@@ -290,6 +290,20 @@ def align_input(weight: torch.Tensor, tmap: torch.Tensor, repeat: int = 1) -> to
     return aligned.reshape(out, tmap.shape[1], *weight.shape[2:])
 
 
+def _solve_layer(name: str, target_mass: np.ndarray | None, cost: np.ndarray, **solver_options
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source masses ``1/n``, target masses, plan) of one layer for ``cost`` (n x n); ``target_mass`` None: the
+    identity plan (the output layer keeps its order). ``solver_options`` go to :func:`transport_plan`."""
+    n = cost.shape[0]
+    a = np.ones(n) / n
+    if target_mass is None:
+        return a, a.copy(), np.diag(a)
+    b = np.asarray(target_mass, dtype=np.float64)
+    if b.shape != (n,):
+        raise ValueError(f"{name}: {b.shape} target masses for {n} neurons")
+    return a, b, transport_plan(a, b, cost, **solver_options)
+
+
 @dataclass
 class LayerPlan:
     """Step 1 of fusing one layer: the transport plan between pruned (rows) and backdoored (columns) neurons."""
@@ -334,15 +348,9 @@ def plan_layer(
     n = wb.shape[0]
     wp_in = wp if input_map is None else align_input(wp, input_map, input_repeat)
     x = wp_in if cost == "aligned" else wp
-    a = np.full(n, 1.0 / n)
     c = torch.cdist(x.reshape(n, -1), wb.reshape(n, -1)).numpy()
-    if target_mass is None:
-        b, plan = a.copy(), np.diag(a)
-    else:
-        b = np.asarray(target_mass, dtype=np.float64)
-        if b.shape != (n,):
-            raise ValueError(f"{name}: {b.shape} target masses for {n} neurons")
-        plan = transport_plan(a, b, c, solver, sinkhorn_reg, max_iter, warnings_out)
+    a, b, plan = _solve_layer(name, target_mass, c, solver=solver, reg=sinkhorn_reg, max_iter=max_iter,
+                              warnings_out=warnings_out)
     tmap = transport_map(plan, b if solver == "emd" else None)
     return LayerPlan(name, plan, a, b, float((plan * c).sum()), tmap, wp_in)
 
@@ -418,14 +426,8 @@ def published_layer(
     aligned = _published_align(wp, input_map.to(wp.device, torch.float32), input_repeat)
     x = wp if cost == "unaligned" else aligned
     c = torch.cdist(x.flatten(1), wb.flatten(1), p=2).cpu().numpy()
-    a = np.ones(n) / n
-    if target_mass is None:
-        b, plan = a.copy(), np.diag(a)
-    else:
-        b = np.asarray(target_mass, dtype=np.float64)
-        if b.shape != (n,):
-            raise ValueError(f"{name}: {b.shape} target masses for {n} neurons")
-        plan = transport_plan(a, b, c, "emd", max_iter=max_iter, warnings_out=warnings_out, renormalize=False)
+    a, b, plan = _solve_layer(name, target_mass, c, solver="emd", max_iter=max_iter, warnings_out=warnings_out,
+                              renormalize=False)
     projection = torch.tensor((1.0 / b)[:, None] * np.asarray(plan, dtype=np.float64).T, dtype=torch.float32,
                               device=wp.device)
     projected = torch.matmul(projection, aligned.flatten(1)).view(wb.shape)
