@@ -18,6 +18,8 @@ same semantics in float64 numpy, compared with ``arithmetic: float64`` within 1e
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import ot
@@ -209,3 +211,38 @@ def test_round4_equals_the_text_file_round_trip():
     values = torch.tensor([0.00005, 0.00015, 0.12345, 1.00004999, 2.5e-5, 0.33335], dtype=torch.float64)
     got = nwc_scores({"l": values}, precision="round4")["l"].tolist()
     assert got == [float(f"{v:.4f}") for v in values.tolist()]
+
+
+@pytest.mark.skipif(not os.environ.get("OTBR_PUBLISHED_FILE"),
+                    reason="set OTBR_PUBLISHED_FILE to a local copy of linweiii/OTBR's otbr.py to compare with it")
+@pytest.mark.parametrize("seed,gamma", [(0, 0.05), (1, 0.1), (2, 0.2)])
+def test_against_the_published_file(seed, gamma, tmp_path):
+    """Opt-in: the published functions themselves (``pruning``, ``ot_fusion``, ``to_probalility``, ``read_data``,
+    taken from the user's local copy at test time; nothing of it is in this repository) on the same model and
+    NWCs, written to the published ``nwc.txt`` format and read back by its own reader: every tensor equal."""
+    import ast
+    import copy
+    import types
+
+    import pandas as pd
+
+    tree = ast.parse(Path(os.environ["OTBR_PUBLISHED_FILE"]).read_text())
+    wanted = {"pruning", "ot_fusion", "to_probalility", "read_data"}
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    assert {f.name for f in funcs} == wanted, "the file does not define the published functions"
+    ns: dict = {"np": np, "torch": torch, "ot": ot, "pd": pd, "nn": nn}
+    exec(compile(ast.Module(body=funcs, type_ignores=[]), "published_otbr.py", "exec"), ns)
+
+    model, layers, scores, rows = _case(seed)
+    nwc_file = tmp_path / "nwc.txt"
+    nwc_file.write_text("No \t Layer_Name \t Neuron_Idx \t Score \n" + "".join(
+        f"{i} \t {layer}.weight \t {idx} \t {value:.4f} \n" for i, (layer, idx, value) in enumerate(rows)))
+    ori = ns["read_data"](str(nwc_file))
+    ranked = sorted(ori, key=lambda r: float(r[2]), reverse=True)
+    backdoored, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    hit = ns["pruning"](pruned, int(len(ranked) * gamma), ranked)
+    ns["ot_fusion"](types.SimpleNamespace(device="cpu", lambda_=0.5), backdoored, pruned, hit,
+                    [n + ".weight" for n in layers], ori)
+    ours = prune_and_fuse(model, scores, layers, gamma=gamma, lam=0.5, options=REFERENCE_FUSION).model.state_dict()
+    for key, value in backdoored.state_dict().items():
+        assert torch.equal(ours[key], value), key
