@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from conftest import write_mnist_like
-from otbr_plugin.bench.grid import load_grid, run_grid
-from otbr_plugin.bench.records import read_record
+from otbr_plugin.bench.executors import run_grid
+from otbr_plugin.bench.grid import load_grid
+from otbr_plugin.aggregate.records import read_record
 from otbr_plugin.cli import main
 from otbr_plugin.defenses import Defense, DefenseConfig, register_defense
 

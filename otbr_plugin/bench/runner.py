@@ -24,7 +24,7 @@ from ..defenses.base import Defense, DefenseOutcome, build_context
 from ..runtime import resolve_device, seed_everything
 from ..metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
 from ..io import json_default, write_csv, write_json
-from .records import RunRecord
+from ..aggregate.records import RunRecord
 
 __all__ = ["DefenseRun", "defend_model", "evaluate_model", "run_defense", "write_defense_outputs"]
 

@@ -7,8 +7,9 @@ import contextlib
 import time
 from pathlib import Path
 
-from ..bench.grid import GridSpec, load_grid, run_grid
-from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..bench.executors import run_grid
+from ..bench.grid import GridSpec, load_grid
+from ..aggregate.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
 from . import add_run_arguments, formatter, run_settings
@@ -174,7 +175,7 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
             print(oracle)
         if not args.no_report:
             try:
-                from ..bench.report import write_report
+                from ..aggregate.report import write_report
 
                 print(f"report: {write_report(out)}")
             except Exception as err:  # noqa: BLE001 - the records and the table are the result; the page is extra

@@ -27,7 +27,7 @@ def library_versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from otbr_plugin import __version__
+    from .._version import __version__
 
     out = {"otbr_plugin": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "python": platform.python_version(), "platform": platform.platform()}
@@ -45,7 +45,7 @@ def run_fingerprint(attack_config: Any, defense_config: Any, checkpoint_sha256: 
     """sha256 over everything that produced a cell's result: the resolved attack config, the resolved defense
     config, the checkpoint's sha256 and the package version (``extra``: anything else that shapes it, e.g. the
     clean subset ratio). A grid reuses a record only when its fingerprint equals the one of the cell to run."""
-    from otbr_plugin import __version__
+    from .._version import __version__
 
     payload = {"attack": attack_config, "defense": defense_config, "checkpoint_sha256": checkpoint_sha256,
                "otbr_plugin": __version__, **(extra or {})}
