@@ -1,11 +1,11 @@
-"""How one task of a grid runs (:func:`run_task`): the one public API that the sequential grid, local workers and
-Slurm jobs all call, so the records are the same whoever runs them.
+"""How a grid's tasks run: the one public API that the sequential grid (:func:`~otbr_plugin.bench.executors.run_grid`)
+and every job of local workers or Slurm (:func:`run_task`) call, so the records are the same whoever runs them.
 
 A ``train`` task trains (or finds cached) the backdoored model of (attack, seed) under its lock
 (:func:`bundle_for`); a ``cell`` runs one defense on it and writes its run record (:func:`run_cell`; a failure is
-recorded, :func:`record_failure`); a ``sweep`` runs one labelled oracle sweep (:func:`run_oracle_sweeps`). Cells and
-sweeps run as jobs start after their ``train`` task has ended and never train themselves: when the model is missing,
-the cell is recorded as failed with the training's error (:func:`trained_bundle`). What the tasks are is
+recorded by :func:`record_failure`); a ``sweep`` runs one labelled oracle sweep (:func:`run_oracle_sweeps`). As jobs,
+cells and sweeps start after their ``train`` task has ended and never train themselves: when the model is missing,
+the cell is recorded as failed with the training's error (:func:`trained_bundle`). What a grid and its tasks are is
 :mod:`otbr_plugin.bench.grid`.
 """
 
