@@ -187,8 +187,12 @@ def _without_new_defaults(old: Any, new: Any, defaults: Mapping[str, Any]) -> An
 
 
 def _defense_defaults(grid: GridSpec, label: str) -> dict[str, Any]:
-    """The declared defaults of the config class of the defense behind ``label``."""
-    return _plain(declared_values(grid.defense_class(label).config_class))
+    """The defaults of the config class of the defense behind ``label``: as declared, with the options that are
+    declared None because they follow another option (e.g. FP's ``setting``) as the default config resolves them."""
+    cls = grid.defense_class(label).config_class
+    declared = _plain(declared_values(cls))
+    resolved = _plain(cls().to_dict())
+    return {k: (resolved.get(k) if v is None else v) for k, v in declared.items()}
 
 
 def _train_defaults() -> dict[str, Any]:
@@ -296,7 +300,8 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         defaults = _defense_defaults(grid, label)
         asked = _plain(dict(grid.defenses[label] or {}))
         current = {k: v for k, v in defense["config"].items()
-                   if k in record.defense_config or k not in defaults or asked.get(k, defaults[k]) != defaults[k]}
+                   if k in record.defense_config or k not in defaults
+                   or (defaults[k] if asked.get(k) is None else asked[k]) != defaults[k]}  # None: the default
         changed = _changed_keys(_plain(record.defense_config), current)
         if changed:
             return "the defense config changed (" + "; ".join(changed[:5]) + ")"
