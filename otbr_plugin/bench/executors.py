@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import write_json
+from ..runtime import auto_threads
 from .grid import CellResult, GridSpec, _fail
 from .jobs import Task, cell_line, cell_record_path, plan_tasks, planning_device, read_cell, run_task
 from .slurm import JobState, SlurmOptions, Submitter, finished_outcome, live_jobs, require_slurm
@@ -60,7 +61,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
                       log: Callable[[str], None] | None = None) -> list[CellResult]:
     """Run a grid's tasks on ``workers`` local processes (spawned). A model's cells start once its training task
     has ended. With several GPUs, worker i gets GPU i mod #GPUs (``CUDA_VISIBLE_DEVICES``) and runs on "cuda".
-    ``threads``: torch CPU threads per worker (default: the CPU count divided among the workers). The caller holds
+    ``threads``: torch CPU threads per worker (default: :func:`~otbr_plugin.runtime.auto_threads` for the workers). The caller holds
     the output folder's lock."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
@@ -69,7 +70,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
     plan = plan_tasks(grid, out, bundles, device, log)
     gpus = worker_gpus(device)
     worker_device = device.type if gpus else str(device)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or auto_threads(workers)[0]
     waiting: dict[tuple[str, int], list[Task]] = {}
     for task in plan.tasks:  # cells and sweeps of a model being trained wait for it
         if task.kind != "train" and Task("train", task.attack, task.seed) in plan.tasks:
