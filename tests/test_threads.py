@@ -83,3 +83,14 @@ def test_cli_threads_default_is_auto_and_printed(capsys, monkeypatch):
     assert capsys.readouterr().out.strip() == "threads: 1 (auto: OMP_NUM_THREADS=1)"
     with pytest.raises(ValueError, match="'auto' or an integer >= 1"):
         run_settings(p.parse_args(["--device", "cpu", "--threads", "0"]))
+
+
+def test_records_carry_the_thread_count():
+    from otbr_plugin.bench.records import library_versions
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert library_versions()["torch_threads"] == "1"
+    finally:
+        torch.set_num_threads(old)
