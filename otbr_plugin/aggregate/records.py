@@ -23,14 +23,16 @@ RECORD_SCHEMA_VERSION = 1
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the package and the libraries that shape results."""
+    """Versions of the package and the libraries that shape results, and torch's CPU thread count (CPU kernels
+    may sum in another order with another count, so it shapes the last digits too)."""
     import numpy
     import torch
 
     from .._version import __version__
 
     out = {"otbr_plugin": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-           "python": platform.python_version(), "platform": platform.platform()}
+           "python": platform.python_version(), "platform": platform.platform(),
+           "torch_threads": str(torch.get_num_threads())}
     try:
         import ot
 

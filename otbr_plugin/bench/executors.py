@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_dataset
 from ..io import folder_lock, write_json
-from ..runtime import RunSettings
+from ..runtime import RunSettings, auto_threads
 from .grid import CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks, planning_device
 from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
 from .runner import evaluate_model
@@ -64,7 +64,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
                       log: Callable[[str], None] | None = None) -> list[CellResult]:
     """Run a grid's tasks on ``workers`` local processes (spawned). A model's cells start once its training task
     has ended. With several GPUs, worker i gets GPU i mod #GPUs (``CUDA_VISIBLE_DEVICES``) and runs on "cuda".
-    ``threads``: torch CPU threads per worker (default: the CPU count divided among the workers). The caller holds
+    ``threads``: torch CPU threads per worker (default: :func:`~otbr_plugin.runtime.auto_threads` for the workers). The caller holds
     the output folder's lock."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
@@ -73,7 +73,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
     plan = plan_tasks(grid, out, bundles, device, log)
     gpus = worker_gpus(device)
     worker_device = device.type if gpus else str(device)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or auto_threads(workers)[0]
     waiting: dict[tuple[str, int], list[Task]] = {}
     for task in plan.tasks:  # cells and sweeps of a model being trained wait for it
         if task.kind != "train" and Task("train", task.attack, task.seed) in plan.tasks:
