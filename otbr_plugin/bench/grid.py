@@ -7,6 +7,7 @@ interrupted grid resumes where it stopped; a failing cell is recorded with its e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,14 +27,14 @@ from ..attacks.runner import parse_attack_run, run_attack
 from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
 from ..data import load_dataset
 from ..defenses import get_defense
-from ..io import file_lock, folder_lock, json_default
+from ..io import file_lock, folder_lock, json_default, safe_name
 from ..runtime import RunSettings, resolve_device
 from .records import RunRecord, read_record, run_fingerprint, write_record
 from .runner import evaluate_model, run_defense
 from .slurm import SlurmOptions
 
 __all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "run_cell", "bundle_lock", "stale_reason",
-           "training_changes"]
+           "training_changes", "record_is_current"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
@@ -87,6 +88,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     if not isinstance(raw["attacks"], Mapping) or not raw["attacks"]:
         raise ValueError(f"{gpath}: 'attacks' must map attack labels to config files or inline configs")
     for label, spec in raw["attacks"].items():
+        safe_name(label, f"{gpath}: attack label")  # it names the bundle folder and the record files
         if isinstance(spec, str):
             p = find_config_file(spec, base)
             cfg, sources[f"attack:{label}"] = load_yaml(p), str(p)
@@ -108,6 +110,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     doverrides = raw.get("defense_overrides") or {}
     defense_names: dict[str, str] = {}
     for name, spec in dspec.items():
+        safe_name(name, f"{gpath}: defense label")  # it names the record files
         # a variant: label -> {defense: NAME, config: FILE|null, set: {key: value}} (e.g. otbr_reference)
         if isinstance(spec, Mapping) and "defense" in spec:
             extra = sorted(set(spec) - {"defense", "config", "set"})
@@ -324,6 +327,19 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
     return "its fingerprint does not match" + (": " + ", ".join(reasons) if reasons else "")
 
 
+def record_is_current(grid: GridSpec, record: RunRecord, attack: str, label: str, seed: int) -> bool:
+    """Whether ``record`` was written for this cell as ``grid`` defines it now: its fingerprint equals the cell's
+    (resolved attack and defense configs, clean ratio, package version), taken with the record's own checkpoint.
+    A run reports a cell from its record only when this holds, so a record written meanwhile by a worker or job of
+    an earlier run with another config is never shown as this run's."""
+    if record.fingerprint is None:
+        return False
+    attack_cfg = _attack_fingerprint_config(grid, attack, seed)
+    sha = record.checkpoint_sha256
+    return record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
+                                  _cell_fingerprint(grid, attack_cfg, label, sha, since=record))
+
+
 def _package_version() -> str:
     from otbr_plugin import __version__
 
@@ -387,11 +403,11 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
     bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
     if not lock:
         return _run_grid(grid, out, bundles, settings, log)
-    with folder_lock(out, "otbr-bench run"):
-        if bundles_dir is None or out.resolve() in bundles.resolve().parents:
-            return _run_grid(grid, out, bundles, settings, log)
-        with folder_lock(bundles, "otbr-bench run (bundles folder)"):
-            return _run_grid(grid, out, bundles, settings, log)
+    # the bundles folder is locked too, also <out>/bundles: another run may name it with --bundles
+    with folder_lock(out, "otbr-bench run"), (
+            folder_lock(bundles, "otbr-bench run (bundles folder)") if bundles.resolve() != out.resolve()
+            else contextlib.nullcontext()):
+        return _run_grid(grid, out, bundles, settings, log)
 
 
 def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
@@ -555,5 +571,10 @@ def _fail(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bund
         metrics_after=None, der=None, data_used="",
         status="failed", error=message, diagnostics={"traceback": traceback.format_exc(limit=8)},
     )
+    try:  # a failed record carries its cell's fingerprint too: a run reports only records with its own
+        record.attack_config = _attack_fingerprint_config(grid, attack, seed)
+        record.fingerprint = _cell_fingerprint(grid, record.attack_config, defense, record.checkpoint_sha256)
+    except Exception:  # noqa: BLE001 - an unresolvable config is what failed; the record says so without one
+        record.attack_config, record.fingerprint = None, None
     write_record(record, path)
     return CellResult(attack, defense, seed, "failed", message)

@@ -21,7 +21,7 @@ from benchmark_adapters.bundle import load_bundle
 from ..attacks.runner import parse_attack_run
 from ..bundle import Bundle
 from ..data import load_dataset
-from ..io import FolderLockedError, file_lock, write_text
+from ..io import FolderLockedError, file_lock, safe_name, write_text
 from ..runtime import RunSettings, resolve_device
 from .grid import (CellResult, GridSpec, _attack_fingerprint_config, _bundle_for, _cached_checkpoint, _fail,
                    _run_oracle_sweeps, run_cell, stale_reason)
@@ -46,6 +46,9 @@ class Task:
         if self.kind not in KINDS or (self.kind == "train") != (self.defense == ""):
             raise ValueError(f"a task is train (attack, seed) or {'/'.join(KINDS[1:])} (attack, defense, seed), "
                              f"got {self}")
+        safe_name(self.attack, "task attack label")
+        if self.defense:
+            safe_name(self.defense, "task defense label")
 
     @property
     def key(self) -> str:

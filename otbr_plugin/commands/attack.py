@@ -41,13 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmark_adapters.bundle import save_bundle
+    from benchmark_adapters.bundle import check_bundle_target, save_bundle
 
     from ..attacks.runner import parse_attack_run, run_attack
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    check_bundle_target(out, args.overwrite)  # before training: --overwrite replaces only a bundle
     config = apply_overrides(load_yaml(find_config_file(args.config)), parse_overrides(args.overrides))
     train = dict(config.get("train") or {}) if isinstance(config.get("train", {}), dict) else config.get("train")
     if isinstance(train, dict):

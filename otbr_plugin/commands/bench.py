@@ -32,7 +32,7 @@ come from the grid's `slurm:` section, then the command line. See docs/cluster.m
 
 Re-running the same command resumes: a cell is skipped only when its record's fingerprint (resolved attack and
 defense configs, checkpoint sha256, package version) matches; changed cells run again (the log says why) and
-failed cells are retried. One run per --out at a time (<out>/.lock); an ok record is never replaced by a failed one.
+failed cells are retried. One run per --out and per bundles folder at a time (<out>/.lock, <bundles>/.lock); an ok record is never replaced by a failed one.
 Outputs in --out: records/*.json (one run record per cell), bundles/ (cached backdoored models), table.md,
 acc_vs_asr.png, report.html (the self-contained HTML report of `otbr-bench report`). The exit status is 1 when any cell failed (the failures are listed at the end).
 """
@@ -125,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with contextlib.ExitStack() as locks:  # one writer per output folder (and per external bundles folder)
         locks.enter_context(folder_lock(out, "otbr-bench bench run"))
-        if args.bundles is not None and out.resolve() not in Path(args.bundles).resolve().parents:
-            locks.enter_context(folder_lock(args.bundles, "otbr-bench bench run (bundles folder)"))
+        # the bundles folder too, also the default <out>/bundles: another run may name it with --bundles
+        bundles = Path(args.bundles) if args.bundles else out / "bundles"
+        if bundles.resolve() != out.resolve():
+            locks.enter_context(folder_lock(bundles, "otbr-bench bench run (bundles folder)"))
         return _run_locked(args, grid, out, settings, options)
 
 

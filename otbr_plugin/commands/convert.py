@@ -40,6 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_not_source(src: Path, dst: Path) -> None:
+    """Refuse a DST that is SRC or holds it (symlinks resolved): writing DST replaces it, source included."""
+    source, target = src.resolve(), dst.resolve()
+    if target == source or target in source.parents:
+        what = "is SRC" if target == source else "holds SRC"
+        raise ValueError(f"DST {dst} {what} ({source}): writing it would replace the source; choose a DST outside "
+                         f"{src}")
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmark_adapters.backdoorbench import is_record, load_attack_result, write_attack_result
     from benchmark_adapters.bundle import is_bundle, load_bundle, save_bundle
@@ -47,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
+    check_not_source(src, dst)
     plain = (args.model, args.dataset, args.poisoned_test, args.attack_config, args.target_class)
     if any(v is not None for v in plain) or args.model_args:
         args.checkpoint = str(src)
