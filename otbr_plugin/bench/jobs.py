@@ -21,7 +21,7 @@ from benchmark_adapters.bundle import load_bundle
 from ..attacks.runner import parse_attack_run
 from ..bundle import Bundle
 from ..data import load_dataset
-from ..io import FolderLockedError, file_lock, safe_name, write_text
+from ..io import FolderLockedError, file_lock, read_regular, safe_name, write_text
 from ..runtime import RunSettings, resolve_device
 from .grid import (CellResult, GridSpec, _attack_fingerprint_config, _bundle_for, _cached_checkpoint, _fail,
                    _run_oracle_sweeps, run_cell, stale_reason)
@@ -184,8 +184,10 @@ def trained_bundle(grid: GridSpec, attack: str, seed: int, out: Path, bundles: P
     path = bundles / f"{attack}-seed{seed}"
     if _cached_checkpoint(path, _attack_fingerprint_config(grid, attack, seed), device) is None:
         error_file = train_error_path(out, attack, seed)
-        why = (f"training it failed: {error_file.read_text().strip()}" if error_file.exists()
-               else "its training job ended without it")
+        try:  # the results folder is untrusted: a bounded read of a regular file
+            why = f"training it failed: {read_regular(error_file, 1 << 16, tail=True).decode(errors='replace').strip()}"
+        except (OSError, ValueError):
+            why = "its training job ended without it"
         raise RuntimeError(f"the backdoored model {path} is not there or was trained with another config ({why})")
     return load_bundle(path)
 
