@@ -37,7 +37,7 @@ __all__ = ["run_local_workers", "run_slurm", "JobTable", "job_table", "live_slur
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 MAX_JOBS_BYTES = 16 << 20  # jobs.json: a few hundred bytes per job
-VANISHED_GRACE_S = 30.0  # a job that left the queue gets this long for its result file to appear (shared folders)
+VANISHED_GRACE_S = 30.0  # a job that left the queue gets this long for its outcome file to appear (shared folders)
 
 
 # ----------------------------------------------------------------------------------------------------------------
