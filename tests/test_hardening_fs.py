@@ -27,25 +27,19 @@ from benchmark_adapters.backdoorbench.writer import write_attack_result
 from benchmark_adapters.bundle import load_bundle, save_bundle
 from otbr_plugin.bench import executors
 from otbr_plugin.bench import grid as grid_module
-from otbr_plugin.bench.grid import load_grid, run_grid
+from otbr_plugin.bench.grid import current_records, load_grid, run_grid
 from otbr_plugin.bench.jobs import Task
 from otbr_plugin.bench.report import diagnose_html
 from otbr_plugin.bench.slurm import finished_outcome, write_outcome
+from otbr_plugin.bench.tables import load_records
 from otbr_plugin.cli import main
 from otbr_plugin.io import FolderLockedError, file_lock, folder_lock
 from otbr_plugin.runtime import RunSettings
 from test_bundle import make_bundle
+from test_cluster import _one_thread  # noqa: F401 - the autouse fixture: one torch thread per test
 from test_grid import grid_file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _Payload:
@@ -411,9 +405,13 @@ def test_a_resume_never_reports_a_record_with_another_fingerprint(tmp_path, caps
     lines = []
     executors._log_cell(changed, out, cell, lines.append)
     assert lines[0].startswith("cell/badnets/none/seed0: FAILED") and "ACC" not in lines[0]
+    # nor is it in the run's table
+    shown, stale = current_records(changed, load_records(out / "records"))
+    assert not shown and [r.defense for r in stale] == ["none"]
     # with the config it was written for, it is reported
     [same] = executors._cell_results(load_grid(path), out, [cell])
     assert same.status == "ok"
+    assert len(current_records(load_grid(path), load_records(out / "records"))[0]) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------

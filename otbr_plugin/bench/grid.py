@@ -34,7 +34,7 @@ from .runner import evaluate_model, run_defense
 from .slurm import SlurmOptions
 
 __all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "run_cell", "bundle_lock", "stale_reason",
-           "training_changes", "record_is_current"]
+           "training_changes", "record_is_current", "current_records"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
@@ -292,6 +292,13 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return f"its record cannot be read ({err})"
     if record.status != "ok":
         return "its last run failed"
+    return _mismatch(grid, record, attack_cfg, label, checkpoint)
+
+
+def _mismatch(grid: GridSpec, record: RunRecord, attack_cfg: Mapping[str, Any], label: str,
+              checkpoint: str | None) -> str | None:
+    """How ``record`` differs from the cell (attack, ``label``) as ``grid`` defines it (see :func:`stale_reason`),
+    or None when it is the cell's."""
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
         # fields the config class gained after the record was written match when the grid leaves them at
@@ -332,12 +339,24 @@ def record_is_current(grid: GridSpec, record: RunRecord, attack: str, label: str
     (resolved attack and defense configs, clean ratio, package version), taken with the record's own checkpoint.
     A run reports a cell from its record only when this holds, so a record written meanwhile by a worker or job of
     an earlier run with another config is never shown as this run's."""
-    if record.fingerprint is None:
-        return False
     attack_cfg = _attack_fingerprint_config(grid, attack, seed)
+    if record.status == "ok":  # the resume rule, also for records from before fingerprints
+        return _mismatch(grid, record, attack_cfg, label, None) is None
     sha = record.checkpoint_sha256
-    return record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
-                                  _cell_fingerprint(grid, attack_cfg, label, sha, since=record))
+    return record.fingerprint is not None and record.fingerprint == _cell_fingerprint(grid, attack_cfg, label, sha)
+
+
+def current_records(grid: GridSpec, records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
+    """``records`` of the grid's dataset split into (shown, left out): a record of one of the grid's cells is left
+    out when it is not :func:`record_is_current` (written with another config, e.g. by an earlier run's worker);
+    records of other cells in the folder are shown as they are."""
+    shown, stale = [], []
+    for r in records:
+        if r.dataset != grid.dataset:
+            continue
+        mine = r.attack_name in grid.attacks and r.defense in grid.defenses and r.seed in grid.seeds
+        (stale if mine and not record_is_current(grid, r, r.attack_name, r.defense, r.seed) else shown).append(r)
+    return shown, stale
 
 
 def _package_version() -> str:

@@ -7,7 +7,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from ..bench.grid import GridSpec, load_grid, run_grid
+from ..bench.grid import GridSpec, current_records, load_grid, run_grid
 from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
@@ -163,7 +163,11 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
           f"{wall / 60:.1f} min")
-    records = [r for r in load_records(out / "records") if r.dataset == grid.dataset]
+    records, stale = current_records(grid, load_records(out / "records"))
+    if stale:
+        print(f"left out of the table: {len(stale)} record(s) written with another config than this run's (an "
+              f"earlier run's worker or job): {', '.join('/'.join(map(str, r.key()[2:])) for r in stale[:5])}"
+              f"{', ...' if len(stale) > 5 else ''}; rerun to redo them")
     if any(r.status == "ok" for r in records):
         mean, std = comparison_table(records)
         table = format_table(mean, std, "md")
