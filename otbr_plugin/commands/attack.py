@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=2 --set attack.poison_ratio=0.05")
     p.add_argument("--data-root", default=None, help="data root (default: $OTBR_DATA or ./data)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out (only a bundle folder: anything else there is an error)")
     add_run_arguments(p, device_default=None, device_help="auto (accelerator if present, else cpu), cpu, ... "
                                                             "(default: the config's train.device)")
     p.set_defaults(func=run)
