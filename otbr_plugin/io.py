@@ -317,13 +317,13 @@ def read_regular(path: str | Path, max_bytes: int, *, inside: str | Path | None 
         os.close(fd)
 
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: no trailing newline
 
 
 def safe_name(value: object, what: str) -> str:
     """``value`` when it can be one part of a path: letters, digits, ``_``, ``-`` and ``.``, no leading dot, at
     most 128 characters (so no ``..``, ``/``, hidden or empty names); else a one-line ValueError naming ``what``."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value):
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
         raise ValueError(f"{what} {str(value)[:80]!r} is not a safe name: use letters, digits, '_', '-' and '.' "
                          "(not first), at most 128 characters; it becomes part of file names")
     return value

@@ -82,6 +82,7 @@ def test_status_never_unpickles_a_planted_result_pickle(tmp_path, monkeypatch, c
     ({"job_id": "../../../../tmp/evil"}, "must be a Slurm job id"),
     ({"job_id": "7; rm -rf ~"}, "must be a Slurm job id"),
     ({"job_id": 7}, "must be a Slurm job id"),
+    ({"job_id": "7\n"}, "must be a Slurm job id"),
     ({"job_id": "7", "record": "../../../etc/passwd"}, "record must be records/<file>.json"),
     ({"job_id": "7", "record": "/etc/passwd"}, "record must be records/<file>.json"),
 ])
@@ -249,7 +250,7 @@ def test_report_does_not_embed_files_reached_through_symlinks(tmp_path):
 # 4. grid labels are safe path parts
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where, label", [("attacks", "../../victim"), ("defenses", "../../../../escaped"),
-                                          ("defenses", ".hidden"), ("attacks", "a/b")])
+                                          ("defenses", ".hidden"), ("attacks", "a/b"), ("attacks", "badnets\n")])
 def test_grid_labels_that_escape_the_folder_are_refused(tmp_path, capsys, where, label):
     path = grid_file(tmp_path, ["none"])
     raw = yaml.safe_load(path.read_text())

@@ -25,7 +25,7 @@ __all__ = ["SlurmOptions", "JobState", "Submitter", "time_minutes", "live_jobs",
            "require_slurm", "check_job_id", "outcome_path", "write_outcome", "current_job_id"]
 
 OUTCOME_FILE = "outcome.json"
-_JOB_ID = re.compile(r"^\d+(_\d+)?$")
+_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")  # used with fullmatch: no trailing newline
 _MAX_OUTCOME_BYTES = 1 << 20
 _ERROR_TAIL = 2000
 
@@ -201,7 +201,7 @@ def live_jobs(job_ids: Sequence[str]) -> dict[str, str]:
 def check_job_id(value: Any, where: str = "job id") -> str:
     """``value`` when it is a Slurm job id as this tool writes them down: digits, or ``<digits>_<digits>`` (an array
     task); else a one-line ValueError (a job id becomes a folder name, so nothing else may pass)."""
-    if not isinstance(value, str) or not _JOB_ID.match(value):
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
         raise ValueError(f"{where} must be a Slurm job id (digits, or <digits>_<digits>), got {str(value)[:40]!r}")
     return value
 
@@ -220,7 +220,7 @@ def current_job_id() -> str | None:
         job_id = str(submitit.JobEnvironment().job_id)
     except Exception:  # noqa: BLE001 - not inside a submitit job: the plain Slurm variable, if any
         job_id = os.environ.get("SLURM_JOB_ID", "")
-    return job_id if _JOB_ID.match(job_id) else None
+    return job_id if _JOB_ID.fullmatch(job_id) else None
 
 
 def write_outcome(folder: Path, job_id: str, task: str, status: str, *, result: str | None = None,
