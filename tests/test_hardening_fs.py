@@ -393,6 +393,49 @@ def test_local_workers_die_with_a_killed_coordinator(tmp_path):
             proc.kill()
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` that are workers (not multiprocessing's resource tracker)."""
+    try:
+        kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+    return [k for k in kids if _alive(k) and b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the workers")
+def test_bench_workers_do_not_outlive_a_sigkilled_bench(tmp_path):
+    """The probe as reported: SIGKILL `bench --executor local --workers 2` while its workers run; none survives."""
+    path = grid_file(tmp_path, ["none"])
+    raw = yaml.safe_load(path.read_text())
+    raw["attacks"]["badnets"]["train"]["epochs"] = 50  # long enough to be killed mid-training
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "otbr_plugin.cli", "bench", str(path), "--out", str(tmp_path / "o"),
+                             "--workers", "2", "--threads", "1", "--no-progress", "--no-report"], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not workers and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            workers = _children(proc.pid)
+        assert workers, "bench started no worker"
+        time.sleep(3)  # the worker is importing torch or training
+        workers = _children(proc.pid) or workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [w for w in workers if _alive(w)]
+        for w in left:
+            os.kill(w, signal.SIGKILL)
+        assert not left, "workers outlived the killed bench"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_a_resume_never_reports_a_record_with_another_fingerprint(tmp_path, capsys):
     path = grid_file(tmp_path, ["none"])
     out = tmp_path / "out"
