@@ -57,7 +57,10 @@ def _open_lock(lock: Path) -> tuple[int, bool]:
         try:
             fd = os.open(lock, flags)
         except OSError as err:
-            raise ValueError(_not_a_lock(lock)) from err
+            if path_kind(lock) != "a regular file":
+                raise ValueError(_not_a_lock(lock)) from err
+            raise PermissionError(f"cannot open the lock file {lock} ({err.strerror}); it belongs to another user or "
+                                  "is read-only: use an output folder you can write") from err
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
