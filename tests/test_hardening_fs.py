@@ -450,12 +450,12 @@ def test_a_resume_never_reports_a_record_with_another_fingerprint(tmp_path, caps
     executors._log_cell(changed, out, cell, lines.append)
     assert lines[0].startswith("cell/badnets/none/seed0: FAILED") and "ACC" not in lines[0]
     # nor is it in the run's table
-    shown, stale = current_records(changed, load_records(out / "records"))
+    shown, stale = current_records(changed, out, load_records(out / "records"))
     assert not shown and [r.defense for r in stale] == ["none"]
     # with the config it was written for, it is reported
     [same] = executors._cell_results(load_grid(path), out, [cell])
     assert same.status == "ok"
-    assert len(current_records(load_grid(path), load_records(out / "records"))[0]) == 1
+    assert len(current_records(load_grid(path), out, load_records(out / "records"))[0]) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------

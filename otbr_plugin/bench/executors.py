@@ -419,7 +419,7 @@ def _current_record(grid: GridSpec, out: Path, task: Task) -> tuple[RunRecord | 
     record = read_cell(path)
     if record is None:
         return None, "no record was written"
-    if not record_is_current(grid, record, task.attack, task.defense, task.seed):
+    if not record_is_current(grid, path, task.attack, task.defense, task.seed):
         return None, (f"its record {path} was written with another config (its fingerprint is not this run's: an "
                       "earlier run's worker or job wrote it); run the grid again to redo the cell")
     return record, ""

@@ -292,13 +292,6 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return f"its record cannot be read ({err})"
     if record.status != "ok":
         return "its last run failed"
-    return _mismatch(grid, record, attack_cfg, label, checkpoint)
-
-
-def _mismatch(grid: GridSpec, record: RunRecord, attack_cfg: Mapping[str, Any], label: str,
-              checkpoint: str | None) -> str | None:
-    """How ``record`` differs from the cell (attack, ``label``) as ``grid`` defines it (see :func:`stale_reason`),
-    or None when it is the cell's."""
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
         # fields the config class gained after the record was written match when the grid leaves them at
@@ -334,28 +327,36 @@ def _mismatch(grid: GridSpec, record: RunRecord, attack_cfg: Mapping[str, Any], 
     return "its fingerprint does not match" + (": " + ", ".join(reasons) if reasons else "")
 
 
-def record_is_current(grid: GridSpec, record: RunRecord, attack: str, label: str, seed: int) -> bool:
-    """Whether ``record`` was written for this cell as ``grid`` defines it now: its fingerprint equals the cell's
-    (resolved attack and defense configs, clean ratio, package version), taken with the record's own checkpoint.
-    A run reports a cell from its record only when this holds, so a record written meanwhile by a worker or job of
-    an earlier run with another config is never shown as this run's."""
+def record_is_current(grid: GridSpec, path: Path, attack: str, label: str, seed: int) -> bool:
+    """Whether the record at ``path`` was written for this cell as ``grid`` defines it now. An ok record passes
+    the resume rule (:func:`stale_reason`, with its own checkpoint); a failed one carries the cell's fingerprint. A
+    run reports a cell from its record only when this holds, so a record written meanwhile by a worker or job of an
+    earlier run with another config is never shown as this run's."""
     attack_cfg = _attack_fingerprint_config(grid, attack, seed)
-    if record.status == "ok":  # the resume rule, also for records from before fingerprints
-        return _mismatch(grid, record, attack_cfg, label, None) is None
+    try:
+        record = read_record(path)
+    except ValueError:
+        return False
+    if record.status == "ok":
+        return stale_reason(grid, path, attack_cfg, label, None) is None
     sha = record.checkpoint_sha256
     return record.fingerprint is not None and record.fingerprint == _cell_fingerprint(grid, attack_cfg, label, sha)
 
 
-def current_records(grid: GridSpec, records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
-    """``records`` of the grid's dataset split into (shown, left out): a record of one of the grid's cells is left
-    out when it is not :func:`record_is_current` (written with another config, e.g. by an earlier run's worker);
-    records of other cells in the folder are shown as they are."""
+def current_records(grid: GridSpec, out: Path, records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
+    """``records`` (read from ``<out>/records``) of the grid's dataset split into (shown, left out): a record of one
+    of the grid's cells is left out when it is not :func:`record_is_current` (written with another config, e.g. by
+    an earlier run's worker); records of other cells in the folder are shown as they are."""
+    from .jobs import cell_record_path  # jobs builds on this module
+
     shown, stale = [], []
     for r in records:
         if r.dataset != grid.dataset:
             continue
         mine = r.attack_name in grid.attacks and r.defense in grid.defenses and r.seed in grid.seeds
-        (stale if mine and not record_is_current(grid, r, r.attack_name, r.defense, r.seed) else shown).append(r)
+        current = not mine or record_is_current(grid, cell_record_path(grid, out, r.attack_name, r.defense, r.seed),
+                                                r.attack_name, r.defense, r.seed)
+        (shown if current else stale).append(r)
     return shown, stale
 
 

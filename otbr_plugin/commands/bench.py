@@ -163,7 +163,7 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
           f"{wall / 60:.1f} min")
-    records, stale = current_records(grid, load_records(out / "records"))
+    records, stale = current_records(grid, out, load_records(out / "records"))
     if stale:
         print(f"left out of the table: {len(stale)} record(s) written with another config than this run's (an "
               f"earlier run's worker or job): {', '.join('/'.join(map(str, r.key()[2:])) for r in stale[:5])}"
