@@ -353,6 +353,19 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _kill_and_survivors(proc: subprocess.Popen, workers: list[int], grace_s: float = 15.0) -> list[int]:
+    """SIGKILL ``proc``; the ``workers`` still alive ``grace_s`` seconds later (killed too, so nothing is left)."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + grace_s
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    return left
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_local_workers_die_with_a_killed_coordinator(tmp_path):
     pids = tmp_path / "pids"
@@ -379,15 +392,7 @@ def test_local_workers_die_with_a_killed_coordinator(tmp_path):
         assert pids.exists(), "the coordinator did not start its workers"
         workers = [int(p) for p in pids.read_text().split()]
         assert workers and all(_alive(p) for p in workers)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 15
-        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [p for p in workers if _alive(p)]
-        for p in left:  # leave nothing behind when the test fails
-            os.kill(p, signal.SIGKILL)
-        assert not left, "orphaned workers outlived their coordinator"
+        assert not _kill_and_survivors(proc, workers), "orphaned workers outlived their coordinator"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -422,15 +427,7 @@ def test_bench_workers_do_not_outlive_a_sigkilled_bench(tmp_path):
         assert workers, "bench started no worker"
         time.sleep(3)  # the worker is importing torch or training
         workers = _children(proc.pid) or workers
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 15
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [w for w in workers if _alive(w)]
-        for w in left:
-            os.kill(w, signal.SIGKILL)
-        assert not left, "workers outlived the killed bench"
+        assert not _kill_and_survivors(proc, workers), "workers outlived the killed bench"
     finally:
         if proc.poll() is None:
             proc.kill()
