@@ -29,7 +29,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from otbr_plugin import __version__
+from otbr_plugin._version import __version__
 from otbr_plugin.bundle import Bundle, BundleError
 from otbr_plugin.data.poisoned import PoisonedTestSet
 from otbr_plugin.data.specs import get_dataset_spec

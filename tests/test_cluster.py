@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otbr_plugin.bench import grid as grid_module
-from otbr_plugin.bench.executors import run_local_workers
-from otbr_plugin.bench.grid import load_grid, run_grid
-from otbr_plugin.bench.jobs import Task, plan_tasks
-from otbr_plugin.bench.records import read_record
+from otbr_plugin.bench import jobs as jobs_module
+from otbr_plugin.bench.executors import run_grid, run_local_workers
+from otbr_plugin.bench.grid import Task, load_grid, plan_tasks
+from otbr_plugin.aggregate.records import read_record
 from otbr_plugin.bench.slurm import SlurmOptions, finished_outcome
-from otbr_plugin.bench.tables import load_records
+from otbr_plugin.aggregate.tables import load_records
 from otbr_plugin.cli import main
 from otbr_plugin.runtime import RunSettings
 from slurm_cluster import start_one_node_slurm
@@ -99,17 +98,17 @@ def test_local_workers_record_a_training_failure_in_every_cell(tmp_path, capsys)
 def test_one_bundle_is_trained_once_by_concurrent_runs(tmp_path, monkeypatch):
     grid = load_grid(tiny_grid(tmp_path))
     trained = []
-    real = grid_module.run_attack
+    real = jobs_module.run_attack
 
     def counting(*args, **kwargs):
         trained.append(threading.get_ident())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "run_attack", counting)
+    monkeypatch.setattr(jobs_module, "run_attack", counting)
     settings = RunSettings.from_args("cpu", threads=1, progress=False)
     bundles = tmp_path / "shared_bundles"
     got = []
-    threads = [threading.Thread(target=lambda: got.append(grid_module._bundle_for(
+    threads = [threading.Thread(target=lambda: got.append(jobs_module.bundle_for(
         grid, "badnets", 0, bundles, lambda s: None, settings).model_sha256)) for _ in range(3)]
     for t in threads:
         t.start()

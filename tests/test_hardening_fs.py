@@ -25,13 +25,13 @@ import yaml
 from benchmark_adapters.backdoorbench import load_attack_result
 from benchmark_adapters.backdoorbench.writer import write_attack_result
 from benchmark_adapters.bundle import load_bundle, save_bundle
+from otbr_plugin.aggregate.report import diagnose_html
+from otbr_plugin.aggregate.tables import load_records
 from otbr_plugin.bench import executors
-from otbr_plugin.bench import grid as grid_module
-from otbr_plugin.bench.grid import current_records, load_grid, run_grid
+from otbr_plugin.bench.executors import run_grid
+from otbr_plugin.bench.grid import current_records, load_grid
 from otbr_plugin.bench.jobs import Task
-from otbr_plugin.bench.report import diagnose_html
 from otbr_plugin.bench.slurm import finished_outcome, write_outcome
-from otbr_plugin.bench.tables import load_records
 from otbr_plugin.cli import main
 from otbr_plugin.io import FolderLockedError, file_lock, folder_lock
 from otbr_plugin.runtime import RunSettings
@@ -467,8 +467,8 @@ def test_records_folder_with_a_fifo_or_dev_zero_neither_hangs_nor_exhausts_memor
     code = textwrap.dedent(f"""
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-        from otbr_plugin.bench.tables import load_records
-        from otbr_plugin.bench.records import read_record
+        from otbr_plugin.aggregate.tables import load_records
+        from otbr_plugin.aggregate.records import read_record
         print(len(load_records({str(records)!r})))
         for name in ("fifo.json", "zero.json", "big.json"):
             try:
@@ -499,7 +499,7 @@ def test_an_external_bundles_folder_in_use_by_another_run_is_locked(tmp_path, mo
                 seen.append(str(err))
         return []
 
-    monkeypatch.setattr(grid_module, "_run_grid", inner)
+    monkeypatch.setattr(executors, "_run_grid", inner)
     run_grid(grid, a, settings=settings)
     assert len(seen) == 1 and "in use" in seen[0] and "bundles" in seen[0]
 

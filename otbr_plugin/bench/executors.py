@@ -1,5 +1,6 @@
-"""Where a grid's jobs run: local worker processes (``--executor local --workers N``) or Slurm
-(``--executor slurm``, through submitit). Both run the tasks of :mod:`otbr_plugin.bench.jobs`, start a model's
+"""Who runs a grid's tasks: this process, one after the other (:func:`run_grid`, ``--executor local``), local worker
+processes (``--executor local --workers N``) or Slurm (``--executor slurm``, through submitit). All run the tasks
+planned by :func:`~otbr_plugin.bench.grid.plan_tasks` through :mod:`otbr_plugin.bench.jobs`. Workers and Slurm start a model's
 cells only after its training task has ended, show one progress bar over all jobs (done / running / pending /
 failed) and return one :class:`~otbr_plugin.bench.grid.CellResult` per cell, read from the records.
 
@@ -10,6 +11,7 @@ Slurm jobs are written down in ``<out>/jobs/jobs.json`` when submitted, so ``--d
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import multiprocessing
@@ -26,14 +28,18 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..io import read_regular, safe_name, write_json
-from .grid import CellResult, GridSpec, _fail, record_is_current
-from .jobs import Task, cell_line, cell_record_path, plan_tasks, planning_device, read_cell, run_task
-from .records import RunRecord
+from ..data import load_dataset
+from ..io import folder_lock, read_regular, safe_name, write_json
+from ..runtime import RunSettings, auto_threads
+from ..aggregate.records import RunRecord
+from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks,
+                   planning_device, record_is_current)
+from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
+from .runner import evaluate_model
 from .slurm import (JobState, SlurmOptions, Submitter, check_job_id, current_job_id, finished_outcome, live_jobs,
                     require_slurm, write_outcome)
 
-__all__ = ["run_local_workers", "run_slurm", "JobTable", "job_table", "live_slurm_jobs", "worker_gpus"]
+__all__ = ["run_grid", "run_local_workers", "run_slurm", "JobTable", "job_table", "live_slurm_jobs", "worker_gpus"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 MAX_JOBS_BYTES = 16 << 20  # jobs.json: a few hundred bytes per job
@@ -94,7 +100,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
                       log: Callable[[str], None] | None = None) -> list[CellResult]:
     """Run a grid's tasks on ``workers`` local processes (spawned). A model's cells start once its training task
     has ended. With several GPUs, worker i gets GPU i mod #GPUs (``CUDA_VISIBLE_DEVICES``) and runs on "cuda".
-    ``threads``: torch CPU threads per worker (default: the CPU count divided among the workers). The caller holds
+    ``threads``: torch CPU threads per worker (default: :func:`~otbr_plugin.runtime.auto_threads` for the workers). The caller holds
     the output folder's lock."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
@@ -103,7 +109,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
     plan = plan_tasks(grid, out, bundles, device, log)
     gpus = worker_gpus(device)
     worker_device = device.type if gpus else str(device)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or auto_threads(workers)[0]
     waiting: dict[tuple[str, int], list[Task]] = {}
     for task in plan.tasks:  # cells and sweeps of a model being trained wait for it
         if task.kind != "train" and Task("train", task.attack, task.seed) in plan.tasks:
@@ -440,7 +446,7 @@ def _log_cell(grid: GridSpec, out: Path, task: Task, log: Callable[[str], None])
 def _record_lost(grid: GridSpec, out: Path, task: Task, error: str) -> None:
     """A failed record for a cell whose job or worker ended without writing one (an ok record is kept)."""
     path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
-    _fail(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error))
+    record_failure(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error))
 
 
 def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResult]:
@@ -454,3 +460,113 @@ def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResu
         else:
             results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error))
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sequential executor: every task in this process, one bar over all cells
+# ----------------------------------------------------------------------------------------------------------------
+def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None, lock: bool = True,
+             settings: RunSettings | None = None) -> list[CellResult]:
+    """Run every cell whose record is missing, failed or stale; returns one result per cell (skipped, ok or
+    failed). ``lock``: hold ``<out>/.lock`` (and the bundles folder's) for the run, so a second run on the
+    same folder stops at once with :class:`~otbr_plugin.io.FolderLockedError` (pass False when the caller
+    holds it). With ``progress``, one tqdm bar over all cells (with ETA) and one summary line per finished cell
+    above it. ``settings``: the command's run settings (device, threads, progress), passed to attack training,
+    evaluation and every defense; without them they are built once here from the grid's ``device`` and
+    ``progress``."""
+    if settings is None:
+        settings = RunSettings.from_args(grid.device, progress=progress, apply=False)
+    progress = settings.progress
+    if log is None:  # one line per finished cell; above the bar when there is one
+        log = (lambda s: tqdm.write(s)) if progress else (lambda s: print(s, flush=True))
+    out = Path(out)
+    bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
+    if not lock:
+        return _run_grid(grid, out, bundles, settings, log)
+    # the bundles folder is locked too, also <out>/bundles: another run may name it with --bundles
+    with folder_lock(out, "otbr-bench run"), (
+            folder_lock(bundles, "otbr-bench run (bundles folder)") if bundles.resolve() != out.resolve()
+            else contextlib.nullcontext()):
+        return _run_grid(grid, out, bundles, settings, log)
+
+
+def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
+              log: Callable[[str], None]) -> list[CellResult]:
+    progress, device = settings.progress, settings.device
+    plan = plan_tasks(grid, out, bundles, device, log)  # the skip rules of every executor
+    results: list[CellResult] = list(plan.skipped)
+    todo: dict[tuple[str, int], list[str]] = {}
+    for task in plan.cells:
+        todo.setdefault((task.attack, task.seed), []).append(task.defense)
+    clean_test = None
+    # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) counts the backdoored
+    # models still to train apart from the defense cells, so one long training does not inflate every cell.
+    total = len(grid.seeds) * len(grid.attacks) * len(grid.defenses)
+    eta = _Eta(cells_left=len(plan.cells), trainings_left=sum(t.kind == "train" for t in plan.tasks))
+    bar = tqdm(total=total, initial=total - len(plan.cells), desc=f"grid {grid.name}", unit="cell",
+               disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    for (attack, seed), defenses in todo.items():
+        attack_cfg = attack_fingerprint_config(grid, attack, seed)
+        paths = {d: cell_record_path(grid, out, attack, d, seed) for d in defenses}
+        bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
+        t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
+        try:
+            bundle = bundle_for(grid, attack, seed, bundles, log, settings)
+            if clean_test is None:
+                clean_test = load_dataset(grid.dataset, "test", grid.data_root)
+            before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
+            if not had_bundle:
+                eta.training_done(time.perf_counter() - t0)
+        except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+            if not had_bundle:
+                eta.training_done(None)
+            for defense, path in paths.items():
+                results.append(record_failure(grid, attack, defense, seed, path, None, err, log))
+                eta.cell_done(None)
+                bar.update(1)
+            continue
+        for defense, path in paths.items():
+            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
+            t0 = time.perf_counter()
+            results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
+                                    device, log))
+            eta.cell_done(time.perf_counter() - t0)
+            bar.set_postfix_str(str(eta), refresh=False)
+            bar.update(1)
+        run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
+    bar.close()
+    return results
+
+
+class _Eta:
+    """Time left in a grid: cells left x mean seconds per cell + models left to train x mean seconds per training
+    (each measured in this run); "?" until both are known."""
+
+    def __init__(self, cells_left: int, trainings_left: int) -> None:
+        self.cells_left, self.trainings_left = cells_left, trainings_left
+        self.cell_seconds: list[float] = []
+        self.training_seconds: list[float] = []
+
+    def training_done(self, seconds: float | None) -> None:
+        self.trainings_left = max(0, self.trainings_left - 1)
+        if seconds is not None:
+            self.training_seconds.append(seconds)
+
+    def cell_done(self, seconds: float | None) -> None:
+        self.cells_left = max(0, self.cells_left - 1)
+        if seconds is not None:
+            self.cell_seconds.append(seconds)
+
+    def seconds(self) -> float | None:
+        if self.cells_left == 0:
+            return 0.0
+        if not self.cell_seconds or (self.trainings_left and not self.training_seconds):
+            return None
+        per_training = sum(self.training_seconds) / len(self.training_seconds) if self.training_seconds else 0.0
+        return (self.cells_left * sum(self.cell_seconds) / len(self.cell_seconds)
+                + self.trainings_left * per_training)
+
+    def __str__(self) -> str:
+        left = self.seconds()
+        return "ETA ?" if left is None else f"ETA {tqdm.format_interval(left)}"

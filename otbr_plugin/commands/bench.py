@@ -7,10 +7,12 @@ import contextlib
 import time
 from pathlib import Path
 
-from ..bench.grid import GridSpec, current_records, load_grid, run_grid
-from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..bench.executors import run_grid
+from ..bench.grid import GridSpec, current_records, load_grid
+from ..aggregate.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
+from ..runtime import parse_threads
 from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """examples:
@@ -117,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
     if slurm:
         settings = None
         options = slurm_options(args, grid)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be an integer >= 1, got {args.threads}")
+        args.threads = parse_threads(args.threads)
+        if args.threads == "auto":  # decided by each job on its node: its CPUs per task
+            args.threads = None
     else:
-        settings = run_settings(args, device=args.device or grid.device)  # once for the whole grid
+        settings = run_settings(args, device=args.device or grid.device,  # once for the whole grid
+                                workers=args.workers)
         options = None
     out = Path(args.out)
     with contextlib.ExitStack() as locks:  # one writer per output folder (and per external bundles folder)
@@ -180,7 +184,7 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
             print(oracle)
         if not args.no_report:
             try:
-                from ..bench.report import write_report
+                from ..aggregate.report import write_report
 
                 print(f"report: {write_report(out)}")
             except Exception as err:  # noqa: BLE001 - the records and the table are the result; the page is extra

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench.report import write_report
+from ..aggregate.report import write_report
 from . import formatter
 
 EPILOG = """examples:

@@ -30,7 +30,7 @@ import pandas as pd
 from .records import RunRecord
 from ..io import is_inside, read_regular
 from ..io import write_text as write_text_atomic
-from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, _best_mask, _cell, _ordered, comparison_table,
+from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, best_mask, format_cell, ordered, comparison_table,
                      load_records)
 
 __all__ = ["Section", "render_page", "records_sections", "render_report", "write_report", "find_diagnose_dirs",
@@ -156,7 +156,7 @@ def _groups(records: Sequence[RunRecord]) -> list[tuple[str, str, list[RunRecord
 def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS) -> str:
     """The comparison table (percent, mean ± std over seeds) with the best defense per attack and metric marked."""
     mean, std = comparison_table(records, metrics)
-    best = _best_mask(mean)
+    best = best_mask(mean)
     defenses = list(dict.fromkeys(mean.columns.get_level_values(0)))
     head1 = '<tr><th rowspan="2">attack</th>' + "".join(
         f'<th class="defense{" nodef" if d == "none" else ""}" colspan="{len(metrics)}">'
@@ -170,7 +170,7 @@ def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS) -
             cls = "best" if best.at[attack, (d, m)] else ("nodef" if d == "none" else "")
             title = f"{d} {m.upper()} on {attack}" + (" (best)" if cls == "best" else "")
             cells.append(f'<td class="{cls}" data-defense="{_e(d)}" data-metric="{m}" title="{_e(title)}">'
-                         f"{_e(_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)]))}</td>")
+                         f"{_e(format_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)]))}</td>")
         cls = ' class="average"' if attack == "average" else ""
         rows.append(f'<tr{cls} data-attack="{_e(attack)}"><td>{_e(attack)}</td>{"".join(cells)}</tr>')
     return (f'<div class="scroll"><table class="comparison">{head1}{head2}{"".join(rows)}</table></div>')
@@ -184,7 +184,7 @@ def _findings(records: Sequence[RunRecord]) -> str:
         return ""
     g = df.groupby(["attack", "defense"])[["acc", "asr", "ra", "der"]].mean().reset_index()
     items = []
-    for attack in _ordered(g["attack"], []):
+    for attack in ordered(g["attack"], []):
         sub = g[g["attack"] == attack].sort_values("der", ascending=False)
         top = sub.iloc[0]
         base = _frame([r for r in records if r.attack_name == attack and r.defense == "none"])
@@ -201,9 +201,9 @@ def scatter_html(records: Sequence[RunRecord]) -> str:
     df = _frame(records)
     if df.empty:
         return ""
-    defenses = [d for d in _ordered(df["defense"], DEFENSE_ORDER) if d != "none"] or ["none"]
-    colors = _colors(_ordered(df["defense"], DEFENSE_ORDER))
-    attacks = _ordered(df["attack"], [])
+    defenses = [d for d in ordered(df["defense"], DEFENSE_ORDER) if d != "none"] or ["none"]
+    colors = _colors(ordered(df["defense"], DEFENSE_ORDER))
+    attacks = ordered(df["attack"], [])
     markers = "osD^vP*Xh"
     g = df.groupby(["attack", "defense"]).agg(acc=("acc", "mean"), asr=("asr", "mean"), acc_sd=("acc", "std"),
                                               asr_sd=("asr", "std"), acc0=("acc_before", "mean"),
@@ -253,9 +253,9 @@ def bars_html(records: Sequence[RunRecord]) -> str:
     df = _frame(records)
     if df.empty:
         return ""
-    defenses = _ordered(df["defense"], DEFENSE_ORDER)
+    defenses = ordered(df["defense"], DEFENSE_ORDER)
     colors = _colors(defenses)
-    attacks = _ordered(df["attack"], [])
+    attacks = ordered(df["attack"], [])
     mean = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].mean()
     std = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].std()
     ncol = min(4, len(attacks))
@@ -500,7 +500,7 @@ def provenance_html(records: Sequence[RunRecord]) -> str:
                  "<th>model sha256</th><th>model</th><th>before defense (%)</th></tr>" + rows + "</table></div>")
 
     cell_rows = []
-    order = {d: i for i, d in enumerate(_ordered((r.defense for r in records), DEFENSE_ORDER))}
+    order = {d: i for i, d in enumerate(ordered((r.defense for r in records), DEFENSE_ORDER))}
     for r in sorted(records, key=lambda r: (r.attack_name, order[r.defense], r.seed)):
         sec = r.seconds or {}
         status = f'<span class="badge {_e(r.status)}">{_e(r.status)}</span>'
@@ -597,8 +597,8 @@ def render_report(folder: str | Path, title: str | None = None) -> str:
     if not any(r.status == "ok" for r in records):
         raise ValueError(f"{root}: every run record failed; nothing to report")
     datasets = ", ".join(dict.fromkeys(r.dataset for r in records))
-    attacks = _ordered((r.attack_name for r in records), [])
-    defenses = _ordered((r.defense for r in records), DEFENSE_ORDER)
+    attacks = ordered((r.attack_name for r in records), [])
+    defenses = ordered((r.defense for r in records), DEFENSE_ORDER)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (f"{_e(datasets)} · {len(attacks)} attack(s): {_e(', '.join(attacks))} · {len(defenses)} defense(s): "
                 f"{_e(', '.join(defenses))} · {len(records)} run record(s) from <code>{_e(root)}</code> · "

@@ -64,7 +64,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", *METRICS])
 
 
-def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     vals = list(dict.fromkeys(values))
     return sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), v))
 
@@ -82,8 +82,8 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     grouped = df.groupby(["attack", "defense"])[list(metrics)]
     mean = grouped.mean().mul(100).unstack("defense")
     std = grouped.std(ddof=1).mul(100).unstack("defense")
-    defenses = _ordered(df["defense"], DEFENSE_ORDER)
-    attacks = _ordered(df["attack"], [])
+    defenses = ordered(df["defense"], DEFENSE_ORDER)
+    attacks = ordered(df["attack"], [])
     cols = pd.MultiIndex.from_tuples([(d, m) for d in defenses for m in metrics], names=["defense", "metric"])
     mean = mean.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
     std = std.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
@@ -92,7 +92,7 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     return mean, std
 
 
-def _best_mask(mean: pd.DataFrame) -> pd.DataFrame:
+def best_mask(mean: pd.DataFrame) -> pd.DataFrame:
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
     defenses = [d for d in mean.columns.get_level_values(0).unique() if d != "none"]
     for metric in mean.columns.get_level_values(1).unique():
@@ -106,7 +106,7 @@ def _best_mask(mean: pd.DataFrame) -> pd.DataFrame:
     return mask
 
 
-def _cell(m: float, s: float) -> str:
+def format_cell(m: float, s: float) -> str:
     if pd.isna(m):
         return "-"
     return f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
@@ -116,14 +116,14 @@ def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
     """Render the comparison table as ``md``, ``csv``, ``latex`` or ``html``."""
     if fmt not in ("md", "csv", "latex", "html"):
         raise ValueError(f"format must be one of md, csv, latex, html; got {fmt!r}")
-    best = _best_mask(mean)
+    best = best_mask(mean)
     mark = {"md": "**{}**", "csv": "{}*", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}[fmt]
     header = [f"{d} {m.upper()}" for d, m in mean.columns]
     body = []
     for attack in mean.index:
         row = []
         for col in mean.columns:
-            text = _cell(mean.at[attack, col], std.at[attack, col])
+            text = format_cell(mean.at[attack, col], std.at[attack, col])
             if fmt == "latex":
                 text = text.replace("±", "$\\pm$")
             if fmt == "html":
@@ -160,7 +160,7 @@ def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str =
 
     df = records_frame(records)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for defense in _ordered(df["defense"], DEFENSE_ORDER):
+    for defense in ordered(df["defense"], DEFENSE_ORDER):
         sub = df[df["defense"] == defense]
         ax.scatter(sub["asr"] * 100, sub["acc"] * 100, label=defense, s=40, alpha=0.8)
         for _, row in sub.iterrows():

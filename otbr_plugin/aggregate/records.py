@@ -24,14 +24,16 @@ MAX_RECORD_BYTES = 32 << 20  # a record is a few KB; anything near this is not o
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the package and the libraries that shape results."""
+    """Versions of the package and the libraries that shape results, and torch's CPU thread count (CPU kernels
+    may sum in another order with another count, so it shapes the last digits too)."""
     import numpy
     import torch
 
-    from otbr_plugin import __version__
+    from .._version import __version__
 
     out = {"otbr_plugin": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-           "python": platform.python_version(), "platform": platform.platform()}
+           "python": platform.python_version(), "platform": platform.platform(),
+           "torch_threads": str(torch.get_num_threads())}
     try:
         import ot
 
@@ -46,7 +48,7 @@ def run_fingerprint(attack_config: Any, defense_config: Any, checkpoint_sha256: 
     """sha256 over everything that produced a cell's result: the resolved attack config, the resolved defense
     config, the checkpoint's sha256 and the package version (``extra``: anything else that shapes it, e.g. the
     clean subset ratio). A grid reuses a record only when its fingerprint equals the one of the cell to run."""
-    from otbr_plugin import __version__
+    from .._version import __version__
 
     payload = {"attack": attack_config, "defense": defense_config, "checkpoint_sha256": checkpoint_sha256,
                "otbr_plugin": __version__, **(extra or {})}
