@@ -5,6 +5,7 @@ the reason, where the daemons are not installed or do not come up."""
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 from pathlib import Path
 
@@ -222,6 +223,28 @@ def test_slurm_grid_gives_the_sequential_records_detached_and_resumed(one_node_s
     assert json.loads((out / "jobs" / "jobs.json").read_text())["jobs"] == jobs
     assert main(["status", str(out)]) == 0
     assert "done 3, running 0, pending 0, failed 0" in capsys.readouterr().out
+    # every job wrote its outcome as JSON; status reads only that: a pickle planted as submitit's result never runs
+    marker = tmp_path / "code_ran"
+    for key, entry in jobs.items():
+        folder = out.resolve() / "jobs" / "slurm" / entry["job_id"]
+        outcome = json.loads((folder / "outcome.json").read_text())
+        assert (outcome["job_id"], outcome["task"], outcome["status"]) == (entry["job_id"], key, "done")
+        assert outcome["record"] == entry.get("record")
+        (folder / f"{entry['job_id']}_0_result.pkl").write_bytes(pickle.dumps(("success", _Payload(marker))))
+    assert main(["status", str(out)]) == 0
+    assert "done 3" in capsys.readouterr().out and not marker.exists()
+
+
+class _Payload:
+    """A pickle that makes a folder when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
 
 
 def test_slurm_training_failure_is_in_every_cell_record(one_node_slurm, tmp_path, capsys):
@@ -237,4 +260,5 @@ def test_slurm_training_failure_is_in_every_cell_record(one_node_slurm, tmp_path
         record = read_record(out / "records" / f"fashion_mnist__smallcnn__badnets__{name}__seed0.json")
         assert record.status == "failed" and "DatasetFormatError" in record.error
     assert main(["status", str(out)]) == 1
-    assert "FAILED train/badnets/seed0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FAILED train/badnets/seed0" in printed and "DatasetFormatError" in printed

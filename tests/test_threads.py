@@ -86,7 +86,7 @@ def test_cli_threads_default_is_auto_and_printed(capsys, monkeypatch):
 
 
 def test_records_carry_the_thread_count():
-    from otbr_plugin.bench.records import library_versions
+    from otbr_plugin.aggregate.records import library_versions
 
     old = torch.get_num_threads()
     try:

@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import json_default, write_json
+from ..io import json_default, read_regular, write_json
 
-__all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_record", "read_record",
+__all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_record", "read_record", "read_record_json",
            "library_versions", "record_filename", "run_fingerprint"]
 
 RECORD_SCHEMA_VERSION = 1
+MAX_RECORD_BYTES = 32 << 20  # a record is a few KB; anything near this is not one
 
 
 def library_versions() -> dict[str, str]:
@@ -167,14 +168,23 @@ def write_record(record: RunRecord, path: str | Path) -> Path:
     return write_json(path, record.to_dict())
 
 
-def read_record(path: str | Path) -> RunRecord:
+def read_record_json(path: str | Path) -> Any:
+    """The parsed JSON of the file ``path`` in a records folder: a regular file (a FIFO, a device or a symlink to
+    one is refused without blocking) of at most :data:`MAX_RECORD_BYTES`; ValueError naming the file otherwise."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        return json.loads(read_regular(p, MAX_RECORD_BYTES).decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{p}: not a readable run record ({err})") from err
     except RecursionError as err:
         raise ValueError(f"{p}: not a run record (JSON nested too deeply)") from err
+    except ValueError as err:  # not a regular file, or too big
+        raise ValueError(f"{p}: not a readable run record ({err})") from err
+
+
+def read_record(path: str | Path) -> RunRecord:
+    p = Path(path)
+    data = read_record_json(p)
     try:
         return RunRecord.from_dict(data)
     except (TypeError, ValueError) as err:

@@ -17,7 +17,9 @@ import datetime as _dt
 import html
 import io
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .records import RunRecord
+from ..io import is_inside, read_regular
 from ..io import write_text as write_text_atomic
 from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, best_mask, format_cell, ordered, comparison_table,
                      load_records)
@@ -37,6 +40,7 @@ ORACLE_TITLE = "ORACLE DIAGNOSTIC — scored on the test set, never the reported
 ARROW = {True: "↑", False: "↓"}
 # one colour per defense, the same in every plot (tab10 order; "none" is grey)
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+_MAX_READ_BYTES = 32 << 20  # a diagnose file larger than this is not embedded
 _MAX_EMBED_BYTES = 120_000  # a diagnose PNG larger than this is downscaled before it is embedded
 
 CSS = """
@@ -285,7 +289,7 @@ def bars_html(records: Sequence[RunRecord]) -> str:
 # --------------------------------------------------------------------------------------------- oracle
 def oracle_html(folder: Path, records: Sequence[RunRecord]) -> str:
     """The oracle sweeps (``oracle_sweep_<key>.csv``) under ``folder``: one plot panel per sweep and the table."""
-    files = sorted(folder.rglob("oracle_sweep_*.csv"))
+    files = sorted(f for f in folder.rglob("oracle_sweep_*.csv") if embeddable(f, folder))
     if not files:
         return ""
     plt = _pyplot()
@@ -344,11 +348,20 @@ def oracle_html(folder: Path, records: Sequence[RunRecord]) -> str:
 # ------------------------------------------------------------------------------------------- diagnose
 def find_diagnose_dirs(folder: Path) -> list[Path]:
     """Folders written by ``otbr-bench diagnose`` under ``folder``: ``diagnose*/`` (recursively) holding a
-    ``summary.md``."""
+    ``summary.md`` that :func:`embeddable` (inside ``folder``, symlinks resolved; a regular file)."""
     out = []
-    for d in sorted(p for p in folder.glob("diagnose*") if p.is_dir()):
-        out += sorted({s.parent for s in d.rglob("summary.md")})
+    for d in sorted(p for p in folder.glob("diagnose*") if p.is_dir() and is_inside(p, folder)):
+        out += sorted({s.parent for s in d.rglob("summary.md") if embeddable(s, folder)})
     return out
+
+
+def embeddable(path: Path, folder: Path) -> bool:
+    """Whether the report may embed ``path``: a regular file (not a FIFO or device) whose resolved location is
+    inside ``folder``, so a symlink planted in a results folder cannot pull a private file into the page."""
+    try:
+        return is_inside(path, folder) and stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _inline_md(text: str) -> str:
@@ -412,8 +425,8 @@ def markdown_html(text: str) -> str:
     return f'<div class="md">{"".join(out)}</div>'
 
 
-def _embed_png(path: Path) -> str:
-    data = path.read_bytes()
+def _embed_png(path: Path, folder: Path) -> str:
+    data = read_regular(path, _MAX_READ_BYTES, inside=folder)
     if len(data) > _MAX_EMBED_BYTES:
         try:
             from PIL import Image
@@ -433,9 +446,12 @@ def diagnose_html(folder: Path) -> str:
     parts = []
     for d in find_diagnose_dirs(folder):
         rel = d.relative_to(folder)
-        summary = (d / "summary.md").read_text(encoding="utf-8", errors="replace")
-        pngs = "".join(f"<figure>{_embed_png(p)}<figcaption class=note>{_e(p.name)}</figcaption></figure>"
-                       for p in sorted(d.glob("*.png")))
+        try:
+            summary = read_regular(d / "summary.md", _MAX_READ_BYTES, inside=folder).decode("utf-8", "replace")
+            pngs = "".join(f"<figure>{_embed_png(p, folder)}<figcaption class=note>{_e(p.name)}</figcaption></figure>"
+                           for p in sorted(d.glob("*.png")) if embeddable(p, folder))
+        except (OSError, ValueError):  # changed under us, or too big: not embedded
+            continue
         parts.append(f"<h3>{_e(rel)}</h3>{markdown_html(summary)}{pngs}")
     return "".join(parts)
 

@@ -9,7 +9,6 @@ marked. Higher is better for ACC, RA and DER; lower for ASR.
 from __future__ import annotations
 
 import html as _html
-import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import save_figure
-from .records import RunRecord, read_record
+from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "records_frame", "comparison_table", "format_table", "METRICS", "HIGHER_IS_BETTER",
            "plot_acc_vs_asr", "oracle_table"]
@@ -38,8 +37,8 @@ def load_records(folder: str | Path) -> list[RunRecord]:
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = read_record_json(path)
+        except ValueError:
             continue
         if isinstance(data, dict) and "schema_version" in data and "checkpoint_sha256" in data:
             record = read_record(path)

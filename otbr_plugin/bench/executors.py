@@ -11,10 +11,14 @@ Slurm jobs are written down in ``<out>/jobs/jobs.json`` when submitted, so ``--d
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -25,16 +29,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_dataset
-from ..io import folder_lock, write_json
+from ..io import folder_lock, read_regular, safe_name, write_json
 from ..runtime import RunSettings, auto_threads
-from .grid import CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks, planning_device
+from ..aggregate.records import RunRecord
+from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks,
+                   planning_device, record_is_current)
 from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
 from .runner import evaluate_model
-from .slurm import JobState, SlurmOptions, Submitter, finished_outcome, live_jobs, require_slurm
+from .slurm import (JobState, SlurmOptions, Submitter, check_job_id, current_job_id, finished_outcome, live_jobs,
+                    require_slurm, write_outcome)
 
 __all__ = ["run_grid", "run_local_workers", "run_slurm", "JobTable", "job_table", "live_slurm_jobs", "worker_gpus"]
 
-VANISHED_GRACE_S = 30.0  # a job that left the queue gets this long for its result file to appear (shared folders)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+MAX_JOBS_BYTES = 16 << 20  # jobs.json: a few hundred bytes per job
+VANISHED_GRACE_S = 30.0  # a job that left the queue gets this long for its outcome file to appear (shared folders)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,8 +59,35 @@ def worker_gpus(device: torch.device) -> list[str]:
     return ids[:torch.cuda.device_count()] if ids else [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _init_worker(counter: Any, gpus: list[str]) -> None:
-    """Worker start-up: worker i sees only GPU i mod len(gpus) (before CUDA starts in it)."""
+def die_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Make this process end when its parent ``parent`` (the coordinator) ends, also when that one is killed with
+    SIGKILL: Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes) and, everywhere, a
+    daemon thread that checks every ``poll_s`` seconds whether the parent is still there. An orphaned worker would
+    otherwise finish its cell with the old config, or wait forever on a pipe nobody reads."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watchdog thread alone
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="otbr-parent-watch", daemon=True).start()
+
+
+def _init_worker(counter: Any, gpus: list[str], parent: int | None = None) -> None:
+    """Worker start-up: it dies with its coordinator ``parent`` (:func:`die_with_parent`); worker i sees only GPU i
+    mod len(gpus) (before CUDA starts in it)."""
+    if parent is not None:
+        die_with_parent(parent)
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -84,7 +120,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
     context = multiprocessing.get_context("spawn")  # no fork: torch's thread pools do not survive it
     errors: dict[Task, str] = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(context.Value("i", 0), gpus)) as pool:
+                             initargs=(context.Value("i", 0), gpus, os.getpid())) as pool:
         running: dict[Future, Task] = {}
 
         def start(task: Task) -> None:
@@ -135,17 +171,62 @@ def slurm_folder(out: Path) -> Path:
 
 
 def _load_jobs(out: Path) -> dict[str, dict[str, Any]]:
-    """The Slurm jobs submitted for ``out``: task key -> {"job_id", "submitted", "record" (cells)}."""
+    """The Slurm jobs submitted for ``out``: task key -> {"job_id", "submitted", "record" (cells)}. The file is
+    untrusted input: every key must be a task key, every job id a Slurm job id and every record a file name in
+    ``<out>/records``; anything else is an error naming the file and the entry."""
     path = jobs_file(out)
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular(path, MAX_JOBS_BYTES).decode())
         jobs = data["jobs"]
         assert isinstance(jobs, dict) and all(isinstance(v, dict) and "job_id" in v for v in jobs.values())
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as err:
         raise ValueError(f"{path}: not a jobs file of otbr-bench ({err}); move it away to start afresh") from err
+    for key, entry in jobs.items():
+        try:
+            Task.from_key(key)
+            check_job_id(entry["job_id"], "job_id")
+            record = entry.get("record")
+            if record is not None and not (isinstance(record, str) and _record_entry(record)):
+                raise ValueError(f"record must be records/<file>.json inside the output folder, got {str(record)[:80]!r}")
+        except ValueError as err:
+            raise ValueError(f"{path}: entry {str(key)[:80]!r}: {err}; move the file away to start afresh") from None
     return jobs
+
+
+def _record_entry(record: str) -> bool:
+    """Whether a jobs file's ``record`` is ``records/<safe name>.json`` (relative, no ``..``, no sub-folders)."""
+    parts = Path(record).parts
+    if len(parts) != 2 or parts[0] != "records" or not parts[1].endswith(".json"):
+        return False
+    try:
+        safe_name(parts[1], "record")
+    except ValueError:
+        return False
+    return True
+
+
+def slurm_job(grid: GridSpec, task: Task, out: str, bundles: str, device: str = "auto",
+              threads: int | None = None) -> str:
+    """The body of one Slurm job: :func:`~otbr_plugin.bench.jobs.run_task`, then how it ended as JSON in the job's
+    own folder (:func:`~otbr_plugin.bench.slurm.write_outcome`: status, error tail, record), which is all that
+    ``status`` and a resume read back. A job that raises writes its outcome and raises on (the job fails)."""
+    job_id = current_job_id()
+    folder = slurm_folder(Path(out))
+    record = (str(cell_record_path(grid, Path(out), task.attack, task.defense, task.seed).relative_to(out))
+              if task.kind == "cell" else None)
+    try:
+        result = run_task(grid, task, out, bundles, device, threads)
+    except BaseException as err:
+        if job_id is not None:
+            write_outcome(folder, job_id, task.key, "failed", error=f"{type(err).__name__}: {err}", record=record)
+        raise
+    if job_id is not None:
+        write_outcome(folder, job_id, task.key, "done", result=result, record=record)
+    else:
+        print(f"{task.key}: no Slurm job id found (SLURM_JOB_ID); no outcome file written", flush=True)
+    return result
 
 
 def live_slurm_jobs(out: str | Path) -> dict[str, str]:
@@ -188,7 +269,7 @@ def run_slurm(grid: GridSpec, out: str | Path, bundles: str | Path, *, options: 
     try:
         for task in new:
             after = ids.get(Task("train", task.attack, task.seed).key) if task.kind != "train" else None
-            ids[task.key] = submitter.submit(f"otbr-{task.key}", run_task,
+            ids[task.key] = submitter.submit(f"otbr-{task.key}", slurm_job,
                                              (grid, task, str(out), str(bundles), device, threads), after)
             jobs[task.key] = {"job_id": ids[task.key], "submitted": _now()}
             if task.kind == "cell":
@@ -230,7 +311,7 @@ def _wait_slurm(grid: GridSpec, out: Path, jobs: dict[str, dict[str, Any]], fold
         for key, entry in jobs.items():
             if key in ended or entry["job_id"] in live:
                 continue
-            state = finished_outcome(folder, entry["job_id"])
+            state = finished_outcome(folder, entry["job_id"], key)
             if state.state == "failed" and "without a result" in (state.error or ""):
                 gone_since.setdefault(key, time.monotonic())  # the result file may still be on its way
                 if time.monotonic() - gone_since[key] < VANISHED_GRACE_S:
@@ -260,7 +341,7 @@ def _collect_lost(grid: GridSpec, out: Path, ended: dict[str, dict[str, Any]], f
         if task.kind != "cell" or task.attack not in grid.attacks or task.defense not in grid.defenses:
             continue
         if read_cell(out / entry["record"]) is None:
-            state = finished_outcome(folder, entry["job_id"])
+            state = finished_outcome(folder, entry["job_id"], key)
             _record_lost(grid, out, task, state.error or f"Slurm job {entry['job_id']} ended without a record")
             log(f"{key}: FAILED {state.error}")
 
@@ -295,7 +376,7 @@ def job_table(out: str | Path) -> JobTable:
         if entry["job_id"] in live:
             (table.running if live[entry["job_id"]] == "running" else table.pending).append(key)
             continue
-        state = finished_outcome(slurm_folder(out), entry["job_id"])
+        state = finished_outcome(slurm_folder(out), entry["job_id"], key)
         record = read_cell(out / entry["record"]) if entry.get("record") else None
         if record is not None and record.status == "failed":
             table.failed[key] = str(record.error)
@@ -337,16 +418,29 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _current_record(grid: GridSpec, out: Path, task: Task) -> tuple[RunRecord | None, str]:
+    """The cell's record when it is this run's (its fingerprint is the cell's for the grid's configs), else None
+    and why. A record written meanwhile by an earlier run's worker or job with another config is not reported."""
+    path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
+    record = read_cell(path)
+    if record is None:
+        return None, "no record was written"
+    if not record_is_current(grid, path, task.attack, task.defense, task.seed):
+        return None, (f"its record {path} was written with another config (its fingerprint is not this run's: an "
+                      "earlier run's worker or job wrote it); run the grid again to redo the cell")
+    return record, ""
+
+
 def _cell_failed(grid: GridSpec, out: Path, task: Task) -> bool:
     if task.kind != "cell":
         return False
-    record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
+    record, _ = _current_record(grid, out, task)
     return record is None or record.status != "ok"
 
 
 def _log_cell(grid: GridSpec, out: Path, task: Task, log: Callable[[str], None]) -> None:
-    record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
-    log(cell_line(record) if record is not None else f"{task.key}: no record written")
+    record, why = _current_record(grid, out, task)
+    log(cell_line(record) if record is not None else f"{task.key}: FAILED {why}")
 
 
 def _record_lost(grid: GridSpec, out: Path, task: Task, error: str) -> None:
@@ -356,12 +450,13 @@ def _record_lost(grid: GridSpec, out: Path, task: Task, error: str) -> None:
 
 
 def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResult]:
-    """One result per cell task, from its record (a missing record is a failure)."""
+    """One result per cell task, from its record (a missing record, or one with another fingerprint, is a
+    failure)."""
     results = []
     for task in cells:
-        record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
+        record, why = _current_record(grid, out, task)
         if record is None:
-            results.append(CellResult(task.attack, task.defense, task.seed, "failed", "no record was written"))
+            results.append(CellResult(task.attack, task.defense, task.seed, "failed", why))
         else:
             results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error))
     return results
@@ -389,11 +484,11 @@ def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None 
     bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
     if not lock:
         return _run_grid(grid, out, bundles, settings, log)
-    with folder_lock(out, "otbr-bench run"):
-        if bundles_dir is None or out.resolve() in bundles.resolve().parents:
-            return _run_grid(grid, out, bundles, settings, log)
-        with folder_lock(bundles, "otbr-bench run (bundles folder)"):
-            return _run_grid(grid, out, bundles, settings, log)
+    # the bundles folder is locked too, also <out>/bundles: another run may name it with --bundles
+    with folder_lock(out, "otbr-bench run"), (
+            folder_lock(bundles, "otbr-bench run (bundles folder)") if bundles.resolve() != out.resolve()
+            else contextlib.nullcontext()):
+        return _run_grid(grid, out, bundles, settings, log)
 
 
 def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,

@@ -28,14 +28,14 @@ from .._version import __version__
 from ..attacks.runner import parse_attack_run
 from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
 from ..defenses import get_defense
-from ..io import json_default
+from ..io import json_default, safe_name
 from ..runtime import resolve_device
 from ..aggregate.records import RunRecord, read_record, record_filename, run_fingerprint
 from .slurm import SlurmOptions
 
 __all__ = ["GridSpec", "CellResult", "load_grid", "stale_reason", "training_changes", "attack_fingerprint_config",
            "cell_fingerprint", "cached_checkpoint", "Task", "GridPlan", "plan_tasks", "cell_record_path",
-           "train_error_path", "planning_device"]
+           "train_error_path", "planning_device", "record_is_current", "current_records"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
@@ -88,6 +88,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     if not isinstance(raw["attacks"], Mapping) or not raw["attacks"]:
         raise ValueError(f"{gpath}: 'attacks' must map attack labels to config files or inline configs")
     for label, spec in raw["attacks"].items():
+        safe_name(label, f"{gpath}: attack label")  # it names the bundle folder and the record files
         if isinstance(spec, str):
             p = find_config_file(spec, base)
             cfg, sources[f"attack:{label}"] = load_yaml(p), str(p)
@@ -109,6 +110,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     doverrides = raw.get("defense_overrides") or {}
     defense_names: dict[str, str] = {}
     for name, spec in dspec.items():
+        safe_name(name, f"{gpath}: defense label")  # it names the record files
         # a variant: label -> {defense: NAME, config: FILE|null, set: {key: value}} (e.g. otbr_reference)
         if isinstance(spec, Mapping) and "defense" in spec:
             extra = sorted(set(spec) - {"defense", "config", "set"})
@@ -329,6 +331,37 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
     return "its fingerprint does not match" + (": " + ", ".join(reasons) if reasons else "")
 
 
+def record_is_current(grid: GridSpec, path: Path, attack: str, label: str, seed: int) -> bool:
+    """Whether the record at ``path`` was written for this cell as ``grid`` defines it now. An ok record passes
+    the resume rule (:func:`stale_reason`, with its own checkpoint); a failed one carries the cell's fingerprint. A
+    run reports a cell from its record only when this holds, so a record written meanwhile by a worker or job of an
+    earlier run with another config is never shown as this run's."""
+    attack_cfg = attack_fingerprint_config(grid, attack, seed)
+    try:
+        record = read_record(path)
+    except ValueError:
+        return False
+    if record.status == "ok":
+        return stale_reason(grid, path, attack_cfg, label, None) is None
+    sha = record.checkpoint_sha256
+    return record.fingerprint is not None and record.fingerprint == cell_fingerprint(grid, attack_cfg, label, sha)
+
+
+def current_records(grid: GridSpec, out: Path, records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
+    """``records`` (read from ``<out>/records``) of the grid's dataset split into (shown, left out): a record of one
+    of the grid's cells is left out when it is not :func:`record_is_current` (written with another config, e.g. by
+    an earlier run's worker); records of other cells in the folder are shown as they are."""
+    shown, stale = [], []
+    for r in records:
+        if r.dataset != grid.dataset:
+            continue
+        mine = r.attack_name in grid.attacks and r.defense in grid.defenses and r.seed in grid.seeds
+        current = not mine or record_is_current(grid, cell_record_path(grid, out, r.attack_name, r.defense, r.seed),
+                                                r.attack_name, r.defense, r.seed)
+        (shown if current else stale).append(r)
+    return shown, stale
+
+
 def _package_version() -> str:
     return __version__
 
@@ -349,6 +382,9 @@ class Task:
         if self.kind not in KINDS or (self.kind == "train") != (self.defense == ""):
             raise ValueError(f"a task is train (attack, seed) or {'/'.join(KINDS[1:])} (attack, defense, seed), "
                              f"got {self}")
+        safe_name(self.attack, "task attack label")
+        if self.defense:
+            safe_name(self.defense, "task defense label")
 
     @property
     def key(self) -> str:

@@ -24,7 +24,7 @@ from benchmark_adapters.bundle import load_bundle, save_bundle
 from ..attacks.runner import parse_attack_run, run_attack
 from ..bundle import Bundle
 from ..data import load_dataset
-from ..io import FolderLockedError, file_lock, write_text
+from ..io import FolderLockedError, file_lock, read_regular, write_text
 from ..runtime import RunSettings
 from ..aggregate.records import RunRecord, read_record, write_record
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cached_checkpoint, cell_fingerprint,
@@ -151,6 +151,11 @@ def record_failure(grid: GridSpec, attack: str, defense: str, seed: int, path: P
         metrics_after=None, der=None, data_used="",
         status="failed", error=message, diagnostics={"traceback": traceback.format_exc(limit=8)},
     )
+    try:  # a failed record carries its cell's fingerprint too: a run reports only records with its own
+        record.attack_config = attack_fingerprint_config(grid, attack, seed)
+        record.fingerprint = cell_fingerprint(grid, record.attack_config, defense, record.checkpoint_sha256)
+    except Exception:  # noqa: BLE001 - an unresolvable config is what failed; the record says so without one
+        record.attack_config, record.fingerprint = None, None
     write_record(record, path)
     return CellResult(attack, defense, seed, "failed", message)
 
@@ -209,8 +214,10 @@ def trained_bundle(grid: GridSpec, attack: str, seed: int, out: Path, bundles: P
     path = bundles / f"{attack}-seed{seed}"
     if cached_checkpoint(path, attack_fingerprint_config(grid, attack, seed), device) is None:
         error_file = train_error_path(out, attack, seed)
-        why = (f"training it failed: {error_file.read_text().strip()}" if error_file.exists()
-               else "its training job ended without it")
+        try:  # the results folder is untrusted: a bounded read of a regular file
+            why = f"training it failed: {read_regular(error_file, 1 << 16, tail=True).decode(errors='replace').strip()}"
+        except (OSError, ValueError):
+            why = "its training job ended without it"
         raise RuntimeError(f"the backdoored model {path} is not there or was trained with another config ({why})")
     return load_bundle(path)
 
