@@ -24,7 +24,7 @@ from benchmark_adapters.bundle import MODEL_FILE, load_bundle, save_bundle, veri
 from ..bundle import Bundle, BundleError
 from ..attacks.runner import parse_attack_run, run_attack
 from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
-from ..data import load_dataset
+from ..data import identity_changes, load_dataset, try_data_identity
 from ..defenses import get_defense
 from ..io import file_lock, folder_lock, json_default
 from ..runtime import RunSettings, resolve_device
@@ -33,7 +33,7 @@ from .runner import evaluate_model, run_defense
 from .slurm import SlurmOptions
 
 __all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "run_cell", "bundle_lock", "stale_reason",
-           "training_changes"]
+           "training_changes", "grid_data"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
@@ -235,10 +235,24 @@ def _defense_fingerprint_config(grid: GridSpec, label: str) -> dict[str, Any]:
             "config": _plain(grid.defense_class(label)(grid.defenses[label]).config.to_dict())}
 
 
+def grid_data(grid: GridSpec) -> dict[str, Any] | str:
+    """The identity of the grid's data (:func:`~otbr_plugin.data.data_identity` of its dataset under its data root:
+    size and sha256 of each split), or why it cannot be computed."""
+    return try_data_identity(grid.dataset, grid.data_root)
+
+
+def _data_fingerprint(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a data identity that shapes results: each split's size and hash (not where it lives)."""
+    return {split: {"num_samples": data[split]["num_samples"], "sha256": data[split]["sha256"]}
+            for split in ("train", "test") if isinstance(data.get(split), Mapping)}
+
+
 def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str,
-                      since: RunRecord | None = None) -> str:
+                      since: RunRecord | None = None, data: Mapping[str, Any] | None = None) -> str:
     """The cell's fingerprint; ``since``: as of that record's configs -- options added to the config classes
-    after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`)."""
+    after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`).
+    ``data``: the identity of the data (:func:`grid_data`); None gives the fingerprint of records written before
+    it was part of it."""
     defense = _defense_fingerprint_config(grid, label)
     if since is not None:
         defaults = _defense_defaults(grid, label)
@@ -247,7 +261,10 @@ def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str,
         if isinstance(old, Mapping) and isinstance(attack_cfg.get("train"), Mapping):
             attack_cfg = {**attack_cfg, "train": _without_new_defaults(old.get("train"), dict(attack_cfg["train"]),
                                                                         _train_defaults())}
-    return run_fingerprint(attack_cfg, defense, checkpoint_sha256, {"clean_ratio": grid.clean_ratio})
+    extra: dict[str, Any] = {"clean_ratio": grid.clean_ratio}
+    if data is not None:
+        extra["data"] = _data_fingerprint(data)
+    return run_fingerprint(attack_cfg, defense, checkpoint_sha256, extra)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -259,9 +276,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
 
 
-def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.device) -> str | None:
+def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.device,
+                       data: Mapping[str, Any] | str | None = None) -> str | None:
     """sha256 of the cached bundle's weights when it exists and was trained with ``attack_cfg`` (on a device of
-    ``device``'s type, see :func:`training_changes`), else None."""
+    ``device``'s type, see :func:`training_changes`) on the data ``data`` (:func:`grid_data`), else None."""
     if not path.exists():
         return None
     try:
@@ -271,6 +289,8 @@ def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     if training_changes(extra.get("resolved_config"), training.get("device"), attack_cfg, device):
+        return None
+    if data is not None and (isinstance(data, str) or identity_changes(extra.get("data"), data)):
         return None
     return meta["files"].get(MODEL_FILE)
 
@@ -289,6 +309,10 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return f"its record cannot be read ({err})"
     if record.status != "ok":
         return "its last run failed"
+    data = grid_data(grid)
+    if isinstance(data, str):
+        return data
+    data_changed = identity_changes(record.data, data)
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
         # fields the config class gained after the record was written match when the grid leaves them at
@@ -302,12 +326,20 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
             return "the defense config changed (" + "; ".join(changed[:5]) + ")"
         if checkpoint is not None and record.checkpoint_sha256 != checkpoint:
             return "the backdoored checkpoint changed"
+        if data_changed:
+            return "the data changed (" + "; ".join(data_changed) + ")"
         return None
     sha = checkpoint or record.checkpoint_sha256
-    if record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
-                              _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
+    if record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha, data=data),
+                              _cell_fingerprint(grid, attack_cfg, label, sha, since=record, data=data)):
+        return None
+    # a fingerprint from before the data was part of it: matched when the data the record names is the grid's
+    if not data_changed and record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
+                                                   _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
     reasons = []
+    if data_changed:
+        reasons.append("the data changed (" + "; ".join(data_changed) + ")")
     defaults = _defense_defaults(grid, label)  # options added since: not a change
     changed = _changed_keys(_plain(record.defense_config),
                             _without_new_defaults(_plain(record.defense_config), defense["config"], defaults))
@@ -354,6 +386,10 @@ def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, lo
         bundle = load_bundle(path)
         changed = training_changes(bundle.extra.get("resolved_config"), (bundle.training or {}).get("device"),
                                    run.resolved(), settings.device)
+        data = grid_data(grid)
+        if isinstance(data, str):
+            raise RuntimeError(f"the grid's {grid.dataset} data: {data}")
+        changed += [f"data: {c}" for c in identity_changes(bundle.extra.get("data"), data)]
         if not changed:
             log(f"{attack} seed {seed}: using cached bundle {path}")
             return bundle
@@ -460,7 +496,14 @@ def run_cell(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, b
         if grid.defense_names.get(defense, defense) != defense:
             record.defense, record.defense_name = defense, grid.defense_names[defense]
         record.attack_config = dict(attack_cfg)
-        record.fingerprint = _cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256)
+        data = grid_data(grid)
+        if isinstance(data, str):
+            raise RuntimeError(f"the grid's {grid.dataset} data: {data}")
+        changes = identity_changes(record.data, {k: data[k] for k in ("train", "test") if k in (record.data or {})})
+        if changes:  # the cell was evaluated on other data than the grid's fingerprint names
+            raise RuntimeError("the clean test set used differs from the grid's data (" + "; ".join(changes) + ")")
+        record.data = {**(record.data or {}), **{k: v for k, v in data.items() if k not in ("dataset",)}}
+        record.fingerprint = _cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256, data=data)
         record.seconds["cell_total"] = time.perf_counter() - t0
         write_record(record, path)
         log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "

@@ -24,7 +24,7 @@ from ..data import load_dataset
 from ..io import FolderLockedError, file_lock, write_text
 from ..runtime import RunSettings, resolve_device
 from .grid import (CellResult, GridSpec, _attack_fingerprint_config, _bundle_for, _cached_checkpoint, _fail,
-                   _run_oracle_sweeps, run_cell, stale_reason)
+                   _run_oracle_sweeps, grid_data, run_cell, stale_reason)
 from .records import RunRecord, read_record, record_filename
 from .runner import evaluate_model
 
@@ -104,7 +104,7 @@ def plan_tasks(grid: GridSpec, out: str | Path, bundles: str | Path, device: tor
     for seed in grid.seeds:
         for attack in grid.attacks:
             attack_cfg = _attack_fingerprint_config(grid, attack, seed)
-            cached = _cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device)
+            cached = _cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device, grid_data(grid))
             cells = []
             for defense in grid.defenses:
                 path = cell_record_path(grid, out, attack, defense, seed)
@@ -179,7 +179,7 @@ def trained_bundle(grid: GridSpec, attack: str, seed: int, out: Path, bundles: P
     """The cached bundle of (attack, seed), trained with the grid's config; a clear error (with the training task's
     error, when it left one) when it is not there. Never trains."""
     path = bundles / f"{attack}-seed{seed}"
-    if _cached_checkpoint(path, _attack_fingerprint_config(grid, attack, seed), device) is None:
+    if _cached_checkpoint(path, _attack_fingerprint_config(grid, attack, seed), device, grid_data(grid)) is None:
         error_file = train_error_path(out, attack, seed)
         why = (f"training it failed: {error_file.read_text().strip()}" if error_file.exists()
                else "its training job ended without it")

@@ -16,15 +16,15 @@ from torch import nn
 
 from benchmark_adapters.bundle import save_bundle
 
-from ..bundle import Bundle
-from ..data import ImageDataset, Normalizer, load_dataset
+from ..bundle import Bundle, non_finite_weights
+from ..data import ImageDataset, Normalizer, default_data_root, find_dataset, load_dataset, tensor_identity
 from ..data.specs import get_dataset_spec
 from ..data.subsets import CleanData, clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, build_context
 from ..runtime import resolve_device, seed_everything
-from ..metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
+from ..metrics import BackdoorMetrics, NonFiniteOutputError, defense_effectiveness_rating, evaluate_backdoor
 from ..io import json_default, write_csv, write_json
-from .records import RunRecord
+from .records import RunRecord, run_fingerprint
 
 __all__ = ["DefenseRun", "defend_model", "evaluate_model", "run_defense", "write_defense_outputs"]
 
@@ -42,6 +42,7 @@ class DefenseRun:
     device: torch.device
     seconds: dict[str, float]
     config_source: str = ""
+    data: dict | None = None  # the data root used and the identity of the clean test set (and train set if used)
 
     @property
     def der(self) -> float:
@@ -64,6 +65,11 @@ class DefenseRun:
             diagnostics=self.outcome.diagnostics,
             device=str(self.device),
             config_source=self.config_source,
+            data=self.data,
+            fingerprint=run_fingerprint(self.bundle.attack, {"name": self.defense.name,
+                                                             "config": self.defense.config.to_dict()},
+                                        self.bundle.model_sha256 or "",
+                                        {"data": {k: v for k, v in (self.data or {}).items() if k != "root"}}),
         )
 
 
@@ -72,8 +78,12 @@ def evaluate_model(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
     """ACC/ASR/RA of ``model`` on the clean test set and the bundle's poisoned test set, computed on ``device``
     (the run's; the model is not moved)."""
     bd = bundle.bd_test
-    return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
-                             bd.original_labels, bundle.normalizer, device=device)
+    try:
+        return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
+                                 bd.original_labels, bundle.normalizer, device=device)
+    except NonFiniteOutputError as err:
+        where = bundle.path or (f"checkpoint sha256 {bundle.model_sha256[:12]}" if bundle.model_sha256 else "the checkpoint")
+        raise NonFiniteOutputError(f"{where}: {err}") from None
 
 
 def defend_model(
@@ -129,6 +139,8 @@ def run_defense(
         data_root = bundle.extra["data_root"]
     if clean_test is None:
         clean_test = load_dataset(spec.name, "test", data_root)
+    root = Path(data_root) if data_root is not None else default_data_root()
+    data: dict = {"root": str(find_dataset(spec.name, root) or root), "test": tensor_identity(clean_test)}
     model = bundle.build_model().to(dev)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -136,7 +148,9 @@ def run_defense(
         before = evaluate_model(model, bundle, clean_test, dev)
     clean_data = None
     if defense.needs_clean_data:
-        clean_data = clean_defense_subset(load_dataset(spec.name, "train", data_root), clean_ratio, seed)
+        train = load_dataset(spec.name, "train", data_root)
+        data["train"] = tensor_identity(train)
+        clean_data = clean_defense_subset(train, clean_ratio, seed)
     t1 = time.perf_counter()
     outcome = defend_model(model, defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
                            normalizer=Normalizer(tuple(bundle.normalizer.mean), tuple(bundle.normalizer.std)),
@@ -144,9 +158,13 @@ def run_defense(
     seconds["defense_total"] = outcome.seconds
     seconds.update({f"stage_{k}": v for k, v in outcome.stage_seconds.items()})
     t2 = time.perf_counter()
+    bad = non_finite_weights(outcome.model.state_dict())
+    if bad:
+        raise NonFiniteOutputError(f"{bundle.path or 'the checkpoint'}: defense {defense.name} left NaN or infinite "
+                                   f"weights in {', '.join(bad[:5])}")
     after = evaluate_model(outcome.model, bundle, clean_test, dev)
     seconds["evaluation"] = time.perf_counter() - t2 + (t1 - t0)
-    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source)
+    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source, data)
 
 
 def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
