@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from pathlib import Path
 
 from ..bench.grid import GridSpec, load_grid, run_grid
-from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..bench.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
+                            unreadable_line)
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
 from . import add_run_arguments, formatter, run_settings
@@ -161,7 +163,10 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
           f"{wall / 60:.1f} min")
-    records = [r for r in load_records(out / "records") if r.dataset == grid.dataset]
+    unreadable: list = []
+    records = [r for r in load_records(out / "records", unreadable) if r.dataset == grid.dataset]
+    if unreadable:
+        print(unreadable_line(unreadable), file=sys.stderr)
     if any(r.status == "ok" for r in records):
         mean, std = comparison_table(records)
         table = format_table(mean, std, "md")

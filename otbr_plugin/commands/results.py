@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..bench.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
 from ..bench.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
-from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..bench.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
+                            unreadable_line)
 from ..config import load_yaml
 from ..io import write_json, write_text
 from . import formatter
@@ -104,18 +106,22 @@ def _emit(text: str, out: str | None) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    records = load_records(args.records)
+    unreadable: list = []
+    records = load_records(args.records, unreadable)
+    if unreadable:
+        print(unreadable_line(unreadable), file=sys.stderr)
     mean, std = comparison_table(records)
     _emit(format_table(mean, std, args.format), args.out)
+    # notes go to stderr: stdout holds the table alone (an --format html/csv/latex table piped to a file stays valid)
     failed = [r for r in records if r.status != "ok"]
     if failed:
         print(f"note: {len(failed)} failed run(s) are not in the table: "
-              + ", ".join(f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in failed))
+              + ", ".join(f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in failed), file=sys.stderr)
     if args.plot:
-        print(f"wrote {plot_acc_vs_asr(records, args.plot)}")
+        print(f"wrote {plot_acc_vs_asr(records, args.plot)}", file=sys.stderr)
     oracle = oracle_table(args.records)
-    if oracle:
-        print("\n" + oracle, end="")
+    if oracle:  # Markdown: after a Markdown table on stdout, else on stderr
+        print("\n" + oracle, end="", file=sys.stdout if args.format == "md" and not args.out else sys.stderr)
     return 0
 
 
