@@ -313,6 +313,8 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
     if isinstance(data, str):
         return data
     data_changed = identity_changes(record.data, data)
+    if data_changed:  # made on other data (or before records named it): whatever its fingerprint says
+        return "the data changed (" + "; ".join(data_changed) + ")"
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
         # fields the config class gained after the record was written match when the grid leaves them at
@@ -326,20 +328,16 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
             return "the defense config changed (" + "; ".join(changed[:5]) + ")"
         if checkpoint is not None and record.checkpoint_sha256 != checkpoint:
             return "the backdoored checkpoint changed"
-        if data_changed:
-            return "the data changed (" + "; ".join(data_changed) + ")"
         return None
     sha = checkpoint or record.checkpoint_sha256
     if record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha, data=data),
                               _cell_fingerprint(grid, attack_cfg, label, sha, since=record, data=data)):
         return None
     # a fingerprint from before the data was part of it: matched when the data the record names is the grid's
-    if not data_changed and record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
+    if record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
                                                    _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
     reasons = []
-    if data_changed:
-        reasons.append("the data changed (" + "; ".join(data_changed) + ")")
     defaults = _defense_defaults(grid, label)  # options added since: not a change
     changed = _changed_keys(_plain(record.defense_config),
                             _without_new_defaults(_plain(record.defense_config), defense["config"], defaults))
