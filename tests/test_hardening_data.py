@@ -315,13 +315,13 @@ def test_mathtext_in_labels_is_plotted_as_plain_text(tmp_path, capsys):
     folder = _copy_results(tmp_path)
     for path in (folder / "records").glob("*badnets*.json"):
         data = json.loads(path.read_text())
-        data["attack"]["label"] = r"$\frac{unclosed"
+        data["attack"]["label"] = r"$\frac{unclosed$"
         path.write_text(json.dumps(data))
     records = load_records(folder)
-    plot_acc_vs_asr(records, tmp_path / "plot.png", title=r"$\bad{")
+    plot_acc_vs_asr(records, tmp_path / "plot.png", title=r"$\bad{$")
     assert (tmp_path / "plot.png").stat().st_size > 0
     assert main(["table", str(folder), "--plot", str(tmp_path / "p2.png")]) == 0
-    assert r"$\frac{unclosed" in render_report(folder)
+    assert r"$\frac{unclosed$" in render_report(folder)
 
 
 def _renamed(tmp_path: Path, label: str) -> list:
