@@ -163,7 +163,7 @@ def test_a_record_made_on_a_subset_is_stale(tmp_path):
     assert reason and "test 1000 -> 10000 samples" in reason
     del rec["data"]  # or does not say: not reused either
     path.write_text(json.dumps(rec))
-    assert "not recorded" in grid_module.stale_reason(grid, path, cfg, "otbr", None)
+    assert "does not say what data" in grid_module.stale_reason(grid, path, cfg, "otbr", None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -312,8 +312,10 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
     data = grid_data(grid)
     if isinstance(data, str):
         return data
+    if not isinstance(record.data, dict):
+        return "it does not say what data it was made on (written before records named their data)"
     data_changed = identity_changes(record.data, data)
-    if data_changed:  # made on other data (or before records named it): whatever its fingerprint says
+    if data_changed:  # made on other data: whatever its fingerprint says
         return "the data changed (" + "; ".join(data_changed) + ")"
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
@@ -335,7 +337,7 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return None
     # a fingerprint from before the data was part of it: matched when the data the record names is the grid's
     if record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
-                                                   _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
+                              _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
     reasons = []
     defaults = _defense_defaults(grid, label)  # options added since: not a change
