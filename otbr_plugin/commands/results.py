@@ -97,6 +97,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_regress)
 
 
+def _records(folder: str) -> list:
+    """The run records under ``folder``; the record files that cannot be read are named on stderr."""
+    unreadable: list = []
+    records = load_records(folder, unreadable)
+    if unreadable:
+        print(unreadable_line(unreadable), file=sys.stderr)
+    return records
+
+
 def _emit(text: str, out: str | None) -> None:
     if out:
         write_text(out, text)
@@ -106,10 +115,7 @@ def _emit(text: str, out: str | None) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    unreadable: list = []
-    records = load_records(args.records, unreadable)
-    if unreadable:
-        print(unreadable_line(unreadable), file=sys.stderr)
+    records = _records(args.records)
     mean, std = comparison_table(records)
     _emit(format_table(mean, std, args.format), args.out)
     # notes go to stderr: stdout holds the table alone (an --format html/csv/latex table piped to a file stays valid)
@@ -126,7 +132,8 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _lb_export(args: argparse.Namespace) -> int:
-    path = export_submission(load_records(args.records), args.out, args.submitter, args.method, args.description,
+    records = _records(args.records)
+    path = export_submission(records, args.out, args.submitter, args.method, args.description,
                              args.contact)
     print(f"wrote {path}")
     return 0
@@ -173,7 +180,7 @@ def _grid_name(value: str | None) -> str | None:
 
 
 def _regress(args: argparse.Namespace) -> int:
-    records = load_records(args.current)
+    records = _records(args.current)
     grid = _grid_name(args.grid)
     tol_file = args.tolerance_file or (None if args.no_tolerance_file else find_tolerance_file(args.baseline))
     file_layer = load_tolerance_file(tol_file) if tol_file else None
