@@ -5,18 +5,16 @@ submissions and CLP. Each test fails on the code before the fix."""
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from benchmark_adapters.backdoorbench.clean_test import resolve_data_root
@@ -97,9 +95,9 @@ def test_run_record_names_the_data_root_and_the_clean_set(tiny_fashion_bundle):
     assert record.fingerprint and len(record.fingerprint) == 64
     # other clean data (here: one test image changed) gives another identity and another fingerprint
     images = root / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"
-    raw = bytearray(__import__("gzip").decompress(images.read_bytes()))
+    raw = bytearray(gzip.decompress(images.read_bytes()))
     raw[-1] ^= 0xFF
-    images.write_bytes(__import__("gzip").compress(bytes(raw)))
+    images.write_bytes(gzip.compress(bytes(raw)))
     other = run_defense(load_bundle(bundle_path), create_defense("none"), data_root=root, device="cpu",
                         progress=False).record()
     assert other.data["test"]["num_samples"] == 24 and other.data["test"]["sha256"] != record.data["test"]["sha256"]

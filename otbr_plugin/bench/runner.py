@@ -82,8 +82,14 @@ def evaluate_model(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
         return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
                                  bd.original_labels, bundle.normalizer, device=device)
     except NonFiniteOutputError as err:
-        where = bundle.path or (f"checkpoint sha256 {bundle.model_sha256[:12]}" if bundle.model_sha256 else "the checkpoint")
-        raise NonFiniteOutputError(f"{where}: {err}") from None
+        raise NonFiniteOutputError(f"{_checkpoint_name(bundle)}: {err}") from None
+
+
+def _checkpoint_name(bundle: Bundle) -> str:
+    """How an error names the checkpoint: its path, else its sha256."""
+    if bundle.path is not None:
+        return str(bundle.path)
+    return f"checkpoint sha256 {bundle.model_sha256[:12]}" if bundle.model_sha256 else "the checkpoint"
 
 
 def defend_model(
@@ -149,7 +155,7 @@ def run_defense(
     clean_data = None
     if defense.needs_clean_data:
         train = load_dataset(spec.name, "train", data_root)
-        data["train"] = tensor_identity(train)
+        data["train"], data["clean_ratio"] = tensor_identity(train), clean_ratio
         clean_data = clean_defense_subset(train, clean_ratio, seed)
     t1 = time.perf_counter()
     outcome = defend_model(model, defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
@@ -160,7 +166,7 @@ def run_defense(
     t2 = time.perf_counter()
     bad = non_finite_weights(outcome.model.state_dict())
     if bad:
-        raise NonFiniteOutputError(f"{bundle.path or 'the checkpoint'}: defense {defense.name} left NaN or infinite "
+        raise NonFiniteOutputError(f"{_checkpoint_name(bundle)}: defense {defense.name} left NaN or infinite "
                                    f"weights in {', '.join(bad[:5])}")
     after = evaluate_model(outcome.model, bundle, clean_test, dev)
     seconds["evaluation"] = time.perf_counter() - t2 + (t1 - t0)

@@ -22,8 +22,8 @@ import pandas as pd
 from ..io import plain_text_plots, save_figure
 from .records import RunRecord, read_record
 
-__all__ = ["load_records", "unreadable_line", "latex_escape", "csv_safe", "records_frame", "comparison_table", "format_table", "METRICS", "HIGHER_IS_BETTER",
-           "plot_acc_vs_asr", "oracle_table"]
+__all__ = ["load_records", "unreadable_line", "latex_escape", "csv_safe", "records_frame", "comparison_table",
+           "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
@@ -115,7 +115,8 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     mean = mean.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
     std = std.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
     complete = [a for a in attacks if mean.loc[a].notna().all()]
-    label = "average" if len(complete) == len(attacks) else f"average ({len(complete)} of {len(attacks)} attacks every defense has)"
+    label = ("average" if len(complete) == len(attacks)
+             else f"average ({len(complete)} of {len(attacks)} attacks every defense has)")
     mean.loc[label] = mean.loc[complete].mean(axis=0) if complete else np.nan
     std.loc[label] = np.nan
     return mean, std
@@ -242,7 +243,8 @@ def oracle_table(folder: str | Path) -> str:
                 if c in frame:
                     frame[c] = pd.to_numeric(frame[c], errors="raise")
         except (OSError, UnicodeDecodeError, ValueError, TypeError, pd.errors.ParserError) as err:
-            raise ValueError(f"{f}: not a readable oracle sweep CSV ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
+            why = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise ValueError(f"{f}: not a readable oracle sweep CSV ({why}); "
                              "expected the CSV `otbr-bench bench`/`defend --sweep` writes, with numeric acc/asr/ra/der "
                              "columns") from None
         frames.append(frame)
