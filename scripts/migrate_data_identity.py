@@ -28,7 +28,7 @@ from pathlib import Path
 
 from otbr_plugin.bench import grid as grid_module
 from otbr_plugin.bench.grid import load_grid
-from otbr_plugin.bench.records import RunRecord
+from otbr_plugin.aggregate.records import RunRecord
 from otbr_plugin.data import data_identity, find_dataset
 from otbr_plugin.io import write_json
 
@@ -45,12 +45,12 @@ def _new_fingerprint(record: RunRecord, grids: list, data: dict) -> str | None:
     for grid in grids:
         if label not in grid.defenses or attack not in grid.attacks or grid.dataset != record.dataset:
             continue
-        cfg = grid_module._attack_fingerprint_config(grid, attack, record.seed)
+        cfg = grid_module.attack_fingerprint_config(grid, attack, record.seed)
         sha = record.checkpoint_sha256
         for since in (None, record):
-            if record.fingerprint == grid_module._cell_fingerprint(grid, cfg, label, sha, since=since):
-                return grid_module._cell_fingerprint(grid, cfg, label, sha, since=since, data=data)
-            if record.fingerprint == grid_module._cell_fingerprint(grid, cfg, label, sha, since=since, data=data):
+            if record.fingerprint == grid_module.cell_fingerprint(grid, cfg, label, sha, since=since):
+                return grid_module.cell_fingerprint(grid, cfg, label, sha, since=since, data=data)
+            if record.fingerprint == grid_module.cell_fingerprint(grid, cfg, label, sha, since=since, data=data):
                 return record.fingerprint  # already migrated
     return None
 

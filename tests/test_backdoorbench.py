@@ -11,6 +11,7 @@ import sys
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,11 @@ def _write_cifar10(folder: Path, seed: int) -> dict:
 def make_bb_tree(root: Path, name: str = NAME, data_parallel: bool = True, seed: int = 0, dataset: str = "mnist",
                  model_name: str = "preactresnet18", width: float = WIDTH) -> dict:
     """BB_ROOT/data/<dataset> (official format), BB_ROOT/record/<name>/{attack_result.pt, bd_test_dataset/,
-    attack_df_summary.csv}."""
+    attack_df_summary.csv}, and the markers of a BackdoorBench checkout (defense/base.py, attack/, utils/,
+    config/defense/) so that install-dropin takes it."""
+    for folder in ("defense", "attack", "utils", "config/defense"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / "defense" / "base.py").write_text("# BackdoorBench's defense base class\n")
     if dataset == "mnist":
         data = write_mnist_like(root / "data" / "mnist", n_train=40, n_test=30, seed=seed)
         channels, size, mode = 1, 28, "L"
@@ -525,7 +530,6 @@ def _run_script(bb_root: Path, script: str, *args: str) -> subprocess.CompletedP
 
 def test_install_dropin_and_run_it_end_to_end(bb):
     root = bb["root"]
-    (root / "defense").mkdir()
     (root / "defense" / "anp.py").write_text("# BackdoorBench's own ANP\n")
     written = install_dropin(root, datasets=["cifar10", "mnist"])
     assert (root / "defense" / "anp.py").read_text() == "# BackdoorBench's own ANP\n"  # untouched
@@ -579,3 +583,157 @@ def test_dropin_script_runs_its_defense(bb, save, monkeypatch):
     out = root / "record" / NAME / "defense" / save
     assert set(torch.load(out / "defense_result.pt", weights_only=True)) == {"model_name", "num_classes", "model"}
     assert (out / f"{save}_df_summary.csv").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BackdoorBench's own flags and YAMLs (keys as in its defense/{fp,anp,clp}.py and config/defense/*/cifar10.yaml)
+# ----------------------------------------------------------------------------------------------------------
+BB_COMMON = {"device": "cpu", "amp": True, "pin_memory": True, "non_blocking": True, "prefetch": False,
+             "checkpoint_load": None, "checkpoint_save": None, "log": None, "dataset_path": "./data",
+             "dataset": "cifar10", "epochs": 100, "batch_size": 256, "num_workers": 4, "lr": 0.01,
+             "lr_scheduler": "CosineAnnealingLR", "model": "preactresnet18", "client_optimizer": "sgd",
+             "sgd_momentum": 0.9, "wd": 5.0e-4, "frequency_save": 0, "random_seed": 0}
+
+
+def _bb_yaml(tmp_path: Path, name: str, **keys) -> Path:
+    path = tmp_path / f"bb_{name}.yaml"
+    path.write_text(yaml.safe_dump({**BB_COMMON, **keys}))
+    return path
+
+
+@pytest.mark.parametrize("defense", ["clp", "fp", "anp"])
+def test_dropin_reads_backdoorbench_own_yaml(defense, tmp_path):
+    keys = {"clp": {"u": 3, "u_min": 0, "u_max": 10, "u_num": 21},
+            "fp": {"index": None, "acc_ratio": 0.1, "ratio": 0.05, "once_prune_ratio": 0.01, "num_classes": None,
+                   "target_type": "all2one", "target_label": 0, "poison_rate": 0.1, "trigger_type": "squareTrigger"},
+            "anp": {"index": None, "acc_ratio": 0.1, "ratio": 0.05, "print_every": 500, "nb_iter": 2000,
+                    "anp_eps": 0.4, "anp_steps": 1, "anp_alpha": 0.2, "pruning_by": "threshold",
+                    "pruning_max": 0.9, "pruning_step": 0.05}}[defense]
+    face = BackdoorBenchDefense(defense, save_name=f"otbr_{defense}")
+    face.configure(_face_args(face, ["--yaml_path", str(_bb_yaml(tmp_path, defense, **keys)),
+                                     "--setting" if defense != "clp" else "--pairing", "backdoorbench"]))
+    cfg = face.defense_obj.config
+    report = "\n".join(face.bb_report())
+    assert "ignored" in report and "amp" in report and "checkpoint_load" not in report  # None values drop out
+    assert "num_workers" in face.bb_args.ignored  # data is held in memory: no loader workers
+    if defense == "clp":
+        assert "batch_size" in face.bb_args.ignored  # data-free: no batch size to set
+        assert cfg.u == 3 and face.bb_args.sweep == {"u_min": 0.0, "u_max": 10.0, "u_num": 21}
+        assert "u_step_df.csv" in report and "TEST" in report
+    elif defense == "fp":
+        assert (cfg.prune_step_ratio, cfg.epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay) == (0.01, 100, 256, 0.9, 5e-4)
+        assert "once_prune_ratio -> prune_step_ratio" in report and "trigger_type" in report
+    else:
+        assert (cfg.mask_lr, cfg.batch_size, cfg.iterations, cfg.eps, cfg.alpha, cfg.max_acc_drop) == (0.01, 256, 2000, 0.4, 0.2, 0.1)
+        assert "lr -> mask_lr" in report and "nb_iter -> iterations" in report
+        assert "sgd_momentum" in report.split("ignored")[1]  # BackdoorBench's ANP hard-codes its mask momentum
+
+
+def test_backdoorbench_flags_map_to_our_options_and_cli_wins(tmp_path):
+    face = BackdoorBenchDefense("anp", save_name="otbr_anp")
+    path = _bb_yaml(tmp_path, "anp", nb_iter=2000, print_every=500, anp_eps=0.4)
+    face.configure(_face_args(face, ["--yaml_path", str(path), "--nb_iter", "700", "--anp_eps", "0.3",
+                                     "--anp_steps", "2", "--anp_alpha", "0.5", "--pruning_by", "number",
+                                     "--pruning_max", "30", "--pruning_step", "3", "-pm", "false"]))
+    cfg = face.defense_obj.config
+    # BackdoorBench runs ceil(nb_iter / print_every) blocks of print_every iterations
+    assert (cfg.iterations, cfg.eps, cfg.anp_steps, cfg.alpha) == (1000, 0.3, 2, 0.5)
+    assert (cfg.pruning_by, cfg.pruning_max, cfg.pruning_step) == ("number", 30.0, 3.0)
+    assert any("1000 iterations" in line for line in face.bb_report())
+    fp = BackdoorBenchDefense("fp", save_name="otbr_fp")
+    fp.configure(_face_args(fp, ["--acc_ratio", "0.2", "--once_prune_ratio", "0.05", "--epochs", "3", "--wd", "0.001"]))
+    assert (fp.defense_obj.config.acc_ratio, fp.defense_obj.config.prune_step_ratio,
+            fp.defense_obj.config.epochs, fp.defense_obj.config.weight_decay) == (0.2, 0.05, 3, 0.001)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pruning_number", "0.3"], "pruning_number is not supported"),
+    (["--index", "idx.txt"], "index='idx.txt'.*not supported"),
+    (["--anp_eps", "0.3", "--eps", "0.2"], "eps=0.2 and BackdoorBench's anp_eps=0.3"),
+])
+def test_backdoorbench_keys_we_do_not_implement_are_named(argv, message):
+    face = BackdoorBenchDefense("anp", save_name="otbr_anp")
+    with pytest.raises(ValueError, match=message):
+        face.configure(_face_args(face, argv))
+
+
+@pytest.mark.parametrize("key, value, message", [("client_optimizer", "adam", "client_optimizer='adam'"),
+                                                 ("lr_scheduler", "StepLR", "lr_scheduler='StepLR'")])
+def test_fp_training_keys_we_do_not_implement_are_named(key, value, message, tmp_path):
+    face = BackdoorBenchDefense("fp", save_name="otbr_fp")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        face.configure(_face_args(face, ["--yaml_path", str(_bb_yaml(tmp_path, "fp", **{key: value}))]))
+
+
+def test_install_dropin_refuses_a_folder_that_is_not_backdoorbench(tmp_path):
+    (tmp_path / "defense").mkdir()
+    with pytest.raises(ValueError, match="not a BackdoorBench checkout.*defense/base.py.*attack/.*utils/.*config/defense/"):
+        install_dropin(tmp_path)
+    assert not any((tmp_path / "defense").iterdir())  # nothing written
+    assert cli_main(["backdoorbench", "install-dropin", str(tmp_path)]) == 1
+    (tmp_path / "defense" / "base.py").write_text("")
+    for folder in ("attack", "utils", "config/defense"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert install_dropin(tmp_path, defenses=["otbr_clp"])
+
+
+def _run_face(defense: str, argv: list[str]) -> tuple[BackdoorBenchDefense, dict]:
+    face = BackdoorBenchDefense(defense, save_name=f"otbr_{defense}")
+    settings = face.configure(_face_args(face, ["--result_file", NAME, "--dataset", "mnist", "--device", "cpu",
+                                                "--progress", "false", *argv]))
+    return face, face.defense(settings["result_file"])
+
+
+def test_fp_dropin_without_oracle_never_scores_on_test_data(bb, monkeypatch, capsys):
+    import otbr_plugin.bench.runner as runner
+
+    monkeypatch.chdir(bb["root"])
+    calls = []
+    real = runner.evaluate_model
+    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    face, result = _run_face("fp", ["--setting", "backdoorbench", "--epochs", "0", "--ratio", "0.5",
+                                    "--amp", "true", "--once_prune_ratio", "0.1"])
+    assert len(calls) == 2  # before and after the defense: nothing in between
+    out = bb["record"] / "defense" / "otbr_fp"
+    log = list(csv.DictReader(open(out / "prune_log.csv", newline="")))
+    assert log and "holdout_acc" in log[0] and "test_acc" not in log[0]
+    record = json.loads((out / "record.json").read_text())
+    assert "TEST" not in record["data_used"] and record["defense_config"]["oracle"] is False
+    printed = capsys.readouterr().out
+    assert "setting=backdoorbench" in printed and "oracle=False" in printed and "ignored" in printed and "amp" in printed
+    saved = torch.load(out / "defense_result.pt", weights_only=True)["model"]
+    assert "linear.weight_orig" in saved and "linear.weight_mask" in saved  # as BackdoorBench saves FP
+
+
+def test_fp_dropin_oracle_is_labelled_and_kept_apart(bb, monkeypatch):
+    monkeypatch.chdir(bb["root"])
+    face, result = _run_face("fp", ["--setting", "backdoorbench", "--oracle", "true", "--epochs", "0",
+                                    "--ratio", "0.5", "--once_prune_ratio", "0.25"])
+    out = bb["record"] / "defense" / "otbr_fp_oracle"
+    assert Path(result["save_path"]) == Path("record") / NAME / "defense" / "otbr_fp_oracle"
+    assert not (bb["record"] / "defense" / "otbr_fp" / "record.json").exists()
+    record = json.loads((out / "record.json").read_text())
+    assert "TEST set" in record["data_used"] and record["diagnostics"]["oracle"] == "oracle diagnostic (test set)"
+    log = list(csv.DictReader(open(out / "prune_log.csv", newline="")))
+    assert {"test_acc", "test_asr", "test_ra", "diagnostic"} <= set(log[0])
+
+
+def test_oracle_config_is_refused_outside_the_dropin(bb, tmp_path, capsys):
+    assert cli_main(["defend", str(bb["record"]), "--defense", "fp", "--set", "setting=backdoorbench",
+                     "--set", "oracle=true", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 1
+    assert "oracle: true selects on the TEST set" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "record.json").exists()
+
+
+def test_anp_and_clp_dropins_write_backdoorbench_tables(bb, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(bb["root"])
+    _run_face("anp", ["--setting", "backdoorbench", "--nb_iter", "2", "--print_every", "1", "--ratio", "0.5",
+                      "--batch_size", "8"])
+    rows = list(csv.DictReader(open(bb["record"] / "defense" / "otbr_anp" / "threshold_df.csv", newline="")))
+    assert len(rows) == 19 and {"threshold", "value", "holdout_acc", "chosen"} <= set(rows[0])
+    yaml_path = _bb_yaml(tmp_path, "clp", dataset="mnist", u=3, u_min=0, u_max=4, u_num=3)
+    face, _ = _run_face("clp", ["--yaml_path", str(yaml_path), "--pairing", "backdoorbench"])
+    rows = list(csv.DictReader(open(bb["record"] / "defense" / "otbr_clp" / "u_step_df.csv", newline="")))
+    assert [float(r["u"]) for r in rows] == [0.0, 2.0, 4.0]
+    assert {r["diagnostic"] for r in rows} == {"oracle diagnostic (test set)"} and "test_acc" in rows[0]
+    assert "pairing=backdoorbench" in capsys.readouterr().out

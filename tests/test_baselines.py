@@ -430,3 +430,195 @@ def test_anp_threshold_selection_and_rule():
     assert list(sel["threshold"]) == [0.1, 0.5, 0.9] and out.diagnostics["holdout_samples"] == 20
     within = sel[sel["within"]]["threshold"]
     assert out.diagnostics["threshold"] == (max(within) if len(within) else 0.0)
+
+
+# ---------------------------------------------------------------- setting: backdoorbench (BackdoorBench's fp.py / anp.py)
+from otbr_plugin.defenses.base import ORACLE_LABEL  # noqa: E402
+from otbr_plugin.metrics import BackdoorMetrics  # noqa: E402
+
+
+def test_fp_backdoorbench_step_prunes_6_channels_per_step_with_the_off_by_one():
+    steps = fp_mod.prune_schedule(512, 0.01, off_by_one=True, max_prune_ratio=1.0)
+    assert steps[:4] == [(0, 0), (6, 5), (12, 11), (18, 17)]  # ceil(512 * 0.01) = 6; seq_sort[0:n-1]
+    assert steps[-1] == (510, 509) and len(steps) == 86  # range(0, 512, 6), no cap
+    assert fp_mod.prune_schedule(512, 0.01, off_by_one=False, max_prune_ratio=1.0)[1] == (6, 6)
+    default = fp_mod.prune_schedule(512)
+    assert default == [(n, n) for n in range(0, int(0.95 * 512) + 1)]  # one channel per step, capped at 95%
+    assert fp_mod.prune_schedule(16, 0.0, max_prune_ratio=1.0)[-1] == (15, 15)  # no cap: all but one channel
+    # the setting fills them in; an explicit value wins
+    bb = fp_mod.FPConfig(setting="backdoorbench")
+    assert (bb.prune_step_ratio, bb.step_off_by_one, bb.max_prune_ratio, bb.epochs, bb.batch_size) == (0.01, True, 1.0, 100, 256)
+    assert fp_mod.FPConfig(setting="backdoorbench", epochs=3).epochs == 3
+    assert fp_mod.FPConfig(setting="backdoorbench").replace(setting="default").prune_step_ratio == 0.0
+
+
+def test_fp_backdoorbench_stopping_rule_on_a_synthetic_sequence():
+    accs = [0.9, 0.92, 0.85, 1.0, 0.5]
+    # BackdoorBench: |acc - acc_0| / acc_0 < 0.1, two-sided: the rise to 1.0 (+11%) stops it
+    assert fp_mod.stopping_index(accs, 0.1, "backdoorbench") == (2, 3)
+    assert fp_mod.stopping_index(accs, 0.1, "sequential") == (3, 4)  # ours: only a drop below 0.81 stops
+    assert fp_mod.stopping_index([1.0, 0.75], 0.25, "backdoorbench") == (0, 1)  # strict
+    assert fp_mod.stopping_index([1.0, 0.75], 0.25, "sequential") == (1, None)  # inclusive floor
+    assert fp_mod.stopping_index([1.0, 1.0], 0.0, "backdoorbench") == (0, 0)  # step 0 is tested too
+    assert fp_mod.stopping_index([0.9, 0.9, 0.9], 0.1, "backdoorbench") == (2, None)
+
+
+def _curve_stub(monkeypatch, accs):
+    """FP's held-out pruning curve replaced by ``accs`` (indexed by the number of channels pruned)."""
+    def curve(tail, features, labels, order, max_count, *args, **kwargs):
+        return [accs[min(n, len(accs) - 1)] for n in range(max_count + 1)]
+    monkeypatch.setattr(fp_mod, "pruning_curve", curve)
+
+
+@pytest.mark.parametrize("alias, expected", [(True, 7), (False, 3)])
+def test_fp_last_net_alias_fine_tunes_one_step_past_tolerance(monkeypatch, alias, expected):
+    # 16 channels, step ceil(16 * 0.2) = 4 with the off-by-one: 0, 3, 7, 11 channels; the drop comes at 7
+    _curve_stub(monkeypatch, [1.0] * 7 + [0.5] * 10)
+    fp = create_defense("fp", setting="backdoorbench", prune_step_ratio=0.2, epochs=0, last_net_alias=alias)
+    out = fp.mitigate(_feature_model(), context_for(fp, clean_subset()))
+    assert out.diagnostics["pruned_channels"] == expected
+    log = out.tables["prune_log"]
+    assert list(log["num_pruned"]) == [0, 4, 8, 12] and list(log["channels_pruned"]) == [0, 3, 7, 11]
+    assert list(log["within_tolerance"]) == [True, True, False, False]
+    assert int(log[log["chosen"]]["channels_pruned"].iloc[0]) == expected
+    assert "holdout_acc" in log and "test_acc" not in log  # no oracle: scored on held-out clean training data
+
+
+def test_fp_backdoorbench_options_change_what_they_say():
+    clean = clean_subset(n=100)
+    fit, _ = split_holdout(clean, 0.2, seed=0)
+    base = dict(setting="backdoorbench", epochs=1, batch_size=32, prune_step_ratio=0.25)
+    # fine-tuning on the whole subset vs. its fit part
+    for data, n in (("all", len(clean)), ("fit", len(fit))):
+        fp = create_defense("fp", **base, finetune_data=data)
+        assert fp.mitigate(tiny_cnn(), context_for(fp, clean)).diagnostics["finetune_samples"] == n
+    # ranking on augmented images changes the activations it ranks by
+    acts = {}
+    for aug in (True, False):
+        fp = create_defense("fp", **{**base, "epochs": 0}, rank_augment=aug)
+        acts[aug] = fp.mitigate(tiny_cnn(), context_for(fp, clean)).tables["activations"]["mean_activation"]
+    assert not acts[True].equals(acts[False])
+    # the subset sampling the harness is asked for
+    assert create_defense("fp", setting="backdoorbench").clean_subset_sampling() == "uniform"
+    assert create_defense("fp").clean_subset_sampling() == "stratified"
+
+
+def test_fp_saves_the_pruning_reparametrisation_as_backdoorbench():
+    from torch.nn.utils import prune
+
+    model = tiny_preact()
+    fp = create_defense("fp", setting="backdoorbench", prune_ratio=0.25, epochs=1, batch_size=16)
+    out = fp.mitigate(model, context_for(fp, clean_subset(n=40)))
+    state = out.export_state
+    assert "linear.weight" not in state and {"linear.weight_orig", "linear.weight_mask"} <= set(state)
+    pruned = out.diagnostics["pruned"]
+    assert torch.all(state["linear.weight_mask"][:, pruned] == 0) and state["linear.weight_mask"].sum() == 4 * 24
+    torch.testing.assert_close(state["linear.weight_orig"] * state["linear.weight_mask"], out.model.linear.weight)
+    # BackdoorBench's file: loads into a model carrying torch's pruning reparametrisation, and computes the same
+    fresh = create_model("preactresnet18", 4, 1, 8, 0.0625)
+    prune.identity(fresh.linear, "weight")
+    fresh.load_state_dict(state, strict=True)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), out.model(x))
+    plain = create_defense("fp", setting="backdoorbench", prune_ratio=0.25, epochs=0, save_reparametrisation=False)
+    assert plain.mitigate(model, context_for(plain, clean_subset(n=40))).export_state is None
+
+
+def _scorer(metric):
+    calls = []
+
+    def score(model):
+        calls.append(model)
+        return metric(model, len(calls))
+    return score, calls
+
+
+def test_oracle_switch_is_refused_without_a_scorer_and_a_scorer_without_it():
+    fp = create_defense("fp", setting="backdoorbench", oracle=True)
+    with pytest.raises(ValueError, match="oracle: true selects on the TEST set.*drop-in with --oracle true"):
+        context_for(fp, clean_subset())
+    plain = create_defense("fp", setting="backdoorbench")
+    score, _ = _scorer(lambda m, i: BackdoorMetrics(1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="oracle: true"):
+        build_context(plain, num_classes=4, input_shape=(1, 8, 8), normalizer=NORM, device=torch.device("cpu"),
+                      clean_data=clean_subset(), oracle=score)
+    with pytest.raises(ValueError, match="bb_selection"):
+        create_defense("anp", oracle=True)  # ANP's oracle scores BackdoorBench's threshold choice only
+
+
+def _oracle_context(defense, score, clean):
+    return build_context(defense, num_classes=4, input_shape=(1, 8, 8), normalizer=NORM, device=torch.device("cpu"),
+                         seed=0, progress=False, clean_data=clean, oracle=score)
+
+
+def test_fp_oracle_stops_on_the_scorer_and_is_labelled():
+    # the scorer (the harness's test set) sees each step's model; accuracy drops at the third step
+    score, calls = _scorer(lambda m, i: BackdoorMetrics(1.0 if i < 3 else 0.5, 0.9, 0.1))
+    fp = create_defense("fp", setting="backdoorbench", oracle=True, prune_step_ratio=0.2, epochs=0)
+    clean = clean_subset()
+    out = fp.mitigate(_feature_model(), _oracle_context(fp, score, clean))
+    assert len(calls) == 3  # scored until the rule stops, as BackdoorBench's loop
+    assert out.diagnostics["pruned_channels"] == 7  # the first step beyond tolerance (last_net aliasing)
+    assert out.diagnostics["oracle"] == ORACLE_LABEL and "TEST set" in out.data_used
+    assert out.diagnostics["holdout_samples"] == 0 and out.diagnostics["fit_samples"] == len(clean)
+    log = out.tables["prune_log"]
+    assert list(log["test_acc"]) == [1.0, 1.0, 0.5] and set(log["diagnostic"]) == {ORACLE_LABEL}
+    assert "pruning_curve" not in out.tables
+
+
+def test_anp_backdoorbench_threshold_scan_on_a_hand_made_mask_table():
+    masks = {"a": torch.tensor([0.0, 0.050004, 0.5]), "b": torch.tensor([0.1, 0.95])}
+    # at 4 decimals 0.050004 is 0.05 and float32 0.1 is 0.1: both within their threshold; at full precision not
+    for precision, counts in (("round4", [1, 2, 3]), ("full", [1, 1, 2])):
+        cands = anp_mod.bb_candidates(anp_mod.mask_table(masks, precision), "threshold", 0.9, 0.05)
+        assert len(cands) == 19 and cands[0]["threshold"] == 0.0  # numpy.arange(0, 0.95, 0.05)
+        assert [len(c["neurons"]) for c in cands[:3]] == counts
+        assert cands[-1]["neurons"] == [("a", 0), ("a", 1), ("b", 0), ("a", 2)]  # 0.95 stays
+    by_number = anp_mod.bb_candidates(anp_mod.mask_table(masks), "number", 3, 2)
+    assert [c["number"] for c in by_number] == [0, 2] and [len(c["neurons"]) for c in by_number] == [2, 4]
+
+
+def test_anp_backdoorbench_choice_rule_on_a_hand_made_metric_table():
+    rows = [{"acc": 0.95, "asr": 0.9}, {"acc": 0.93, "asr": 0.5}, {"acc": 0.80, "asr": 0.1},
+            {"acc": 0.89, "asr": 0.2}, {"acc": 0.91, "asr": 0.3}, {"acc": 0.99, "asr": 0.3}]
+    # lowest ASR among |acc - 1.0| / 1.0 < 0.1; rows 2 and 3 are out; the later tie (row 5) does not win
+    assert anp_mod.bb_choice(rows, 1.0, 0.95, 0.1) == 4
+    assert anp_mod.bb_choice(rows, 1.0, 0.05, 0.1) is None  # none beats the unpruned model's ASR
+    assert anp_mod.bb_choice(rows, 1.0, None, 0.1) == 5  # no ASR (clean held-out data): the most pruned within
+    assert anp_mod.bb_choice([{"acc": 1.2, "asr": 0.0}], 1.0, 0.9, 0.1) is None  # two-sided
+
+
+def test_anp_backdoorbench_setting_with_and_without_oracle():
+    clean = clean_subset(n=100)
+
+    def zeroed(m):
+        return sum(int((mod.weight == 0).sum()) for mod in m.modules() if isinstance(mod, nn.BatchNorm2d))
+
+    # ASR falls with every pruned neuron, accuracy holds up to 6: the choice is the 6-neuron candidate
+    score, calls = _scorer(lambda m, i: BackdoorMetrics(1.0 if zeroed(m) <= 6 else 0.5, 1 - zeroed(m) / 28, 0.0))
+    anp = create_defense("anp", setting="backdoorbench", oracle=True, iterations=2, batch_size=16,
+                         pruning_by="number", pruning_max=6, pruning_step=2)
+    out = anp.mitigate(tiny_cnn(), _oracle_context(anp, score, clean))
+    table = out.tables["number_df"]
+    assert list(table["pruned"]) == [2, 4, 6, 8] and len(calls) == 5  # unpruned + 4 candidates
+    assert out.diagnostics["pruned_neurons"] == 6 and list(table["chosen"]) == [False, False, True, False]
+    assert set(table["diagnostic"]) == {ORACLE_LABEL} and out.diagnostics["holdout_samples"] == 0
+    plain = create_defense("anp", setting="backdoorbench", iterations=2, batch_size=16)
+    out = plain.mitigate(tiny_cnn(), context_for(plain, clean))
+    table = out.tables["threshold_df"]
+    assert "holdout_acc" in table and "test_acc" not in table and "diagnostic" not in table
+    assert out.diagnostics["holdout_samples"] == 20 and out.diagnostics["threshold_selected_on_clean_holdout"]
+    assert plain.config.mask_lr == 0.01 and anp_mod.ANPConfig(setting="backdoorbench").batch_size == 256
+
+
+def test_anp_backdoorbench_mask_lr_moves_masks_less():
+    model, clean = tiny_cnn(), clean_subset()
+    ctx = context_for(create_defense("anp"), clean)
+    moved = {}
+    for lr in (0.2, 0.01):
+        cfg = anp_mod.ANPConfig(iterations=4, batch_size=16, mask_lr=lr)
+        masks, _ = anp_mod.optimize_masks(anp_mod.ANP.copy_model(model, ctx.device), clean.images, clean.labels,
+                                          ctx, cfg)
+        moved[lr] = float((1 - torch.cat(list(masks.values()))).sum())
+    assert 0 < moved[0.01] < moved[0.2]

@@ -21,13 +21,14 @@ from benchmark_adapters.backdoorbench.clean_test import resolve_data_root
 from benchmark_adapters.bundle import BundleError, load_bundle
 from conftest import write_mnist_like
 from otbr_plugin.bench import grid as grid_module
-from otbr_plugin.bench.grid import load_grid, run_grid
-from otbr_plugin.bench.leaderboard import entries_digest, export_submission, validate_submission
-from otbr_plugin.bench.records import read_record
-from otbr_plugin.bench.regress import load_baseline, make_baseline
-from otbr_plugin.bench.report import render_report
+from otbr_plugin.bench.executors import run_grid
+from otbr_plugin.bench.grid import load_grid
+from otbr_plugin.aggregate.leaderboard import entries_digest, export_submission, validate_submission
+from otbr_plugin.aggregate.records import read_record
+from otbr_plugin.aggregate.regress import load_baseline, make_baseline
+from otbr_plugin.aggregate.report import render_report
 from otbr_plugin.bench.runner import run_defense
-from otbr_plugin.bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from otbr_plugin.aggregate.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
 from otbr_plugin.cli import main
 from otbr_plugin.config import dataclass_from_dict, load_yaml
 from otbr_plugin.data import Normalizer, find_dataset
@@ -151,7 +152,7 @@ def test_a_record_made_on_a_subset_is_stale(tmp_path):
         pytest.skip("Fashion-MNIST not installed")
     src = COMMITTED / "fashion_mnist__preactresnet18__badnets__otbr__seed0.json"
     path = tmp_path / src.name
-    cfg = grid_module._attack_fingerprint_config(grid, "badnets", 0)
+    cfg = grid_module.attack_fingerprint_config(grid, "badnets", 0)
     shutil.copy(src, path)
     assert grid_module.stale_reason(grid, path, cfg, "otbr", None) is None
     rec = json.loads(src.read_text())
@@ -386,7 +387,7 @@ def test_leaderboard_validate_requires_typed_names(submission, field, value):
 
 
 def test_leaderboard_schema_requires_string_names():
-    schema = json.loads((REPO / "otbr_plugin" / "bench" / "leaderboard_schema.json").read_text())
+    schema = json.loads((REPO / "otbr_plugin" / "aggregate" / "leaderboard_schema.json").read_text())
     item = schema["properties"]["entries"]["items"]["properties"]
     for field in ("model", "attack"):
         assert item[field]["properties"]["name"] == {"type": "string", "minLength": 1}

@@ -17,6 +17,10 @@ Settings are layered by :func:`otbr_plugin.config.resolve_config`, later wins: t
 defaults < the package's ``configs/defense/<name>/<dataset>.yaml`` (when it exists) < the ``--yaml_path``
 file < non-None CLI arguments. The YAML is flat, like BackdoorBench's: harness keys (dataset, device, random_seed, ratio, ...)
 and any field of the defense's config dataclass; an unknown key is an error listing the valid ones.
+BackdoorBench's own keys for the same defense (its YAMLs and flags) are taken too (:mod:`.bb_args`): mapped to
+our fields, or accepted and reported as ignored, or an error naming a semantic we do not implement. A config
+with ``oracle: true`` (FP/ANP's test-set selection, as BackdoorBench) runs with a test-set scorer and writes to
+``defense/<name>_oracle/``, labelled.
 
 Outputs go where BackdoorBench expects them, ``record/<result_file>/defense/<name>/``:
 ``defense_result.pt`` ({model_name, num_classes, model}), ``<name>_df_summary.csv`` (test_acc, test_asr,
@@ -41,6 +45,7 @@ from otbr_plugin.config import load_yaml, resolve_config
 from otbr_plugin.data.specs import get_dataset_spec
 from otbr_plugin.defenses import Defense, get_defense
 
+from .bb_args import BBArgs, bb_flags, bb_help, short_option, translate_bb, u_values
 from .clean_test import load_clean_test, resolve_data_root
 from .record import load_attack_result
 from .writer import write_defense_result, write_defense_summary
@@ -136,6 +141,7 @@ class BackdoorBenchDefense:
         self.defense_obj: Defense | None = None
         self.logger: logging.Logger | None = None
         self.config_source = ""
+        self.bb_args = BBArgs()
         self._yaml_fields: dict[str, Any] = {}
         self._cli_fields: dict[str, Any] = {}
         self._configured = False
@@ -163,6 +169,16 @@ class BackdoorBenchDefense:
             default = getattr(self.defense_class.config_class(), name)
             group.add_argument(f"--{name}", type=kind, default=None,
                                help=f"{self._field_help(name)}(built-in default {default!r})", **extra)
+        bb = parser.add_argument_group("BackdoorBench's own arguments for this defense (mapped to the options above, "
+                                       "or accepted and reported as ignored)")
+        for name, kind in bb_flags(self.name).items():
+            if f"--{name}" in taken or f"--{name}" in parser._option_string_actions:  # noqa: SLF001
+                continue
+            flags = [f"--{name}"]
+            short = short_option(name)
+            if short and short not in parser._option_string_actions:  # noqa: SLF001
+                flags.insert(0, short)
+            bb.add_argument(*flags, dest=name, type=kind, default=None, help=bb_help(self.name, name))
         if parser.epilog is None:
             parser.epilog = (
                 "example (from the BackdoorBench root):\n"
@@ -195,10 +211,22 @@ class BackdoorBenchDefense:
                 raise ValueError(f"{yaml_path}: trust_checkpoint may not be set in a config file (it would unpickle "
                                  "arbitrary code); pass --trust_checkpoint true on the command line for a record you trust")
             base = {k: v for k, v in base.items() if k != "trust_checkpoint"}
-        merged = {**base, **cli}
         fields = set(self.config_fields)
-        self._yaml_fields = {k: v for k, v in base.items() if k in fields}
-        self._cli_fields = {k: v for k, v in cli.items() if k in fields}
+        bb_keys = set(bb_flags(self.name)) - fields - _HARNESS_NAMES
+        bb_base = translate_bb(self.name, {k: v for k, v in base.items() if k in bb_keys and v is not None}, cli)
+        bb_cli = translate_bb(self.name, {k: v for k, v in cli.items() if k in bb_keys}, base)
+        self._yaml_fields = _with_bb({k: v for k, v in base.items() if k in fields}, bb_base, yaml_path or "YAML")
+        self._cli_fields = _with_bb({k: v for k, v in cli.items() if k in fields}, bb_cli, "command line")
+        self.bb_args = BBArgs(ignored=sorted(set(bb_base.ignored) | set(bb_cli.ignored)),
+                              mapped={**bb_base.mapped, **bb_cli.mapped}, sweep={**bb_base.sweep, **bb_cli.sweep},
+                              notes=list(dict.fromkeys(bb_base.notes + bb_cli.notes)))
+        if self.bb_args.sweep:
+            u_values(self.bb_args.sweep)  # all three keys, a valid grid: checked now, before any data is loaded
+        merged = {k: v for k, v in {**base, **cli}.items() if k not in bb_keys}
+        # harness keys that cannot change this defense's result: reported with BackdoorBench's ignored ones
+        idle = [k for k in ("num_workers",) if k in merged] + (["batch_size"] if "batch_size" in merged and
+                                                               "batch_size" not in fields else [])
+        self.bb_args.ignored = sorted(set(self.bb_args.ignored) | set(idle))
         valid = _HARNESS_NAMES | set(self.config_fields)
         unknown = sorted(set(merged) - valid)
         if unknown:
@@ -249,9 +277,10 @@ class BackdoorBenchDefense:
             raise ValueError(f"--model {model} but the record {record} holds a {bb_model}")
         self.result = bundle
         self.record_path = record
-        self.save_path = record / "defense" / self.save_name
+        defense = self._build_defense(bundle.dataset)
+        # an oracle run (selection scored on the TEST set) is kept apart from the reported one
+        self.save_path = record / "defense" / (self.save_name + ("_oracle" if defense.wants_oracle() else ""))
         self.save_path.mkdir(parents=True, exist_ok=True)
-        self._build_defense(bundle.dataset)
         return bundle
 
     def set_logger(self) -> logging.Logger:
@@ -296,22 +325,65 @@ class BackdoorBenchDefense:
             Path(bundle.extra["data_root"]) if bundle.extra.get("data_root") else None)
         self._log(f"{self.name} on {self.record_path} ({bundle.model_config.name}, {bundle.dataset}); "
                   f"config ({self.config_source}) {defense.config.to_dict()}; data root {root or 'default'}")
+        self._log(self.describe_run())
+        for line in self.bb_report():
+            self._log(line)
         clean_test = load_clean_test(bundle, root)
         run = run_defense(bundle, defense, data_root=root, device=a.get("device", "auto"),
                           seed=int(a.get("random_seed", 0)), clean_ratio=float(a.get("ratio", 0.05)),
                           progress=bool(a.get("progress", True)), clean_test=clean_test,
-                          config_source=self.config_source)
+                          config_source=self.config_source, allow_oracle=True)
         write_defense_outputs(run, self.save_path, overwrite=True)
         bb_model = bundle.extra.get("backdoorbench", {}).get("model_name", bundle.model_config.name)
-        state = run.outcome.model.state_dict()
+        state = run.outcome.export_state or run.outcome.model.state_dict()
         result_pt = write_defense_result(self.save_path, bb_model, bundle.model_config.num_classes, state)
         summary = write_defense_summary(self.save_path, self.save_name, run.after.acc, run.after.asr, run.after.ra)
         for line in summarize(run).splitlines():
             self._log(line)
-        self._log(f"wrote {result_pt} and {summary}")
+        self._log(f"wrote {result_pt} and {summary}" + (" (state dict with the classifier's pruning "
+                                                        "reparametrisation, as BackdoorBench saves FP)"
+                                                        if run.outcome.export_state else ""))
+        if self.bb_args.sweep:
+            self._u_sweep(bundle, defense, root, clean_test, run)
         return {"model": run.outcome.model, "before": run.before.to_dict(), "after": run.after.to_dict(),
                 "der": run.der, "config": defense.config.to_dict(), "config_source": self.config_source, "save_path": str(self.save_path),
                 "data_used": run.outcome.data_used, "seconds": run.seconds}
+
+    def describe_run(self) -> str:
+        """One line: which defense, setting / pairing and oracle switch run."""
+        cfg = (self.defense_obj.config.to_dict() if self.defense_obj is not None else {})
+        parts = [f"{k}={cfg[k]}" for k in ("setting", "pairing", "oracle") if k in cfg]
+        text = f"running otbr-plugin's {self.name}" + (f" ({', '.join(parts)})" if parts else "")
+        if cfg.get("oracle"):
+            text += f": selection scored on the TEST set, an oracle diagnostic; written to {self.save_path}"
+        return text
+
+    def bb_report(self) -> list[str]:
+        """The BackdoorBench keys taken: mapped ones and ignored ones (one line each), plus notes."""
+        lines = []
+        if self.bb_args.mapped:
+            lines.append("BackdoorBench arguments mapped: " + ", ".join(f"{k} -> {v}" for k, v in self.bb_args.mapped.items()))
+        if self.bb_args.ignored:
+            lines.append("BackdoorBench arguments ignored (infrastructure or unused by this defense; no effect on the "
+                         "result): " + ", ".join(self.bb_args.ignored))
+        if self.bb_args.sweep:
+            lines.append("BackdoorBench's u_min/u_max/u_num: the u sweep is scored on the TEST set and written as "
+                         "u_step_df.csv, an oracle diagnostic; the reported model uses u")
+        return lines + [f"note: {n}" for n in self.bb_args.notes]
+
+    def _u_sweep(self, bundle, defense: Defense, root, clean_test, run) -> None:
+        """CLP's u table (BackdoorBench's u_step_df.csv): each u of the grid scored on the test set, labelled oracle."""
+        from otbr_plugin.bench.sweep import oracle_sweep, sweep_defenses
+        from otbr_plugin.io import write_csv
+
+        values = u_values(self.bb_args.sweep)
+        a = self.args
+        table = oracle_sweep(bundle, sweep_defenses(defense, "u", values), "u", clean_test=clean_test, before=run.before,
+                             data_root=root, device=a.get("device", "auto"), seed=int(a.get("random_seed", 0)),
+                             clean_ratio=float(a.get("ratio", 0.05)), progress=bool(a.get("progress", True)))
+        table = table.rename(columns={"acc": "test_acc", "asr": "test_asr", "ra": "test_ra"})
+        path = write_csv(self.save_path / "u_step_df.csv", table)
+        self._log(f"wrote {path} (u sweep on the TEST set: oracle diagnostic, not the reported result)")
 
     def defense(self, result_file: str) -> dict[str, Any]:
         """``set_result`` + ``set_logger`` + ``mitigation``, as BackdoorBench's ``defense()``."""
@@ -321,6 +393,19 @@ class BackdoorBenchDefense:
             return self.mitigation()
         finally:
             self.close()
+
+
+def _with_bb(ours: dict[str, Any], bb: BBArgs, where: str) -> dict[str, Any]:
+    """``ours`` (one layer's fields under our names) plus that layer's translated BackdoorBench keys; the same
+    field given under both names with different values is an error."""
+    out = dict(ours)
+    for key, value in bb.fields.items():
+        if key in out and out[key] != value:
+            bb_name = next(k for k, v in bb.mapped.items() if v == key)
+            raise ValueError(f"{where}: {key}={out[key]!r} and BackdoorBench's {bb_name}={value!r} set the same option "
+                             "to different values; give one of them")
+        out[key] = value
+    return out
 
 
 def main(defense_name: str, argv: list[str] | None = None, save_name: str | None = None) -> int:

@@ -17,11 +17,25 @@ import yaml
 
 from otbr_plugin.io import write_text
 
-__all__ = ["DROPIN_DIR", "DROPIN_DEFENSES", "install_dropin", "render_config"]
+__all__ = ["DROPIN_DIR", "DROPIN_DEFENSES", "BB_MARKERS", "check_backdoorbench_root", "install_dropin", "render_config"]
 
 DROPIN_DIR = Path(__file__).resolve().parent / "dropin"
 # script / config name in the checkout -> registered defense
 DROPIN_DEFENSES = {"otbr": "otbr", "otbr_anp": "anp", "otbr_fp": "fp", "otbr_clp": "clp"}
+
+
+# what every BackdoorBench checkout holds (files end in .py, folders in /)
+BB_MARKERS = ("defense/base.py", "attack/", "utils/", "config/defense/")
+
+
+def check_backdoorbench_root(root: Path) -> None:
+    """A ValueError unless ``root`` looks like the root of a BackdoorBench checkout (:data:`BB_MARKERS`)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory (expected the root of a BackdoorBench checkout)")
+    missing = [m for m in BB_MARKERS if not ((root / m).is_dir() if m.endswith("/") else (root / m).is_file())]
+    if missing:
+        raise ValueError(f"{root} is not a BackdoorBench checkout: it lacks {', '.join(missing)} (expected the root "
+                         "of a clone of https://github.com/SCLBD/BackdoorBench, the folder that holds defense/base.py)")
 
 
 def _plain(value: Any) -> Any:
@@ -56,7 +70,7 @@ def render_config(save_name: str, dataset: str) -> str:
     values = declared_values(cls.config_class, resolved.values)
     if not values:
         return text
-    from otbr_plugin import __version__
+    from otbr_plugin._version import __version__
 
     header = f"# {name} hyperparameters: otbr-plugin {__version__} defaults for {spec.name}"
     header += " (null: derived from the other options)\n" if any(v is None for v in values.values()) else "\n"
@@ -82,8 +96,7 @@ def install_dropin(bb_root: str | Path, defenses: list[str] | None = None, datas
     ``datasets``: one YAML per dataset (default cifar10). Returns (path, "written"|"unchanged") pairs.
     """
     root = Path(bb_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory (expected the root of a BackdoorBench checkout)")
+    check_backdoorbench_root(root)
     by_defense = {v: k for k, v in DROPIN_DEFENSES.items()}
     chosen = []
     for d in defenses or list(DROPIN_DEFENSES):

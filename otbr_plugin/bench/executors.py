@@ -1,5 +1,6 @@
-"""Where a grid's jobs run: local worker processes (``--executor local --workers N``) or Slurm
-(``--executor slurm``, through submitit). Both run the tasks of :mod:`otbr_plugin.bench.jobs`, start a model's
+"""Who runs a grid's tasks: this process, one after the other (:func:`run_grid`, ``--executor local``), local worker
+processes (``--executor local --workers N``) or Slurm (``--executor slurm``, through submitit). All run the tasks
+planned by :func:`~otbr_plugin.bench.grid.plan_tasks` through :mod:`otbr_plugin.bench.jobs`. Workers and Slurm start a model's
 cells only after its training task has ended, show one progress bar over all jobs (done / running / pending /
 failed) and return one :class:`~otbr_plugin.bench.grid.CellResult` per cell, read from the records.
 
@@ -10,10 +11,14 @@ Slurm jobs are written down in ``<out>/jobs/jobs.json`` when submitted, so ``--d
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -23,14 +28,22 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..io import write_json
-from .grid import CellResult, GridSpec, _fail
-from .jobs import Task, cell_line, cell_record_path, plan_tasks, planning_device, read_cell, run_task
-from .slurm import JobState, SlurmOptions, Submitter, finished_outcome, live_jobs, require_slurm
+from ..data import load_dataset
+from ..io import folder_lock, read_regular, safe_name, write_json
+from ..runtime import RunSettings, auto_threads
+from ..aggregate.records import RunRecord
+from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks,
+                   planning_device, record_is_current)
+from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
+from .runner import evaluate_model
+from .slurm import (JobState, SlurmOptions, Submitter, check_job_id, current_job_id, finished_outcome, live_jobs,
+                    require_slurm, write_outcome)
 
-__all__ = ["run_local_workers", "run_slurm", "JobTable", "job_table", "live_slurm_jobs", "worker_gpus"]
+__all__ = ["run_grid", "run_local_workers", "run_slurm", "JobTable", "job_table", "live_slurm_jobs", "worker_gpus"]
 
-VANISHED_GRACE_S = 30.0  # a job that left the queue gets this long for its result file to appear (shared folders)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+MAX_JOBS_BYTES = 16 << 20  # jobs.json: a few hundred bytes per job
+VANISHED_GRACE_S = 30.0  # a job that left the queue gets this long for its outcome file to appear (shared folders)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,8 +59,35 @@ def worker_gpus(device: torch.device) -> list[str]:
     return ids[:torch.cuda.device_count()] if ids else [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _init_worker(counter: Any, gpus: list[str]) -> None:
-    """Worker start-up: worker i sees only GPU i mod len(gpus) (before CUDA starts in it)."""
+def die_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Make this process end when its parent ``parent`` (the coordinator) ends, also when that one is killed with
+    SIGKILL: Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes) and, everywhere, a
+    daemon thread that checks every ``poll_s`` seconds whether the parent is still there. An orphaned worker would
+    otherwise finish its cell with the old config, or wait forever on a pipe nobody reads."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watchdog thread alone
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="otbr-parent-watch", daemon=True).start()
+
+
+def _init_worker(counter: Any, gpus: list[str], parent: int | None = None) -> None:
+    """Worker start-up: it dies with its coordinator ``parent`` (:func:`die_with_parent`); worker i sees only GPU i
+    mod len(gpus) (before CUDA starts in it)."""
+    if parent is not None:
+        die_with_parent(parent)
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -60,7 +100,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
                       log: Callable[[str], None] | None = None) -> list[CellResult]:
     """Run a grid's tasks on ``workers`` local processes (spawned). A model's cells start once its training task
     has ended. With several GPUs, worker i gets GPU i mod #GPUs (``CUDA_VISIBLE_DEVICES``) and runs on "cuda".
-    ``threads``: torch CPU threads per worker (default: the CPU count divided among the workers). The caller holds
+    ``threads``: torch CPU threads per worker (default: :func:`~otbr_plugin.runtime.auto_threads` for the workers). The caller holds
     the output folder's lock."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
@@ -69,7 +109,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
     plan = plan_tasks(grid, out, bundles, device, log)
     gpus = worker_gpus(device)
     worker_device = device.type if gpus else str(device)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or auto_threads(workers)[0]
     waiting: dict[tuple[str, int], list[Task]] = {}
     for task in plan.tasks:  # cells and sweeps of a model being trained wait for it
         if task.kind != "train" and Task("train", task.attack, task.seed) in plan.tasks:
@@ -80,7 +120,7 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
     context = multiprocessing.get_context("spawn")  # no fork: torch's thread pools do not survive it
     errors: dict[Task, str] = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(context.Value("i", 0), gpus)) as pool:
+                             initargs=(context.Value("i", 0), gpus, os.getpid())) as pool:
         running: dict[Future, Task] = {}
 
         def start(task: Task) -> None:
@@ -131,17 +171,62 @@ def slurm_folder(out: Path) -> Path:
 
 
 def _load_jobs(out: Path) -> dict[str, dict[str, Any]]:
-    """The Slurm jobs submitted for ``out``: task key -> {"job_id", "submitted", "record" (cells)}."""
+    """The Slurm jobs submitted for ``out``: task key -> {"job_id", "submitted", "record" (cells)}. The file is
+    untrusted input: every key must be a task key, every job id a Slurm job id and every record a file name in
+    ``<out>/records``; anything else is an error naming the file and the entry."""
     path = jobs_file(out)
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular(path, MAX_JOBS_BYTES).decode())
         jobs = data["jobs"]
         assert isinstance(jobs, dict) and all(isinstance(v, dict) and "job_id" in v for v in jobs.values())
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as err:
         raise ValueError(f"{path}: not a jobs file of otbr-bench ({err}); move it away to start afresh") from err
+    for key, entry in jobs.items():
+        try:
+            Task.from_key(key)
+            check_job_id(entry["job_id"], "job_id")
+            record = entry.get("record")
+            if record is not None and not (isinstance(record, str) and _record_entry(record)):
+                raise ValueError(f"record must be records/<file>.json inside the output folder, got {str(record)[:80]!r}")
+        except ValueError as err:
+            raise ValueError(f"{path}: entry {str(key)[:80]!r}: {err}; move the file away to start afresh") from None
     return jobs
+
+
+def _record_entry(record: str) -> bool:
+    """Whether a jobs file's ``record`` is ``records/<safe name>.json`` (relative, no ``..``, no sub-folders)."""
+    parts = Path(record).parts
+    if len(parts) != 2 or parts[0] != "records" or not parts[1].endswith(".json"):
+        return False
+    try:
+        safe_name(parts[1], "record")
+    except ValueError:
+        return False
+    return True
+
+
+def slurm_job(grid: GridSpec, task: Task, out: str, bundles: str, device: str = "auto",
+              threads: int | None = None) -> str:
+    """The body of one Slurm job: :func:`~otbr_plugin.bench.jobs.run_task`, then how it ended as JSON in the job's
+    own folder (:func:`~otbr_plugin.bench.slurm.write_outcome`: status, error tail, record), which is all that
+    ``status`` and a resume read back. A job that raises writes its outcome and raises on (the job fails)."""
+    job_id = current_job_id()
+    folder = slurm_folder(Path(out))
+    record = (str(cell_record_path(grid, Path(out), task.attack, task.defense, task.seed).relative_to(out))
+              if task.kind == "cell" else None)
+    try:
+        result = run_task(grid, task, out, bundles, device, threads)
+    except BaseException as err:
+        if job_id is not None:
+            write_outcome(folder, job_id, task.key, "failed", error=f"{type(err).__name__}: {err}", record=record)
+        raise
+    if job_id is not None:
+        write_outcome(folder, job_id, task.key, "done", result=result, record=record)
+    else:
+        print(f"{task.key}: no Slurm job id found (SLURM_JOB_ID); no outcome file written", flush=True)
+    return result
 
 
 def live_slurm_jobs(out: str | Path) -> dict[str, str]:
@@ -184,7 +269,7 @@ def run_slurm(grid: GridSpec, out: str | Path, bundles: str | Path, *, options: 
     try:
         for task in new:
             after = ids.get(Task("train", task.attack, task.seed).key) if task.kind != "train" else None
-            ids[task.key] = submitter.submit(f"otbr-{task.key}", run_task,
+            ids[task.key] = submitter.submit(f"otbr-{task.key}", slurm_job,
                                              (grid, task, str(out), str(bundles), device, threads), after)
             jobs[task.key] = {"job_id": ids[task.key], "submitted": _now()}
             if task.kind == "cell":
@@ -226,7 +311,7 @@ def _wait_slurm(grid: GridSpec, out: Path, jobs: dict[str, dict[str, Any]], fold
         for key, entry in jobs.items():
             if key in ended or entry["job_id"] in live:
                 continue
-            state = finished_outcome(folder, entry["job_id"])
+            state = finished_outcome(folder, entry["job_id"], key)
             if state.state == "failed" and "without a result" in (state.error or ""):
                 gone_since.setdefault(key, time.monotonic())  # the result file may still be on its way
                 if time.monotonic() - gone_since[key] < VANISHED_GRACE_S:
@@ -256,7 +341,7 @@ def _collect_lost(grid: GridSpec, out: Path, ended: dict[str, dict[str, Any]], f
         if task.kind != "cell" or task.attack not in grid.attacks or task.defense not in grid.defenses:
             continue
         if read_cell(out / entry["record"]) is None:
-            state = finished_outcome(folder, entry["job_id"])
+            state = finished_outcome(folder, entry["job_id"], key)
             _record_lost(grid, out, task, state.error or f"Slurm job {entry['job_id']} ended without a record")
             log(f"{key}: FAILED {state.error}")
 
@@ -291,7 +376,7 @@ def job_table(out: str | Path) -> JobTable:
         if entry["job_id"] in live:
             (table.running if live[entry["job_id"]] == "running" else table.pending).append(key)
             continue
-        state = finished_outcome(slurm_folder(out), entry["job_id"])
+        state = finished_outcome(slurm_folder(out), entry["job_id"], key)
         record = read_cell(out / entry["record"]) if entry.get("record") else None
         if record is not None and record.status == "failed":
             table.failed[key] = str(record.error)
@@ -333,31 +418,155 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _current_record(grid: GridSpec, out: Path, task: Task) -> tuple[RunRecord | None, str]:
+    """The cell's record when it is this run's (its fingerprint is the cell's for the grid's configs), else None
+    and why. A record written meanwhile by an earlier run's worker or job with another config is not reported."""
+    path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
+    record = read_cell(path)
+    if record is None:
+        return None, "no record was written"
+    if not record_is_current(grid, path, task.attack, task.defense, task.seed):
+        return None, (f"its record {path} was written with another config (its fingerprint is not this run's: an "
+                      "earlier run's worker or job wrote it); run the grid again to redo the cell")
+    return record, ""
+
+
 def _cell_failed(grid: GridSpec, out: Path, task: Task) -> bool:
     if task.kind != "cell":
         return False
-    record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
+    record, _ = _current_record(grid, out, task)
     return record is None or record.status != "ok"
 
 
 def _log_cell(grid: GridSpec, out: Path, task: Task, log: Callable[[str], None]) -> None:
-    record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
-    log(cell_line(record) if record is not None else f"{task.key}: no record written")
+    record, why = _current_record(grid, out, task)
+    log(cell_line(record) if record is not None else f"{task.key}: FAILED {why}")
 
 
 def _record_lost(grid: GridSpec, out: Path, task: Task, error: str) -> None:
     """A failed record for a cell whose job or worker ended without writing one (an ok record is kept)."""
     path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
-    _fail(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error))
+    record_failure(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error))
 
 
 def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResult]:
-    """One result per cell task, from its record (a missing record is a failure)."""
+    """One result per cell task, from its record (a missing record, or one with another fingerprint, is a
+    failure)."""
     results = []
     for task in cells:
-        record = read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed))
+        record, why = _current_record(grid, out, task)
         if record is None:
-            results.append(CellResult(task.attack, task.defense, task.seed, "failed", "no record was written"))
+            results.append(CellResult(task.attack, task.defense, task.seed, "failed", why))
         else:
             results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error))
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sequential executor: every task in this process, one bar over all cells
+# ----------------------------------------------------------------------------------------------------------------
+def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None, lock: bool = True,
+             settings: RunSettings | None = None) -> list[CellResult]:
+    """Run every cell whose record is missing, failed or stale; returns one result per cell (skipped, ok or
+    failed). ``lock``: hold ``<out>/.lock`` (and the bundles folder's) for the run, so a second run on the
+    same folder stops at once with :class:`~otbr_plugin.io.FolderLockedError` (pass False when the caller
+    holds it). With ``progress``, one tqdm bar over all cells (with ETA) and one summary line per finished cell
+    above it. ``settings``: the command's run settings (device, threads, progress), passed to attack training,
+    evaluation and every defense; without them they are built once here from the grid's ``device`` and
+    ``progress``."""
+    if settings is None:
+        settings = RunSettings.from_args(grid.device, progress=progress, apply=False)
+    progress = settings.progress
+    if log is None:  # one line per finished cell; above the bar when there is one
+        log = (lambda s: tqdm.write(s)) if progress else (lambda s: print(s, flush=True))
+    out = Path(out)
+    bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
+    if not lock:
+        return _run_grid(grid, out, bundles, settings, log)
+    # the bundles folder is locked too, also <out>/bundles: another run may name it with --bundles
+    with folder_lock(out, "otbr-bench run"), (
+            folder_lock(bundles, "otbr-bench run (bundles folder)") if bundles.resolve() != out.resolve()
+            else contextlib.nullcontext()):
+        return _run_grid(grid, out, bundles, settings, log)
+
+
+def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
+              log: Callable[[str], None]) -> list[CellResult]:
+    progress, device = settings.progress, settings.device
+    plan = plan_tasks(grid, out, bundles, device, log)  # the skip rules of every executor
+    results: list[CellResult] = list(plan.skipped)
+    todo: dict[tuple[str, int], list[str]] = {}
+    for task in plan.cells:
+        todo.setdefault((task.attack, task.seed), []).append(task.defense)
+    clean_test = None
+    # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) counts the backdoored
+    # models still to train apart from the defense cells, so one long training does not inflate every cell.
+    total = len(grid.seeds) * len(grid.attacks) * len(grid.defenses)
+    eta = _Eta(cells_left=len(plan.cells), trainings_left=sum(t.kind == "train" for t in plan.tasks))
+    bar = tqdm(total=total, initial=total - len(plan.cells), desc=f"grid {grid.name}", unit="cell",
+               disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    for (attack, seed), defenses in todo.items():
+        attack_cfg = attack_fingerprint_config(grid, attack, seed)
+        paths = {d: cell_record_path(grid, out, attack, d, seed) for d in defenses}
+        bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
+        t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
+        try:
+            bundle = bundle_for(grid, attack, seed, bundles, log, settings)
+            if clean_test is None:
+                clean_test = load_dataset(grid.dataset, "test", grid.data_root)
+            before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
+            if not had_bundle:
+                eta.training_done(time.perf_counter() - t0)
+        except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+            if not had_bundle:
+                eta.training_done(None)
+            for defense, path in paths.items():
+                results.append(record_failure(grid, attack, defense, seed, path, None, err, log))
+                eta.cell_done(None)
+                bar.update(1)
+            continue
+        for defense, path in paths.items():
+            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
+            t0 = time.perf_counter()
+            results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
+                                    device, log))
+            eta.cell_done(time.perf_counter() - t0)
+            bar.set_postfix_str(str(eta), refresh=False)
+            bar.update(1)
+        run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
+    bar.close()
+    return results
+
+
+class _Eta:
+    """Time left in a grid: cells left x mean seconds per cell + models left to train x mean seconds per training
+    (each measured in this run); "?" until both are known."""
+
+    def __init__(self, cells_left: int, trainings_left: int) -> None:
+        self.cells_left, self.trainings_left = cells_left, trainings_left
+        self.cell_seconds: list[float] = []
+        self.training_seconds: list[float] = []
+
+    def training_done(self, seconds: float | None) -> None:
+        self.trainings_left = max(0, self.trainings_left - 1)
+        if seconds is not None:
+            self.training_seconds.append(seconds)
+
+    def cell_done(self, seconds: float | None) -> None:
+        self.cells_left = max(0, self.cells_left - 1)
+        if seconds is not None:
+            self.cell_seconds.append(seconds)
+
+    def seconds(self) -> float | None:
+        if self.cells_left == 0:
+            return 0.0
+        if not self.cell_seconds or (self.trainings_left and not self.training_seconds):
+            return None
+        per_training = sum(self.training_seconds) / len(self.training_seconds) if self.training_seconds else 0.0
+        return (self.cells_left * sum(self.cell_seconds) / len(self.cell_seconds)
+                + self.trainings_left * per_training)
+
+    def __str__(self) -> str:
+        left = self.seconds()
+        return "ETA ?" if left is None else f"ETA {tqdm.format_interval(left)}"

@@ -20,11 +20,11 @@ from ..bundle import Bundle, non_finite_weights
 from ..data import ImageDataset, Normalizer, default_data_root, find_dataset, load_dataset, tensor_identity
 from ..data.specs import get_dataset_spec
 from ..data.subsets import CleanData, clean_defense_subset
-from ..defenses.base import Defense, DefenseOutcome, build_context
+from ..defenses.base import Defense, DefenseOutcome, OracleScorer, build_context
 from ..runtime import resolve_device, seed_everything
 from ..metrics import BackdoorMetrics, NonFiniteOutputError, defense_effectiveness_rating, evaluate_backdoor
 from ..io import json_default, write_csv, write_json
-from .records import RunRecord, run_fingerprint
+from ..aggregate.records import RunRecord, run_fingerprint
 
 __all__ = ["DefenseRun", "defend_model", "evaluate_model", "run_defense", "write_defense_outputs"]
 
@@ -104,16 +104,19 @@ def defend_model(
     progress: bool = True,
     clean_data: CleanData | None = None,
     dataset: str | None = None,
+    oracle: OracleScorer | None = None,
 ) -> DefenseOutcome:
     """Run ``defense`` on ``model``: build its context (clean data only for a defense that declares it needs
     it; a data-free defense given clean data is refused), seed, mitigate, time it. The one path from a model
     to a defended model, under ``otbr-bench defend``, the grid, the BackdoorBench face and
-    :func:`otbr_plugin.defend`. ``outcome.seconds`` is the wall time of the defense."""
+    :func:`otbr_plugin.defend`. ``outcome.seconds`` is the wall time of the defense. ``oracle``: a test-set scorer,
+    accepted only by a defense whose config says ``oracle: true`` (see :mod:`otbr_plugin.defenses.base`)."""
     if clean_data is not None and not defense.needs_clean_data:
         raise ValueError(f"defense {defense.name!r} is data-free: it takes no clean data (got {len(clean_data)} "
                          "samples); pass clean_data only to a defense that needs it (fp, anp)")
     context = build_context(defense, num_classes=num_classes, input_shape=input_shape, normalizer=normalizer,
-                            device=device, seed=seed, progress=progress, clean_data=clean_data, dataset=dataset)
+                            device=device, seed=seed, progress=progress, clean_data=clean_data, dataset=dataset,
+                            oracle=oracle)
     seed_everything(seed)
     start = time.perf_counter()
     outcome = defense.mitigate(model, context)
@@ -133,11 +136,14 @@ def run_defense(
     clean_test: ImageDataset | None = None,
     before: BackdoorMetrics | None = None,
     config_source: str = "",
+    allow_oracle: bool = False,
 ) -> DefenseRun:
     """Evaluate the backdoored model, run ``defense``, evaluate the defended model.
 
     ``clean_test`` and ``before`` may be passed in to avoid recomputing them across defenses; ``config_source``
-    (from :func:`~otbr_plugin.config.resolve_config`) is written to the record.
+    (from :func:`~otbr_plugin.config.resolve_config`) is written to the record. ``allow_oracle``: an entry point
+    that keeps oracle runs apart (the BackdoorBench drop-in) lets a defense with ``oracle: true`` score its
+    selection on the test set; elsewhere such a config is refused.
     """
     dev = resolve_device(device)
     spec = get_dataset_spec(bundle.dataset)
@@ -156,11 +162,16 @@ def run_defense(
     if defense.needs_clean_data:
         train = load_dataset(spec.name, "train", data_root)
         data["train"], data["clean_ratio"] = tensor_identity(train), clean_ratio
-        clean_data = clean_defense_subset(train, clean_ratio, seed)
+        clean_data = clean_defense_subset(train, clean_ratio, seed, defense.clean_subset_sampling())
+    oracle = None
+    if defense.wants_oracle() and allow_oracle:
+        def oracle(m: nn.Module) -> BackdoorMetrics:  # scores only: the defense never holds the test data
+            return evaluate_model(m, bundle, clean_test, dev)
     t1 = time.perf_counter()
     outcome = defend_model(model, defense, num_classes=bundle.model_config.num_classes, input_shape=spec.input_shape,
                            normalizer=Normalizer(tuple(bundle.normalizer.mean), tuple(bundle.normalizer.std)),
-                           device=dev, seed=seed, progress=progress, clean_data=clean_data, dataset=spec.name)
+                           device=dev, seed=seed, progress=progress, clean_data=clean_data, dataset=spec.name,
+                           oracle=oracle)
     seconds["defense_total"] = outcome.seconds
     seconds.update({f"stage_{k}": v for k, v in outcome.stage_seconds.items()})
     t2 = time.perf_counter()

@@ -17,14 +17,12 @@ import yaml
 from ..bundle import Bundle
 from ..config import parse_yaml
 from ..data import ImageDataset
-from ..defenses.base import Defense
+from ..defenses.base import ORACLE_LABEL, Defense
 from ..io import plain_text_plots, save_figure, write_csv
 from ..metrics import BackdoorMetrics
 from .runner import run_defense
 
 __all__ = ["ORACLE_LABEL", "parse_sweep", "sweep_defenses", "oracle_sweep", "write_sweep"]
-
-ORACLE_LABEL = "oracle diagnostic (test set)"
 
 
 def parse_sweep(spec: str) -> tuple[str, list[Any]]:

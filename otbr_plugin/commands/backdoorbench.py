@@ -11,10 +11,14 @@ EPILOG = """examples:
   otbr-bench backdoorbench install-dropin ~/BackdoorBench --defenses otbr --datasets cifar10 gtsrb
 then, from the BackdoorBench root:
   python ./defense/otbr.py --result_file badnet_0_1 --yaml_path ./config/defense/otbr/cifar10.yaml --dataset cifar10
+  python ./defense/otbr_fp.py --result_file badnet_0_1 --yaml_path ./config/defense/fp/cifar10.yaml --setting backdoorbench
+  (the drop-ins take BackdoorBench's own flags and YAMLs for the same defense; --oracle true scores FP's stopping
+  point / ANP's threshold on the TEST set as BackdoorBench does, written apart to defense/<name>_oracle/)
 
 Installs defense/otbr.py, defense/otbr_anp.py, defense/otbr_fp.py, defense/otbr_clp.py and
 config/defense/<name>/<dataset>.yaml. BackdoorBench's own anp/fp/clp stay untouched; results go to
-record/<result_file>/defense/<name>/.
+record/<result_file>/defense/<name>/. A folder that is not a BackdoorBench checkout (no defense/base.py,
+attack/, utils/, config/defense/) is refused.
 """
 
 

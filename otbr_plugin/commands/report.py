@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..bench.report import write_report
-from ..bench.tables import unreadable_line
+from ..aggregate.report import write_report
+from ..aggregate.tables import unreadable_line
 from . import formatter
 
 EPILOG = """examples:

@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bench.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
-from ..bench.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
+from ..aggregate.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
+from ..aggregate.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
-from ..bench.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
-                            unreadable_line)
+from ..aggregate.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
+                                unreadable_line)
 from ..config import load_yaml
 from ..io import write_json, write_text
 from . import formatter
@@ -156,7 +156,7 @@ def _lb_build(args: argparse.Namespace) -> int:
     board = build_leaderboard(subs)
     _emit(board.to_csv(index=False) if args.format == "csv" else _plain_md(board), args.out)
     if args.html:
-        from ..bench.report import render_leaderboard_page
+        from ..aggregate.report import render_leaderboard_page
 
         print(f"wrote {write_text(args.html, render_leaderboard_page(subs, board))}")
     return 0

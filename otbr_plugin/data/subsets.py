@@ -8,7 +8,7 @@ import torch
 
 from .datasets import ImageDataset
 
-__all__ = ["CleanData", "clean_defense_subset", "stratified_indices"]
+__all__ = ["CleanData", "clean_defense_subset", "stratified_indices", "uniform_indices"]
 
 
 @dataclass
@@ -47,9 +47,26 @@ def stratified_indices(labels: torch.Tensor, ratio: float, seed: int) -> torch.T
     return torch.sort(torch.cat(picked)).values
 
 
-def clean_defense_subset(train: ImageDataset, ratio: float = 0.05, seed: int = 0) -> CleanData:
-    """The clean defense subset of ``train`` (which must be the training split)."""
+def uniform_indices(n: int, ratio: float, seed: int) -> torch.Tensor:
+    """Indices of a plain random sample of ``int(n * ratio)`` of ``n`` items (at least one), sorted: no per-class
+    quota, as BackdoorBench's ``choose_index`` (``random.sample``; not its random stream)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, int(n * ratio))
+    return torch.sort(torch.randperm(n, generator=gen)[:k]).values
+
+
+def clean_defense_subset(train: ImageDataset, ratio: float = 0.05, seed: int = 0,
+                         sampling: str = "stratified") -> CleanData:
+    """The clean defense subset of ``train`` (which must be the training split); ``sampling`` "stratified" (the
+    same share of each class) or "uniform" (see :func:`uniform_indices`)."""
     if train.split != "train":
         raise ValueError(f"the clean defense subset is drawn from the training split, got split {train.split!r}")
-    idx = stratified_indices(train.labels, ratio, seed)
+    if sampling == "stratified":
+        idx = stratified_indices(train.labels, ratio, seed)
+    elif sampling == "uniform":
+        idx = uniform_indices(len(train.labels), ratio, seed)
+    else:
+        raise ValueError(f"sampling must be 'stratified' or 'uniform', got {sampling!r}")
     return CleanData(images=train.images[idx], labels=train.labels[idx], source="train")

@@ -27,34 +27,49 @@ multiplies only the weight). Which neurons:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
-from .common import clean_accuracy, preprocess_batch, split_holdout
+from .base import ORACLE_LABEL, CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
+from .common import FollowsSetting, bb_tolerance_ok, clean_accuracy, preprocess_batch, split_holdout
 from .registry import register_defense
 
-__all__ = ["ANPConfig", "ANP", "PerturbedBatchNorm2d", "attach_perturbations", "optimize_masks", "select_neurons",
-           "prune_neurons"]
+__all__ = ["ANPConfig", "ANP", "SETTINGS", "SETTING_OPTIONS", "PerturbedBatchNorm2d", "attach_perturbations",
+           "optimize_masks", "select_neurons", "prune_neurons", "mask_table", "bb_candidates", "bb_choice"]
+
+
+# options whose value depends on `setting` (None in the config: as the setting says)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {"mask_lr": 0.2, "batch_size": 128, "bb_selection": False, "mask_precision": "full",
+                "subset_sampling": "stratified"},
+    "backdoorbench": {"mask_lr": 0.01, "batch_size": 256, "bb_selection": True, "mask_precision": "round4",
+                      "subset_sampling": "uniform"},
+}
+SETTING_OPTIONS = tuple(SETTINGS["default"])
 
 
 @dataclass
-class ANPConfig(DefenseConfig):
+class ANPConfig(FollowsSetting, DefenseConfig):
     """ANP settings; defaults are the paper's / reference code's (eps 0.4, one step, alpha 0.2, mask lr 0.2,
-    2000 iterations of batch 128, pruning threshold 0.2)."""
+    2000 iterations of batch 128, pruning threshold 0.2). ``setting: backdoorbench`` reproduces BackdoorBench's
+    anp.py (mask lr 0.01, batch 256, its threshold scan and choice, masks compared at 4 decimals; see the module
+    docstring); ``oracle: true`` makes that choice on the TEST set, as BackdoorBench does (labelled diagnostic)."""
 
+    SETTINGS: ClassVar[dict[str, dict[str, Any]]] = SETTINGS
+    setting: Literal["default", "backdoorbench"] = "default"
+    oracle: bool = False
     eps: float = 0.4
     anp_steps: int = 1
     alpha: float = 0.2
-    mask_lr: float = 0.2
     momentum: float = 0.9
     iterations: int = 2000
-    batch_size: int = 128
     rand_init: bool = True
     clip_noise: bool = False
     augment: bool = True
@@ -67,8 +82,27 @@ class ANPConfig(DefenseConfig):
     max_acc_drop: float = 0.1
     holdout_ratio: float = 0.2
     batch_size_eval: int = 512
+    # BackdoorBench's scan (bb_selection): thresholds arange(0, pruning_max + pruning_step, pruning_step), or
+    # for pruning_by number ceil(pruning_step) more neurons per step up to ceil(pruning_max)
+    pruning_max: float = 0.9
+    pruning_step: float = 0.05
+    # setting-dependent options (None: as `setting` says)
+    mask_lr: float | None = None
+    batch_size: int | None = None
+    bb_selection: bool | None = None
+    mask_precision: Literal["full", "round4"] | None = None
+    subset_sampling: Literal["stratified", "uniform"] | None = None
 
     def validate(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {', '.join(map(repr, SETTINGS))}, got {self.setting!r}")
+        for name in ("oracle", "bb_selection", "rand_init", "clip_noise", "augment", "select_threshold"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.mask_precision not in ("full", "round4"):
+            raise ValueError(f"mask_precision must be 'full' or 'round4', got {self.mask_precision!r}")
+        if self.subset_sampling not in ("stratified", "uniform"):
+            raise ValueError(f"subset_sampling must be 'stratified' or 'uniform', got {self.subset_sampling!r}")
         if not self.eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps!r}")
         if not isinstance(self.anp_steps, int) or self.anp_steps < 1:
@@ -83,7 +117,7 @@ class ANPConfig(DefenseConfig):
             raise ValueError(f"iterations must be an integer >= 0, got {self.iterations!r}")
         for name in ("batch_size", "batch_size_eval"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.pruning_by not in ("threshold", "number", "fraction"):
             raise ValueError(f"pruning_by must be 'threshold', 'number' or 'fraction', got {self.pruning_by!r}")
@@ -95,6 +129,15 @@ class ANPConfig(DefenseConfig):
             raise ValueError(f"prune_fraction must be in [0, 1), got {self.prune_fraction!r}")
         if self.select_threshold and self.pruning_by != "threshold":
             raise ValueError("select_threshold=true needs pruning_by='threshold'")
+        if self.select_threshold and self.bb_selection:
+            raise ValueError("select_threshold and bb_selection are two threshold choices: set one of them")
+        if self.bb_selection and self.pruning_by == "fraction":
+            raise ValueError("bb_selection scans thresholds or numbers (pruning_by threshold | number), not fractions")
+        if not self.pruning_max > 0 or not self.pruning_step > 0:
+            raise ValueError(f"pruning_max and pruning_step must be > 0, got {self.pruning_max!r}, {self.pruning_step!r}")
+        if self.oracle and not self.bb_selection:
+            raise ValueError("oracle: true scores BackdoorBench's threshold choice on the test set; it needs "
+                             "bb_selection: true (setting: backdoorbench)")
         if not self.threshold_grid or any(not 0 <= t <= 1 for t in self.threshold_grid):
             raise ValueError(f"threshold_grid must be a non-empty list of values in [0, 1], got {self.threshold_grid!r}")
         if not 0 <= self.max_acc_drop <= 1:
@@ -224,26 +267,77 @@ def optimize_masks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return {name: l.mask.detach().clone() for name, l in layers.items()}, history
 
 
-def mask_table(masks: dict[str, torch.Tensor]) -> pd.DataFrame:
-    """One row per BN neuron: layer, channel, mask value."""
-    rows = [{"layer": name, "channel": k, "mask": float(v)} for name, m in masks.items() for k, v in enumerate(m.tolist())]
+def mask_table(masks: dict[str, torch.Tensor], precision: str = "full") -> pd.DataFrame:
+    """One row per BN neuron: layer, channel, mask value (``precision`` "round4": as BackdoorBench compares them,
+    written with 4 decimals and read back as float64)."""
+    def value(v: float) -> float:
+        return float(f"{v:.4f}") if precision == "round4" else float(v)
+
+    rows = [{"layer": name, "channel": k, "mask": value(v)} for name, m in masks.items() for k, v in enumerate(m.tolist())]
     return pd.DataFrame(rows, columns=["layer", "channel", "mask"])
 
 
 def select_neurons(masks: dict[str, torch.Tensor], pruning_by: str, threshold: float = 0.2, number: int = 0,
-                   fraction: float = 0.0) -> list[tuple[str, int]]:
+                   fraction: float = 0.0, precision: str = "full") -> list[tuple[str, int]]:
     """The (layer, channel) neurons to prune: mask <= threshold, or the ``number`` / ``fraction`` smallest
     masks (stable: ties in layer order, then channel order)."""
-    table = mask_table(masks)
+    table = mask_table(masks, precision)
     if pruning_by == "threshold":
-        # masks are float32: compare against the float32 threshold, so a mask of exactly 0.2 counts as <= 0.2
-        chosen = table[table["mask"] <= float(torch.tensor(threshold, dtype=torch.float32))]
+        # full masks are float32: compare against the float32 threshold, so a mask of exactly 0.2 counts as
+        # <= 0.2; rounded masks are float64, compared as BackdoorBench does
+        t = float(torch.tensor(threshold, dtype=torch.float32)) if precision == "full" else float(threshold)
+        chosen = table[table["mask"] <= t]
     else:
         count = number if pruning_by == "number" else int(round(fraction * len(table)))
         if count > len(table):
             raise ValueError(f"cannot prune {count} neurons: the model has {len(table)} BN neurons")
         chosen = table.sort_values("mask", kind="stable").head(count)
     return [(str(r.layer), int(r.channel)) for r in chosen.itertuples()]
+
+
+def bb_candidates(table: pd.DataFrame, pruning_by: str, pruning_max: float, pruning_step: float
+                  ) -> list[dict[str, Any]]:
+    """BackdoorBench's scan over the mask ``table`` (see :func:`mask_table`): one candidate per step, each
+    ``{"threshold" | "number", "value", "neurons"}`` with the neurons pruned so far (cumulative).
+
+    threshold: ``numpy.arange(0, pruning_max + pruning_step, pruning_step)``, pruning every neuron with
+    mask <= t (``value``: the mask of the first neuron left, or of the last one); number: for start in
+    ``range(0, ceil(pruning_max) + 1, ceil(pruning_step))`` the ``start + ceil(pruning_step)`` smallest masks
+    (BackdoorBench prunes a step's neurons before scoring it; ``value``: the last pruned mask)."""
+    ordered = table.sort_values("mask", kind="stable").reset_index(drop=True)
+    names = [(str(r.layer), int(r.channel)) for r in ordered.itertuples()]
+    values = [float(v) for v in ordered["mask"]]
+    out: list[dict[str, Any]] = []
+    if pruning_by == "threshold":
+        for t in np.arange(0, pruning_max + pruning_step, pruning_step):
+            n = sum(1 for v in values if v <= float(t))
+            value = values[min(n, len(values) - 1)]
+            out.append({"threshold": float(t), "value": value, "neurons": names[:n]})
+    elif pruning_by == "number":
+        step = int(math.ceil(pruning_step))
+        for start in range(0, int(math.ceil(pruning_max)) + 1, step):
+            n = min(start + step, len(values))
+            out.append({"number": start, "value": values[n - 1], "neurons": names[:n]})
+    else:
+        raise ValueError(f"BackdoorBench scans by 'threshold' or 'number', got {pruning_by!r}")
+    return out
+
+
+def bb_choice(scores: list[dict[str, float]], acc_ori: float, asr_ori: float | None, acc_ratio: float) -> int | None:
+    """BackdoorBench's choice among scored candidates (``{"acc", "asr"}``, in scan order): the lowest ASR among
+    those whose relative accuracy change stays below ``acc_ratio`` (strict, two-sided), starting from the
+    unpruned model's ASR (strictly lower wins, so ties keep the earlier one; None: no candidate beats the
+    unpruned model). Without ASR (``asr_ori`` None: scored on clean held-out data, where no poisoned sample
+    exists) the most-pruned candidate within the same tolerance, i.e. the last one in scan order."""
+    best, best_asr = None, asr_ori
+    for i, row in enumerate(scores):
+        if not bb_tolerance_ok(row["acc"], acc_ori, acc_ratio):
+            continue
+        if asr_ori is None:
+            best = i
+        elif row["asr"] < best_asr:
+            best, best_asr = i, row["asr"]
+    return best
 
 
 @torch.no_grad()
@@ -264,12 +358,16 @@ class ANP(Defense):
     needs_clean_data = True
     description = "Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021): prune BN neurons sensitive to perturbation"
 
+    def clean_subset_sampling(self) -> str:
+        return self.config.subset_sampling
+
     def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
         clean = self.require_clean_data(context)
         cfg = self.config
+        oracle = self.require_oracle(context)
         timer = StageTimer()
         fit, hold = clean, None
-        if cfg.select_threshold:
+        if cfg.select_threshold or (cfg.bb_selection and oracle is None):
             fit, hold = split_holdout(clean, cfg.holdout_ratio, context.seed)
         with timer("mask_optimization"):
             work = self.copy_model(model, context.device)
@@ -277,31 +375,38 @@ class ANP(Defense):
             del work
         threshold = cfg.threshold
         selection = []
+        scan = None
         with timer("pruning"):
-            if hold is not None:  # cfg.select_threshold: pick the threshold on the held-out clean part
-                base = clean_accuracy(self.copy_model(model, context.device), hold, context, cfg.batch_size_eval)
-                threshold = 0.0
-                for t in sorted(cfg.threshold_grid):
-                    cand = self.copy_model(model, context.device)
-                    neurons = select_neurons(masks, "threshold", threshold=t)
-                    prune_neurons(cand, neurons)
-                    acc = clean_accuracy(cand, hold, context, cfg.batch_size_eval)
-                    ok = acc >= base * (1 - cfg.max_acc_drop) - 1e-12
-                    selection.append({"threshold": t, "pruned": len(neurons), "holdout_acc": acc, "within": ok})
-                    if ok:
-                        threshold = max(threshold, t)
-            neurons = select_neurons(masks, cfg.pruning_by, threshold, cfg.prune_number, cfg.prune_fraction)
+            if cfg.bb_selection:
+                neurons, scan, threshold = self._bb_select(model, masks, context, hold, oracle)
+            else:
+                if cfg.select_threshold:  # pick the threshold on the held-out clean part
+                    base = clean_accuracy(self.copy_model(model, context.device), hold, context, cfg.batch_size_eval)
+                    threshold = 0.0
+                    for t in sorted(cfg.threshold_grid):
+                        cand = self.copy_model(model, context.device)
+                        neurons = select_neurons(masks, "threshold", threshold=t, precision=cfg.mask_precision)
+                        prune_neurons(cand, neurons)
+                        acc = clean_accuracy(cand, hold, context, cfg.batch_size_eval)
+                        ok = acc >= base * (1 - cfg.max_acc_drop) - 1e-12
+                        selection.append({"threshold": t, "pruned": len(neurons), "holdout_acc": acc, "within": ok})
+                        if ok:
+                            threshold = max(threshold, t)
+                neurons = select_neurons(masks, cfg.pruning_by, threshold, cfg.prune_number, cfg.prune_fraction,
+                                         cfg.mask_precision)
             defended = self.copy_model(model, context.device)
             prune_neurons(defended, neurons)
-        table = mask_table(masks)
+        table = mask_table(masks, cfg.mask_precision)
         pruned_set = set(neurons)
         table["pruned"] = [(l, c) in pruned_set for l, c in zip(table["layer"], table["channel"])]
         per_layer = {name: int(sum(1 for l, _ in neurons if l == name)) for name in masks}
         values = torch.cat([m.flatten() for m in masks.values()])
         diagnostics = {
+            "setting": cfg.setting,
+            "oracle": ORACLE_LABEL if oracle is not None else False,
             "pruning_by": cfg.pruning_by,
             "threshold": threshold if cfg.pruning_by == "threshold" else None,
-            "threshold_selected_on_clean_holdout": cfg.select_threshold,
+            "threshold_selected_on_clean_holdout": cfg.select_threshold or (cfg.bb_selection and oracle is None),
             "pruned_neurons": len(neurons),
             "total_neurons": int(values.numel()),
             "pruned_per_layer": per_layer,
@@ -315,5 +420,43 @@ class ANP(Defense):
         tables = {"masks": table}
         if selection:
             tables["threshold_selection"] = pd.DataFrame(selection)
+        if scan is not None:  # BackdoorBench's threshold_df.csv / number_df.csv
+            tables[f"{cfg.pruning_by}_df"] = scan
         return DefenseOutcome(model=defended.eval(), diagnostics=diagnostics, tables=tables,
                               stage_seconds=timer.seconds, data_used=context.data_used(), units_removed=len(neurons))
+
+    def _bb_select(self, model: nn.Module, masks: dict[str, torch.Tensor], context: DefenseContext,
+                   hold: CleanData | None, oracle) -> tuple[list[tuple[str, int]], pd.DataFrame, float | None]:
+        """BackdoorBench's scan and choice (:func:`bb_candidates`, :func:`bb_choice`): scored by the oracle (test
+        ACC and ASR) or on the held-out clean part (ACC only). Returns the neurons, the scan table and the
+        chosen threshold (None when pruning by number; 0 pruned when no candidate is chosen)."""
+        cfg = self.config
+        cands = bb_candidates(mask_table(masks, cfg.mask_precision), cfg.pruning_by, cfg.pruning_max, cfg.pruning_step)
+
+        def score(m: nn.Module) -> dict[str, float]:
+            if oracle is not None:
+                got = oracle(m)
+                return {"acc": got.acc, "asr": got.asr, "ra": got.ra}
+            return {"acc": clean_accuracy(m, hold, context, cfg.batch_size_eval)}
+
+        base = score(self.copy_model(model, context.device))
+        scores = []
+        for cand in cands:
+            m = self.copy_model(model, context.device)
+            prune_neurons(m, cand["neurons"])
+            scores.append(score(m))
+        chosen = bb_choice(scores, base["acc"], base.get("asr"), cfg.max_acc_drop)
+        key = cfg.pruning_by
+        prefix = "test" if oracle is not None else "holdout"
+        rows = []
+        for i, (cand, sc) in enumerate(zip(cands, scores)):
+            row = {key: cand[key], "value": cand["value"], "pruned": len(cand["neurons"])}
+            row.update({f"{prefix}_{k}": v for k, v in sc.items()})
+            row["within_tolerance"] = bb_tolerance_ok(sc["acc"], base["acc"], cfg.max_acc_drop)
+            row["chosen"] = i == chosen
+            if oracle is not None:
+                row["diagnostic"] = ORACLE_LABEL
+            rows.append(row)
+        neurons = cands[chosen]["neurons"] if chosen is not None else []
+        threshold = (cands[chosen]["threshold"] if chosen is not None else None) if key == "threshold" else None
+        return neurons, pd.DataFrame(rows), threshold

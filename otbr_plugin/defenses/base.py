@@ -5,7 +5,11 @@ construction) and a ``needs_clean_data`` flag. ``mitigate(model, context)`` retu
 holding the defended model (a new object: the input model is left untouched) and diagnostics.
 
 The context never holds test data. Clean data (the defense subset of the *training* set) is attached only
-for defenses that declare they need it: :func:`build_context` enforces this.
+for defenses that declare they need it: :func:`build_context` enforces this. The one exception is explicit:
+a defense whose config says ``oracle: true`` (FP's and ANP's BackdoorBench selection, which BackdoorBench makes
+on the test set) gets an *oracle scorer* -- a function from a model to its test ACC/ASR/RA, never the data --
+only from an entry point that asks for it (``allow_oracle``); its run is labelled :data:`ORACLE_LABEL` and kept
+apart from reported results.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
 
 import pandas as pd
 import torch
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 from ..config import dataclass_from_dict
 from ..data.subsets import CleanData
 from ..data.transforms import Normalizer
+from ..metrics import BackdoorMetrics
 
 __all__ = [
     "DefenseConfig",
@@ -35,7 +40,12 @@ __all__ = [
     "Defense",
     "StageTimer",
     "build_context",
+    "ORACLE_LABEL",
+    "OracleScorer",
 ]
+
+ORACLE_LABEL = "oracle diagnostic (test set)"
+OracleScorer = Callable[[nn.Module], BackdoorMetrics]
 
 C = TypeVar("C", bound="DefenseConfig")
 
@@ -74,6 +84,7 @@ class DefenseContext:
     progress: bool = True
     clean_data: CleanData | None = None
     dataset: str | None = None
+    oracle: OracleScorer | None = None  # test-set scorer, only for an explicit oracle run (see the module docstring)
 
     def progress_bar(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterator:
         return iter(tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False))
@@ -83,7 +94,8 @@ class DefenseContext:
         return torch.Generator().manual_seed(self.seed + offset)
 
     def data_used(self) -> str:
-        return "none" if self.clean_data is None else self.clean_data.describe()
+        used = "none" if self.clean_data is None else self.clean_data.describe()
+        return used + f"; selection scored on the TEST set ({ORACLE_LABEL})" if self.oracle is not None else used
 
 
 @dataclass
@@ -105,6 +117,9 @@ class DefenseOutcome:
     data_used: str = "none"
     units_removed: int | None = None
     seconds: float | None = None  # wall time of mitigate(), set by the harness
+    # the state dict a foreign format should hold instead of ``model.state_dict()`` (FP's BackdoorBench setting:
+    # torch's pruning reparametrisation ``weight_orig`` / ``weight_mask`` of the classifier, as BackdoorBench saves)
+    export_state: dict[str, torch.Tensor] | None = None
 
 
 class StageTimer:
@@ -157,6 +172,25 @@ class Defense(ABC):
             raise ValueError(f"defense {self.name!r} needs a clean defense subset, but the context holds none")
         return context.clean_data
 
+    def wants_oracle(self) -> bool:
+        """Whether this run selects on the test set (``oracle: true`` in a config that has the field)."""
+        return bool(getattr(self.config, "oracle", False))
+
+    def require_oracle(self, context: DefenseContext) -> OracleScorer | None:
+        """The context's oracle scorer when the config asks for it (a ValueError when it is missing), else None;
+        a scorer the config did not ask for is refused too."""
+        if self.wants_oracle() and context.oracle is None:
+            raise ValueError(f"defense {self.name!r}: oracle: true selects on the TEST set, but this entry point "
+                             "gives no oracle scorer (only the BackdoorBench drop-in's --oracle true runs it)")
+        if not self.wants_oracle() and context.oracle is not None:
+            raise ValueError(f"defense {self.name!r} got a test-set scorer without oracle: true in its config")
+        return context.oracle
+
+    def clean_subset_sampling(self) -> str:
+        """How the harness draws the clean defense subset: "stratified" (default: the same share of each class)
+        or "uniform" (a plain random sample, as BackdoorBench's choose_index)."""
+        return "stratified"
+
     def share_work_with(self, other: "Defense") -> None:
         """Hook: opt in to reusing expensive work of ``other`` (and vice versa), e.g. across the runs of a sweep
         over a config field. A defense overrides it only where the reused work gives exactly the result of a
@@ -183,10 +217,18 @@ def build_context(
     progress: bool = True,
     clean_data: CleanData | None = None,
     dataset: str | None = None,
+    oracle: OracleScorer | None = None,
 ) -> DefenseContext:
-    """The context for ``defense``: clean data is attached only if the defense declares it needs it."""
+    """The context for ``defense``: clean data is attached only if the defense declares it needs it; an oracle
+    scorer only if the defense's config asks for one (``oracle: true``), and then it must be given."""
     if defense.needs_clean_data and clean_data is None:
         raise ValueError(f"defense {defense.name!r} needs clean data: build the clean defense subset first")
+    if oracle is not None and not defense.wants_oracle():
+        raise ValueError(f"defense {defense.name!r}: a test-set scorer is given only to a config with oracle: true")
+    if oracle is None and defense.wants_oracle():
+        raise ValueError(f"defense {defense.name!r}: oracle: true selects on the TEST set; this entry point does not "
+                         "run oracle selections (use the BackdoorBench drop-in with --oracle true: its results go to "
+                         "defense/<name>_oracle/, labelled oracle)")
     return DefenseContext(
         num_classes=num_classes,
         input_shape=tuple(input_shape),  # type: ignore[arg-type]
@@ -196,4 +238,5 @@ def build_context(
         progress=progress,
         clean_data=clean_data if defense.needs_clean_data else None,
         dataset=dataset,
+        oracle=oracle,
     )

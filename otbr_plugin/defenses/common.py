@@ -4,6 +4,7 @@ the dataset spec with the context's normalization, batched preprocessing."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import torch
 
@@ -12,7 +13,47 @@ from ..data.subsets import stratified_indices
 from ..data.transforms import random_crop, random_hflip, to_float
 from .base import CleanData, DefenseContext
 
-__all__ = ["split_holdout", "context_spec", "preprocess_batch"]
+__all__ = ["split_holdout", "context_spec", "preprocess_batch", "fill_setting", "FollowsSetting", "bb_tolerance_ok"]
+
+
+def fill_setting(config: object, settings: dict[str, dict[str, object]]) -> None:
+    """Fill the setting-dependent fields of ``config`` that are None from ``settings[config.setting]`` (in
+    place); an unknown setting is a ValueError naming the valid ones."""
+    name = getattr(config, "setting")
+    if name not in settings:
+        raise ValueError(f"{type(config).__name__}.setting must be one of {', '.join(map(repr, settings))}, "
+                         f"got {name!r}")
+    for key, value in settings[name].items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
+
+
+class FollowsSetting:
+    """Mixin for a defense config with a ``setting`` field and options declared None that follow it: the
+    subclass sets ``SETTINGS`` (setting -> {option: value}); construction fills the options left at None, and
+    :meth:`replace` re-derives them when ``setting`` changes (unless they are changed too)."""
+
+    SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self) -> None:
+        fill_setting(self, self.SETTINGS)
+        super().__post_init__()  # type: ignore[misc]
+
+    def replace(self, **changes: Any):
+        data = self.to_dict()  # type: ignore[attr-defined]
+        if "setting" in changes and changes["setting"] != getattr(self, "setting"):
+            for key in next(iter(self.SETTINGS.values())):
+                data[key] = None
+        return self.from_dict({**data, **changes})  # type: ignore[attr-defined]
+
+
+def bb_tolerance_ok(acc: float, acc_ori: float, acc_ratio: float) -> bool:
+    """BackdoorBench's accuracy tolerance (FP's stopping rule, ANP's threshold choice): the relative change
+    ``|acc - acc_ori| / acc_ori`` is strictly below ``acc_ratio`` -- two-sided (a rise stops it too) and strict.
+    An unpruned accuracy of 0 makes the ratio undefined: only an unchanged accuracy passes then."""
+    if acc_ori == 0:
+        return acc == acc_ori and acc_ratio > 0
+    return abs(acc - acc_ori) / acc_ori < acc_ratio
 
 
 def split_holdout(clean: CleanData, ratio: float, seed: int) -> tuple[CleanData, CleanData]:

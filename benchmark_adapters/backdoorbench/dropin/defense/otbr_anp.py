@@ -10,6 +10,9 @@ record/<result_file>/defense/otbr_anp/: defense_result.pt, otbr_anp_df_summary.c
 Uses a clean subset of the training split (--ratio, default 0.05). Named otbr_anp so that BackdoorBench's own
 defense/anp.py and its results stay untouched.
 `python ./defense/otbr_anp.py --help` lists every argument; command-line values override the YAML.
+BackdoorBench's own flags and YAML for the same defense work too (e.g. --yaml_path ./config/defense/anp/cifar10.yaml);
+its infrastructure keys (amp, checkpoint_load, ...) are reported as ignored. --setting backdoorbench runs BackdoorBench's ANP
+(--oracle true: its threshold chosen on the test set, written apart to defense/otbr_anp_oracle/).
 """
 
 import sys

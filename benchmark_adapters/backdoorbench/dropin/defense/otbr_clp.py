@@ -10,6 +10,9 @@ record/<result_file>/defense/otbr_clp/: defense_result.pt, otbr_clp_df_summary.c
 CLP uses no data: only the backdoored weights. Named otbr_clp so that BackdoorBench's own defense/clp.py
 and its results stay untouched.
 `python ./defense/otbr_clp.py --help` lists every argument; command-line values override the YAML.
+BackdoorBench's own flags and YAML for the same defense work too (e.g. --yaml_path ./config/defense/clp/cifar10.yaml);
+its infrastructure keys (amp, checkpoint_load, ...) are reported as ignored. --pairing backdoorbench runs BackdoorBench's CLP; --u_min/--u_max/--u_num
+write its u table (u_step_df.csv, scored on the test set: an oracle diagnostic).
 """
 
 import sys

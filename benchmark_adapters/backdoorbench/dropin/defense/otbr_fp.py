@@ -10,6 +10,9 @@ record/<result_file>/defense/otbr_fp/: defense_result.pt, otbr_fp_df_summary.csv
 Uses a clean subset of the training split (--ratio, default 0.05). Named otbr_fp so that BackdoorBench's own
 defense/fp.py and its results stay untouched.
 `python ./defense/otbr_fp.py --help` lists every argument; command-line values override the YAML.
+BackdoorBench's own flags and YAML for the same defense work too (e.g. --yaml_path ./config/defense/fp/cifar10.yaml);
+its infrastructure keys (amp, checkpoint_load, ...) are reported as ignored. --setting backdoorbench runs BackdoorBench's FP
+(--oracle true: its stopping point on the test set, written apart to defense/otbr_fp_oracle/).
 """
 
 import sys

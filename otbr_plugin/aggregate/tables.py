@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import html as _html
 import io
-import json
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import plain_text_plots, save_figure
-from .records import RunRecord, read_record
+from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "unreadable_line", "latex_escape", "csv_safe", "records_frame", "comparison_table",
            "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
@@ -49,10 +48,10 @@ def load_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None =
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            data = read_record_json(path)
+        except ValueError as err:
             if unreadable is not None and _looks_like_record(path):
-                unreadable.append((path, f"{type(err).__name__}: {str(err)[:120]}"))
+                unreadable.append((path, str(err).removeprefix(f"{path}: ")[:160]))
             continue
         if unreadable is not None and not isinstance(data, dict) and _looks_like_record(path):
             unreadable.append((path, f"not a JSON object ({type(data).__name__})"))
@@ -88,7 +87,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", *METRICS])
 
 
-def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     vals = list(dict.fromkeys(values))
     return sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), v))
 
@@ -109,8 +108,8 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     grouped = df.groupby(["attack", "defense"])[list(metrics)]
     mean = grouped.mean().mul(100).unstack("defense")
     std = grouped.std(ddof=1).mul(100).unstack("defense")
-    defenses = _ordered(df["defense"], DEFENSE_ORDER)
-    attacks = _ordered(df["attack"], [])
+    defenses = ordered(df["defense"], DEFENSE_ORDER)
+    attacks = ordered(df["attack"], [])
     cols = pd.MultiIndex.from_tuples([(d, m) for d in defenses for m in metrics], names=["defense", "metric"])
     mean = mean.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
     std = std.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
@@ -122,7 +121,7 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     return mean, std
 
 
-def _best_mask(mean: pd.DataFrame) -> pd.DataFrame:
+def best_mask(mean: pd.DataFrame) -> pd.DataFrame:
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
     defenses = [d for d in mean.columns.get_level_values(0).unique() if d != "none"]
     for metric in mean.columns.get_level_values(1).unique():
@@ -136,7 +135,7 @@ def _best_mask(mean: pd.DataFrame) -> pd.DataFrame:
     return mask
 
 
-def _cell(m: float, s: float) -> str:
+def format_cell(m: float, s: float) -> str:
     if pd.isna(m):
         return "-"
     return f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
@@ -169,14 +168,14 @@ def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
     """Render the comparison table as ``md``, ``csv``, ``latex`` or ``html``."""
     if fmt not in ("md", "csv", "latex", "html"):
         raise ValueError(f"format must be one of md, csv, latex, html; got {fmt!r}")
-    best = _best_mask(mean)
+    best = best_mask(mean)
     mark = {"md": "**{}**", "csv": "{}*", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}[fmt]
     header = [f"{d} {m.upper()}" for d, m in mean.columns]
     body = []
     for attack in mean.index:
         row = []
         for col in mean.columns:
-            text = _cell(mean.at[attack, col], std.at[attack, col])
+            text = format_cell(mean.at[attack, col], std.at[attack, col])
             if fmt == "latex":
                 text = text.replace("±", "$\\pm$")
             if fmt == "html":
@@ -212,7 +211,7 @@ def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str =
 
     df = records_frame(records)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for defense in _ordered(df["defense"], DEFENSE_ORDER):
+    for defense in ordered(df["defense"], DEFENSE_ORDER):
         sub = df[df["defense"] == defense]
         ax.scatter(sub["asr"] * 100, sub["acc"] * 100, label=defense, s=40, alpha=0.8)
         for _, row in sub.iterrows():
