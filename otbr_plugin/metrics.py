@@ -11,7 +11,11 @@ from torch import nn
 from .data.transforms import Normalizer, to_float
 from .runtime import resolve_device
 
-__all__ = ["BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
+__all__ = ["NonFiniteOutputError", "BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
+
+
+class NonFiniteOutputError(ValueError):
+    """A model produced NaN or infinite logits: an error, never a prediction (NaN argmaxes to class 0)."""
 
 
 CPU_EVAL_BATCH = 512
@@ -63,12 +67,18 @@ def predict(
     normalize = normalizer.on(dev)
     data = images.to(dev)
     out = []
+    finite = torch.ones((), dtype=torch.bool, device=dev)  # checked once at the end: no host sync per batch
     try:
         for start in range(0, data.shape[0], batch_size):
             x = normalize(to_float(data[start : start + batch_size])).contiguous(memory_format=fmt)
-            out.append(net(x).argmax(1))
+            logits = net(x)
+            finite &= torch.isfinite(logits).all()
+            out.append(logits.argmax(1))
     finally:
         model.train(was_training)
+    if not bool(finite):
+        raise NonFiniteOutputError("the model produced non-finite (NaN or infinite) logits; they are not scored "
+                                   "as predictions")
     return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..bundle import Bundle
 from ..config import dataclass_from_dict
-from ..data import Normalizer, get_dataset_spec, load_dataset
+from ..data import Normalizer, get_dataset_spec, load_dataset, tensor_identity
 from ..metrics import accuracy, evaluate_backdoor, predict
 from ..models import ModelConfig, list_models, model_options
 from ..runtime import resolve_device
@@ -238,6 +238,7 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
             "resolved_config": run.resolved(),
             "clean_test": {"dataset": spec.name, "split": "test", "num_samples": len(test)},
             "train_set": {"dataset": spec.name, "split": "train", "num_samples": len(train)},
+            "data": {"train": tensor_identity(train), "test": tensor_identity(test)},  # what it was trained on
         },
         tensors=tensors,
     )

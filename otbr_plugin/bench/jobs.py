@@ -23,12 +23,12 @@ from benchmark_adapters.bundle import load_bundle, save_bundle
 
 from ..attacks.runner import parse_attack_run, run_attack
 from ..bundle import Bundle
-from ..data import load_dataset
+from ..data import identity_changes, load_dataset
 from ..io import FolderLockedError, file_lock, read_regular, write_text
 from ..runtime import RunSettings
 from ..aggregate.records import RunRecord, read_record, write_record
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cached_checkpoint, cell_fingerprint,
-                   cell_record_path, stale_reason, train_error_path, training_changes)
+                   cell_record_path, grid_data, stale_reason, train_error_path, training_changes)
 from .runner import evaluate_model, run_defense
 
 __all__ = ["run_task", "run_cell", "record_failure", "bundle_for", "bundle_lock", "trained_bundle",
@@ -59,6 +59,10 @@ def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, lo
         bundle = load_bundle(path)
         changed = training_changes(bundle.extra.get("resolved_config"), (bundle.training or {}).get("device"),
                                    run.resolved(), settings.device)
+        data = grid_data(grid)
+        if isinstance(data, str):
+            raise RuntimeError(f"the grid's {grid.dataset} data: {data}")
+        changed += [f"data: {c}" for c in identity_changes(bundle.extra.get("data"), data)]
         if not changed:
             log(f"{attack} seed {seed}: using cached bundle {path}")
             return bundle
@@ -89,7 +93,14 @@ def run_cell(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, b
         if grid.defense_names.get(defense, defense) != defense:
             record.defense, record.defense_name = defense, grid.defense_names[defense]
         record.attack_config = dict(attack_cfg)
-        record.fingerprint = cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256)
+        data = grid_data(grid)
+        if isinstance(data, str):
+            raise RuntimeError(f"the grid's {grid.dataset} data: {data}")
+        changes = identity_changes(record.data, {k: data[k] for k in ("train", "test") if k in (record.data or {})})
+        if changes:  # the cell was evaluated on other data than the grid's fingerprint names
+            raise RuntimeError("the clean test set used differs from the grid's data (" + "; ".join(changes) + ")")
+        record.data = {**(record.data or {}), **{k: v for k, v in data.items() if k not in ("dataset",)}}
+        record.fingerprint = cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256, data=data)
         record.seconds["cell_total"] = time.perf_counter() - t0
         write_record(record, path)
         log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
@@ -153,7 +164,9 @@ def record_failure(grid: GridSpec, attack: str, defense: str, seed: int, path: P
     )
     try:  # a failed record carries its cell's fingerprint too: a run reports only records with its own
         record.attack_config = attack_fingerprint_config(grid, attack, seed)
-        record.fingerprint = cell_fingerprint(grid, record.attack_config, defense, record.checkpoint_sha256)
+        data = grid_data(grid)
+        record.fingerprint = cell_fingerprint(grid, record.attack_config, defense, record.checkpoint_sha256,
+                                              data=None if isinstance(data, str) else data)
     except Exception:  # noqa: BLE001 - an unresolvable config is what failed; the record says so without one
         record.attack_config, record.fingerprint = None, None
     write_record(record, path)
@@ -212,7 +225,7 @@ def trained_bundle(grid: GridSpec, attack: str, seed: int, out: Path, bundles: P
     """The cached bundle of (attack, seed), trained with the grid's config; a clear error (with the training task's
     error, when it left one) when it is not there. Never trains."""
     path = bundles / f"{attack}-seed{seed}"
-    if cached_checkpoint(path, attack_fingerprint_config(grid, attack, seed), device) is None:
+    if cached_checkpoint(path, attack_fingerprint_config(grid, attack, seed), device, grid_data(grid)) is None:
         error_file = train_error_path(out, attack, seed)
         try:  # the results folder is untrusted: a bounded read of a regular file
             why = f"training it failed: {read_regular(error_file, 1 << 16, tail=True).decode(errors='replace').strip()}"
