@@ -35,7 +35,7 @@ from ..aggregate.records import RunRecord
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks,
                    planning_device, record_is_current)
 from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
-from .runner import evaluate_model
+from .evalcache import before_metrics
 from .slurm import (JobState, SlurmOptions, Submitter, check_job_id, current_job_id, finished_outcome, live_jobs,
                     require_slurm, write_outcome)
 
@@ -515,7 +515,7 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
             bundle = bundle_for(grid, attack, seed, bundles, log, settings)
             if clean_test is None:
                 clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-            before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
+            before = before_metrics(bundle, clean_test, device)
             if not had_bundle:
                 eta.training_done(time.perf_counter() - t0)
         except Exception as err:  # noqa: BLE001 - recorded, the grid goes on

@@ -29,7 +29,8 @@ from ..runtime import RunSettings
 from ..aggregate.records import RunRecord, read_record, write_record
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cached_checkpoint, cell_fingerprint,
                    cell_record_path, stale_reason, train_error_path, training_changes)
-from .runner import evaluate_model, run_defense
+from .evalcache import before_metrics
+from .runner import run_defense
 
 __all__ = ["run_task", "run_cell", "record_failure", "bundle_for", "bundle_lock", "trained_bundle",
            "run_oracle_sweeps", "cell_line", "read_cell"]
@@ -232,7 +233,7 @@ def _cell(grid: GridSpec, task: Task, path: Path, out: Path, bundles: Path, sett
             log(f"{task.key}: its record is already there")
             return "skipped"
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = evaluate_model(bundle.build_model(), bundle, clean_test, settings.device)
+        before = before_metrics(bundle, clean_test, settings.device)
     except Exception as err:  # noqa: BLE001 - recorded, as in a sequential grid
         return record_failure(grid, attack, defense, seed, path, None, err, log).status
     return run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg, settings.device,
@@ -244,7 +245,7 @@ def _sweep(grid: GridSpec, task: Task, out: Path, bundles: Path, settings: RunSe
     try:
         bundle = trained_bundle(grid, task.attack, task.seed, out, bundles, settings.device)
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = evaluate_model(bundle.build_model(), bundle, clean_test, settings.device)
+        before = before_metrics(bundle, clean_test, settings.device)
     except Exception as err:  # noqa: BLE001 - a diagnostic must not fail a grid
         log(f"{task.key}: oracle sweep not run: {type(err).__name__}: {err}")
         return "failed"
