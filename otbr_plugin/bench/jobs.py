@@ -33,7 +33,7 @@ from .evalcache import before_metrics
 from .runner import run_defense
 
 __all__ = ["run_task", "run_cell", "record_failure", "bundle_for", "bundle_lock", "trained_bundle",
-           "run_oracle_sweeps", "cell_line", "read_cell"]
+           "run_oracle_sweeps", "cell_line", "epoch_line", "read_cell"]
 
 
 def bundle_lock(bundles: Path, attack: str, seed: int):
@@ -43,16 +43,25 @@ def bundle_lock(bundles: Path, attack: str, seed: int):
 
 
 def bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                settings: RunSettings) -> Bundle:
+                settings: RunSettings, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Bundle:
     """The cached bundle for (attack, seed), trained now (on ``settings.device``) if absent or trained with another
     config (:func:`training_changes`). Holds the bundle's lock (:func:`bundle_lock`): a process that waited for
-    another one's training finds the bundle cached."""
+    another one's training finds the bundle cached. Training shows its bars when ``settings.progress`` (whatever
+    the attack config's ``train.progress`` says) and logs one line per finished epoch (:func:`epoch_line`);
+    ``on_epoch`` gets each epoch's facts too (:func:`~otbr_plugin.attacks.runner.run_attack`)."""
     with bundle_lock(bundles, attack, seed):
-        return _bundle_for_locked(grid, attack, seed, bundles, log, settings)
+        return _bundle_for_locked(grid, attack, seed, bundles, log, settings, on_epoch)
+
+
+def epoch_line(attack: str, seed: int, info: Mapping[str, Any]) -> str:
+    """The one line a finished training epoch prints in a grid."""
+    m = info.get("metrics", {})
+    return (f"{attack}/seed{seed}: training epoch {info['epoch']}/{info['epochs']} done ({info['seconds']:.0f} s, "
+            f"{info['steps']} steps; ACC {m.get('acc', math.nan) * 100:.2f}  ASR {m.get('asr', math.nan) * 100:.2f})")
 
 
 def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                       settings: RunSettings) -> Bundle:
+                       settings: RunSettings, on_epoch: Callable[[dict[str, Any]], None] | None) -> Bundle:
     cfg = grid.attack_config(attack, seed)
     run = parse_attack_run(cfg)
     path = bundles / f"{attack}-seed{seed}"
@@ -67,9 +76,15 @@ def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, lo
             + "; ".join(changed[:5]) + "); training it again")
     else:
         log(f"{attack} seed {seed}: training the backdoored model (cached in {path})")
-    # the grid's device and progress setting reach training; training bars follow the config unless --no-progress
+    # the grid's device and progress setting reach training: its bars with progress, one line per epoch always
+
+    def epoch_done(info: dict[str, Any]) -> None:
+        log(epoch_line(attack, seed, info))
+        if on_epoch is not None:
+            on_epoch(info)
+
     bundle = run_attack(run, grid.data_root, log=lambda s: None, device=settings.device,
-                        progress=None if settings.progress else False)
+                        progress=settings.progress, on_epoch=epoch_done)
     save_bundle(bundle, path, overwrite=True)
     return load_bundle(path)
 
