@@ -41,9 +41,9 @@ def test_no_progress_logs_one_line_per_finished_epoch_and_cell(tmp_path, capsys)
     assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--no-progress",
                  "--set", "attack_overrides.train.epochs=2"]) == 1  # test_exploding fails
     lines = capsys.readouterr().out.splitlines()
-    epochs = [s for s in lines if "training epoch" in s]
-    assert [s.split(" done")[0] for s in epochs] == ["badnets/seed0: training epoch 1/2",
-                                                     "badnets/seed0: training epoch 2/2"]
+    epochs = [s for s in lines if s.startswith("training ")]
+    assert [s.split(" done")[0] for s in epochs] == ["training badnets/seed0: epoch 1/2",
+                                                     "training badnets/seed0: epoch 2/2"]
     assert all(" s, " in s and "steps" in s and "ACC" in s for s in epochs)
     assert len([s for s in lines if s.startswith("badnets/none/seed0: ACC")]) == 1
     assert len([s for s in lines if s.startswith("FAILED badnets/test_exploding/seed0")

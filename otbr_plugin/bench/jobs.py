@@ -56,7 +56,7 @@ def bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Calla
 def epoch_line(attack: str, seed: int, info: Mapping[str, Any]) -> str:
     """The one line a finished training epoch prints in a grid."""
     m = info.get("metrics", {})
-    return (f"{attack}/seed{seed}: training epoch {info['epoch']}/{info['epochs']} done ({info['seconds']:.0f} s, "
+    return (f"training {attack}/seed{seed}: epoch {info['epoch']}/{info['epochs']} done ({info['seconds']:.0f} s, "
             f"{info['steps']} steps; ACC {m.get('acc', math.nan) * 100:.2f}  ASR {m.get('asr', math.nan) * 100:.2f})")
 
 
