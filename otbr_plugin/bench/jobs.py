@@ -29,10 +29,11 @@ from ..runtime import RunSettings
 from ..aggregate.records import RunRecord, read_record, write_record
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cached_checkpoint, cell_fingerprint,
                    cell_record_path, grid_data, stale_reason, train_error_path, training_changes)
-from .runner import evaluate_model, run_defense
+from .evalcache import before_metrics
+from .runner import run_defense
 
 __all__ = ["run_task", "run_cell", "record_failure", "bundle_for", "bundle_lock", "trained_bundle",
-           "run_oracle_sweeps", "cell_line", "read_cell"]
+           "run_oracle_sweeps", "cell_line", "epoch_line", "read_cell"]
 
 
 def bundle_lock(bundles: Path, attack: str, seed: int):
@@ -42,16 +43,25 @@ def bundle_lock(bundles: Path, attack: str, seed: int):
 
 
 def bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                settings: RunSettings) -> Bundle:
+                settings: RunSettings, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Bundle:
     """The cached bundle for (attack, seed), trained now (on ``settings.device``) if absent or trained with another
     config (:func:`training_changes`). Holds the bundle's lock (:func:`bundle_lock`): a process that waited for
-    another one's training finds the bundle cached."""
+    another one's training finds the bundle cached. Training shows its bars when ``settings.progress`` (whatever
+    the attack config's ``train.progress`` says) and logs one line per finished epoch (:func:`epoch_line`);
+    ``on_epoch`` gets each epoch's facts too (:func:`~otbr_plugin.attacks.runner.run_attack`)."""
     with bundle_lock(bundles, attack, seed):
-        return _bundle_for_locked(grid, attack, seed, bundles, log, settings)
+        return _bundle_for_locked(grid, attack, seed, bundles, log, settings, on_epoch)
+
+
+def epoch_line(attack: str, seed: int, info: Mapping[str, Any]) -> str:
+    """The one line a finished training epoch prints in a grid."""
+    m = info.get("metrics", {})
+    return (f"training {attack}/seed{seed}: epoch {info['epoch']}/{info['epochs']} done ({info['seconds']:.0f} s, "
+            f"{info['steps']} steps; ACC {m.get('acc', math.nan) * 100:.2f}  ASR {m.get('asr', math.nan) * 100:.2f})")
 
 
 def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                       settings: RunSettings) -> Bundle:
+                       settings: RunSettings, on_epoch: Callable[[dict[str, Any]], None] | None) -> Bundle:
     cfg = grid.attack_config(attack, seed)
     run = parse_attack_run(cfg)
     path = bundles / f"{attack}-seed{seed}"
@@ -70,9 +80,15 @@ def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, lo
             + "; ".join(changed[:5]) + "); training it again")
     else:
         log(f"{attack} seed {seed}: training the backdoored model (cached in {path})")
-    # the grid's device and progress setting reach training; training bars follow the config unless --no-progress
+    # the grid's device and progress setting reach training: its bars with progress, one line per epoch always
+
+    def epoch_done(info: dict[str, Any]) -> None:
+        log(epoch_line(attack, seed, info))
+        if on_epoch is not None:
+            on_epoch(info)
+
     bundle = run_attack(run, grid.data_root, log=lambda s: None, device=settings.device,
-                        progress=None if settings.progress else False)
+                        progress=settings.progress, on_epoch=epoch_done)
     save_bundle(bundle, path, overwrite=True)
     return load_bundle(path)
 
@@ -245,7 +261,7 @@ def _cell(grid: GridSpec, task: Task, path: Path, out: Path, bundles: Path, sett
             log(f"{task.key}: its record is already there")
             return "skipped"
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = evaluate_model(bundle.build_model(), bundle, clean_test, settings.device)
+        before = before_metrics(bundle, clean_test, settings.device)
     except Exception as err:  # noqa: BLE001 - recorded, as in a sequential grid
         return record_failure(grid, attack, defense, seed, path, None, err, log).status
     return run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg, settings.device,
@@ -257,7 +273,7 @@ def _sweep(grid: GridSpec, task: Task, out: Path, bundles: Path, settings: RunSe
     try:
         bundle = trained_bundle(grid, task.attack, task.seed, out, bundles, settings.device)
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = evaluate_model(bundle.build_model(), bundle, clean_test, settings.device)
+        before = before_metrics(bundle, clean_test, settings.device)
     except Exception as err:  # noqa: BLE001 - a diagnostic must not fail a grid
         log(f"{task.key}: oracle sweep not run: {type(err).__name__}: {err}")
         return "failed"
