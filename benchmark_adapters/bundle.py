@@ -33,7 +33,7 @@ from otbr_plugin._version import __version__
 from otbr_plugin.bundle import Bundle, BundleError
 from otbr_plugin.data.poisoned import PoisonedTestSet
 from otbr_plugin.data.specs import get_dataset_spec
-from otbr_plugin.data.transforms import Normalizer
+from otbr_plugin.data.transforms import Normalizer, check_normalization
 from otbr_plugin.io import atomic_dir, check_replaceable, follow_umask, sha256_file
 from otbr_plugin.models import ModelConfig
 
@@ -213,6 +213,10 @@ def _check_meta(meta: dict[str, Any], where: Path) -> None:
         need(isinstance(v, list) and len(v) == spec.in_channels and all(_is_num(x) for x in v), f"dataset.{key}",
              f"a list of {spec.in_channels} finite number(s)", v)
     need(all(x > 0 for x in ds["std"]), "dataset.std", "positive (it divides the input)", ds["std"])
+    try:
+        check_normalization(ds["mean"], ds["std"])
+    except ValueError as err:
+        raise BundleError(f"{where}: dataset: {err}") from None
     need(model["num_classes"] == spec.num_classes, "model.num_classes", f"{spec.num_classes} ({spec.name})",
          model["num_classes"])
     need(model["in_channels"] == spec.in_channels, "model.in_channels",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 __all__ = ["FolderLockedError", "file_lock", "folder_lock", "read_regular", "path_kind", "is_inside", "safe_name",
-           "follow_umask", "check_replaceable", "require_file", "write_with", "write_text", "write_bytes", "write_json", "write_csv", "save_figure", "atomic_dir",
+           "follow_umask", "check_replaceable", "require_file", "write_with", "write_text", "write_bytes", "write_json", "write_csv", "save_figure", "plain_text_plots", "atomic_dir",
            "sha256_file", "json_default"]
 
 
@@ -174,6 +174,16 @@ def write_csv(path: str | Path, table: Any = None, *, rows: Iterable[Sequence[An
             csv.writer(fh).writerows(rows)
 
     return write_with(path, write)
+
+
+def plain_text_plots() -> None:
+    """Select matplotlib's Agg backend and draw all text as plain text. Plot labels come from records and configs
+    (untrusted input): with mathtext on, a ``$...$`` in an attack or defense label is parsed as TeX and a malformed
+    one crashes the plot (and the table, report or bench command drawing it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
 
 
 def save_figure(fig: Any, path: str | Path, **savefig: Any) -> Path:

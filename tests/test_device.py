@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import write_mnist_like
 from otbr_plugin.attacks import base as attack_base
-from otbr_plugin.bench import executors as executors_mod
+from otbr_plugin.bench import evalcache as evalcache_mod
 from otbr_plugin.bench import jobs as jobs_mod
 from otbr_plugin.bench import runner as bench_runner
 from otbr_plugin.bench.executors import run_grid
@@ -77,8 +77,7 @@ def spies(monkeypatch):
 
     monkeypatch.setattr(attack_base, "train_classifier", train)
     monkeypatch.setattr(jobs_mod, "run_attack", attack)
-    monkeypatch.setattr(executors_mod, "evaluate_model", evaluate)
-    monkeypatch.setattr(jobs_mod, "evaluate_model", evaluate)
+    monkeypatch.setattr(evalcache_mod, "evaluate_model", evaluate)  # the backdoored model's (once per checkpoint)
     monkeypatch.setattr(bench_runner, "evaluate_model", evaluate)
     monkeypatch.setattr(jobs_mod, "run_defense", defense)
     monkeypatch.setattr(bench_runner, "build_context", context)

@@ -292,21 +292,3 @@ def test_quickstart_grid_and_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     first = readme[readme.index("```bash"):].split("```")[1]
     assert "configs/bench/quickstart.yaml" in first
-
-
-def test_grid_eta_counts_trainings_apart_from_cells() -> None:
-    from otbr_plugin.bench.executors import _Eta
-
-    eta = _Eta(cells_left=10, trainings_left=2)
-    assert str(eta) == "ETA ?"
-    eta.training_done(600.0)  # one long training, then cheap cells
-    assert str(eta) == "ETA ?"
-    eta.cell_done(10.0)
-    assert eta.seconds() == 9 * 10.0 + 1 * 600.0
-    eta.training_done(400.0)
-    eta.cell_done(None)  # a failed cell counts as done, without a time
-    assert eta.seconds() == 8 * 10.0
-    assert str(eta) == "ETA 01:20"
-    for _ in range(8):
-        eta.cell_done(1.0)
-    assert eta.seconds() == 0.0

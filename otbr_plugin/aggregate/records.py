@@ -123,6 +123,9 @@ class RunRecord:
     defense_name: str | None = None  # the registered defense when ``defense`` is a grid label (a variant)
     fingerprint: str | None = None  # run_fingerprint of the cell; None in records written before it existed
     attack_config: dict[str, Any] | None = None  # the resolved attack run config (grid cells)
+    # the data it was evaluated on: {"root": folder used, "test"/"train": {"num_samples", "sha256"}} (see
+    # otbr_plugin.data.identity); None in records written before it existed
+    data: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in ("ok", "failed"):
@@ -157,6 +160,8 @@ class RunRecord:
         _check_types(data)
         if data.get("attack_config") is not None and not isinstance(data["attack_config"], dict):
             raise ValueError("field 'attack_config' must be an object or null")
+        if data.get("data") is not None and not isinstance(data["data"], dict):
+            raise ValueError("field 'data' must be an object or null")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 

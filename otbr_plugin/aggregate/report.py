@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .records import RunRecord
-from ..io import is_inside, read_regular
+from ..io import is_inside, plain_text_plots, read_regular
 from ..io import write_text as write_text_atomic
 from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, best_mask, format_cell, ordered, comparison_table,
                      load_records)
@@ -112,9 +112,7 @@ def _img(data: bytes, alt: str) -> str:
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plain_text_plots()
     import matplotlib.pyplot as plt
 
     return plt
@@ -171,7 +169,7 @@ def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS) -
             title = f"{d} {m.upper()} on {attack}" + (" (best)" if cls == "best" else "")
             cells.append(f'<td class="{cls}" data-defense="{_e(d)}" data-metric="{m}" title="{_e(title)}">'
                          f"{_e(format_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)]))}</td>")
-        cls = ' class="average"' if attack == "average" else ""
+        cls = ' class="average"' if str(attack).startswith("average") else ""
         rows.append(f'<tr{cls} data-attack="{_e(attack)}"><td>{_e(attack)}</td>{"".join(cells)}</tr>')
     return (f'<div class="scroll"><table class="comparison">{head1}{head2}{"".join(rows)}</table></div>')
 
@@ -547,8 +545,10 @@ def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
             f"<nav>{nav}</nav><main>{body}</main></body></html>\n")
 
 
-def records_sections(records: Sequence[RunRecord], folder: Path | None = None) -> list[Section]:
-    """The report's sections for a set of run records (and, with ``folder``, its diagnose and oracle outputs)."""
+def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
+                     unreadable: Sequence[tuple[Path, str]] = ()) -> list[Section]:
+    """The report's sections for a set of run records (and, with ``folder``, its diagnose and oracle outputs);
+    ``unreadable``: record files that could not be read (listed under "Failed cells")."""
     ok = [r for r in records if r.status == "ok"]
     sections = []
     multi = len(_groups(ok)) > 1
@@ -572,8 +572,9 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None) -
                                 "<p class=note>After-defense metrics per attack, one bar per defense (± std over "
                                 "seeds).</p>" + bars_html(recs)))
     failed = [r for r in records if r.status != "ok"]
-    if failed:
+    if failed or unreadable:
         items = "".join(f"<li>{_e(r.attack_name)}/{_e(r.defense)}/seed{r.seed}: {_e(r.error)}</li>" for r in failed)
+        items += "".join(f"<li>unreadable record <code>{_e(p)}</code>: {_e(why)}</li>" for p, why in unreadable)
         sections.append(Section("failed", "Failed cells", f"<p>Not in the table:</p><ul>{items}</ul>"))
     if folder is not None:
         diag = diagnose_html(folder)
@@ -588,10 +589,15 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None) -
     return sections
 
 
-def render_report(folder: str | Path, title: str | None = None) -> str:
-    """The HTML report for the run records under ``folder`` (as a string)."""
+def render_report(folder: str | Path, title: str | None = None,
+                  unreadable: list[tuple[Path, str]] | None = None) -> str:
+    """The HTML report for the run records under ``folder`` (as a string). Record files that cannot be read are
+    listed in its "Failed cells" section and appended to ``unreadable`` when given."""
     root = Path(folder)
-    records = load_records(root)
+    found: list[tuple[Path, str]] = []
+    records = load_records(root, found)
+    if unreadable is not None:
+        unreadable.extend(found)
     if not records:
         raise ValueError(f"{root}: no run records found (expected records/*.json from `otbr-bench bench`)")
     if not any(r.status == "ok" for r in records):
@@ -603,13 +609,16 @@ def render_report(folder: str | Path, title: str | None = None) -> str:
     subtitle = (f"{_e(datasets)} · {len(attacks)} attack(s): {_e(', '.join(attacks))} · {len(defenses)} defense(s): "
                 f"{_e(', '.join(defenses))} · {len(records)} run record(s) from <code>{_e(root)}</code> · "
                 f"generated {now} by otbr-bench report")
-    return render_page(title or f"Backdoor defense report: {root.name}", subtitle, records_sections(records, root))
+    return render_page(title or f"Backdoor defense report: {root.name}", subtitle,
+                       records_sections(records, root, found))
 
 
-def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
-    """Write the report atomically (temporary file + rename); default ``<folder>/report.html``."""
+def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None,
+                 unreadable: list[tuple[Path, str]] | None = None) -> Path:
+    """Write the report atomically (temporary file + rename); default ``<folder>/report.html``. ``unreadable``: as
+    for :func:`render_report`."""
     target = Path(out) if out else Path(folder) / "report.html"
-    return write_text_atomic(target, render_report(folder, title))  # the io helper keeps the umask mode
+    return write_text_atomic(target, render_report(folder, title, unreadable))  # the io helper keeps the umask mode
 
 
 # ----------------------------------------------------------------------------------------- leaderboard

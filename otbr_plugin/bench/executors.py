@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -28,6 +29,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..attacks.runner import parse_attack_run
 from ..data import load_dataset
 from ..io import folder_lock, read_regular, safe_name, write_json
 from ..runtime import RunSettings, auto_threads
@@ -35,7 +37,7 @@ from ..aggregate.records import RunRecord
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks,
                    planning_device, record_is_current)
 from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
-from .runner import evaluate_model
+from .evalcache import before_metrics
 from .slurm import (JobState, SlurmOptions, Submitter, check_job_id, current_job_id, finished_outcome, live_jobs,
                     require_slurm, write_outcome)
 
@@ -500,30 +502,36 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
     for task in plan.cells:
         todo.setdefault((task.attack, task.seed), []).append(task.defense)
     clean_test = None
-    # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) counts the backdoored
-    # models still to train apart from the defense cells, so one long training does not inflate every cell.
+    # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) comes from measured
+    # rates: each defense's seconds per cell (this run's, or this grid's existing records') and this run's seconds
+    # per training step for the models still to train.
     total = len(grid.seeds) * len(grid.attacks) * len(grid.defenses)
-    eta = _Eta(cells_left=len(plan.cells), trainings_left=sum(t.kind == "train" for t in plan.tasks))
+    eta = _Eta([t.defense for t in plan.cells], _training_work(grid, plan.tasks),
+               _recorded_cell_seconds(grid, out, plan.skipped))
     bar = tqdm(total=total, initial=total - len(plan.cells), desc=f"grid {grid.name}", unit="cell",
                disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     for (attack, seed), defenses in todo.items():
         attack_cfg = attack_fingerprint_config(grid, attack, seed)
         paths = {d: cell_record_path(grid, out, attack, d, seed) for d in defenses}
         bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
-        t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
+        t0 = time.perf_counter()
+
+        def epoch_done(info: dict, key: tuple[str, int] = (attack, seed)) -> None:
+            eta.training_progress(key, info["seconds"], info["steps"], info["train_samples"])
+            bar.set_postfix_str(f"{key[0]}/seed{key[1]}: training epoch {info['epoch']}/{info['epochs']}, {eta}")
+
         try:
-            bundle = bundle_for(grid, attack, seed, bundles, log, settings)
+            bundle = bundle_for(grid, attack, seed, bundles, log, settings, on_epoch=epoch_done)
+            eta.training_done((attack, seed), time.perf_counter() - t0)
             if clean_test is None:
                 clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-            before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
-            if not had_bundle:
-                eta.training_done(time.perf_counter() - t0)
+            bar.set_postfix_str(f"{attack}/seed{seed}: evaluating the backdoored model, {eta}")
+            before = before_metrics(bundle, clean_test, device)
         except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-            if not had_bundle:
-                eta.training_done(None)
+            eta.training_done((attack, seed), None)
             for defense, path in paths.items():
                 results.append(record_failure(grid, attack, defense, seed, path, None, err, log))
-                eta.cell_done(None)
+                eta.cell_done(defense, None)
                 bar.update(1)
             continue
         for defense, path in paths.items():
@@ -531,7 +539,7 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
             t0 = time.perf_counter()
             results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
                                     device, log))
-            eta.cell_done(time.perf_counter() - t0)
+            eta.cell_done(defense, time.perf_counter() - t0 if results[-1].status == "ok" else None)
             bar.set_postfix_str(str(eta), refresh=False)
             bar.update(1)
         run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
@@ -539,34 +547,89 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
     return results
 
 
+def _training_work(grid: GridSpec, tasks: list[Task]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(epochs, batch size) of each model the plan trains; a config that does not parse is left out (its
+    training fails at once)."""
+    work = {}
+    for task in tasks:
+        if task.kind == "train":
+            try:
+                train = parse_attack_run(grid.attack_config(task.attack, task.seed)).train
+            except Exception:  # noqa: BLE001 - reported by the training itself
+                continue
+            work[(task.attack, task.seed)] = (train.epochs, train.batch_size)
+    return work
+
+
+def _recorded_cell_seconds(grid: GridSpec, out: Path, done: list[CellResult]) -> dict[str, list[float]]:
+    """Seconds per cell of each defense in this grid's current ok records (cells this run skips)."""
+    seconds: dict[str, list[float]] = {}
+    for cell in done:
+        record = read_cell(cell_record_path(grid, out, cell.attack, cell.defense, cell.seed))
+        value = record.seconds.get("cell_total") if record is not None and record.status == "ok" else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            seconds.setdefault(cell.defense, []).append(float(value))
+    return seconds
+
+
 class _Eta:
-    """Time left in a grid: cells left x mean seconds per cell + models left to train x mean seconds per training
-    (each measured in this run); "?" until both are known."""
+    """Time left in a grid, from rates measured in this run: each cell left costs the mean seconds per cell of its
+    defense (measured in this run, or read from this grid's existing records), each model left to train its steps
+    (epochs x ceil(training samples / batch)) x the seconds per training step of this run's trainings so far (the
+    one under way included). Shown as "ETA 3:20"; "ETA > 1:10" (a lower bound) while a rate is unknown for part of
+    the work; "ETA ?" while none is known."""
 
-    def __init__(self, cells_left: int, trainings_left: int) -> None:
-        self.cells_left, self.trainings_left = cells_left, trainings_left
-        self.cell_seconds: list[float] = []
-        self.training_seconds: list[float] = []
+    def __init__(self, cells_left: list[str], trainings_left: dict[tuple[str, int], tuple[int, int]],
+                 cell_seconds: dict[str, list[float]] | None = None) -> None:
+        self.cells_left: dict[str, int] = {}
+        for defense in cells_left:
+            self.cells_left[defense] = self.cells_left.get(defense, 0) + 1
+        self.trainings_left = dict(trainings_left)
+        self.cell_seconds = {d: list(v) for d, v in (cell_seconds or {}).items()}
+        self.train_seconds, self.train_steps = 0.0, 0  # this run's finished trainings
+        self.current: tuple[tuple[str, int], float, int] | None = None  # the training under way: seconds, steps
+        self.train_samples: int | None = None
 
-    def training_done(self, seconds: float | None) -> None:
-        self.trainings_left = max(0, self.trainings_left - 1)
+    def training_progress(self, key: tuple[str, int], seconds: float, steps: int, train_samples: int) -> None:
+        self.current, self.train_samples = (key, seconds, steps), train_samples
+
+    def training_done(self, key: tuple[str, int], seconds: float | None) -> None:
+        """The model ``key`` is there (trained: all its steps took ``seconds``; or found cached: no progress was
+        seen) or its training failed (None)."""
+        work = self.trainings_left.pop(key, None)
+        if self.current is not None and self.current[0] == key and seconds is not None:
+            self.train_seconds += seconds
+            self.train_steps += (work[0] * math.ceil(self.train_samples / work[1]) if work and self.train_samples
+                                 else self.current[2])
+        self.current = None
+
+    def cell_done(self, defense: str, seconds: float | None) -> None:
+        self.cells_left[defense] = max(0, self.cells_left.get(defense, 0) - 1)
         if seconds is not None:
-            self.training_seconds.append(seconds)
+            self.cell_seconds.setdefault(defense, []).append(seconds)
 
-    def cell_done(self, seconds: float | None) -> None:
-        self.cells_left = max(0, self.cells_left - 1)
-        if seconds is not None:
-            self.cell_seconds.append(seconds)
-
-    def seconds(self) -> float | None:
-        if self.cells_left == 0:
-            return 0.0
-        if not self.cell_seconds or (self.trainings_left and not self.training_seconds):
-            return None
-        per_training = sum(self.training_seconds) / len(self.training_seconds) if self.training_seconds else 0.0
-        return (self.cells_left * sum(self.cell_seconds) / len(self.cell_seconds)
-                + self.trainings_left * per_training)
+    def seconds(self) -> tuple[float, bool]:
+        """The seconds left whose rate is known, and whether that is all the work left."""
+        left, complete = 0.0, True
+        for defense, n in self.cells_left.items():
+            known = self.cell_seconds.get(defense)
+            if n and known:
+                left += n * sum(known) / len(known)
+            elif n:
+                complete = False
+        if self.trainings_left:
+            secs, steps = self.train_seconds, self.train_steps
+            if self.current is not None:
+                secs, steps = secs + self.current[1], steps + self.current[2]
+            if not steps or not self.train_samples:
+                return left, False
+            for key, (epochs, batch) in self.trainings_left.items():
+                done = self.current[2] if self.current is not None and self.current[0] == key else 0
+                left += max(0, epochs * math.ceil(self.train_samples / batch) - done) * secs / steps
+        return left, complete
 
     def __str__(self) -> str:
-        left = self.seconds()
-        return "ETA ?" if left is None else f"ETA {tqdm.format_interval(left)}"
+        left, complete = self.seconds()
+        if complete:
+            return f"ETA {tqdm.format_interval(left)}"
+        return f"ETA > {tqdm.format_interval(left)}" if left > 0 else "ETA ?"

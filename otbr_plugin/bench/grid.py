@@ -27,6 +27,7 @@ from ..bundle import BundleError
 from .._version import __version__
 from ..attacks.runner import parse_attack_run
 from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
+from ..data import identity_changes, try_data_identity
 from ..defenses import get_defense
 from ..io import json_default, safe_name
 from ..runtime import resolve_device
@@ -35,7 +36,7 @@ from .slurm import SlurmOptions
 
 __all__ = ["GridSpec", "CellResult", "load_grid", "stale_reason", "training_changes", "attack_fingerprint_config",
            "cell_fingerprint", "cached_checkpoint", "Task", "GridPlan", "plan_tasks", "cell_record_path",
-           "train_error_path", "planning_device", "record_is_current", "current_records"]
+           "train_error_path", "planning_device", "record_is_current", "current_records", "grid_data"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
@@ -241,10 +242,24 @@ def _defense_fingerprint_config(grid: GridSpec, label: str) -> dict[str, Any]:
             "config": _plain(grid.defense_class(label)(grid.defenses[label]).config.to_dict())}
 
 
+def grid_data(grid: GridSpec) -> dict[str, Any] | str:
+    """The identity of the grid's data (:func:`~otbr_plugin.data.data_identity` of its dataset under its data root:
+    size and sha256 of each split), or why it cannot be computed."""
+    return try_data_identity(grid.dataset, grid.data_root)
+
+
+def _data_fingerprint(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a data identity that shapes results: each split's size and hash (not where it lives)."""
+    return {split: {"num_samples": data[split]["num_samples"], "sha256": data[split]["sha256"]}
+            for split in ("train", "test") if isinstance(data.get(split), Mapping)}
+
+
 def cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str,
-                      since: RunRecord | None = None) -> str:
+                     since: RunRecord | None = None, data: Mapping[str, Any] | None = None) -> str:
     """The cell's fingerprint; ``since``: as of that record's configs -- options added to the config classes
-    after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`)."""
+    after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`).
+    ``data``: the identity of the data (:func:`grid_data`); None gives the fingerprint of records written before
+    it was part of it."""
     defense = _defense_fingerprint_config(grid, label)
     if since is not None:
         defaults = _defense_defaults(grid, label)
@@ -253,7 +268,10 @@ def cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, 
         if isinstance(old, Mapping) and isinstance(attack_cfg.get("train"), Mapping):
             attack_cfg = {**attack_cfg, "train": _without_new_defaults(old.get("train"), dict(attack_cfg["train"]),
                                                                         _train_defaults())}
-    return run_fingerprint(attack_cfg, defense, checkpoint_sha256, {"clean_ratio": grid.clean_ratio})
+    extra: dict[str, Any] = {"clean_ratio": grid.clean_ratio}
+    if data is not None:
+        extra["data"] = _data_fingerprint(data)
+    return run_fingerprint(attack_cfg, defense, checkpoint_sha256, extra)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -265,9 +283,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
 
 
-def cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.device) -> str | None:
+def cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.device,
+                      data: Mapping[str, Any] | str | None = None) -> str | None:
     """sha256 of the cached bundle's weights when it exists and was trained with ``attack_cfg`` (on a device of
-    ``device``'s type, see :func:`training_changes`), else None."""
+    ``device``'s type, see :func:`training_changes`) on the data ``data`` (:func:`grid_data`), else None."""
     if not path.exists():
         return None
     try:
@@ -277,6 +296,8 @@ def cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.d
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     if training_changes(extra.get("resolved_config"), training.get("device"), attack_cfg, device):
+        return None
+    if data is not None and (isinstance(data, str) or identity_changes(extra.get("data"), data)):
         return None
     return meta["files"].get(MODEL_FILE)
 
@@ -295,6 +316,14 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return f"its record cannot be read ({err})"
     if record.status != "ok":
         return "its last run failed"
+    data = grid_data(grid)
+    if isinstance(data, str):
+        return data
+    if not isinstance(record.data, dict):
+        return "it does not say what data it was made on (written before records named their data)"
+    data_changed = identity_changes(record.data, data)
+    if data_changed:  # made on other data: whatever its fingerprint says
+        return "the data changed (" + "; ".join(data_changed) + ")"
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
         # fields the config class gained after the record was written match when the grid leaves them at
@@ -311,6 +340,10 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
             return "the backdoored checkpoint changed"
         return None
     sha = checkpoint or record.checkpoint_sha256
+    if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha, data=data),
+                              cell_fingerprint(grid, attack_cfg, label, sha, since=record, data=data)):
+        return None
+    # a fingerprint from before the data was part of it: matched when the data the record names is the grid's
     if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha),
                               cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
@@ -343,8 +376,9 @@ def record_is_current(grid: GridSpec, path: Path, attack: str, label: str, seed:
         return False
     if record.status == "ok":
         return stale_reason(grid, path, attack_cfg, label, None) is None
-    sha = record.checkpoint_sha256
-    return record.fingerprint is not None and record.fingerprint == cell_fingerprint(grid, attack_cfg, label, sha)
+    sha, data = record.checkpoint_sha256, grid_data(grid)
+    return record.fingerprint is not None and record.fingerprint == cell_fingerprint(
+        grid, attack_cfg, label, sha, data=None if isinstance(data, str) else data)  # no data: what failed
 
 
 def current_records(grid: GridSpec, out: Path, records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
@@ -443,7 +477,7 @@ def plan_tasks(grid: GridSpec, out: str | Path, bundles: str | Path, device: tor
     for seed in grid.seeds:
         for attack in grid.attacks:
             attack_cfg = attack_fingerprint_config(grid, attack, seed)
-            cached = cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device)
+            cached = cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device, grid_data(grid))
             cells = []
             for defense in grid.defenses:
                 path = cell_record_path(grid, out, attack, defense, seed)

@@ -23,16 +23,17 @@ from benchmark_adapters.bundle import load_bundle, save_bundle
 
 from ..attacks.runner import parse_attack_run, run_attack
 from ..bundle import Bundle
-from ..data import load_dataset
+from ..data import identity_changes, load_dataset
 from ..io import FolderLockedError, file_lock, read_regular, write_text
 from ..runtime import RunSettings
 from ..aggregate.records import RunRecord, read_record, write_record
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cached_checkpoint, cell_fingerprint,
-                   cell_record_path, stale_reason, train_error_path, training_changes)
-from .runner import evaluate_model, run_defense
+                   cell_record_path, grid_data, stale_reason, train_error_path, training_changes)
+from .evalcache import before_metrics
+from .runner import run_defense
 
 __all__ = ["run_task", "run_cell", "record_failure", "bundle_for", "bundle_lock", "trained_bundle",
-           "run_oracle_sweeps", "cell_line", "read_cell"]
+           "run_oracle_sweeps", "cell_line", "epoch_line", "read_cell"]
 
 
 def bundle_lock(bundles: Path, attack: str, seed: int):
@@ -42,16 +43,25 @@ def bundle_lock(bundles: Path, attack: str, seed: int):
 
 
 def bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                settings: RunSettings) -> Bundle:
+                settings: RunSettings, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Bundle:
     """The cached bundle for (attack, seed), trained now (on ``settings.device``) if absent or trained with another
     config (:func:`training_changes`). Holds the bundle's lock (:func:`bundle_lock`): a process that waited for
-    another one's training finds the bundle cached."""
+    another one's training finds the bundle cached. Training shows its bars when ``settings.progress`` (whatever
+    the attack config's ``train.progress`` says) and logs one line per finished epoch (:func:`epoch_line`);
+    ``on_epoch`` gets each epoch's facts too (:func:`~otbr_plugin.attacks.runner.run_attack`)."""
     with bundle_lock(bundles, attack, seed):
-        return _bundle_for_locked(grid, attack, seed, bundles, log, settings)
+        return _bundle_for_locked(grid, attack, seed, bundles, log, settings, on_epoch)
+
+
+def epoch_line(attack: str, seed: int, info: Mapping[str, Any]) -> str:
+    """The one line a finished training epoch prints in a grid."""
+    m = info.get("metrics", {})
+    return (f"training {attack}/seed{seed}: epoch {info['epoch']}/{info['epochs']} done ({info['seconds']:.0f} s, "
+            f"{info['steps']} steps; ACC {m.get('acc', math.nan) * 100:.2f}  ASR {m.get('asr', math.nan) * 100:.2f})")
 
 
 def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                       settings: RunSettings) -> Bundle:
+                       settings: RunSettings, on_epoch: Callable[[dict[str, Any]], None] | None) -> Bundle:
     cfg = grid.attack_config(attack, seed)
     run = parse_attack_run(cfg)
     path = bundles / f"{attack}-seed{seed}"
@@ -59,6 +69,10 @@ def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, lo
         bundle = load_bundle(path)
         changed = training_changes(bundle.extra.get("resolved_config"), (bundle.training or {}).get("device"),
                                    run.resolved(), settings.device)
+        data = grid_data(grid)
+        if isinstance(data, str):
+            raise RuntimeError(f"the grid's {grid.dataset} data: {data}")
+        changed += [f"data: {c}" for c in identity_changes(bundle.extra.get("data"), data)]
         if not changed:
             log(f"{attack} seed {seed}: using cached bundle {path}")
             return bundle
@@ -66,9 +80,15 @@ def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, lo
             + "; ".join(changed[:5]) + "); training it again")
     else:
         log(f"{attack} seed {seed}: training the backdoored model (cached in {path})")
-    # the grid's device and progress setting reach training; training bars follow the config unless --no-progress
+    # the grid's device and progress setting reach training: its bars with progress, one line per epoch always
+
+    def epoch_done(info: dict[str, Any]) -> None:
+        log(epoch_line(attack, seed, info))
+        if on_epoch is not None:
+            on_epoch(info)
+
     bundle = run_attack(run, grid.data_root, log=lambda s: None, device=settings.device,
-                        progress=None if settings.progress else False)
+                        progress=settings.progress, on_epoch=epoch_done)
     save_bundle(bundle, path, overwrite=True)
     return load_bundle(path)
 
@@ -89,7 +109,14 @@ def run_cell(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, b
         if grid.defense_names.get(defense, defense) != defense:
             record.defense, record.defense_name = defense, grid.defense_names[defense]
         record.attack_config = dict(attack_cfg)
-        record.fingerprint = cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256)
+        data = grid_data(grid)
+        if isinstance(data, str):
+            raise RuntimeError(f"the grid's {grid.dataset} data: {data}")
+        changes = identity_changes(record.data, {k: data[k] for k in ("train", "test") if k in (record.data or {})})
+        if changes:  # the cell was evaluated on other data than the grid's fingerprint names
+            raise RuntimeError("the clean test set used differs from the grid's data (" + "; ".join(changes) + ")")
+        record.data = {**(record.data or {}), **{k: v for k, v in data.items() if k not in ("dataset",)}}
+        record.fingerprint = cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256, data=data)
         record.seconds["cell_total"] = time.perf_counter() - t0
         write_record(record, path)
         log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
@@ -153,7 +180,9 @@ def record_failure(grid: GridSpec, attack: str, defense: str, seed: int, path: P
     )
     try:  # a failed record carries its cell's fingerprint too: a run reports only records with its own
         record.attack_config = attack_fingerprint_config(grid, attack, seed)
-        record.fingerprint = cell_fingerprint(grid, record.attack_config, defense, record.checkpoint_sha256)
+        data = grid_data(grid)
+        record.fingerprint = cell_fingerprint(grid, record.attack_config, defense, record.checkpoint_sha256,
+                                              data=None if isinstance(data, str) else data)
     except Exception:  # noqa: BLE001 - an unresolvable config is what failed; the record says so without one
         record.attack_config, record.fingerprint = None, None
     write_record(record, path)
@@ -212,7 +241,7 @@ def trained_bundle(grid: GridSpec, attack: str, seed: int, out: Path, bundles: P
     """The cached bundle of (attack, seed), trained with the grid's config; a clear error (with the training task's
     error, when it left one) when it is not there. Never trains."""
     path = bundles / f"{attack}-seed{seed}"
-    if cached_checkpoint(path, attack_fingerprint_config(grid, attack, seed), device) is None:
+    if cached_checkpoint(path, attack_fingerprint_config(grid, attack, seed), device, grid_data(grid)) is None:
         error_file = train_error_path(out, attack, seed)
         try:  # the results folder is untrusted: a bounded read of a regular file
             why = f"training it failed: {read_regular(error_file, 1 << 16, tail=True).decode(errors='replace').strip()}"
@@ -232,7 +261,7 @@ def _cell(grid: GridSpec, task: Task, path: Path, out: Path, bundles: Path, sett
             log(f"{task.key}: its record is already there")
             return "skipped"
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = evaluate_model(bundle.build_model(), bundle, clean_test, settings.device)
+        before = before_metrics(bundle, clean_test, settings.device)
     except Exception as err:  # noqa: BLE001 - recorded, as in a sequential grid
         return record_failure(grid, attack, defense, seed, path, None, err, log).status
     return run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg, settings.device,
@@ -244,7 +273,7 @@ def _sweep(grid: GridSpec, task: Task, out: Path, bundles: Path, settings: RunSe
     try:
         bundle = trained_bundle(grid, task.attack, task.seed, out, bundles, settings.device)
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = evaluate_model(bundle.build_model(), bundle, clean_test, settings.device)
+        before = before_metrics(bundle, clean_test, settings.device)
     except Exception as err:  # noqa: BLE001 - a diagnostic must not fail a grid
         log(f"{task.key}: oracle sweep not run: {type(err).__name__}: {err}")
         return "failed"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from pathlib import Path
 
 from ..bench.executors import run_grid
 from ..bench.grid import GridSpec, current_records, load_grid
-from ..aggregate.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..aggregate.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
+                                unreadable_line)
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
 from ..runtime import parse_threads
@@ -167,7 +169,10 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
           f"{wall / 60:.1f} min")
-    records, stale = current_records(grid, out, load_records(out / "records"))
+    unreadable: list = []
+    records, stale = current_records(grid, out, load_records(out / "records", unreadable))
+    if unreadable:
+        print(unreadable_line(unreadable), file=sys.stderr)
     if stale:
         print(f"left out of the table: {len(stale)} record(s) written with another config than this run's (an "
               f"earlier run's worker or job): {', '.join('/'.join(map(str, r.key()[2:])) for r in stale[:5])}"
