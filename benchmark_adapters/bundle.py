@@ -22,21 +22,23 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from otbr_plugin import __version__
+from otbr_plugin._version import __version__
 from otbr_plugin.bundle import Bundle, BundleError
 from otbr_plugin.data.poisoned import PoisonedTestSet
 from otbr_plugin.data.specs import get_dataset_spec
-from otbr_plugin.data.transforms import Normalizer
-from otbr_plugin.io import atomic_dir, sha256_file
+from otbr_plugin.data.transforms import Normalizer, check_normalization
+from otbr_plugin.io import atomic_dir, check_replaceable, follow_umask, sha256_file
 from otbr_plugin.models import ModelConfig
 
 __all__ = ["Bundle", "BundleError", "save_bundle", "load_bundle", "verify_bundle", "sha256_file", "is_bundle", "bundle_meta", "meta_digest",
+           "check_bundle_target",
            "BUNDLE_FORMAT_VERSION"]
 
 BUNDLE_FORMAT_VERSION = 1
@@ -44,6 +46,7 @@ MODEL_FILE = "model.safetensors"
 BD_TEST_FILE = "bd_test.safetensors"
 EXTRA_FILE = "extra.safetensors"
 META_FILE = "meta.json"
+BUNDLE_FILES = (META_FILE, MODEL_FILE, BD_TEST_FILE, EXTRA_FILE)
 REQUIRED_META = ("format_version", "model", "dataset", "attack", "metrics", "files")
 REQUIRED_MODEL = ("name", "num_classes", "in_channels", "image_size", "width")
 REQUIRED_DATASET = ("name", "num_classes", "input_shape", "mean", "std")
@@ -91,6 +94,8 @@ def is_bundle(path: str | Path) -> bool:
 def save_bundle(bundle: Bundle, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``bundle`` to the folder ``path`` atomically; returns the path."""
     target = Path(path)
+    if overwrite:
+        check_bundle_target(target, overwrite)
     meta = bundle_meta(bundle)
     _check_meta(meta, target / META_FILE)  # nothing is written that load_bundle would refuse
     meta = json.loads(json.dumps(meta))  # as it will be read back (tuples as lists)
@@ -104,9 +109,25 @@ def save_bundle(bundle: Bundle, path: str | Path, overwrite: bool = False) -> Pa
         if bundle.tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in bundle.tensors.items()}, str(tmp / EXTRA_FILE))
             files.append(EXTRA_FILE)
+        for name in files:  # safetensors creates its files private (0600); a bundle follows the umask
+            follow_umask(tmp / name)
         meta["files"] = {name: sha256_file(tmp / name) for name in files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return target
+
+
+def check_bundle_target(path: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, a bundle path that is taken: without ``overwrite`` anything there; with it anything
+    but a bundle folder (a folder holding other files or sub-folders, a file, a symlink), naming what is there."""
+    target = Path(path)
+    if not overwrite and os.path.lexists(target):
+        raise FileExistsError(f"{target} already exists (pass --overwrite to replace a bundle there)")
+    check_replaceable(target, _foreign_entries, f"a bundle folder ({', '.join(BUNDLE_FILES)})")
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """The entries of ``folder`` that are not a bundle's files (empty: the folder is a bundle, safe to replace)."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in BUNDLE_FILES)
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -192,6 +213,10 @@ def _check_meta(meta: dict[str, Any], where: Path) -> None:
         need(isinstance(v, list) and len(v) == spec.in_channels and all(_is_num(x) for x in v), f"dataset.{key}",
              f"a list of {spec.in_channels} finite number(s)", v)
     need(all(x > 0 for x in ds["std"]), "dataset.std", "positive (it divides the input)", ds["std"])
+    try:
+        check_normalization(ds["mean"], ds["std"])
+    except ValueError as err:
+        raise BundleError(f"{where}: dataset: {err}") from None
     need(model["num_classes"] == spec.num_classes, "model.num_classes", f"{spec.num_classes} ({spec.name})",
          model["num_classes"])
     need(model["in_channels"] == spec.in_channels, "model.in_channels",

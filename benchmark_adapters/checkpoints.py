@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from otbr_plugin.bundle import Bundle
+from otbr_plugin.io import path_kind
 from otbr_plugin.registry import Registry
 
 from .bundle import is_bundle, load_bundle
@@ -41,7 +42,12 @@ def load_checkpoint(path: str | Path, **options: Any) -> Bundle:
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
+        kind = path_kind(p)
+        raise FileNotFoundError(f"checkpoint {p} " + ("does not exist" if kind == "missing" else f"is {kind}")
+                                + " (expected a bundle folder or a BackdoorBench record folder / attack_result.pt)")
+    if not (p.is_dir() or p.is_file()):
+        raise ValueError(f"checkpoint {p} is {path_kind(p)}; expected a bundle folder or a BackdoorBench record "
+                         "folder / attack_result.pt")
     for _name, (probe, load) in READERS.items():
         if probe(p):
             return load(p, **options)

@@ -36,6 +36,7 @@ from otbr_plugin.bundle import Bundle
 from otbr_plugin.data import Normalizer, get_dataset_spec, load_dataset
 from otbr_plugin.data.poisoned import PoisonedTestSet
 from otbr_plugin.data.specs import DatasetSpec
+from otbr_plugin.io import require_file
 from otbr_plugin.models import ModelConfig, create_model
 
 from .backdoorbench.record import _read_png, _strip_prefixes
@@ -62,9 +63,7 @@ def _tensor_dict(obj: Any) -> dict[str, torch.Tensor] | None:
 
 def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """The state_dict in ``path`` (CPU tensors, prefixes stripped); see the module docstring for the formats."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist (expected a .safetensors or torch.save file)")
+    p = require_file(path, "checkpoint", "a .safetensors or torch.save file")
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -210,7 +209,7 @@ def read_poisoned_test(path: str | Path, spec: DatasetSpec, target_class: int | 
     if p.is_dir():
         images, labels, indices = _read_folder(p, spec)
         targets = None
-    elif p.suffix in (".npz", ".safetensors"):
+    elif require_file(p, "poisoned test set", "an image folder, .npz or .safetensors file") and p.suffix in (".npz", ".safetensors"):
         arrays = _read_arrays(p)
         if "images" not in arrays:
             raise PlainCheckpointError(f"{p}: no 'images' array (found: {', '.join(arrays) or 'none'})")

@@ -84,7 +84,7 @@ def main() -> None:
     cfg = defense.config
     t0 = time.perf_counter()
     fuse_models(pruned, model, layers, masses, start=layers[0], lam=cfg.lam, cost=cfg.cost, residual=cfg.residual,
-                attached=cfg.attached, solver=cfg.solver)
+                attached=cfg.attached, solver=cfg.solver, arithmetic=cfg.arithmetic)
     worst = time.perf_counter() - t0
     print(f"fusion over all {len(layers)} target layers (worst case): {worst:.3f} s; "
           f"(pruning + worst-case fusion) / unlearning = {(worst) / sec['unlearning'] * 100:.2f}%")

@@ -22,7 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_mnist_like  # noqa: E402 - the tests' IDX writer, reused
 
-from otbr_plugin.bench.tables import load_records  # noqa: E402
+from otbr_plugin.aggregate.tables import load_records  # noqa: E402
 
 
 def grid_yaml(folder: Path, seeds: int, n_train: int, n_test: int, model: str) -> Path:

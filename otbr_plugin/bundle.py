@@ -17,11 +17,17 @@ from .data.poisoned import PoisonedTestSet
 from .data.transforms import Normalizer
 from .models import ModelConfig
 
-__all__ = ["Bundle", "BundleError"]
+__all__ = ["Bundle", "BundleError", "non_finite_weights"]
 
 
 class BundleError(ValueError):
     """A bundle is missing, malformed, tampered with or inconsistent."""
+
+
+def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 @dataclass
@@ -52,6 +58,10 @@ class Bundle:
             raise BundleError(
                 f"weights do not fit {self.model_config.name}: missing {missing[:10]}, unexpected {unexpected[:10]}"
             )
+        bad = non_finite_weights(self.state_dict)
+        if bad:
+            raise BundleError(f"{self.path or 'the checkpoint'}: weight(s) {', '.join(bad[:5])} hold NaN or infinite "
+                              "values; a model with non-finite weights is not evaluated or defended")
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as err:

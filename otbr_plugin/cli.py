@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from ._version import __version__
 
 # name of the module in otbr_plugin.commands, in the order shown by --help
 COMMAND_MODULES = ["info", "train", "attack", "defend", "diagnose", "bench", "status", "results", "report", "convert",

@@ -18,7 +18,7 @@ try:
 except ImportError:  # Python 3.10
     from importlib.abc import Traversable
 
-__all__ = ["load_yaml", "parse_yaml", "YamlLoader", "parse_overrides", "apply_overrides", "dataclass_from_dict", "declared_values",
+__all__ = ["load_yaml", "parse_yaml", "YamlLoader", "YamlTooLargeError", "parse_overrides", "apply_overrides", "dataclass_from_dict", "declared_values",
            "PACKAGED_CONFIGS", "packaged_configs", "packaged_config", "find_config_file", "ResolvedConfig",
            "resolve_config"]
 
@@ -38,9 +38,58 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+MAX_YAML_BYTES = 1 << 20
+"""Largest YAML text read (1 MiB; the biggest shipped config is a few KB)."""
+MAX_YAML_NODES = 100_000
+"""Most nodes a YAML document may hold with its aliases expanded: an alias bomb (a few hundred bytes whose
+nested aliases stand for billions of nodes) is refused before anything walks it."""
+
+
+class YamlTooLargeError(yaml.YAMLError, ValueError):
+    """A YAML text too large, or whose aliases expand to too many nodes."""
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in ``node`` with every alias expanded (each shared node counted once per use), memoized."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a recursive alias counts nothing more on its way back
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(_expanded_nodes(n, memo) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+        else:
+            total = 1
+        memo[key] = min(total, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
 def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 floats (see :class:`YamlLoader`)."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` with YAML 1.2 floats (see :class:`YamlLoader`), bounded: at most
+    :data:`MAX_YAML_BYTES` of text and :data:`MAX_YAML_NODES` nodes with aliases expanded
+    (:class:`YamlTooLargeError` otherwise)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise YamlTooLargeError(f"the YAML text is {len(text)} characters; at most {MAX_YAML_BYTES} are read")
+    loader = YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise YamlTooLargeError(f"the YAML document expands to more than {MAX_YAML_NODES} nodes through its "
+                                    "aliases (&anchor/*alias); a config this large is refused")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages (a config value can be huge)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
@@ -103,14 +152,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
-        raise ValueError(f"{where}: {value!r} fits none of {hint}")
+        raise ValueError(f"{where}: {_short(value)} fits none of {hint}")
     if origin is typing.Literal:
         if value not in args:
-            raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {_short(value)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
+            raise ValueError(f"{where} must be a list, got {_short(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             return tuple(_coerce(v, a, where) for v, a in zip(value, args))
         inner = args[0] if args else Any
@@ -119,20 +168,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{where} must be true or false, got {value!r}")
+        raise ValueError(f"{where} must be true or false, got {_short(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ValueError(f"{where} must be an integer, got {value!r}")
+            raise ValueError(f"{where} must be an integer, got {_short(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
+            raise ValueError(f"{where} must be a number, got {_short(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
+            raise ValueError(f"{where} must be a string, got {_short(value)}")
         return value
     return value
 
@@ -260,7 +309,11 @@ def _merge(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(res: Traversable, label: str) -> dict[str, Any]:
     try:
-        data = parse_yaml(res.read_text())
+        with res.open("rb") as fh:  # bounded: never more than the limit is read into memory
+            raw = fh.read(MAX_YAML_BYTES + 1)
+        data = parse_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{label}: not UTF-8 text ({err})") from err
     except yaml.YAMLError as err:
         raise ValueError(f"{label}: not valid YAML ({err})") from err
     except RecursionError as err:

@@ -1,4 +1,4 @@
-"""ACC / ASR / RA (fractions in [0, 1]) and DER, computed batched under no_grad on any device."""
+"""ACC / ASR / RA (fractions in [0, 1]) and DER, computed batched under ``torch.inference_mode`` on any device."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from torch import nn
 from .data.transforms import Normalizer, to_float
 from .runtime import resolve_device
 
-__all__ = ["BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
+__all__ = ["NonFiniteOutputError", "BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
+
+
+class NonFiniteOutputError(ValueError):
+    """A model produced NaN or infinite logits: an error, never a prediction (NaN argmaxes to class 0)."""
 
 
 CPU_EVAL_BATCH = 512
@@ -26,7 +30,6 @@ def _on_device(model: nn.Module, device: torch.device) -> bool:
                for t in (*model.parameters(), *model.buffers()))
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     images: torch.Tensor,
@@ -45,7 +48,9 @@ def predict(
     evaluate a channels-last copy of the model on channels-last batches; default on an accelerator, off on the CPU
     (where it is faster too, but computes with other kernels: off keeps CPU results bit-identical). The images are
     moved to ``device`` once (uint8) and the predictions come back once, so an accelerator never waits for the host
-    between batches. Always float32 (no autocast): metrics do not depend on a training precision."""
+    between batches. Always float32 (no autocast): metrics do not depend on a training precision. Runs under
+    ``torch.inference_mode`` (the same kernels as ``no_grad``, so the same numbers, without autograd bookkeeping);
+    the predictions returned are an ordinary tensor."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if batch_size is None:
         batch_size = CPU_EVAL_BATCH if dev.type == "cpu" else ACCELERATOR_EVAL_BATCH
@@ -63,13 +68,22 @@ def predict(
     normalize = normalizer.on(dev)
     data = images.to(dev)
     out = []
+    finite = torch.ones((), dtype=torch.bool, device=dev)  # checked once at the end: no host sync per batch
     try:
-        for start in range(0, data.shape[0], batch_size):
-            x = normalize(to_float(data[start : start + batch_size])).contiguous(memory_format=fmt)
-            out.append(net(x).argmax(1))
+        with torch.inference_mode():
+            for start in range(0, data.shape[0], batch_size):
+                x = normalize(to_float(data[start : start + batch_size])).contiguous(memory_format=fmt)
+                logits = net(x)
+                finite &= torch.isfinite(logits).all()
+                out.append(logits.argmax(1))
+            preds = torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
+            ok = bool(finite)
     finally:
         model.train(was_training)
-    return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
+    if not ok:
+        raise NonFiniteOutputError("the model produced non-finite (NaN or infinite) logits; they are not scored "
+                                   "as predictions")
+    return preds.clone()  # outside inference mode: an ordinary tensor callers may modify in place
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:

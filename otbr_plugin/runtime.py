@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["RunSettings", "resolve_device", "seed_everything", "autocast_context"]
+__all__ = ["RunSettings", "resolve_device", "seed_everything", "autocast_context", "usable_cpus", "auto_threads",
+           "parse_threads"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -41,6 +45,68 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (v2 ``cpu.max`` or v1 ``cfs_quota_us``), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota (rounded up)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        cpus = min(cpus, max(1, math.ceil(limit)))
+    return max(1, cpus)
+
+
+def auto_threads(workers: int = 1, *, cpus: int | None = None, load: float | None = None,
+                 env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Torch CPU threads per process that never oversubscribe the machine, and why.
+
+    An explicit ``OMP_NUM_THREADS`` wins (the user's choice). Otherwise: the usable CPUs (affinity, cgroup
+    quota) less the CPUs other processes keep busy (1-minute load average, rounded), at least 1, divided
+    among ``workers`` processes. OpenMP threads that wait for a CPU held by another process spin at the
+    next barrier, so on a busy machine fewer threads are faster, not only fairer."""
+    env = os.environ if env is None else env
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) >= 1:
+        return max(1, int(given) // max(1, workers)), f"OMP_NUM_THREADS={given}"
+    cpus = usable_cpus() if cpus is None else cpus
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    free = max(1, min(cpus, cpus - int(load + 0.5)))
+    per_worker = max(1, free // max(1, workers))
+    why = f"{cpus} usable CPU(s), load {load:.1f}" + (f", {workers} workers" if workers > 1 else "")
+    return per_worker, why
+
+
+def parse_threads(value: str | int | None) -> int | str | None:
+    """``--threads``: ``auto``, an integer >= 1, or None (torch's own choice)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--threads must be 'auto' or an integer >= 1, got {value!r}")
+    return value
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same way.
 
@@ -71,17 +137,23 @@ class RunSettings:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    threads_reason: str = ""
 
     @classmethod
-    def from_args(cls, device: str | torch.device | None = "auto", seed: int = 0, threads: int | None = None,
-                  progress: bool = True, apply: bool = True) -> "RunSettings":
+    def from_args(cls, device: str | torch.device | None = "auto", seed: int = 0, threads: int | str | None = None,
+                  progress: bool = True, apply: bool = True, workers: int = 1) -> "RunSettings":
         """Validate the device (an unavailable one is a one-line :class:`ValueError`), the seed and the
-        thread count; with ``apply``, set torch's CPU thread count now."""
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+        thread count (``"auto"``: :func:`auto_threads` for ``workers`` processes, decided here once); with
+        ``apply``, set torch's CPU thread count now."""
+        threads = parse_threads(threads)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        settings = cls(device=resolve_device(device), seed=seed, threads=threads, progress=bool(progress))
+        reason = "--threads" if isinstance(threads, int) else ""
+        if threads == "auto":
+            threads, why = auto_threads(workers)
+            reason = f"auto: {why}"
+        settings = cls(device=resolve_device(device), seed=seed, threads=threads, progress=bool(progress),
+                       threads_reason=reason)
         if apply:
             settings.apply()
         return settings

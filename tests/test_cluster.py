@@ -5,19 +5,19 @@ the reason, where the daemons are not installed or do not come up."""
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
-from otbr_plugin.bench import grid as grid_module
-from otbr_plugin.bench.executors import run_local_workers
-from otbr_plugin.bench.grid import load_grid, run_grid
-from otbr_plugin.bench.jobs import Task, plan_tasks
-from otbr_plugin.bench.records import read_record
+from otbr_plugin.bench import jobs as jobs_module
+from otbr_plugin.bench.executors import run_grid, run_local_workers
+from otbr_plugin.bench.grid import Task, load_grid, plan_tasks
+from otbr_plugin.aggregate.records import read_record
 from otbr_plugin.bench.slurm import SlurmOptions, finished_outcome
-from otbr_plugin.bench.tables import load_records
+from otbr_plugin.aggregate.tables import load_records
 from otbr_plugin.cli import main
 from otbr_plugin.runtime import RunSettings
 from slurm_cluster import start_one_node_slurm
@@ -98,17 +98,17 @@ def test_local_workers_record_a_training_failure_in_every_cell(tmp_path, capsys)
 def test_one_bundle_is_trained_once_by_concurrent_runs(tmp_path, monkeypatch):
     grid = load_grid(tiny_grid(tmp_path))
     trained = []
-    real = grid_module.run_attack
+    real = jobs_module.run_attack
 
     def counting(*args, **kwargs):
         trained.append(threading.get_ident())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "run_attack", counting)
+    monkeypatch.setattr(jobs_module, "run_attack", counting)
     settings = RunSettings.from_args("cpu", threads=1, progress=False)
     bundles = tmp_path / "shared_bundles"
     got = []
-    threads = [threading.Thread(target=lambda: got.append(grid_module._bundle_for(
+    threads = [threading.Thread(target=lambda: got.append(jobs_module.bundle_for(
         grid, "badnets", 0, bundles, lambda s: None, settings).model_sha256)) for _ in range(3)]
     for t in threads:
         t.start()
@@ -223,6 +223,28 @@ def test_slurm_grid_gives_the_sequential_records_detached_and_resumed(one_node_s
     assert json.loads((out / "jobs" / "jobs.json").read_text())["jobs"] == jobs
     assert main(["status", str(out)]) == 0
     assert "done 3, running 0, pending 0, failed 0" in capsys.readouterr().out
+    # every job wrote its outcome as JSON; status reads only that: a pickle planted as submitit's result never runs
+    marker = tmp_path / "code_ran"
+    for key, entry in jobs.items():
+        folder = out.resolve() / "jobs" / "slurm" / entry["job_id"]
+        outcome = json.loads((folder / "outcome.json").read_text())
+        assert (outcome["job_id"], outcome["task"], outcome["status"]) == (entry["job_id"], key, "done")
+        assert outcome["record"] == entry.get("record")
+        (folder / f"{entry['job_id']}_0_result.pkl").write_bytes(pickle.dumps(("success", _Payload(marker))))
+    assert main(["status", str(out)]) == 0
+    assert "done 3" in capsys.readouterr().out and not marker.exists()
+
+
+class _Payload:
+    """A pickle that makes a folder when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
 
 
 def test_slurm_training_failure_is_in_every_cell_record(one_node_slurm, tmp_path, capsys):
@@ -238,4 +260,5 @@ def test_slurm_training_failure_is_in_every_cell_record(one_node_slurm, tmp_path
         record = read_record(out / "records" / f"fashion_mnist__smallcnn__badnets__{name}__seed0.json")
         assert record.status == "failed" and "DatasetFormatError" in record.error
     assert main(["status", str(out)]) == 1
-    assert "FAILED train/badnets/seed0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FAILED train/badnets/seed0" in printed and "DatasetFormatError" in printed

@@ -12,9 +12,11 @@ from torch import nn
 
 from conftest import write_mnist_like
 from otbr_plugin.attacks import base as attack_base
-from otbr_plugin.bench import grid as grid_mod
+from otbr_plugin.bench import evalcache as evalcache_mod
+from otbr_plugin.bench import jobs as jobs_mod
 from otbr_plugin.bench import runner as bench_runner
-from otbr_plugin.bench.grid import load_grid, run_grid, training_changes
+from otbr_plugin.bench.executors import run_grid
+from otbr_plugin.bench.grid import load_grid, training_changes
 from otbr_plugin.cli import main
 from otbr_plugin.data.transforms import Normalizer
 from otbr_plugin.metrics import predict
@@ -48,7 +50,7 @@ def spies(monkeypatch):
         seen["train_progress"].append(progress)
         return real_train(*a, device=device, progress=progress, **k)
 
-    real_attack = grid_mod.run_attack
+    real_attack = jobs_mod.run_attack
 
     def attack(*a, device=None, **k):
         seen["attack"].append(device)
@@ -60,7 +62,7 @@ def spies(monkeypatch):
         seen["evaluate"].append(device)
         return real_eval(model, bundle, clean_test, device)
 
-    real_defense = grid_mod.run_defense
+    real_defense = jobs_mod.run_defense
 
     def defense(*a, device, **k):
         seen["defense"].append(device)
@@ -74,10 +76,10 @@ def spies(monkeypatch):
         return ctx
 
     monkeypatch.setattr(attack_base, "train_classifier", train)
-    monkeypatch.setattr(grid_mod, "run_attack", attack)
-    monkeypatch.setattr(grid_mod, "evaluate_model", evaluate)
+    monkeypatch.setattr(jobs_mod, "run_attack", attack)
+    monkeypatch.setattr(evalcache_mod, "evaluate_model", evaluate)  # the backdoored model's (once per checkpoint)
     monkeypatch.setattr(bench_runner, "evaluate_model", evaluate)
-    monkeypatch.setattr(grid_mod, "run_defense", defense)
+    monkeypatch.setattr(jobs_mod, "run_defense", defense)
     monkeypatch.setattr(bench_runner, "build_context", context)
     return seen
 

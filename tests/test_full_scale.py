@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from otbr_plugin.bench.grid import load_grid
-from otbr_plugin.bench.records import read_record
+from otbr_plugin.aggregate.records import read_record
 from otbr_plugin.cli import main
 from otbr_plugin.data import load_dataset
 from otbr_plugin.data.synthetic import CIFAR10_LABEL_NAMES, write_synthetic_cifar10

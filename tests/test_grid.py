@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from conftest import write_mnist_like
-from otbr_plugin.bench.grid import load_grid, run_grid
-from otbr_plugin.bench.records import read_record
+from otbr_plugin.bench.executors import run_grid
+from otbr_plugin.bench.grid import load_grid
+from otbr_plugin.aggregate.records import read_record
 from otbr_plugin.cli import main
 from otbr_plugin.defenses import Defense, DefenseConfig, register_defense
 
@@ -156,7 +157,7 @@ def test_committed_records_survive_options_that_follow_a_setting(defense):
     run they reproduce at the default setting, is still reused."""
     from pathlib import Path
 
-    from otbr_plugin.bench.grid import _attack_fingerprint_config, stale_reason
+    from otbr_plugin.bench.grid import attack_fingerprint_config, stale_reason
     from otbr_plugin.bench.jobs import cell_record_path
 
     root = Path(__file__).resolve().parents[1]
@@ -165,8 +166,8 @@ def test_committed_records_survive_options_that_follow_a_setting(defense):
     record = read_record(path)
     assert record.fingerprint is not None  # a fingerprinted record: reuse goes through the config's defaults
     assert "stop_rule" not in record.defense_config and "bb_selection" not in record.defense_config
-    assert stale_reason(grid, path, _attack_fingerprint_config(grid, "inputaware", 0), defense, None) is None
+    assert stale_reason(grid, path, attack_fingerprint_config(grid, "inputaware", 0), defense, None) is None
     changed = {**(grid.defenses.get(defense) or {}), "setting": "backdoorbench"}
     grid.defenses[defense] = changed
-    assert "defense config changed" in stale_reason(grid, path, _attack_fingerprint_config(grid, "inputaware", 0),
+    assert "defense config changed" in stale_reason(grid, path, attack_fingerprint_config(grid, "inputaware", 0),
                                                      defense, None)

@@ -21,8 +21,10 @@ from benchmark_adapters.backdoorbench.face import BackdoorBenchDefense
 from benchmark_adapters.backdoorbench.safe_load import safe_torch_load
 from benchmark_adapters.bundle import BundleError, load_bundle, save_bundle
 from otbr_plugin.bench import grid as grid_module
-from otbr_plugin.bench.grid import load_grid, run_grid
-from otbr_plugin.bench.records import read_record, run_fingerprint, write_record
+from otbr_plugin.bench.executors import run_grid
+from otbr_plugin.bench.grid import load_grid
+from otbr_plugin.bench.jobs import record_failure
+from otbr_plugin.aggregate.records import read_record, run_fingerprint, write_record
 from otbr_plugin.cli import main
 from otbr_plugin.config import parse_overrides
 from test_backdoorbench import make_bb_tree
@@ -150,7 +152,7 @@ def test_committed_records_without_fingerprint_stay_reusable():
     records = REPO / "results" / "fashion_mnist" / "records"
     stale = {}
     for attack in grid.attacks:
-        cfg = grid_module._attack_fingerprint_config(grid, attack, 0)
+        cfg = grid_module.attack_fingerprint_config(grid, attack, 0)
         for label in grid.defenses:
             path = records / f"fashion_mnist__preactresnet18__{attack}__{label}__seed0.json"
             assert path.exists(), path
@@ -161,7 +163,7 @@ def test_committed_records_without_fingerprint_stay_reusable():
     # ... but not when the defense config differs from the one they were made with
     other = load_grid(REPO / "configs" / "bench" / "fashion_mnist.yaml", {"defense_overrides": {"otbr": {"gamma": 0.5}}})
     path = records / "fashion_mnist__preactresnet18__badnets__otbr__seed0.json"
-    assert "gamma" in grid_module.stale_reason(other, path, grid_module._attack_fingerprint_config(other, "badnets", 0),
+    assert "gamma" in grid_module.stale_reason(other, path, grid_module.attack_fingerprint_config(other, "badnets", 0),
                                                "otbr", None)
     assert "checkpoint" in grid_module.stale_reason(grid, path, {}, "otbr", "0" * 64)
 
@@ -181,7 +183,7 @@ def test_options_added_later_at_their_default_keep_records_reusable(tmp_path):
                                          record.checkpoint_sha256, {"clean_ratio": load_grid(path).clean_ratio})
     write_record(record, rpath)
     grid = load_grid(path)
-    cfg = grid_module._attack_fingerprint_config(grid, "badnets", 0)
+    cfg = grid_module.attack_fingerprint_config(grid, "badnets", 0)
     assert grid_module.stale_reason(grid, rpath, cfg, "otbr", None) is None
     layer = load_grid(path, {"defense_overrides": {"otbr": {"ranking": "layer"}}})
     assert "ranking" in grid_module.stale_reason(layer, rpath, cfg, "otbr", None)
@@ -228,7 +230,7 @@ def test_ok_record_is_never_overwritten_by_a_failed_one(tmp_path):
     run_grid(grid, out, progress=False, log=lambda s: None)
     record = out / "records" / "fashion_mnist__smallcnn__badnets__none__seed0.json"
     before = record.read_text()
-    grid_module._fail(grid, "badnets", "none", 0, record, None, FileExistsError("bundle exists"))
+    record_failure(grid, "badnets", "none", 0, record, None, FileExistsError("bundle exists"))
     assert record.read_text() == before and read_record(record).status == "ok"
 
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from otbr_plugin.metrics import BackdoorMetrics, defense_effectiveness_rating
-from otbr_plugin.bench.records import RunRecord, record_filename, write_record
-from otbr_plugin.bench.regress import (Tolerance, ToleranceSpec, build_report, compare, format_junit, format_markdown,
+from otbr_plugin.aggregate.records import RunRecord, record_filename, write_record
+from otbr_plugin.aggregate.regress import (Tolerance, ToleranceSpec, build_report, compare, format_junit, format_markdown,
                                        load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer)
-from otbr_plugin.bench.tables import load_records
+from otbr_plugin.aggregate.tables import load_records
 from otbr_plugin.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +289,7 @@ def test_workflow_files_match_their_schemas(name):
 
 
 def test_tolerance_file_reads_scientific_notation_as_numbers(tmp_path):
-    from otbr_plugin.bench.regress import load_tolerance_file
+    from otbr_plugin.aggregate.regress import load_tolerance_file
 
     f = tmp_path / "baseline.tolerances.yaml"
     f.write_text("asr: 2e-2\nacc: 1e-2\n")

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from otbr_plugin.metrics import BackdoorMetrics, defense_effectiveness_rating
-from otbr_plugin.bench.records import RunRecord, record_filename, write_record
-from otbr_plugin.bench.report import ORACLE_TITLE, markdown_html, render_report, write_report
-from otbr_plugin.bench.tables import load_records
+from otbr_plugin.aggregate.records import RunRecord, record_filename, write_record
+from otbr_plugin.aggregate.report import ORACLE_TITLE, markdown_html, render_report, write_report
+from otbr_plugin.aggregate.tables import load_records
 from otbr_plugin.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_cli_report_writes_atomically(run_dir: Path, tmp_path: Path, capsys) -> 
 def test_failed_render_leaves_the_old_report(run_dir: Path, monkeypatch) -> None:
     target = write_report(run_dir)
     before = target.read_text()
-    import otbr_plugin.bench.report as rep
+    import otbr_plugin.aggregate.report as rep
 
     monkeypatch.setattr(rep, "scatter_html", lambda recs: (_ for _ in ()).throw(RuntimeError("plot failed")))
     with pytest.raises(RuntimeError):
@@ -258,7 +258,8 @@ def _tiny_grid(tmp_path: Path, defenses: list[str]) -> Path:
 
 
 def test_grid_progress_bar_and_one_line_per_cell(tmp_path: Path, capsys) -> None:
-    from otbr_plugin.bench.grid import load_grid, run_grid
+    from otbr_plugin.bench.executors import run_grid
+    from otbr_plugin.bench.grid import load_grid
 
     grid = load_grid(_tiny_grid(tmp_path, ["none", "clp"]))
     run_grid(grid, tmp_path / "out", progress=True)
@@ -291,21 +292,3 @@ def test_quickstart_grid_and_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     first = readme[readme.index("```bash"):].split("```")[1]
     assert "configs/bench/quickstart.yaml" in first
-
-
-def test_grid_eta_counts_trainings_apart_from_cells() -> None:
-    from otbr_plugin.bench.grid import _Eta
-
-    eta = _Eta(cells_left=10, trainings_left=2)
-    assert str(eta) == "ETA ?"
-    eta.training_done(600.0)  # one long training, then cheap cells
-    assert str(eta) == "ETA ?"
-    eta.cell_done(10.0)
-    assert eta.seconds() == 9 * 10.0 + 1 * 600.0
-    eta.training_done(400.0)
-    eta.cell_done(None)  # a failed cell counts as done, without a time
-    assert eta.seconds() == 8 * 10.0
-    assert str(eta) == "ETA 01:20"
-    for _ in range(8):
-        eta.cell_done(1.0)
-    assert eta.seconds() == 0.0

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from otbr_plugin.bench.leaderboard import (SubmissionError, build_leaderboard, entries_digest, export_submission,
+from otbr_plugin.aggregate.leaderboard import (SubmissionError, build_leaderboard, entries_digest, export_submission,
                                            load_submission, validate_submission)
-from otbr_plugin.bench.records import RunRecord, read_record, record_filename, write_record
+from otbr_plugin.aggregate.records import RunRecord, read_record, record_filename, write_record
 from otbr_plugin.io import write_json as write_json_atomic
-from otbr_plugin.bench.regress import compare, make_baseline, parse_tolerance, read_baseline
-from otbr_plugin.bench.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
+from otbr_plugin.aggregate.regress import compare, make_baseline, parse_tolerance, read_baseline
+from otbr_plugin.aggregate.tables import comparison_table, format_table, load_records, plot_acc_vs_asr
 from otbr_plugin.cli import main
 
 SHA = "ab" * 32

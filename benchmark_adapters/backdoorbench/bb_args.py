@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["BBArgs", "bb_flags", "translate_bb", "BB_BOOL"]
+__all__ = ["BBArgs", "bb_flags", "bb_help", "short_option", "translate_bb", "u_values", "BB_BOOL"]
 
 
 def BB_BOOL(value: Any) -> bool:
@@ -79,6 +79,22 @@ def bb_flags(defense: str) -> dict[str, Callable[[Any], Any]]:
     if defense == "anp":
         keys.add("print_every")
     return {k: _TYPES[k] for k in sorted(keys)}
+
+
+def bb_help(defense: str, key: str) -> str:
+    """One line for ``--help``: what BackdoorBench's ``key`` does in the drop-in of ``defense``."""
+    mapped = _MAPPED.get(defense, {})
+    if key in mapped:
+        return f"BackdoorBench's name for --{mapped[key]}"
+    special = {"nb_iter": "BackdoorBench's iterations: --iterations = ceil(nb_iter / print_every) * print_every",
+               "pruning_number": "not supported (an error): use --threshold / --prune_number",
+               "index": "must be empty: the clean subset comes from --ratio and --random_seed",
+               "client_optimizer": "must be sgd", "lr_scheduler": "must be CosineAnnealingLR",
+               "u_min": "with --u_max/--u_num: the u sweep on the TEST set (u_step_df.csv, oracle-labelled)",
+               "u_max": "see --u_min", "u_num": "see --u_min"}
+    if key in _SPECIAL.get(defense, ()):
+        return special[key]
+    return "accepted and reported as ignored (no effect on the result)"
 
 
 def short_option(key: str) -> str | None:

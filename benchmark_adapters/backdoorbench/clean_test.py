@@ -3,6 +3,7 @@ record's poisoned samples carry the labels of the clean test split at their indi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from otbr_plugin.bundle import Bundle
@@ -10,24 +11,39 @@ from otbr_plugin.data import ImageDataset, default_data_root, find_dataset, get_
 
 from .safe_load import AttackResultError
 
-__all__ = ["resolve_data_root", "load_clean_test", "check_clean_labels"]
+__all__ = ["resolve_data_root", "record_data_path", "load_clean_test", "check_clean_labels"]
+
+
+def record_data_path(record: Path, data_path: str | None) -> Path | None:
+    """The folder a record's ``data_path`` names, when it resolves inside the BackdoorBench tree that holds
+    ``record/<name>`` (its parent's parent); None for an absolute path, a ``..`` escape or a symlink that leads
+    out of the tree (the record is untrusted input: it never chooses data from elsewhere)."""
+    if not isinstance(data_path, str) or not data_path or "\x00" in data_path:
+        return None
+    bb_root = record.resolve().parent.parent
+    dp = Path(data_path)
+    if dp.is_absolute() or ".." in dp.parts:
+        return None
+    resolved = (bb_root / dp).resolve()
+    return resolved if resolved == bb_root or bb_root in resolved.parents else None
 
 
 def resolve_data_root(record: Path, dataset: str, data_path: str | None = None,
                       data_root: str | Path | None = None) -> Path | None:
-    """The first data root under which ``dataset`` is found: the user's (``data_root`` or ``data_root/<dataset>``),
-    else the record's ``data_path`` relative to the BackdoorBench root that holds ``record/<name>``, that
-    root's ``data/``, and the default data root. None if not found."""
+    """The data root under which ``dataset`` is found. The user's root wins: ``data_root`` (``--data-root``,
+    ``dataset_path``) or else ``$OTBR_DATA`` (or ``<root>/<dataset>``), and when the user named one it is the only
+    candidate. Otherwise the record's ``data_path`` is a fallback, only when it resolves inside the BackdoorBench
+    tree (:func:`record_data_path`), then that tree's ``data/`` and ``./data``. None if not found."""
     spec = get_dataset_spec(dataset)
-    if data_root is not None:
-        candidates = [Path(data_root), Path(data_root) / spec.name]
+    user = data_root if data_root is not None else os.environ.get("OTBR_DATA") or None
+    if user is not None:
+        candidates = [Path(user), Path(user) / spec.name]
     else:
         bb_root = record.resolve().parent.parent
         candidates = []
-        if data_path:
-            dp = Path(data_path)
-            dp = dp if dp.is_absolute() else bb_root / dp
-            candidates += [dp, dp.parent]
+        dp = record_data_path(record, data_path)
+        if dp is not None:
+            candidates += [dp] + ([dp.parent] if dp != bb_root else [])
         candidates += [bb_root / "data", default_data_root()]
     for cand in candidates:
         if cand.is_dir() and find_dataset(spec.name, cand) is not None:

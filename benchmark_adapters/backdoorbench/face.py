@@ -45,7 +45,7 @@ from otbr_plugin.config import load_yaml, resolve_config
 from otbr_plugin.data.specs import get_dataset_spec
 from otbr_plugin.defenses import Defense, get_defense
 
-from .bb_args import BBArgs, bb_flags, short_option, translate_bb, u_values
+from .bb_args import BBArgs, bb_flags, bb_help, short_option, translate_bb, u_values
 from .clean_test import load_clean_test, resolve_data_root
 from .record import load_attack_result
 from .writer import write_defense_result, write_defense_summary
@@ -178,7 +178,7 @@ class BackdoorBenchDefense:
             short = short_option(name)
             if short and short not in parser._option_string_actions:  # noqa: SLF001
                 flags.insert(0, short)
-            bb.add_argument(*flags, dest=name, type=kind, default=None, help=argparse.SUPPRESS)
+            bb.add_argument(*flags, dest=name, type=kind, default=None, help=bb_help(self.name, name))
         if parser.epilog is None:
             parser.epilog = (
                 "example (from the BackdoorBench root):\n"

@@ -70,7 +70,7 @@ def render_config(save_name: str, dataset: str) -> str:
     values = declared_values(cls.config_class, resolved.values)
     if not values:
         return text
-    from otbr_plugin import __version__
+    from otbr_plugin._version import __version__
 
     header = f"# {name} hyperparameters: otbr-plugin {__version__} defaults for {spec.name}"
     header += " (null: derived from the other options)\n" if any(v is None for v in values.values()) else "\n"

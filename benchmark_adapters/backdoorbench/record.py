@@ -31,12 +31,14 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from otbr_plugin.data import PoisonedTestSet, get_dataset_spec
 from otbr_plugin.data.transforms import Normalizer
 from otbr_plugin.models import ModelConfig, create_model
 from otbr_plugin.bundle import Bundle
-from otbr_plugin.io import sha256_file
+from otbr_plugin.io import is_inside, path_kind, sha256_file
 
 from .clean_test import resolve_data_root
 from .safe_load import AttackResultError, safe_torch_load
@@ -56,6 +58,7 @@ __all__ = [
 ]
 
 ATTACK_RESULT = "attack_result.pt"
+EXTRA_TENSORS = "extra.safetensors"  # a bundle's extra tensors (poison indices, trigger state), kept by conversion
 SIDECAR = "otbr_bundle_meta.json"  # written by bundle -> record conversion so a round trip keeps meta.json's fields
 REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 BD_TEST_KEYS = ("bd_data_container", "original_index_array", "poison_indicator")
@@ -385,6 +388,27 @@ def _sidecar(record: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _extra_tensors(record: Path, side: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The extra tensors a bundle -> record conversion kept beside the record (``extra.safetensors``, its sha256
+    in the sidecar); none when the sidecar lists none. A listed file that is missing, not a regular file inside the
+    record, or changed is an error: a round trip never silently drops them."""
+    entry = side.get("extra_tensors")
+    if entry is None:
+        return {}
+    path = record / EXTRA_TENSORS
+    if not (isinstance(entry, dict) and entry.get("file") == EXTRA_TENSORS and isinstance(entry.get("sha256"), str)):
+        raise AttackResultError(f"{record / SIDECAR}: 'extra_tensors' must be {{file: {EXTRA_TENSORS}, sha256: ...}}")
+    if not (path.is_file() and not path.is_symlink() and is_inside(path, record)):
+        raise AttackResultError(f"{path}: the record's extra tensors (listed in {SIDECAR}) are {path_kind(path)}; "
+                                "expected the regular file written by `otbr-bench convert`")
+    if sha256_file(path) != entry["sha256"]:
+        raise AttackResultError(f"{path}: sha256 does not match {SIDECAR}; the file was changed after conversion")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise AttackResultError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def load_attack_result(path: str | Path, trust: bool = False, data_root: str | Path | None = None) -> Bundle:
     """Read a BackdoorBench record (its folder or its attack_result.pt) into a :class:`Bundle`.
 
@@ -437,5 +461,5 @@ def load_attack_result(path: str | Path, trust: bool = False, data_root: str | P
         model_config=config, state_dict=state, dataset=spec.name, normalizer=Normalizer(spec.mean, spec.std),
         bd_test=bd, attack=attack, metrics=metrics,
         training=side.get("training", {}) if isinstance(side.get("training"), dict) else {},
-        extra=extra, path=record, model_sha256=sha256_file(pt),
+        extra=extra, tensors=_extra_tensors(record, side), path=record, model_sha256=sha256_file(pt),
     )

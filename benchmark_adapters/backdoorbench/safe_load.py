@@ -20,6 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from otbr_plugin.io import path_kind
+
 __all__ = [
     "AttackResultError",
     "UnsafeCheckpointError",
@@ -166,7 +168,9 @@ def safe_torch_load(path: str | Path, trust: bool = False) -> Any:
     """
     p = Path(path)
     if not p.is_file():
-        raise AttackResultError(f"{p} does not exist (expected a BackdoorBench attack_result.pt)")
+        kind = path_kind(p)
+        raise AttackResultError(f"{p} {'does not exist' if kind == 'missing' else 'is ' + kind + ', not a file'} "
+                                "(expected a BackdoorBench attack_result.pt)")
     if p.stat().st_size == 0:
         raise AttackResultError(f"{p} is empty (truncated copy?)")
     try:

@@ -14,9 +14,13 @@ import torch
 
 from otbr_plugin.bundle import Bundle
 from otbr_plugin.data import get_dataset_spec
-from otbr_plugin.io import atomic_dir, write_csv, write_with
+from safetensors.torch import save_file
 
-from .record import ATTACK_RESULT, SIDECAR, TEST_SIZES
+from otbr_plugin.io import atomic_dir, check_replaceable, follow_umask, sha256_file, write_csv, write_with
+
+from .record import ATTACK_RESULT, EXTRA_TENSORS, SIDECAR, TEST_SIZES
+
+RECORD_FILES = (ATTACK_RESULT, "bd_test_dataset", "attack_df_summary.csv", SIDECAR, EXTRA_TENSORS)
 
 __all__ = ["write_attack_result", "write_defense_result", "write_defense_summary"]
 
@@ -45,6 +49,8 @@ def write_attack_result(bundle: Bundle, record: str | Path, overwrite: bool = Fa
     bundle has ACC/ASR/RA) and a JSON sidecar with the bundle's meta. ``bd_train`` is None: a bundle has
     no poisoned training set (BackdoorBench stores None too, e.g. for LIRA)."""
     target = Path(record)
+    if overwrite:
+        check_replaceable(target, _foreign_entries, f"a record folder written from a bundle ({', '.join(RECORD_FILES)})")
     name = target.name
     cfg = bundle.model_config
     bd = bundle.bd_test
@@ -99,8 +105,17 @@ def write_attack_result(bundle: Bundle, record: str | Path, overwrite: bool = Fa
                 "training": bundle.training,
                 "extra": {k: v for k, v in bundle.extra.items() if k not in ("data_root", "backdoorbench")},
                 "source_model_sha256": bundle.model_sha256}
+        if bundle.tensors:  # e.g. the poisoned training indices, a learned trigger: kept for the way back
+            save_file({k: v.detach().cpu().contiguous() for k, v in bundle.tensors.items()}, str(tmp / EXTRA_TENSORS))
+            follow_umask(tmp / EXTRA_TENSORS)
+            side["extra_tensors"] = {"file": EXTRA_TENSORS, "sha256": sha256_file(tmp / EXTRA_TENSORS)}
         (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
     return target
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` :func:`write_attack_result` does not write (empty: it may replace the folder)."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in RECORD_FILES)
 
 
 def write_defense_result(folder: str | Path, model_name: str, num_classes: int,

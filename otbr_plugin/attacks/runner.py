@@ -10,6 +10,7 @@ A run config is a mapping with four sections (all validated, unknown keys reject
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from ..bundle import Bundle
 from ..config import dataclass_from_dict
-from ..data import Normalizer, get_dataset_spec, load_dataset
+from ..data import Normalizer, get_dataset_spec, load_dataset, tensor_identity
 from ..metrics import accuracy, evaluate_backdoor, predict
 from ..models import ModelConfig, list_models, model_options
 from ..runtime import resolve_device
@@ -122,7 +123,8 @@ def parse_attack_run(config: Mapping[str, Any]) -> AttackRun:
 
 def run_attack(run: AttackRun, data_root: str | Path | None = None,
                log: Callable[[str], None] = print, *, device: torch.device | None = None,
-               progress: bool | None = None) -> Bundle:
+               progress: bool | None = None,
+               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Bundle:
     """Compute a learned trigger (``attack.prepare``: clean training set only), poison the training set, train
     the model (``attack.train_model``), evaluate ACC/ASR/RA and return the bundle (not yet saved). A learned
     trigger's tensors go into the bundle's extra tensors under ``attack.``; ``minutes`` include its search.
@@ -135,6 +137,9 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
     where training and evaluation run and whether bars are shown, in place of ``run.train.device`` /
     ``run.train.progress`` (used only when not given). The recorded config (``extra.resolved_config``,
     ``training.config``) is the run's as declared; ``training.device`` records where it actually ran.
+    ``on_epoch``: called after each epoch's evaluation with ``epoch``, ``epochs``, ``seconds`` (since this call
+    began), ``steps`` (optimizer steps so far), ``train_samples`` and the epoch's ``metrics`` (a grid's progress
+    lines and ETA).
     """
     start = time.perf_counter()
     cpu_start = time.process_time()
@@ -176,10 +181,17 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
         metrics["poison_train_fit"] = accuracy(preds, poisoned.labels[fit_idx])
         return metrics
 
+    epochs_done = [0]
+    steps_per_epoch = math.ceil(len(poisoned) / run.train.batch_size)
+
     def eval_and_log(m: torch.nn.Module) -> dict[str, float]:
         out = evaluate(m)
         log(f"  epoch done: ACC {out['acc'] * 100:.2f}%  ASR {out['asr'] * 100:.2f}%  RA {out['ra'] * 100:.2f}%  "
             f"(poisoned training samples fitted: {out['poison_train_fit'] * 100:.2f}%)")
+        epochs_done[0] += 1
+        if on_epoch is not None:
+            on_epoch({"epoch": epochs_done[0], "epochs": run.train.epochs, "seconds": time.perf_counter() - start,
+                      "steps": epochs_done[0] * steps_per_epoch, "train_samples": len(poisoned), "metrics": out})
         return out
 
     log(f"training {model_config.name} (width {model_config.width}) on poisoned {spec.name}: "
@@ -238,6 +250,7 @@ def run_attack(run: AttackRun, data_root: str | Path | None = None,
             "resolved_config": run.resolved(),
             "clean_test": {"dataset": spec.name, "split": "test", "num_samples": len(test)},
             "train_set": {"dataset": spec.name, "split": "train", "num_samples": len(train)},
+            "data": {"train": tensor_identity(train), "test": tensor_identity(test)},  # what it was trained on
         },
         tensors=tensors,
     )

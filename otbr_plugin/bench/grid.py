@@ -1,39 +1,42 @@
-"""The grid runner behind ``otbr-bench bench``: attacks x defenses x seeds, one run record per cell.
+"""What a grid is: its spec (:func:`load_grid`, validated), the fingerprints that decide whether a cell's record or a
+cached backdoored model can be reused (:func:`stale_reason`, :func:`training_changes`), and its plan: the tasks left to
+run (:func:`plan_tasks`).
 
-Each attack bundle is trained once per seed and cached (``<out>/bundles/<attack>-seed<s>``, reused only when its
-recorded config equals the requested one; see :func:`training_changes` for how the device is compared). A cell whose record exists with status "ok" is skipped, so an
-interrupted grid resumes where it stopped; a failing cell is recorded with its error and the grid goes on.
+Three kinds of task: ``train`` (the backdoored model of one (attack, seed), trained once and cached in the bundles
+folder under its lock), ``cell`` (one defense on that model; writes its run record) and ``sweep`` (one labelled
+oracle sweep). How a task runs is :mod:`otbr_plugin.bench.jobs`; who runs the tasks (this process, local workers,
+Slurm jobs) is :mod:`otbr_plugin.bench.executors`. Each attack bundle is trained once per seed and cached
+(``<out>/bundles/<attack>-seed<s>``, reused only when its recorded config equals the requested one; see
+:func:`training_changes` for how the device is compared). A cell whose record exists with a matching fingerprint is
+skipped, so an interrupted grid resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
-from benchmark_adapters.bundle import MODEL_FILE, load_bundle, save_bundle, verify_bundle
+from benchmark_adapters.bundle import MODEL_FILE, verify_bundle
 
-from ..bundle import Bundle, BundleError
-from ..attacks.runner import parse_attack_run, run_attack
+from ..bundle import BundleError
+from .._version import __version__
+from ..attacks.runner import parse_attack_run
 from ..config import apply_overrides, declared_values, find_config_file, load_yaml, resolve_config
-from ..data import load_dataset
+from ..data import identity_changes, try_data_identity
 from ..defenses import get_defense
-from ..io import file_lock, folder_lock, json_default
-from ..runtime import RunSettings, resolve_device
-from .records import RunRecord, read_record, run_fingerprint, write_record
-from .runner import evaluate_model, run_defense
+from ..io import json_default, safe_name
+from ..runtime import resolve_device
+from ..aggregate.records import RunRecord, read_record, record_filename, run_fingerprint
 from .slurm import SlurmOptions
 
-__all__ = ["GridSpec", "CellResult", "load_grid", "run_grid", "run_cell", "bundle_lock", "stale_reason",
-           "training_changes"]
+__all__ = ["GridSpec", "CellResult", "load_grid", "stale_reason", "training_changes", "attack_fingerprint_config",
+           "cell_fingerprint", "cached_checkpoint", "Task", "GridPlan", "plan_tasks", "cell_record_path",
+           "train_error_path", "planning_device", "record_is_current", "current_records", "grid_data"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
              "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
@@ -68,7 +71,6 @@ class GridSpec:
         cfg.setdefault("train", {})["seed"] = seed
         return cfg
 
-
 def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, check_device: bool = True) -> GridSpec:
     """Read a grid YAML (see configs/bench/*.yaml) and resolve every referenced config file. ``check_device``: refuse
     a ``device`` this machine does not have (off for a Slurm submission: the jobs decide it on their nodes)."""
@@ -87,6 +89,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     if not isinstance(raw["attacks"], Mapping) or not raw["attacks"]:
         raise ValueError(f"{gpath}: 'attacks' must map attack labels to config files or inline configs")
     for label, spec in raw["attacks"].items():
+        safe_name(label, f"{gpath}: attack label")  # it names the bundle folder and the record files
         if isinstance(spec, str):
             p = find_config_file(spec, base)
             cfg, sources[f"attack:{label}"] = load_yaml(p), str(p)
@@ -108,6 +111,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     doverrides = raw.get("defense_overrides") or {}
     defense_names: dict[str, str] = {}
     for name, spec in dspec.items():
+        safe_name(name, f"{gpath}: defense label")  # it names the record files
         # a variant: label -> {defense: NAME, config: FILE|null, set: {key: value}} (e.g. otbr_reference)
         if isinstance(spec, Mapping) and "defense" in spec:
             extra = sorted(set(spec) - {"defense", "config", "set"})
@@ -150,7 +154,6 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
                     defenses=defenses, defense_names=defense_names, seeds=list(seeds), clean_ratio=ratio, device=str(raw.get("device", "auto")),
                     data_root=raw.get("data_root"), description=str(raw.get("description", "")), sources=sources,
                     slurm=slurm)
-
 
 @dataclass
 class CellResult:
@@ -229,7 +232,7 @@ def training_changes(recorded: Mapping[str, Any] | None, trained_on: Any, wanted
     return _changed_keys(old, new)
 
 
-def _attack_fingerprint_config(grid: GridSpec, attack: str, seed: int) -> dict[str, Any]:
+def attack_fingerprint_config(grid: GridSpec, attack: str, seed: int) -> dict[str, Any]:
     return _result_relevant(parse_attack_run(grid.attack_config(attack, seed)).resolved())
 
 
@@ -239,10 +242,24 @@ def _defense_fingerprint_config(grid: GridSpec, label: str) -> dict[str, Any]:
             "config": _plain(grid.defense_class(label)(grid.defenses[label]).config.to_dict())}
 
 
-def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str,
-                      since: RunRecord | None = None) -> str:
+def grid_data(grid: GridSpec) -> dict[str, Any] | str:
+    """The identity of the grid's data (:func:`~otbr_plugin.data.data_identity` of its dataset under its data root:
+    size and sha256 of each split), or why it cannot be computed."""
+    return try_data_identity(grid.dataset, grid.data_root)
+
+
+def _data_fingerprint(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a data identity that shapes results: each split's size and hash (not where it lives)."""
+    return {split: {"num_samples": data[split]["num_samples"], "sha256": data[split]["sha256"]}
+            for split in ("train", "test") if isinstance(data.get(split), Mapping)}
+
+
+def cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str,
+                     since: RunRecord | None = None, data: Mapping[str, Any] | None = None) -> str:
     """The cell's fingerprint; ``since``: as of that record's configs -- options added to the config classes
-    after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`)."""
+    after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`).
+    ``data``: the identity of the data (:func:`grid_data`); None gives the fingerprint of records written before
+    it was part of it."""
     defense = _defense_fingerprint_config(grid, label)
     if since is not None:
         defaults = _defense_defaults(grid, label)
@@ -251,7 +268,10 @@ def _cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str,
         if isinstance(old, Mapping) and isinstance(attack_cfg.get("train"), Mapping):
             attack_cfg = {**attack_cfg, "train": _without_new_defaults(old.get("train"), dict(attack_cfg["train"]),
                                                                         _train_defaults())}
-    return run_fingerprint(attack_cfg, defense, checkpoint_sha256, {"clean_ratio": grid.clean_ratio})
+    extra: dict[str, Any] = {"clean_ratio": grid.clean_ratio}
+    if data is not None:
+        extra["data"] = _data_fingerprint(data)
+    return run_fingerprint(attack_cfg, defense, checkpoint_sha256, extra)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -263,9 +283,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
 
 
-def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.device) -> str | None:
+def cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.device,
+                      data: Mapping[str, Any] | str | None = None) -> str | None:
     """sha256 of the cached bundle's weights when it exists and was trained with ``attack_cfg`` (on a device of
-    ``device``'s type, see :func:`training_changes`), else None."""
+    ``device``'s type, see :func:`training_changes`) on the data ``data`` (:func:`grid_data`), else None."""
     if not path.exists():
         return None
     try:
@@ -275,6 +296,8 @@ def _cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     if training_changes(extra.get("resolved_config"), training.get("device"), attack_cfg, device):
+        return None
+    if data is not None and (isinstance(data, str) or identity_changes(extra.get("data"), data)):
         return None
     return meta["files"].get(MODEL_FILE)
 
@@ -293,6 +316,14 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return f"its record cannot be read ({err})"
     if record.status != "ok":
         return "its last run failed"
+    data = grid_data(grid)
+    if isinstance(data, str):
+        return data
+    if not isinstance(record.data, dict):
+        return "it does not say what data it was made on (written before records named their data)"
+    data_changed = identity_changes(record.data, data)
+    if data_changed:  # made on other data: whatever its fingerprint says
+        return "the data changed (" + "; ".join(data_changed) + ")"
     defense = _defense_fingerprint_config(grid, label)
     if record.fingerprint is None:  # a record from before fingerprints: defense config + checkpoint
         # fields the config class gained after the record was written match when the grid leaves them at
@@ -309,8 +340,12 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
             return "the backdoored checkpoint changed"
         return None
     sha = checkpoint or record.checkpoint_sha256
-    if record.fingerprint in (_cell_fingerprint(grid, attack_cfg, label, sha),
-                              _cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
+    if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha, data=data),
+                              cell_fingerprint(grid, attack_cfg, label, sha, since=record, data=data)):
+        return None
+    # a fingerprint from before the data was part of it: matched when the data the record names is the grid's
+    if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha),
+                              cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
         return None
     reasons = []
     defaults = _defense_defaults(grid, label)  # options added since: not a change
@@ -329,236 +364,137 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
     return "its fingerprint does not match" + (": " + ", ".join(reasons) if reasons else "")
 
 
-def _package_version() -> str:
-    from otbr_plugin import __version__
+def record_is_current(grid: GridSpec, path: Path, attack: str, label: str, seed: int) -> bool:
+    """Whether the record at ``path`` was written for this cell as ``grid`` defines it now. An ok record passes
+    the resume rule (:func:`stale_reason`, with its own checkpoint); a failed one carries the cell's fingerprint. A
+    run reports a cell from its record only when this holds, so a record written meanwhile by a worker or job of an
+    earlier run with another config is never shown as this run's."""
+    attack_cfg = attack_fingerprint_config(grid, attack, seed)
+    try:
+        record = read_record(path)
+    except ValueError:
+        return False
+    if record.status == "ok":
+        return stale_reason(grid, path, attack_cfg, label, None) is None
+    sha, data = record.checkpoint_sha256, grid_data(grid)
+    return record.fingerprint is not None and record.fingerprint == cell_fingerprint(
+        grid, attack_cfg, label, sha, data=None if isinstance(data, str) else data)  # no data: what failed
 
+
+def current_records(grid: GridSpec, out: Path, records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
+    """``records`` (read from ``<out>/records``) of the grid's dataset split into (shown, left out): a record of one
+    of the grid's cells is left out when it is not :func:`record_is_current` (written with another config, e.g. by
+    an earlier run's worker); records of other cells in the folder are shown as they are."""
+    shown, stale = [], []
+    for r in records:
+        if r.dataset != grid.dataset:
+            continue
+        mine = r.attack_name in grid.attacks and r.defense in grid.defenses and r.seed in grid.seeds
+        current = not mine or record_is_current(grid, cell_record_path(grid, out, r.attack_name, r.defense, r.seed),
+                                                r.attack_name, r.defense, r.seed)
+        (shown if current else stale).append(r)
+    return shown, stale
+
+
+def _package_version() -> str:
     return __version__
 
 
-def bundle_lock(bundles: Path, attack: str, seed: int):
-    """The lock of one cached bundle, waited for: whoever holds it trains or reads ``<bundles>/<attack>-seed<s>``, so
-    two processes (workers, Slurm jobs, runs sharing a bundles folder) never train the same bundle twice."""
-    return file_lock(bundles / f".{attack}-seed{seed}.lock", "training of this bundle", wait=True)
+KINDS = ("train", "cell", "sweep")
 
 
-def _bundle_for(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                settings: RunSettings) -> Bundle:
-    """The cached bundle for (attack, seed), trained now (on ``settings.device``) if absent or trained with another
-    config (:func:`training_changes`). Holds the bundle's lock (:func:`bundle_lock`): a process that waited for
-    another one's training finds the bundle cached."""
-    with bundle_lock(bundles, attack, seed):
-        return _bundle_for_locked(grid, attack, seed, bundles, log, settings)
+@dataclass(frozen=True)
+class Task:
+    """One job of a grid: ``train`` (attack, seed), ``cell`` or ``sweep`` (attack, defense label, seed)."""
+
+    kind: str
+    attack: str
+    seed: int
+    defense: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or (self.kind == "train") != (self.defense == ""):
+            raise ValueError(f"a task is train (attack, seed) or {'/'.join(KINDS[1:])} (attack, defense, seed), "
+                             f"got {self}")
+        safe_name(self.attack, "task attack label")
+        if self.defense:
+            safe_name(self.defense, "task defense label")
+
+    @property
+    def key(self) -> str:
+        """``train/badnets/seed0``, ``cell/badnets/otbr/seed0``: unique in a grid, readable in logs."""
+        return "/".join([self.kind, self.attack, *([self.defense] if self.defense else []), f"seed{self.seed}"])
+
+    @classmethod
+    def from_key(cls, key: str) -> "Task":
+        parts = key.split("/")
+        if len(parts) not in (3, 4) or not parts[-1].startswith("seed") or not parts[-1][4:].isdigit():
+            raise ValueError(f"not a task key: {key!r} (expected KIND/ATTACK[/DEFENSE]/seedN)")
+        return cls(parts[0], parts[1], int(parts[-1][4:]), parts[2] if len(parts) == 4 else "")
 
 
-def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, log: Callable[[str], None],
-                       settings: RunSettings) -> Bundle:
-    cfg = grid.attack_config(attack, seed)
-    run = parse_attack_run(cfg)
-    path = bundles / f"{attack}-seed{seed}"
-    if path.exists():
-        bundle = load_bundle(path)
-        changed = training_changes(bundle.extra.get("resolved_config"), (bundle.training or {}).get("device"),
-                                   run.resolved(), settings.device)
-        if not changed:
-            log(f"{attack} seed {seed}: using cached bundle {path}")
-            return bundle
-        log(f"{attack} seed {seed}: the cached bundle {path} was trained with another config ("
-            + "; ".join(changed[:5]) + "); training it again")
-    else:
-        log(f"{attack} seed {seed}: training the backdoored model (cached in {path})")
-    # the grid's device and progress setting reach training; training bars follow the config unless --no-progress
-    bundle = run_attack(run, grid.data_root, log=lambda s: None, device=settings.device,
-                        progress=None if settings.progress else False)
-    save_bundle(bundle, path, overwrite=True)
-    return load_bundle(path)
+@dataclass
+class GridPlan:
+    """What is left of a grid: tasks in dependency order (each ``train`` before its cells) and the cells skipped
+    because their record is there and its fingerprint matches."""
+
+    tasks: list[Task] = field(default_factory=list)
+    skipped: list[CellResult] = field(default_factory=list)
+
+    @property
+    def cells(self) -> list[Task]:
+        return [t for t in self.tasks if t.kind == "cell"]
 
 
-def run_grid(grid: GridSpec, out: str | Path, *, bundles_dir: str | Path | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None, lock: bool = True,
-             settings: RunSettings | None = None) -> list[CellResult]:
-    """Run every cell whose record is missing, failed or stale; returns one result per cell (skipped, ok or
-    failed). ``lock``: hold ``<out>/.lock`` (and the bundles folder's) for the run, so a second run on the
-    same folder stops at once with :class:`~otbr_plugin.io.FolderLockedError` (pass False when the caller
-    holds it). With ``progress``, one tqdm bar over all cells (with ETA) and one summary line per finished cell
-    above it. ``settings``: the command's run settings (device, threads, progress), passed to attack training,
-    evaluation and every defense; without them they are built once here from the grid's ``device`` and
-    ``progress``."""
-    if settings is None:
-        settings = RunSettings.from_args(grid.device, progress=progress, apply=False)
-    progress = settings.progress
-    if log is None:  # one line per finished cell; above the bar when there is one
-        log = (lambda s: tqdm.write(s)) if progress else (lambda s: print(s, flush=True))
-    out = Path(out)
-    bundles = Path(bundles_dir) if bundles_dir else out / "bundles"
-    if not lock:
-        return _run_grid(grid, out, bundles, settings, log)
-    with folder_lock(out, "otbr-bench run"):
-        if bundles_dir is None or out.resolve() in bundles.resolve().parents:
-            return _run_grid(grid, out, bundles, settings, log)
-        with folder_lock(bundles, "otbr-bench run (bundles folder)"):
-            return _run_grid(grid, out, bundles, settings, log)
+def cell_record_path(grid: GridSpec, out: Path, attack: str, defense: str, seed: int) -> Path:
+    """Where the run record of one cell lives in ``out``."""
+    model = parse_attack_run(grid.attacks[attack]).model.name
+    return Path(out) / "records" / record_filename(grid.dataset, model, attack, defense, seed)
 
 
-def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
-              log: Callable[[str], None]) -> list[CellResult]:
-    from .jobs import cell_record_path, plan_tasks  # jobs builds on this module
-
-    progress, device = settings.progress, settings.device
-    plan = plan_tasks(grid, out, bundles, device, log)  # the skip rules of every executor
-    results: list[CellResult] = list(plan.skipped)
-    todo: dict[tuple[str, int], list[str]] = {}
-    for task in plan.cells:
-        todo.setdefault((task.attack, task.seed), []).append(task.defense)
-    clean_test = None
-    # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) counts the backdoored
-    # models still to train apart from the defense cells, so one long training does not inflate every cell.
-    total = len(grid.seeds) * len(grid.attacks) * len(grid.defenses)
-    eta = _Eta(cells_left=len(plan.cells), trainings_left=sum(t.kind == "train" for t in plan.tasks))
-    bar = tqdm(total=total, initial=total - len(plan.cells), desc=f"grid {grid.name}", unit="cell",
-               disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-    for (attack, seed), defenses in todo.items():
-        attack_cfg = _attack_fingerprint_config(grid, attack, seed)
-        paths = {d: cell_record_path(grid, out, attack, d, seed) for d in defenses}
-        bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
-        t0, had_bundle = time.perf_counter(), (bundles / f"{attack}-seed{seed}").exists()
-        try:
-            bundle = _bundle_for(grid, attack, seed, bundles, log, settings)
-            if clean_test is None:
-                clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-            before = evaluate_model(bundle.build_model(), bundle, clean_test, device)
-            if not had_bundle:
-                eta.training_done(time.perf_counter() - t0)
-        except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-            if not had_bundle:
-                eta.training_done(None)
-            for defense, path in paths.items():
-                results.append(_fail(grid, attack, defense, seed, path, None, err, log))
-                eta.cell_done(None)
-                bar.update(1)
-            continue
-        for defense, path in paths.items():
-            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
-            t0 = time.perf_counter()
-            results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
-                                    device, log))
-            eta.cell_done(time.perf_counter() - t0)
-            bar.set_postfix_str(str(eta), refresh=False)
-            bar.update(1)
-        _run_oracle_sweeps(grid, attack, seed, bundle, clean_test, before, out / "oracle", log, device)
-    bar.close()
-    return results
+def train_error_path(out: Path, attack: str, seed: int) -> Path:
+    """Where a failed ``train`` task leaves its error for the cells that wait for it."""
+    return Path(out) / "jobs" / "train_errors" / f"{attack}-seed{seed}.txt"
 
 
-def run_cell(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bundle: Bundle, clean_test, before,
-             attack_cfg: Mapping[str, Any], device: torch.device, log: Callable[[str], None]) -> CellResult:
-    """Run one defense cell on its backdoored model and write its record to ``path`` (a failure is recorded with its
-    error). The one code path of a cell, in a sequential grid, a local worker and a Slurm job alike."""
-    t0 = time.perf_counter()
+def planning_device(device: str) -> torch.device:
+    """The device a plan compares cached bundles against: ``device`` resolved here, or, when this machine does not
+    have it (a login node planning GPU jobs), its type as named."""
     try:
-        d = grid.defense_class(defense)(grid.defenses[defense])
-        run = run_defense(bundle, d, data_root=grid.data_root, device=device, seed=seed,
-                          clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
-                          before=before, config_source=grid.sources.get(f"defense:{defense}", ""))
-        record = run.record()
-        record.attack["label"] = attack
-        record.attack["grid"] = grid.name  # regress warns when records come from another grid
-        if grid.defense_names.get(defense, defense) != defense:
-            record.defense, record.defense_name = defense, grid.defense_names[defense]
-        record.attack_config = dict(attack_cfg)
-        record.fingerprint = _cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256)
-        record.seconds["cell_total"] = time.perf_counter() - t0
-        write_record(record, path)
-        log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
-            f"RA {run.after.ra * 100:.2f}  DER {run.der * 100:.2f}  ({record.seconds['cell_total']:.1f} s)")
-        return CellResult(attack, defense, seed, "ok")
-    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-        return _fail(grid, attack, defense, seed, path, bundle, err, log)
+        return resolve_device(device)
+    except ValueError:
+        return torch.device(device)
 
 
-class _Eta:
-    """Time left in a grid: cells left x mean seconds per cell + models left to train x mean seconds per training
-    (each measured in this run); "?" until both are known."""
-
-    def __init__(self, cells_left: int, trainings_left: int) -> None:
-        self.cells_left, self.trainings_left = cells_left, trainings_left
-        self.cell_seconds: list[float] = []
-        self.training_seconds: list[float] = []
-
-    def training_done(self, seconds: float | None) -> None:
-        self.trainings_left = max(0, self.trainings_left - 1)
-        if seconds is not None:
-            self.training_seconds.append(seconds)
-
-    def cell_done(self, seconds: float | None) -> None:
-        self.cells_left = max(0, self.cells_left - 1)
-        if seconds is not None:
-            self.cell_seconds.append(seconds)
-
-    def seconds(self) -> float | None:
-        if self.cells_left == 0:
-            return 0.0
-        if not self.cell_seconds or (self.trainings_left and not self.training_seconds):
-            return None
-        per_training = sum(self.training_seconds) / len(self.training_seconds) if self.training_seconds else 0.0
-        return (self.cells_left * sum(self.cell_seconds) / len(self.cell_seconds)
-                + self.trainings_left * per_training)
-
-    def __str__(self) -> str:
-        left = self.seconds()
-        return "ETA ?" if left is None else f"ETA {tqdm.format_interval(left)}"
-
-
-def _run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,
-                       folder: Path, log: Callable[[str], None], device: torch.device,
-                       only: str | None = None) -> None:
-    """Labelled oracle diagnostics on the TEST set (e.g. OTBR's gamma sweep); never feed the reported rows.
-    ``only``: the sweep of this one grid defense (a job of its own)."""
-    from .sweep import oracle_sweep, sweep_defenses, write_sweep
-
-    for dname, spec in grid.oracle_sweeps.items():
-        if only is not None and dname != only:
-            continue
-        key, values = next(iter(spec.items()))
-        target = folder / f"{attack}__{dname}__seed{seed}"
-        if (target / f"oracle_sweep_{key}.csv").exists():
-            continue
-        try:
-            base = grid.defense_class(dname)(grid.defenses[dname])
-            table = oracle_sweep(bundle, sweep_defenses(base, key, values), key, clean_test=clean_test, before=before,
-                                 data_root=grid.data_root, device=device, seed=seed, clean_ratio=grid.clean_ratio,
-                                 progress=False)
-            table.insert(0, "attack", attack)
-            table.insert(1, "defense", dname)
-            table.insert(2, "seed", seed)
-            write_sweep(table, target, key, reported_value=getattr(base.config, key), before=before,
-                        title=f"{dname} on {attack} / {grid.dataset}")
-            log(f"{attack}/{dname}: oracle {key} sweep written to {target} (test-set diagnostic, not reported)")
-        except Exception as err:  # noqa: BLE001 - a diagnostic must not stop the grid
-            log(f"{attack}/{dname}: oracle sweep failed: {type(err).__name__}: {err}")
-
-
-def _fail(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bundle: Bundle | None,
-          err: BaseException, log: Callable[[str], None] = lambda s: None) -> CellResult:
-    """Record a failed cell; an ok record already at ``path`` is never overwritten by a failed one."""
-    message = f"{type(err).__name__}: {err}"
-    if path.exists():
-        try:
-            kept = read_record(path).status == "ok"
-        except ValueError:
-            kept = False
-        if kept:
-            log(f"{attack}/{defense}/seed{seed}: failed ({message}); kept the earlier ok record {path}")
-            return CellResult(attack, defense, seed, "failed", message)
-    metrics = dict(bundle.metrics) if bundle else {}
-    record = RunRecord(
-        dataset=grid.dataset, model=bundle.model_config.to_dict() if bundle else {"name": str(grid.attacks[attack].get("model", {}).get("name"))},
-        attack={**(dict(bundle.attack) if bundle else {"name": attack}), "label": attack}, defense=defense,
-        defense_config=grid.defenses.get(defense, {}), seed=seed,
-        checkpoint_sha256=(bundle.model_sha256 or "") if bundle else "",
-        metrics_before={k: v for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)},
-        metrics_after=None, der=None, data_used="",
-        status="failed", error=message, diagnostics={"traceback": traceback.format_exc(limit=8)},
-    )
-    write_record(record, path)
-    return CellResult(attack, defense, seed, "failed", message)
+def plan_tasks(grid: GridSpec, out: str | Path, bundles: str | Path, device: torch.device,
+               log: Callable[[str], None] = lambda s: None) -> GridPlan:
+    """The tasks left to run, by the sequential grid's rules: a cell is skipped only when its record's fingerprint
+    matches (:func:`~otbr_plugin.bench.grid.stale_reason`); a model is trained only when a cell needs it and no
+    cached bundle trained with its config exists; an oracle sweep runs with its model's cells when its CSV is
+    missing."""
+    out, bundles = Path(out), Path(bundles)
+    plan = GridPlan()
+    for seed in grid.seeds:
+        for attack in grid.attacks:
+            attack_cfg = attack_fingerprint_config(grid, attack, seed)
+            cached = cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device, grid_data(grid))
+            cells = []
+            for defense in grid.defenses:
+                path = cell_record_path(grid, out, attack, defense, seed)
+                if path.exists():
+                    reason = stale_reason(grid, path, attack_cfg, defense, cached)
+                    if reason is None:
+                        plan.skipped.append(CellResult(attack, defense, seed, "skipped"))
+                        continue
+                    log(f"{attack}/{defense}/seed{seed}: running again, {reason}")
+                cells.append(Task("cell", attack, seed, defense))
+            if not cells:
+                continue
+            if cached is None:
+                plan.tasks.append(Task("train", attack, seed))
+            plan.tasks += cells
+            for dname, spec in grid.oracle_sweeps.items():
+                key = next(iter(spec))
+                if not (out / "oracle" / f"{attack}__{dname}__seed{seed}" / f"oracle_sweep_{key}.csv").exists():
+                    plan.tasks.append(Task("sweep", attack, seed, dname))
+    return plan

@@ -16,15 +16,15 @@ from torch import nn
 
 from benchmark_adapters.bundle import save_bundle
 
-from ..bundle import Bundle
-from ..data import ImageDataset, Normalizer, load_dataset
+from ..bundle import Bundle, non_finite_weights
+from ..data import ImageDataset, Normalizer, default_data_root, find_dataset, load_dataset, tensor_identity
 from ..data.specs import get_dataset_spec
 from ..data.subsets import CleanData, clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, OracleScorer, build_context
 from ..runtime import resolve_device, seed_everything
-from ..metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
+from ..metrics import BackdoorMetrics, NonFiniteOutputError, defense_effectiveness_rating, evaluate_backdoor
 from ..io import json_default, write_csv, write_json
-from .records import RunRecord
+from ..aggregate.records import RunRecord, run_fingerprint
 
 __all__ = ["DefenseRun", "defend_model", "evaluate_model", "run_defense", "write_defense_outputs"]
 
@@ -42,6 +42,7 @@ class DefenseRun:
     device: torch.device
     seconds: dict[str, float]
     config_source: str = ""
+    data: dict | None = None  # the data root used and the identity of the clean test set (and train set if used)
 
     @property
     def der(self) -> float:
@@ -64,6 +65,11 @@ class DefenseRun:
             diagnostics=self.outcome.diagnostics,
             device=str(self.device),
             config_source=self.config_source,
+            data=self.data,
+            fingerprint=run_fingerprint(self.bundle.attack, {"name": self.defense.name,
+                                                             "config": self.defense.config.to_dict()},
+                                        self.bundle.model_sha256 or "",
+                                        {"data": {k: v for k, v in (self.data or {}).items() if k != "root"}}),
         )
 
 
@@ -72,8 +78,18 @@ def evaluate_model(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
     """ACC/ASR/RA of ``model`` on the clean test set and the bundle's poisoned test set, computed on ``device``
     (the run's; the model is not moved)."""
     bd = bundle.bd_test
-    return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
-                             bd.original_labels, bundle.normalizer, device=device)
+    try:
+        return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
+                                 bd.original_labels, bundle.normalizer, device=device)
+    except NonFiniteOutputError as err:
+        raise NonFiniteOutputError(f"{_checkpoint_name(bundle)}: {err}") from None
+
+
+def _checkpoint_name(bundle: Bundle) -> str:
+    """How an error names the checkpoint: its path, else its sha256."""
+    if bundle.path is not None:
+        return str(bundle.path)
+    return f"checkpoint sha256 {bundle.model_sha256[:12]}" if bundle.model_sha256 else "the checkpoint"
 
 
 def defend_model(
@@ -135,6 +151,8 @@ def run_defense(
         data_root = bundle.extra["data_root"]
     if clean_test is None:
         clean_test = load_dataset(spec.name, "test", data_root)
+    root = Path(data_root) if data_root is not None else default_data_root()
+    data: dict = {"root": str(find_dataset(spec.name, root) or root), "test": tensor_identity(clean_test)}
     model = bundle.build_model().to(dev)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -142,8 +160,9 @@ def run_defense(
         before = evaluate_model(model, bundle, clean_test, dev)
     clean_data = None
     if defense.needs_clean_data:
-        clean_data = clean_defense_subset(load_dataset(spec.name, "train", data_root), clean_ratio, seed,
-                                          defense.clean_subset_sampling())
+        train = load_dataset(spec.name, "train", data_root)
+        data["train"], data["clean_ratio"] = tensor_identity(train), clean_ratio
+        clean_data = clean_defense_subset(train, clean_ratio, seed, defense.clean_subset_sampling())
     oracle = None
     if defense.wants_oracle() and allow_oracle:
         def oracle(m: nn.Module) -> BackdoorMetrics:  # scores only: the defense never holds the test data
@@ -156,9 +175,13 @@ def run_defense(
     seconds["defense_total"] = outcome.seconds
     seconds.update({f"stage_{k}": v for k, v in outcome.stage_seconds.items()})
     t2 = time.perf_counter()
+    bad = non_finite_weights(outcome.model.state_dict())
+    if bad:
+        raise NonFiniteOutputError(f"{_checkpoint_name(bundle)}: defense {defense.name} left NaN or infinite "
+                                   f"weights in {', '.join(bad[:5])}")
     after = evaluate_model(outcome.model, bundle, clean_test, dev)
     seconds["evaluation"] = time.perf_counter() - t2 + (t1 - t0)
-    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source)
+    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source, data)
 
 
 def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:

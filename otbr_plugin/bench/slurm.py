@@ -1,13 +1,17 @@
 """Slurm, through submitit: the job options of a grid, submission with dependencies, and the state of jobs.
 
-submitit (``pip install submitit``) pickles a Python call into the job folder, writes the sbatch script and reads
-the call's outcome back. The state of a job comes from ``squeue`` while it is queued or running and from its result
-file once it has ended, so a cluster without accounting (no ``sacct``) works too.
+submitit (``pip install submitit``) pickles a Python call into the job folder and writes the sbatch script. The
+state of a job comes from ``squeue`` while it is queued or running and, once it has ended, from the JSON outcome the
+job writes itself (``<folder>/<job id>/outcome.json``), so a cluster without accounting (no ``sacct``) works too.
+submitit's result pickle is never read back: a results folder is untrusted input.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import getpass
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +19,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["SlurmOptions", "JobState", "Submitter", "time_minutes", "live_jobs", "finished_outcome", "log_tail", "require_slurm"]
+from ..io import read_regular, write_json
+
+__all__ = ["SlurmOptions", "JobState", "Submitter", "time_minutes", "live_jobs", "finished_outcome", "log_tail",
+           "require_slurm", "check_job_id", "outcome_path", "write_outcome", "current_job_id"]
+
+OUTCOME_FILE = "outcome.json"
+_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")  # used with fullmatch: no trailing newline
+_MAX_OUTCOME_BYTES = 1 << 20
+_ERROR_TAIL = 2000
 
 _TIME = re.compile(r"^(\d+|\d+-\d{1,2}(:\d{2}){0,2}|\d{1,2}(:\d{2}){1,2})$")  # sbatch --time formats
 _MEM = re.compile(r"^\d+[KMGT]?$")
@@ -186,28 +198,74 @@ def live_jobs(job_ids: Sequence[str]) -> dict[str, str]:
     return states
 
 
-def finished_outcome(folder: Path, job_id: str) -> JobState:
-    """The outcome of a job that has left the queue, from the result file submitit writes when the call ends."""
-    from submitit.core.utils import JobPaths, pickle_load
+def check_job_id(value: Any, where: str = "job id") -> str:
+    """``value`` when it is a Slurm job id as this tool writes them down: digits, or ``<digits>_<digits>`` (an array
+    task); else a one-line ValueError (a job id becomes a folder name, so nothing else may pass)."""
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
+        raise ValueError(f"{where} must be a Slurm job id (digits, or <digits>_<digits>), got {str(value)[:40]!r}")
+    return value
 
-    paths = JobPaths(folder / job_id, job_id=job_id)
-    if not paths.result_pickle.exists():
+
+def outcome_path(folder: Path, job_id: str) -> Path:
+    """Where the job ``job_id`` leaves its outcome: ``<folder>/<job id>/outcome.json``, beside its logs."""
+    return Path(folder) / check_job_id(job_id) / OUTCOME_FILE
+
+
+def current_job_id() -> str | None:
+    """The id of the Slurm job this process runs in (submitit's form, ``<id>`` or ``<array id>_<task>``), or None
+    outside a job."""
+    try:
+        import submitit
+
+        job_id = str(submitit.JobEnvironment().job_id)
+    except Exception:  # noqa: BLE001 - not inside a submitit job: the plain Slurm variable, if any
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+    return job_id if _JOB_ID.fullmatch(job_id) else None
+
+
+def write_outcome(folder: Path, job_id: str, task: str, status: str, *, result: str | None = None,
+                  error: str | None = None, record: str | None = None) -> Path:
+    """Write (atomically) how a job ended, as JSON: ``status`` "done" or "failed", what its call returned, the tail
+    of its error, the record it was to write (relative to the output folder). The job itself writes it; nothing
+    ever reads submitit's result pickle back."""
+    if status not in ("done", "failed"):
+        raise ValueError(f"a job outcome is 'done' or 'failed', got {status!r}")
+    data = {"job_id": check_job_id(job_id), "task": task, "status": status, "result": result,
+            "error": None if error is None else error[-_ERROR_TAIL:], "record": record,
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return write_json(outcome_path(folder, job_id), data)
+
+
+def finished_outcome(folder: Path, job_id: str, task: str | None = None) -> JobState:
+    """The outcome of a job that has left the queue, from the JSON outcome it wrote itself (:func:`write_outcome`)
+    in ``<folder>/<job id>/``. Only that file is read: a regular file of bounded size whose resolved path is inside
+    ``folder``, for this job id (and ``task``, when given); anything else is a failed job, said so. The result
+    pickle submitit leaves there is never read (anyone who can write the folder could have planted it)."""
+    folder = Path(folder)
+    path = outcome_path(folder, job_id)
+    stderr = folder / job_id / f"{job_id}_0_log.err"
+    try:
+        data = json.loads(read_regular(path, _MAX_OUTCOME_BYTES, inside=folder).decode())
+    except FileNotFoundError:
         return JobState("failed", f"Slurm job {job_id} ended without a result (cancelled, out of time or memory, or "
-                                  f"the node failed); its log {paths.stderr}: {log_tail(paths.stderr)}")
-    try:
-        outcome, value = pickle_load(paths.result_pickle)
-    except Exception as err:  # noqa: BLE001 - an unreadable result is a failed job, said so
-        return JobState("failed", f"Slurm job {job_id}: its result file {paths.result_pickle} cannot be read ({err})")
-    if outcome == "success":
+                                  f"the node failed); its log {stderr}: {log_tail(stderr, inside=folder)}")
+    except (OSError, ValueError, RecursionError) as err:  # includes bad JSON and undecodable text
+        return JobState("failed", f"Slurm job {job_id}: its outcome file {path} cannot be read ({err})")
+    if (not isinstance(data, dict) or data.get("job_id") != job_id or data.get("status") not in ("done", "failed")
+            or (task is not None and data.get("task") != task)):
+        return JobState("failed", f"Slurm job {job_id}: its outcome file {path} is not the outcome of this job "
+                                  f"({'task ' + task if task else 'job ' + job_id}); run the grid again")
+    if data["status"] == "done":
         return JobState("done")
-    last = str(value).strip().splitlines()
-    return JobState("failed", f"Slurm job {job_id} raised: {last[-1] if last else value}")
+    lines = str(data.get("error") or "").strip().splitlines()
+    return JobState("failed", f"Slurm job {job_id} raised: {lines[-1][:_ERROR_TAIL] if lines else 'an error'}")
 
 
-def log_tail(path: Path, lines: int = 3) -> str:
-    """The last lines of a job log, on one line ("(no log)" when there is none)."""
+def log_tail(path: Path, lines: int = 3, inside: Path | None = None) -> str:
+    """The last lines of a job log, on one line ("(no log)" when there is none or it is not a regular file inside
+    ``inside``); only its last 64 KiB are read."""
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
+        text = read_regular(path, 1 << 16, inside=inside, tail=True).decode(errors="replace").strip().splitlines()
+    except (OSError, ValueError):
         return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+    return " | ".join(line[:500] for line in text[-lines:]) or "(empty log)"

@@ -18,7 +18,7 @@ from ..bundle import Bundle
 from ..config import parse_yaml
 from ..data import ImageDataset
 from ..defenses.base import ORACLE_LABEL, Defense
-from ..io import save_figure, write_csv
+from ..io import plain_text_plots, save_figure, write_csv
 from ..metrics import BackdoorMetrics
 from .runner import run_defense
 
@@ -69,9 +69,7 @@ def oracle_sweep(bundle: Bundle, defenses: Sequence[Defense], key: str, *, clean
 def write_sweep(table: pd.DataFrame, out_dir: str | Path, key: str, *, reported_value: Any,
                 before: BackdoorMetrics, title: str = "") -> dict[str, Path]:
     """Write ``oracle_sweep_<key>.csv`` and a plot of ACC/ASR/RA against ``key`` (atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plain_text_plots()
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)

@@ -34,20 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=2 --set attack.poison_ratio=0.05")
     p.add_argument("--data-root", default=None, help="data root (default: $OTBR_DATA or ./data)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out (only a bundle folder: anything else there is an error)")
     add_run_arguments(p, device_default=None, device_help="auto (accelerator if present, else cpu), cpu, ... "
                                                             "(default: the config's train.device)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmark_adapters.bundle import save_bundle
+    from benchmark_adapters.bundle import check_bundle_target, save_bundle
 
     from ..attacks.runner import parse_attack_run, run_attack
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    check_bundle_target(out, args.overwrite)  # before training: --overwrite replaces only a bundle
     config = apply_overrides(load_yaml(find_config_file(args.config)), parse_overrides(args.overrides))
     train = dict(config.get("train") or {}) if isinstance(config.get("train", {}), dict) else config.get("train")
     if isinstance(train, dict):

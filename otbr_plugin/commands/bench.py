@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from pathlib import Path
 
-from ..bench.grid import GridSpec, load_grid, run_grid
-from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..bench.executors import run_grid
+from ..bench.grid import GridSpec, current_records, load_grid
+from ..aggregate.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
+                                unreadable_line)
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
+from ..runtime import parse_threads
 from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """examples:
@@ -32,7 +36,7 @@ come from the grid's `slurm:` section, then the command line. See docs/cluster.m
 
 Re-running the same command resumes: a cell is skipped only when its record's fingerprint (resolved attack and
 defense configs, checkpoint sha256, package version) matches; changed cells run again (the log says why) and
-failed cells are retried. One run per --out at a time (<out>/.lock); an ok record is never replaced by a failed one.
+failed cells are retried. One run per --out and per bundles folder at a time (<out>/.lock, <bundles>/.lock); an ok record is never replaced by a failed one.
 Outputs in --out: records/*.json (one run record per cell), bundles/ (cached backdoored models), table.md,
 acc_vs_asr.png, report.html (the self-contained HTML report of `otbr-bench report`). The exit status is 1 when any cell failed (the failures are listed at the end).
 """
@@ -117,16 +121,20 @@ def run(args: argparse.Namespace) -> int:
     if slurm:
         settings = None
         options = slurm_options(args, grid)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be an integer >= 1, got {args.threads}")
+        args.threads = parse_threads(args.threads)
+        if args.threads == "auto":  # decided by each job on its node: its CPUs per task
+            args.threads = None
     else:
-        settings = run_settings(args, device=args.device or grid.device)  # once for the whole grid
+        settings = run_settings(args, device=args.device or grid.device,  # once for the whole grid
+                                workers=args.workers)
         options = None
     out = Path(args.out)
     with contextlib.ExitStack() as locks:  # one writer per output folder (and per external bundles folder)
         locks.enter_context(folder_lock(out, "otbr-bench bench run"))
-        if args.bundles is not None and out.resolve() not in Path(args.bundles).resolve().parents:
-            locks.enter_context(folder_lock(args.bundles, "otbr-bench bench run (bundles folder)"))
+        # the bundles folder too, also the default <out>/bundles: another run may name it with --bundles
+        bundles = Path(args.bundles) if args.bundles else out / "bundles"
+        if bundles.resolve() != out.resolve():
+            locks.enter_context(folder_lock(bundles, "otbr-bench bench run (bundles folder)"))
         return _run_locked(args, grid, out, settings, options)
 
 
@@ -161,7 +169,14 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"\n{counts['ok']} cell(s) run, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
           f"{wall / 60:.1f} min")
-    records = [r for r in load_records(out / "records") if r.dataset == grid.dataset]
+    unreadable: list = []
+    records, stale = current_records(grid, out, load_records(out / "records", unreadable))
+    if unreadable:
+        print(unreadable_line(unreadable), file=sys.stderr)
+    if stale:
+        print(f"left out of the table: {len(stale)} record(s) written with another config than this run's (an "
+              f"earlier run's worker or job): {', '.join('/'.join(map(str, r.key()[2:])) for r in stale[:5])}"
+              f"{', ...' if len(stale) > 5 else ''}; rerun to redo them")
     if any(r.status == "ok" for r in records):
         mean, std = comparison_table(records)
         table = format_table(mean, std, "md")
@@ -174,7 +189,7 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
             print(oracle)
         if not args.no_report:
             try:
-                from ..bench.report import write_report
+                from ..aggregate.report import write_report
 
                 print(f"report: {write_report(out)}")
             except Exception as err:  # noqa: BLE001 - the records and the table are the result; the page is extra

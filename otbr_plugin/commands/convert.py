@@ -19,8 +19,11 @@ With --model, SRC is a plain state_dict (.safetensors or torch.save file) and be
 those of `otbr-bench defend` (--model-args, --dataset, --poisoned-test | --attack-config, --target-class).
 Otherwise the direction follows SRC: a bundle folder (meta.json) becomes a BackdoorBench record folder (attack_result.pt
 in BackdoorBench's format, bd_test_dataset/<label>/<index>.png, attack_df_summary.csv); a record folder (or its
-attack_result.pt) becomes a bundle. Weights and the poisoned test set survive a round trip bit for bit.
-A record written from a bundle has bd_train None (a bundle holds no poisoned training set).
+attack_result.pt) becomes a bundle. Weights and the poisoned test set survive a round trip bit for bit, and so
+do a bundle's extra tensors (poison indices, learned-trigger state: extra.safetensors, kept beside the record with
+its sha256). A record written from a bundle has bd_train None (a bundle holds no poisoned training set).
+DST may not be SRC or a folder holding it (symlinks resolved); --overwrite replaces only a folder of the kind
+convert writes (a bundle, or a record folder written by convert), never one holding anything else.
 """
 
 
@@ -29,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=formatter(), epilog=EPILOG)
     p.add_argument("src", help="a bundle folder, or a BackdoorBench record folder / attack_result.pt")
     p.add_argument("dst", help="the folder to write (its name becomes the record name for bundle -> record)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is a bundle / a record folder written by convert (nothing else)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle attack_result.pt without the allowlist (only for files you trust)")
     p.add_argument("--test-size", type=int, default=None,
@@ -40,6 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_not_source(src: Path, dst: Path) -> None:
+    """Refuse a DST that is SRC or holds it (symlinks resolved): writing DST replaces it, source included."""
+    source, target = src.resolve(), dst.resolve()
+    if target == source or target in source.parents:
+        what = "is SRC" if target == source else "holds SRC"
+        raise ValueError(f"DST {dst} {what} ({source}): writing it would replace the source; choose a DST outside "
+                         f"{src}")
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmark_adapters.backdoorbench import is_record, load_attack_result, write_attack_result
     from benchmark_adapters.bundle import is_bundle, load_bundle, save_bundle
@@ -47,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
+    check_not_source(src, dst)
     plain = (args.model, args.dataset, args.poisoned_test, args.attack_config, args.target_class)
     if any(v is not None for v in plain) or args.model_args:
         args.checkpoint = str(src)

@@ -1,4 +1,4 @@
-"""``otbr-bench diagnose``: the paper's own analyses on a checkpoint (see :mod:`otbr_plugin.bench.diagnose`)."""
+"""``otbr-bench diagnose``: the paper's own analyses on a checkpoint (see :mod:`otbr_plugin.analysis.diagnose`)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from benchmark_adapters.checkpoints import load_checkpoint
 
-    from ..bench.diagnose import (DEFAULT_GAMMAS, DEFAULT_LAMS, ORACLE_TITLE, check_out_dir, diagnose,
+    from ..analysis.diagnose import (DEFAULT_GAMMAS, DEFAULT_LAMS, ORACLE_TITLE, check_out_dir, diagnose,
                                   summary_data, write_diagnosis)
     from ..data import DatasetNotFoundError, get_dataset_spec, load_dataset
     from ..defenses.otbr import OTBRDefense

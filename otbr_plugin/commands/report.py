@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ..bench.report import write_report
+from ..aggregate.report import write_report
+from ..aggregate.tables import unreadable_line
 from . import formatter
 
 EPILOG = """examples:
@@ -30,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = write_report(args.folder, args.out, args.title)
+    unreadable: list = []
+    path = write_report(args.folder, args.out, args.title, unreadable)
+    if unreadable:
+        print(unreadable_line(unreadable), file=sys.stderr)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB)")
     return 0

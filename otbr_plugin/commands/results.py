@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from ..bench.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
-from ..bench.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
+from ..aggregate.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
+from ..aggregate.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
-from ..bench.tables import comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr
+from ..aggregate.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
+                                unreadable_line)
 from ..config import load_yaml
 from ..io import write_json, write_text
 from . import formatter
@@ -95,6 +97,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_regress)
 
 
+def _records(folder: str) -> list:
+    """The run records under ``folder``; the record files that cannot be read are named on stderr."""
+    unreadable: list = []
+    records = load_records(folder, unreadable)
+    if unreadable:
+        print(unreadable_line(unreadable), file=sys.stderr)
+    return records
+
+
 def _emit(text: str, out: str | None) -> None:
     if out:
         write_text(out, text)
@@ -104,23 +115,25 @@ def _emit(text: str, out: str | None) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    records = load_records(args.records)
+    records = _records(args.records)
     mean, std = comparison_table(records)
     _emit(format_table(mean, std, args.format), args.out)
+    # notes go to stderr: stdout holds the table alone (an --format html/csv/latex table piped to a file stays valid)
     failed = [r for r in records if r.status != "ok"]
     if failed:
         print(f"note: {len(failed)} failed run(s) are not in the table: "
-              + ", ".join(f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in failed))
+              + ", ".join(f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in failed), file=sys.stderr)
     if args.plot:
-        print(f"wrote {plot_acc_vs_asr(records, args.plot)}")
+        print(f"wrote {plot_acc_vs_asr(records, args.plot)}", file=sys.stderr)
     oracle = oracle_table(args.records)
-    if oracle:
-        print("\n" + oracle, end="")
+    if oracle:  # Markdown: after a Markdown table on stdout, else on stderr
+        print("\n" + oracle, end="", file=sys.stdout if args.format == "md" and not args.out else sys.stderr)
     return 0
 
 
 def _lb_export(args: argparse.Namespace) -> int:
-    path = export_submission(load_records(args.records), args.out, args.submitter, args.method, args.description,
+    records = _records(args.records)
+    path = export_submission(records, args.out, args.submitter, args.method, args.description,
                              args.contact)
     print(f"wrote {path}")
     return 0
@@ -143,7 +156,7 @@ def _lb_build(args: argparse.Namespace) -> int:
     board = build_leaderboard(subs)
     _emit(board.to_csv(index=False) if args.format == "csv" else _plain_md(board), args.out)
     if args.html:
-        from ..bench.report import render_leaderboard_page
+        from ..aggregate.report import render_leaderboard_page
 
         print(f"wrote {write_text(args.html, render_leaderboard_page(subs, board))}")
     return 0
@@ -167,7 +180,7 @@ def _grid_name(value: str | None) -> str | None:
 
 
 def _regress(args: argparse.Namespace) -> int:
-    records = load_records(args.current)
+    records = _records(args.current)
     grid = _grid_name(args.grid)
     tol_file = args.tolerance_file or (None if args.no_tolerance_file else find_tolerance_file(args.baseline))
     file_layer = load_tolerance_file(tol_file) if tol_file else None

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.executors import job_table
-    from ..bench.tables import comparison_table, format_table, load_records
+    from ..aggregate.tables import comparison_table, format_table, load_records
 
     out = Path(args.folder)
     if not out.is_dir():

@@ -6,6 +6,7 @@ model's normalized float input, with random crop + flip for training.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,12 +74,42 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | N
     return torch.where(flip, x.flip(-1), x)
 
 
+MEAN_BOUND = 10.0
+"""Largest |mean| accepted: inputs are in [0, 1], so a mean beyond +-10 is not a normalization of them."""
+STD_BOUNDS = (1e-3, 10.0)
+"""Accepted range of each std: below 1e-3 a pixel step of 1/255 becomes > 3.9 units (an input blown up, or a
+std of 1e-300 that overflows to inf), above 10 the inputs are squashed to nothing. Every dataset's BackdoorBench
+value lies in [0.19, 0.31]."""
+
+
+def check_normalization(mean: Sequence[float], std: Sequence[float]) -> None:
+    """Mean and std of a normalization: same length >= 1, finite numbers, |mean| <= :data:`MEAN_BOUND` and std
+    within :data:`STD_BOUNDS` (ValueError saying which value is wrong and what is expected)."""
+    try:
+        m, s = [float(v) for v in mean], [float(v) for v in std]
+    except (TypeError, ValueError):
+        raise ValueError(f"normalization mean/std must be lists of numbers, got {mean!r:.60} / {std!r:.60}") from None
+    if not m or len(m) != len(s):
+        raise ValueError(f"normalization mean and std must have the same length >= 1, got {len(m)} and {len(s)}")
+    for v in m:
+        if not math.isfinite(v) or abs(v) > MEAN_BOUND:
+            raise ValueError(f"normalization mean {v:g} is out of range: expected a finite number in "
+                             f"[-{MEAN_BOUND:g}, {MEAN_BOUND:g}] (inputs are in [0, 1])")
+    for v in s:
+        if not math.isfinite(v) or not STD_BOUNDS[0] <= v <= STD_BOUNDS[1]:
+            raise ValueError(f"normalization std {v:g} is out of range: expected a finite number in "
+                             f"[{STD_BOUNDS[0]:g}, {STD_BOUNDS[1]:g}]")
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """The model's input normalization (mean/std per channel); part of every defense context."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        check_normalization(self.mean, self.std)
 
     @classmethod
     def for_dataset(cls, spec: DatasetSpec) -> "Normalizer":

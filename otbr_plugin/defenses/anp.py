@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ORACLE_LABEL, CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
-from .common import bb_tolerance_ok, clean_accuracy, fill_setting, preprocess_batch, split_holdout
+from .common import FollowsSetting, bb_tolerance_ok, clean_accuracy, preprocess_batch, split_holdout
 from .registry import register_defense
 
 __all__ = ["ANPConfig", "ANP", "SETTINGS", "SETTING_OPTIONS", "PerturbedBatchNorm2d", "attach_perturbations",
@@ -56,12 +56,13 @@ SETTING_OPTIONS = tuple(SETTINGS["default"])
 
 
 @dataclass
-class ANPConfig(DefenseConfig):
+class ANPConfig(FollowsSetting, DefenseConfig):
     """ANP settings; defaults are the paper's / reference code's (eps 0.4, one step, alpha 0.2, mask lr 0.2,
     2000 iterations of batch 128, pruning threshold 0.2). ``setting: backdoorbench`` reproduces BackdoorBench's
     anp.py (mask lr 0.01, batch 256, its threshold scan and choice, masks compared at 4 decimals; see the module
     docstring); ``oracle: true`` makes that choice on the TEST set, as BackdoorBench does (labelled diagnostic)."""
 
+    SETTINGS: ClassVar[dict[str, dict[str, Any]]] = SETTINGS
     setting: Literal["default", "backdoorbench"] = "default"
     oracle: bool = False
     eps: float = 0.4
@@ -91,19 +92,6 @@ class ANPConfig(DefenseConfig):
     bb_selection: bool | None = None
     mask_precision: Literal["full", "round4"] | None = None
     subset_sampling: Literal["stratified", "uniform"] | None = None
-
-    def __post_init__(self) -> None:
-        fill_setting(self, SETTINGS)
-        super().__post_init__()
-
-    def replace(self, **changes: Any) -> "ANPConfig":
-        """A copy with ``changes``; switching ``setting`` re-derives the setting-dependent options that are not
-        themselves in ``changes``."""
-        data = self.to_dict()
-        if "setting" in changes and changes["setting"] != self.setting:
-            for key in SETTING_OPTIONS:
-                data[key] = None
-        return self.from_dict({**data, **changes})
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:

@@ -8,7 +8,9 @@ constant (UCLC) is
 
 where W_k is the channel's kernel reshaped to (C_in, kh * kw) and ||.||_2 its largest singular value, and
 gamma_k / sigma_k the BN scale acting on the channel (sigma_k = sqrt(running_var_k + eps): the scale the BN
-really applies; the reference code omits eps, which differs only for dead channels, where it divides by 0).
+really applies; the reference code omits eps: a relative change of ~eps / (2 var) in the bound, which decides only
+for a channel that close to its threshold, or for a dead channel, where it divides 0 by 0 and then prunes nothing in
+that layer; docs/baselines.md lists every point).
 Within each layer, channels with UCLC_k > mean + u * std (unbiased std, as ``torch.std``) are pruned.
 
 Pairing of convs and BNs (``pairing``):
@@ -38,6 +40,7 @@ Pairing of convs and BNs (``pairing``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,8 +65,9 @@ class CLPConfig(DefenseConfig):
     pairing: Literal["structural", "backdoorbench"] = "structural"
 
     def validate(self) -> None:
-        if not isinstance(self.u, (int, float)) or isinstance(self.u, bool) or not self.u == self.u:
-            raise ValueError(f"u must be a number, got {self.u!r}")
+        if not isinstance(self.u, (int, float)) or isinstance(self.u, bool) or not math.isfinite(self.u) or self.u < 0:
+            raise ValueError(f"u must be a finite number >= 0 (channels above mean + u * std of their layer are "
+                             f"pruned; paper default 3), got {self.u!r:.40}")
         if self.pairing not in ("structural", "backdoorbench"):
             raise ValueError(f"pairing must be 'structural' or 'backdoorbench', got {self.pairing!r}")
 
@@ -111,6 +115,10 @@ def clp_scores(model: nn.Module, pairing: str) -> list[tuple[ConvBNPair, torch.T
             scale = bn_scale(mods[pair.bn]) if pair.bn is not None else None
         except ValueError as err:
             raise ValueError(f"CLP cannot score layer {pair.conv!r} through BatchNorm {pair.bn!r}: {err}") from err
+        for what, t in (("weight", conv.weight), ("BatchNorm scale", scale)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"CLP cannot score layer {pair.conv!r}: its {what} holds NaN or infinite values "
+                                 "(the model's weights are broken)")
         out.append((pair, channel_lipschitz(conv.weight, scale)))
     return out
 

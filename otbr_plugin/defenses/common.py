@@ -4,6 +4,7 @@ the dataset spec with the context's normalization, batched preprocessing."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import torch
 
@@ -12,7 +13,7 @@ from ..data.subsets import stratified_indices
 from ..data.transforms import random_crop, random_hflip, to_float
 from .base import CleanData, DefenseContext
 
-__all__ = ["split_holdout", "context_spec", "preprocess_batch", "fill_setting", "bb_tolerance_ok"]
+__all__ = ["split_holdout", "context_spec", "preprocess_batch", "fill_setting", "FollowsSetting", "bb_tolerance_ok"]
 
 
 def fill_setting(config: object, settings: dict[str, dict[str, object]]) -> None:
@@ -25,6 +26,25 @@ def fill_setting(config: object, settings: dict[str, dict[str, object]]) -> None
     for key, value in settings[name].items():
         if getattr(config, key) is None:
             setattr(config, key, value)
+
+
+class FollowsSetting:
+    """Mixin for a defense config with a ``setting`` field and options declared None that follow it: the
+    subclass sets ``SETTINGS`` (setting -> {option: value}); construction fills the options left at None, and
+    :meth:`replace` re-derives them when ``setting`` changes (unless they are changed too)."""
+
+    SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self) -> None:
+        fill_setting(self, self.SETTINGS)
+        super().__post_init__()  # type: ignore[misc]
+
+    def replace(self, **changes: Any):
+        data = self.to_dict()  # type: ignore[attr-defined]
+        if "setting" in changes and changes["setting"] != getattr(self, "setting"):
+            for key in next(iter(self.SETTINGS.values())):
+                data[key] = None
+        return self.from_dict({**data, **changes})  # type: ignore[attr-defined]
 
 
 def bb_tolerance_ok(acc: float, acc_ori: float, acc_ratio: float) -> bool:

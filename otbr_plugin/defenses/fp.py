@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 
 from ..train import TrainConfig, train_classifier
 from .base import ORACLE_LABEL, CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
-from .common import (bb_tolerance_ok, clean_accuracy, context_spec, fill_setting, preprocess_batch, split_holdout,
+from .common import (FollowsSetting, bb_tolerance_ok, clean_accuracy, context_spec, preprocess_batch, split_holdout,
                      zero_channels)
 from .registry import register_defense
 from .structure import FeatureSite, feature_site, tail_module
@@ -61,7 +61,7 @@ SETTING_OPTIONS = tuple(SETTINGS["default"])
 
 
 @dataclass
-class FPConfig(DefenseConfig):
+class FPConfig(FollowsSetting, DefenseConfig):
     """Fine-Pruning settings.
 
     ``acc_ratio``: tolerated drop of held-out clean accuracy (see ``acc_drop``); ``holdout_ratio``: share of
@@ -76,6 +76,7 @@ class FPConfig(DefenseConfig):
     the TEST set, as BackdoorBench does (a labelled diagnostic; only an oracle-aware entry point runs it).
     """
 
+    SETTINGS: ClassVar[dict[str, dict[str, Any]]] = SETTINGS
     setting: Literal["default", "backdoorbench"] = "default"
     oracle: bool = False
     acc_ratio: float = 0.1
@@ -99,19 +100,6 @@ class FPConfig(DefenseConfig):
     save_reparametrisation: bool | None = None
     epochs: int | None = None
     batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        fill_setting(self, SETTINGS)
-        super().__post_init__()
-
-    def replace(self, **changes: Any) -> "FPConfig":
-        """A copy with ``changes``; switching ``setting`` re-derives the setting-dependent options that are not
-        themselves in ``changes``."""
-        data = self.to_dict()
-        if "setting" in changes and changes["setting"] != self.setting:
-            for key in SETTING_OPTIONS:
-                data[key] = None
-        return self.from_dict({**data, **changes})
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:

@@ -18,6 +18,8 @@ residual        block: maps follow the      chain: previous target layer's map, 
                 across residual sums
 attached        transport: bias and BN of   keep: backdoored bias and BN untouched
                 an aligned neuron follow it
+arithmetic      float64: fusion on the CPU  published: the published code's float32 operations
+                in float64                  on the model's device (same cost bits, same plan)
 ==============  ==========================  ===================================================
 
 Both settings use noise of the model's real input shape (the published code hard-codes 3x32x32) and a mass
@@ -57,10 +59,10 @@ __all__ = ["OTBRConfig", "OTBRDefense", "SETTINGS", "SETTING_OPTIONS"]
 SETTINGS: dict[str, dict[str, Any]] = {
     "fixed": {"noise_space": "pixel", "label_range": "all", "nwc_precision": "full", "cost": "aligned",
               "residual": "block", "attached": "transport", "mass_floor": 0.001, "prune_rounding": "robust",
-              "emd_max_iter": 10_000_000},
+              "emd_max_iter": 10_000_000, "arithmetic": "float64"},
     "reference": {"noise_space": "normalized", "label_range": "k_minus_1", "nwc_precision": "round4",
                   "cost": "unaligned", "residual": "chain", "attached": "keep", "mass_floor": 0.0,
-                  "prune_rounding": "truncate", "emd_max_iter": 100_000},
+                  "prune_rounding": "truncate", "emd_max_iter": 100_000, "arithmetic": "published"},
 }
 SETTING_OPTIONS = tuple(SETTINGS["fixed"])
 
@@ -78,6 +80,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "unlearn_bn": ("train", "eval"),
     "prune_rounding": ("robust", "truncate"),
     "ranking": ("global", "layer"),
+    "arithmetic": ("float64", "published"),
     "repair": ("none", "distill", "bn_recal", "mean"),
     "repair_guide": ("none", "original", "defended"),
 }
@@ -133,6 +136,7 @@ class OTBRConfig(DefenseConfig):
     mass_floor: float | None = None
     prune_rounding: Literal["robust", "truncate"] | None = None
     emd_max_iter: int | None = None
+    arithmetic: Literal["float64", "published"] | None = None
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -182,6 +186,9 @@ class OTBRConfig(DefenseConfig):
                                     "0 = none, as published: a zero NWC is then an error)")
         if not isinstance(self.sinkhorn_reg, (int, float)) or not self.sinkhorn_reg > 0:
             raise bad("sinkhorn_reg", "> 0")
+        if self.arithmetic == "published" and self.solver != "emd":
+            raise ValueError("OTBRConfig.arithmetic 'published' (the reference setting's) runs the exact solver only: "
+                             f"set solver 'emd' or arithmetic 'float64', got solver {self.solver!r}")
         for key in ("include_shortcut", "include_linear", "repair_freeze", "fuse"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
@@ -212,7 +219,7 @@ class OTBRConfig(DefenseConfig):
                              residual=self.residual, attached=self.attached, solver=self.solver,
                              sinkhorn_reg=self.sinkhorn_reg, emd_max_iter=self.emd_max_iter,
                              strict_solver=self.setting != "reference", prune_rounding=self.prune_rounding,
-                             ranking=self.ranking, fuse=self.fuse)
+                             ranking=self.ranking, fuse=self.fuse, arithmetic=self.arithmetic)
 
     def scores(self, nwc: Mapping[str, torch.Tensor], model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
         """The values neurons are ranked by (and transport masses come from), from raw NWCs."""

@@ -28,7 +28,17 @@ bias and the batch norm that normalizes only this layer's output channels (affin
 fused with the same ``lam`` (in a post-activation ResNet every conv has one: its BN right after it). ``"keep"`` (the published code) keeps the backdoored model's bias and BN.
 
 The network's output layer (class logits), if it is a target layer, is never re-ordered: only its input side
-is aligned. All transport and fusion arithmetic runs in float64 on the CPU; results are cast back.
+is aligned.
+
+``arithmetic="float64"``: all transport and fusion arithmetic runs in float64 on the CPU; results are cast back.
+``"published"`` (the reference setting) computes each layer the way the published code does, operation by
+operation, so that the same inputs give the same cost matrix to the last bit and therefore the same transport
+plan (the exact plan is not unique when pruned neurons tie, and the solver's choice follows the cost's last
+bits: docs/otbr.md). On the weights' own device, in float32: the cost is ``torch.cdist`` of the flattened
+weights; the input-side map ``T diag(1/b)`` and the projection ``diag(1/b) T^T`` are formed in float64 numpy as
+products with the reciprocal masses and then cast to float32; a conv's input side is aligned by a batched matrix
+product over its kernel taps; the projection is one float32 matrix product; the mix ``lam * A + (1 - lam) * W``
+is float32. The first fused layer's input map is the identity. See :func:`published_layer`.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ __all__ = [
     "plan_layer",
     "project_weights",
     "fuse_tensor",
+    "published_input_map",
+    "published_layer",
     "attached_parameters",
     "FusionResult",
     "fuse_models",
@@ -68,6 +80,7 @@ ResidualMode = Literal["block", "chain"]
 AttachedMode = Literal["transport", "keep"]
 Solver = Literal["emd", "sinkhorn"]
 MassMode = Literal["nwc", "uniform"]
+Arithmetic = Literal["float64", "published"]
 
 @dataclass(frozen=True)
 class LayerLink:
@@ -221,21 +234,23 @@ def target_masses(scores: torch.Tensor, mode: MassMode = "nwc", floor: float = 1
 
 def transport_plan(a: np.ndarray, b: np.ndarray, cost: np.ndarray, solver: Solver = "emd",
                    reg: float = 0.01, max_iter: int = 10_000_000,
-                   warnings_out: list[str] | None = None) -> np.ndarray:
+                   warnings_out: list[str] | None = None, renormalize: bool = True) -> np.ndarray:
     """Optimal transport plan between masses ``a`` (rows) and ``b`` (columns) for ``cost``.
 
     ``"emd"``: exact (POT's network simplex, ``ot.emd``) with at most ``max_iter`` iterations (POT's own
     default, used by the published code, is 100000). If the solver stops early its message is appended to
     ``warnings_out`` when given (the plan is then feasible but not optimal, as in the published code),
     otherwise a RuntimeError is raised. ``"sinkhorn"``: entropic (``ot.sinkhorn``) with regularization ``reg``
-    relative to the largest cost; faster on very wide layers, marginals approximate.
+    relative to the largest cost; faster on very wide layers, marginals approximate. ``renormalize=False``
+    passes the masses to the solver exactly as given (the published code's call).
     """
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
     # renormalize only when needed: the exact solver's choice among equally optimal plans follows the inputs'
     # last bits, so masses that already sum to 1 are passed on untouched (as the published code does)
-    a = a if abs(a.sum() - 1.0) < 1e-12 else a / a.sum()
-    b = b if abs(b.sum() - 1.0) < 1e-12 else b / b.sum()
+    if renormalize:
+        a = a if abs(a.sum() - 1.0) < 1e-12 else a / a.sum()
+        b = b if abs(b.sum() - 1.0) < 1e-12 else b / b.sum()
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if solver == "emd":
         plan, log = ot.emd(a, b, cost, numItermax=int(max_iter), log=True)
@@ -273,6 +288,20 @@ def align_input(weight: torch.Tensor, tmap: torch.Tensor, repeat: int = 1) -> to
     if weight.dim() == 2:
         return aligned.reshape(out, -1)
     return aligned.reshape(out, tmap.shape[1], *weight.shape[2:])
+
+
+def _solve_layer(name: str, target_mass: np.ndarray | None, cost: np.ndarray, **solver_options
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source masses ``1/n``, target masses, plan) of one layer for ``cost`` (n x n); ``target_mass`` None: the
+    identity plan (the output layer keeps its order). ``solver_options`` go to :func:`transport_plan`."""
+    n = cost.shape[0]
+    a = np.ones(n) / n
+    if target_mass is None:
+        return a, a.copy(), np.diag(a)
+    b = np.asarray(target_mass, dtype=np.float64)
+    if b.shape != (n,):
+        raise ValueError(f"{name}: {b.shape} target masses for {n} neurons")
+    return a, b, transport_plan(a, b, cost, **solver_options)
 
 
 @dataclass
@@ -319,15 +348,9 @@ def plan_layer(
     n = wb.shape[0]
     wp_in = wp if input_map is None else align_input(wp, input_map, input_repeat)
     x = wp_in if cost == "aligned" else wp
-    a = np.full(n, 1.0 / n)
     c = torch.cdist(x.reshape(n, -1), wb.reshape(n, -1)).numpy()
-    if target_mass is None:
-        b, plan = a.copy(), np.diag(a)
-    else:
-        b = np.asarray(target_mass, dtype=np.float64)
-        if b.shape != (n,):
-            raise ValueError(f"{name}: {b.shape} target masses for {n} neurons")
-        plan = transport_plan(a, b, c, solver, sinkhorn_reg, max_iter, warnings_out)
+    a, b, plan = _solve_layer(name, target_mass, c, solver=solver, reg=sinkhorn_reg, max_iter=max_iter,
+                              warnings_out=warnings_out)
     tmap = transport_map(plan, b if solver == "emd" else None)
     return LayerPlan(name, plan, a, b, float((plan * c).sum()), tmap, wp_in)
 
@@ -344,6 +367,74 @@ def fuse_tensor(projected: torch.Tensor, backdoored: torch.Tensor, lam: float) -
     """``lam * projected + (1 - lam) * backdoored`` (computed in float64), in ``backdoored``'s dtype/device."""
     b = backdoored.detach()
     return (lam * projected.to("cpu", torch.float64) + (1.0 - lam) * b.to("cpu", torch.float64)).to(b.device, b.dtype)
+
+
+def published_input_map(plan: np.ndarray, mass: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The input-side map the published code hands to the next layer: ``T diag(1/b)`` formed in float64 as the
+    product of the plan with the *reciprocal* masses (``T[i, j] * (1 / b[j])``, which can differ in the last bit
+    from ``T[i, j] / b[j]``), then cast to float32 on ``device``."""
+    plan = np.asarray(plan, dtype=np.float64)
+    recip = 1.0 / np.asarray(mass, dtype=np.float64)
+    return torch.tensor(plan * recip[None, :], dtype=torch.float32, device=device)
+
+
+def _published_align(weight: torch.Tensor, map32: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Input side of a float32 weight aligned with a float32 map, as the published code does it: a conv by one
+    batched matrix product per kernel tap (``bmm`` of (taps, out, in) with the map repeated over the taps),
+    returned as (out, in', taps); a linear layer by one matrix product."""
+    if weight.dim() == 4:
+        w = weight.flatten(2)
+        taps = w.shape[2]
+        return torch.bmm(w.permute(2, 0, 1), map32.unsqueeze(0).repeat(taps, 1, 1)).permute(1, 2, 0)
+    if repeat > 1:  # a linear layer reading a flattened C x H x W map (the published code cannot run this case)
+        map32 = torch.kron(map32, torch.eye(repeat, dtype=map32.dtype, device=map32.device))
+    return weight @ map32
+
+
+def published_layer(
+    name: str,
+    pruned_weight: torch.Tensor,
+    backdoored_weight: torch.Tensor,
+    target_mass: np.ndarray | None,
+    lam: float,
+    *,
+    input_map: torch.Tensor | None = None,
+    input_repeat: int = 1,
+    cost: CostMode = "unaligned",
+    max_iter: int = 100_000,
+    warnings_out: list[str] | None = None,
+) -> tuple[LayerPlan, torch.Tensor, torch.Tensor]:
+    """One layer of the fusion in the published code's arithmetic (``arithmetic="published"``): returns the
+    plan, the fused weight and the float32 map the next layer's input side is aligned with.
+
+    On the weights' device, in float32: input side aligned with ``input_map`` (a float32 map from
+    :func:`published_input_map`; None: the identity); cost ``torch.cdist`` of the flattened raw (``cost=
+    "unaligned"``) or input-aligned pruned weights against the backdoored ones; exact OT (``ot.emd``) with
+    source mass ``1/n`` and ``target_mass`` passed unchanged; projection ``diag(1/b) T^T`` formed in float64 with
+    the reciprocal masses, cast to float32 and applied by one matrix product; ``lam * A + (1 - lam) * W`` in
+    float32. ``target_mass`` None keeps the neurons' order (the network's output layer)."""
+    wp = pruned_weight.detach().float()
+    wb = backdoored_weight.detach().float()
+    if wp.shape != wb.shape:
+        raise ValueError(f"{name}: pruned and backdoored weights differ in shape ({tuple(wp.shape)} vs {tuple(wb.shape)})")
+    if cost not in ("aligned", "unaligned"):
+        raise ValueError(f"cost must be 'aligned' or 'unaligned', got {cost!r}")
+    n = wb.shape[0]
+    n_in = wp.shape[1] // (input_repeat if wp.dim() == 2 else 1)
+    if input_map is None:
+        input_map = torch.eye(n_in, dtype=torch.float32, device=wp.device)
+    aligned = _published_align(wp, input_map.to(wp.device, torch.float32), input_repeat)
+    x = wp if cost == "unaligned" else aligned
+    c = torch.cdist(x.flatten(1), wb.flatten(1), p=2).cpu().numpy()
+    a, b, plan = _solve_layer(name, target_mass, c, solver="emd", max_iter=max_iter, warnings_out=warnings_out,
+                              renormalize=False)
+    projection = torch.tensor((1.0 / b)[:, None] * np.asarray(plan, dtype=np.float64).T, dtype=torch.float32,
+                              device=wp.device)
+    projected = torch.matmul(projection, aligned.flatten(1)).view(wb.shape)
+    fused = lam * projected + (1 - lam) * wb
+    lp = LayerPlan(name, plan, a, b, float((plan * c.astype(np.float64)).sum()), transport_map(plan, b),
+                   aligned.reshape(wb.shape))
+    return lp, fused.to(backdoored_weight.dtype), published_input_map(plan, b, wp.device)
 
 
 def attached_parameters(pruned: Mapping[str, nn.Module], backdoored: Mapping[str, nn.Module], layer: str,
@@ -394,6 +485,7 @@ def fuse_models(
     sinkhorn_reg: float = 0.01,
     max_iter: int = 10_000_000,
     strict_solver: bool = True,
+    arithmetic: Arithmetic = "float64",
 ) -> FusionResult:
     """Fuse ``pruned`` into ``backdoored`` (same architecture) over ``layers[start:]``; returns a new model.
 
@@ -402,8 +494,13 @@ def fuse_models(
     ``masses[layer]``: target masses over the backdoored layer's neurons (see :func:`target_masses`).
     ``start``: first layer to fuse (default: the first of ``layers``). ``strict_solver=False`` records an exact
     OT that stopped at ``max_iter`` in ``warnings`` instead of raising (the published code's behaviour).
-    ``lam = 0`` returns the backdoored weights exactly.
+    ``lam = 0`` returns the backdoored weights exactly. ``arithmetic``: "float64" (CPU, float64) or "published"
+    (the published code's float32 operations on the weights' device, :func:`published_layer`; exact OT only).
     """
+    if arithmetic not in ("float64", "published"):
+        raise ValueError(f"arithmetic must be 'float64' or 'published', got {arithmetic!r}")
+    if arithmetic == "published" and solver != "emd":
+        raise ValueError(f"arithmetic 'published' runs the exact solver only (solver 'emd'), got solver {solver!r}")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda (fusion weight of the pruned model) must be in [0, 1], got {lam}")
     if attached not in ("transport", "keep"):
@@ -418,16 +515,24 @@ def fuse_models(
     params_f = dict(result_model.named_parameters()) | dict(result_model.named_buffers())
     result = FusionResult(model=result_model, fused_layers=fused_layers, links=links, link_source=how)
     maps: dict[str, torch.Tensor] = {}
+    maps32: dict[str, torch.Tensor] = {}  # arithmetic "published": the float32 maps handed on
     warn_list = None if strict_solver else result.warnings
     with torch.no_grad():
         for name in fused_layers:
             link = links[name]
-            lp = plan_layer(name, mod_p[name].weight, mod_b[name].weight,
-                            None if link.is_output else masses[name],  # class logits keep their order
-                            input_map=maps.get(link.input_from) if link.input_from else None,
-                            input_repeat=link.input_repeat, cost=cost, solver=solver, sinkhorn_reg=sinkhorn_reg,
-                            max_iter=max_iter, warnings_out=warn_list)
-            updates = {f"{name}.weight": fuse_tensor(project_weights(lp), mod_b[name].weight, lam)}
+            mass = None if link.is_output else masses[name]  # class logits keep their order
+            if arithmetic == "published":
+                lp, fused, maps32[name] = published_layer(
+                    name, mod_p[name].weight, mod_b[name].weight, mass, lam,
+                    input_map=maps32.get(link.input_from) if link.input_from else None,
+                    input_repeat=link.input_repeat, cost=cost, max_iter=max_iter, warnings_out=warn_list)
+            else:
+                lp = plan_layer(name, mod_p[name].weight, mod_b[name].weight, mass,
+                                input_map=maps.get(link.input_from) if link.input_from else None,
+                                input_repeat=link.input_repeat, cost=cost, solver=solver, sinkhorn_reg=sinkhorn_reg,
+                                max_iter=max_iter, warnings_out=warn_list)
+                fused = fuse_tensor(project_weights(lp), mod_b[name].weight, lam)
+            updates = {f"{name}.weight": fused}
             if attached == "transport":
                 updates |= attached_parameters(mod_p, mod_b, name, link, lp.tmap, lam)
             for key, value in updates.items():

@@ -13,7 +13,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from .fusion import AttachedMode, CostMode, FusionResult, MassMode, ResidualMode, Solver, fuse_models, target_masses
+from .fusion import Arithmetic, AttachedMode, CostMode, FusionResult, MassMode, ResidualMode, Solver, fuse_models, target_masses
 from .pruning import prune_neurons, select_top_neurons
 
 __all__ = ["FusionOptions", "PruneFuseResult", "prune_and_fuse", "REFERENCE_FUSION"]
@@ -35,11 +35,13 @@ class FusionOptions:
     prune_rounding: Literal["robust", "truncate"] = "robust"
     ranking: Literal["global", "layer"] = "global"
     fuse: bool = True  # False: the pruned model alone (the ablation "without fusion")
+    arithmetic: Arithmetic = "float64"  # "published": the published code's float32 operations (same plan)
 
 
 #: the published code's stages 3-4 (linweiii/OTBR ``pruning`` + ``ot_fusion``)
 REFERENCE_FUSION = FusionOptions(mass_floor=0.0, cost="unaligned", residual="chain", attached="keep",
-                                 emd_max_iter=100_000, strict_solver=False, prune_rounding="truncate")
+                                 emd_max_iter=100_000, strict_solver=False, prune_rounding="truncate",
+                                 arithmetic="published")
 
 
 @dataclass
@@ -71,5 +73,5 @@ def prune_and_fuse(model: nn.Module, scores: Mapping[str, torch.Tensor], layers:
     fusion = fuse_models(pruned, model, layers, masses, start=start, lam=lam, cost=options.cost,
                          residual=options.residual, attached=options.attached, solver=options.solver,
                          sinkhorn_reg=options.sinkhorn_reg, max_iter=options.emd_max_iter,
-                         strict_solver=options.strict_solver)
+                         strict_solver=options.strict_solver, arithmetic=options.arithmetic)
     return PruneFuseResult(masks, pruned, fusion.model, fusion, start)

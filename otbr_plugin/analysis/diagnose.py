@@ -46,7 +46,7 @@ from ..otbr.pipeline import prune_and_fuse
 from ..otbr.unlearning import neuron_weight_change, target_layer_names
 from ..runtime import seed_everything
 from ..metrics import BackdoorMetrics
-from .runner import evaluate_model
+from ..bench.runner import evaluate_model
 
 __all__ = ["ORACLE_TITLE", "ORACLE_PREFIX", "DEFAULT_GAMMAS", "DEFAULT_LAMS", "UnlearningSet", "Diagnosis",
            "poisoned_training_samples", "clean_training_samples", "diagnose", "write_diagnosis", "check_out_dir"]

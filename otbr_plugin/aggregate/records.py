@@ -14,23 +14,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import json_default, write_json
+from ..io import json_default, read_regular, write_json
 
-__all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_record", "read_record",
+__all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_record", "read_record", "read_record_json",
            "library_versions", "record_filename", "run_fingerprint"]
 
 RECORD_SCHEMA_VERSION = 1
+MAX_RECORD_BYTES = 32 << 20  # a record is a few KB; anything near this is not one
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the package and the libraries that shape results."""
+    """Versions of the package and the libraries that shape results, and torch's CPU thread count (CPU kernels
+    may sum in another order with another count, so it shapes the last digits too)."""
     import numpy
     import torch
 
-    from otbr_plugin import __version__
+    from .._version import __version__
 
     out = {"otbr_plugin": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-           "python": platform.python_version(), "platform": platform.platform()}
+           "python": platform.python_version(), "platform": platform.platform(),
+           "torch_threads": str(torch.get_num_threads())}
     try:
         import ot
 
@@ -45,7 +48,7 @@ def run_fingerprint(attack_config: Any, defense_config: Any, checkpoint_sha256: 
     """sha256 over everything that produced a cell's result: the resolved attack config, the resolved defense
     config, the checkpoint's sha256 and the package version (``extra``: anything else that shapes it, e.g. the
     clean subset ratio). A grid reuses a record only when its fingerprint equals the one of the cell to run."""
-    from otbr_plugin import __version__
+    from .._version import __version__
 
     payload = {"attack": attack_config, "defense": defense_config, "checkpoint_sha256": checkpoint_sha256,
                "otbr_plugin": __version__, **(extra or {})}
@@ -120,6 +123,9 @@ class RunRecord:
     defense_name: str | None = None  # the registered defense when ``defense`` is a grid label (a variant)
     fingerprint: str | None = None  # run_fingerprint of the cell; None in records written before it existed
     attack_config: dict[str, Any] | None = None  # the resolved attack run config (grid cells)
+    # the data it was evaluated on: {"root": folder used, "test"/"train": {"num_samples", "sha256"}} (see
+    # otbr_plugin.data.identity); None in records written before it existed
+    data: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in ("ok", "failed"):
@@ -154,6 +160,8 @@ class RunRecord:
         _check_types(data)
         if data.get("attack_config") is not None and not isinstance(data["attack_config"], dict):
             raise ValueError("field 'attack_config' must be an object or null")
+        if data.get("data") is not None and not isinstance(data["data"], dict):
+            raise ValueError("field 'data' must be an object or null")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -165,14 +173,23 @@ def write_record(record: RunRecord, path: str | Path) -> Path:
     return write_json(path, record.to_dict())
 
 
-def read_record(path: str | Path) -> RunRecord:
+def read_record_json(path: str | Path) -> Any:
+    """The parsed JSON of the file ``path`` in a records folder: a regular file (a FIFO, a device or a symlink to
+    one is refused without blocking) of at most :data:`MAX_RECORD_BYTES`; ValueError naming the file otherwise."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        return json.loads(read_regular(p, MAX_RECORD_BYTES).decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{p}: not a readable run record ({err})") from err
     except RecursionError as err:
         raise ValueError(f"{p}: not a run record (JSON nested too deeply)") from err
+    except ValueError as err:  # not a regular file, or too big
+        raise ValueError(f"{p}: not a readable run record ({err})") from err
+
+
+def read_record(path: str | Path) -> RunRecord:
+    p = Path(path)
+    data = read_record_json(p)
     try:
         return RunRecord.from_dict(data)
     except (TypeError, ValueError) as err:

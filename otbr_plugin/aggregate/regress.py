@@ -316,25 +316,75 @@ def load_baseline(path: str | Path) -> Baseline:
     p = Path(path)
     try:
         data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{p}: not a readable baseline file ({err})") from err
+    except RecursionError:
+        raise ValueError(f"{p}: not a regression baseline (JSON nested too deeply)") from None
     if not isinstance(data, dict) or data.get("kind") != BASELINE_KIND or data.get("schema_version") != BASELINE_SCHEMA_VERSION:
         raise ValueError(f"{p}: not a regression baseline (expected kind {BASELINE_KIND!r}, schema_version 1)")
     cells = data.get("cells")
     if not isinstance(cells, list) or not cells:
         raise ValueError(f"{p}: 'cells' must be a non-empty list")
+    seen: dict[tuple, int] = {}
     for i, c in enumerate(cells):
-        if not isinstance(c, dict):
-            raise ValueError(f"{p}: cell {i} is not a mapping")
-        missing = [k for k in (*KEY_FIELDS, *METRICS) if k not in c]
-        if missing:
-            raise ValueError(f"{p}: cell {i} is missing {', '.join(missing)}")
+        key = _check_cell(p, i, c)
+        if key in seen:
+            raise ValueError(f"{p}: cell {i} ({_describe_key(key)}) repeats cell {seen[key]}: a baseline holds one "
+                             "cell per dataset, model, attack, defense and seed")
+        seen[key] = i
+    for name in ("grid", "package_version", "note"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise ValueError(f"{p}: field {name!r} must be a string or null, got {_short(data[name])}")
+    versions = data.get("versions")
+    if versions is not None and not (isinstance(versions, dict)
+                                     and all(isinstance(v, str) for v in versions.values())):
+        raise ValueError(f"{p}: field 'versions' must be an object of strings, got {_short(versions)}")
+    if data.get("tolerances") is not None and not isinstance(data["tolerances"], dict):
+        raise ValueError(f"{p}: field 'tolerances' must be an object, got {_short(data['tolerances'])}")
     tol = None
     if data.get("tolerances") or data.get("std_factor") is not None:
         tol = layer_from_mapping({**(data.get("tolerances") or {}), "std_factor": data.get("std_factor")},
                                  where=f"{p}: tolerances")
     return Baseline(p, cells, grid=data.get("grid"), package_version=data.get("package_version"),
                     versions=dict(data.get("versions") or {}), tolerances=tol, note=str(data.get("note") or ""))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a tampered file's value can be huge)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _describe_key(key: tuple) -> str:
+    return "/".join(str(v) for v in key[:4]) + f"/seed {key[4]}"
+
+
+def _check_cell(path: Path, i: int, cell: Any) -> tuple:
+    """A baseline cell checked like a run record: string names, a non-negative integer seed, each metric a finite
+    fraction in [0, 1]; its key. A one-line ValueError naming the file, the cell and the field otherwise."""
+    if not isinstance(cell, dict):
+        raise ValueError(f"{path}: cell {i} is not a mapping (got {_short(cell)})")
+    missing = [k for k in (*KEY_FIELDS, *METRICS) if k not in cell]
+    if missing:
+        raise ValueError(f"{path}: cell {i} is missing {', '.join(missing)}")
+    for name in KEY_FIELDS[:4]:
+        if not isinstance(cell[name], str) or not cell[name]:
+            raise ValueError(f"{path}: cell {i}: field {name!r} must be a non-empty string, got {_short(cell[name])}")
+    where = f"{path}: cell {i} ({'/'.join(cell[n] for n in KEY_FIELDS[:4])})"
+    seed = cell["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"{where}: field 'seed' must be a non-negative integer, got {_short(seed)}")
+    for m in METRICS:
+        v = cell[m]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1):
+            raise ValueError(f"{where}: field {m!r} must be a finite fraction in [0, 1], got {_short(v)}")
+    for name in ("checkpoint_sha256", "defense_config_sha256"):
+        if cell.get(name) is not None and not isinstance(cell[name], str):
+            raise ValueError(f"{where}: field {name!r} must be a string, got {_short(cell[name])}")
+    return tuple(cell[n] for n in KEY_FIELDS)
 
 
 def read_baseline(path: str | Path) -> list[dict]:

@@ -8,27 +8,37 @@ marked. Higher is better for ACC, RA and DER; lower for ASR.
 
 from __future__ import annotations
 
+import csv
 import html as _html
-import json
+import io
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ..io import save_figure
-from .records import RunRecord, read_record
+from ..io import plain_text_plots, save_figure
+from .records import RunRecord, read_record, read_record_json
 
-__all__ = ["load_records", "records_frame", "comparison_table", "format_table", "METRICS", "HIGHER_IS_BETTER",
-           "plot_acc_vs_asr", "oracle_table"]
+__all__ = ["load_records", "unreadable_line", "latex_escape", "csv_safe", "records_frame", "comparison_table",
+           "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
 DEFENSE_ORDER = ["none", "otbr", "clp", "fp", "anp"]
 
 
-def load_records(folder: str | Path) -> list[RunRecord]:
-    """Every run record (JSON with a ``schema_version``) under ``folder``, recursively, sorted by key."""
+def _looks_like_record(path: Path) -> bool:
+    """A file the grid would have written as a run record (in a ``records/`` folder or named like one)."""
+    return path.parent.name == "records" or bool(re.search(r"__seed\d+\.json$", path.name))
+
+
+def load_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None = None) -> list[RunRecord]:
+    """Every run record (JSON with a ``schema_version``) under ``folder``, recursively, sorted by key.
+
+    ``unreadable``: when given, gets (path, reason) for each file that should be a record (in a ``records/`` folder
+    or named like one) but cannot be read as JSON, so callers can say what is missing from a table."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder of run records")
@@ -38,9 +48,13 @@ def load_records(folder: str | Path) -> list[RunRecord]:
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = read_record_json(path)
+        except ValueError as err:
+            if unreadable is not None and _looks_like_record(path):
+                unreadable.append((path, str(err).removeprefix(f"{path}: ")[:160]))
             continue
+        if unreadable is not None and not isinstance(data, dict) and _looks_like_record(path):
+            unreadable.append((path, f"not a JSON object ({type(data).__name__})"))
         if isinstance(data, dict) and "schema_version" in data and "checkpoint_sha256" in data:
             record = read_record(path)
             key = record.key()
@@ -54,6 +68,14 @@ def load_records(folder: str | Path) -> list[RunRecord]:
     return sorted(records, key=lambda r: r.key())
 
 
+def unreadable_line(unreadable: Sequence[tuple[Path, str]]) -> str:
+    """One stderr line naming the record files that could not be read (empty when none)."""
+    if not unreadable:
+        return ""
+    return (f"warning: {len(unreadable)} record file(s) could not be read and are not in the table: "
+            + "; ".join(f"{p} ({why})" for p, why in unreadable))
+
+
 def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per successful record: dataset, model, attack, defense, seed and the after-defense metrics."""
     rows = []
@@ -65,7 +87,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", *METRICS])
 
 
-def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     vals = list(dict.fromkeys(values))
     return sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), v))
 
@@ -73,7 +95,10 @@ def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
 def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METRICS) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(mean, std) frames in percent; rows = attacks + "average", columns = (defense, metric).
 
-    std is NaN where a cell has a single seed. The "average" row is the mean over attacks of the per-attack means.
+    std is NaN where a cell has a single seed. The "average" row is the mean over attacks of the per-attack means,
+    over the attacks every defense has a result for: when some defense lacks an attack (a failed or unreadable
+    record), the row says so in its label, "average (k of n attacks every defense has)", so no defense's average
+    is taken over a different set of attacks than another's.
     """
     df = records_frame(records)
     if df.empty:
@@ -83,17 +108,20 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     grouped = df.groupby(["attack", "defense"])[list(metrics)]
     mean = grouped.mean().mul(100).unstack("defense")
     std = grouped.std(ddof=1).mul(100).unstack("defense")
-    defenses = _ordered(df["defense"], DEFENSE_ORDER)
-    attacks = _ordered(df["attack"], [])
+    defenses = ordered(df["defense"], DEFENSE_ORDER)
+    attacks = ordered(df["attack"], [])
     cols = pd.MultiIndex.from_tuples([(d, m) for d in defenses for m in metrics], names=["defense", "metric"])
     mean = mean.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
     std = std.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
-    mean.loc["average"] = mean.mean(axis=0, skipna=True)
-    std.loc["average"] = np.nan
+    complete = [a for a in attacks if mean.loc[a].notna().all()]
+    label = ("average" if len(complete) == len(attacks)
+             else f"average ({len(complete)} of {len(attacks)} attacks every defense has)")
+    mean.loc[label] = mean.loc[complete].mean(axis=0) if complete else np.nan
+    std.loc[label] = np.nan
     return mean, std
 
 
-def _best_mask(mean: pd.DataFrame) -> pd.DataFrame:
+def best_mask(mean: pd.DataFrame) -> pd.DataFrame:
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
     defenses = [d for d in mean.columns.get_level_values(0).unique() if d != "none"]
     for metric in mean.columns.get_level_values(1).unique():
@@ -107,24 +135,47 @@ def _best_mask(mean: pd.DataFrame) -> pd.DataFrame:
     return mask
 
 
-def _cell(m: float, s: float) -> str:
+def format_cell(m: float, s: float) -> str:
     if pd.isna(m):
         return "-"
     return f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
+
+
+_LATEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_", "{": "\\{",
+          "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` as literal LaTeX text: every special character (``\\ & % $ # _ { } ~ ^``) escaped, newlines as spaces
+    (labels come from records: they must not become commands)."""
+    return "".join(_LATEX.get(c, " " if c in "\r\n" else c) for c in str(text))
+
+
+def csv_safe(value: str) -> str:
+    """A CSV field that a spreadsheet shows as text: one starting with ``= + - @`` (a formula such as
+    ``=HYPERLINK(...)``), a tab or a carriage return gets a leading ``'``, unless it is a plain number."""
+    text = str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(text.rstrip("*"))
+            return text
+        except ValueError:
+            return "'" + text
+    return text
 
 
 def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
     """Render the comparison table as ``md``, ``csv``, ``latex`` or ``html``."""
     if fmt not in ("md", "csv", "latex", "html"):
         raise ValueError(f"format must be one of md, csv, latex, html; got {fmt!r}")
-    best = _best_mask(mean)
+    best = best_mask(mean)
     mark = {"md": "**{}**", "csv": "{}*", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}[fmt]
     header = [f"{d} {m.upper()}" for d, m in mean.columns]
     body = []
     for attack in mean.index:
         row = []
         for col in mean.columns:
-            text = _cell(mean.at[attack, col], std.at[attack, col])
+            text = format_cell(mean.at[attack, col], std.at[attack, col])
             if fmt == "latex":
                 text = text.replace("±", "$\\pm$")
             if fmt == "html":
@@ -132,18 +183,19 @@ def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
             row.append(mark.format(text) if best.at[attack, col] else text)
         body.append((str(attack), row))
     if fmt == "csv":
-        lines = [",".join(["attack", *header])]
-        lines += [",".join([a, *row]) for a, row in body]
-        return "\n".join(lines) + "\n"
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([csv_safe(v) for v in ["attack", *header]])
+        writer.writerows([csv_safe(v) for v in [a, *row]] for a, row in body)
+        return buf.getvalue()
     if fmt == "md":
         lines = ["| attack | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
         lines += ["| " + " | ".join([a, *row]) + " |" for a, row in body]
         return "\n".join(lines) + "\n"
     if fmt == "latex":
-        esc = lambda s: s.replace("_", "\\_")  # noqa: E731
         lines = ["\\begin{tabular}{l" + "r" * len(header) + "}", "\\toprule",
-                 " & ".join(["attack", *map(esc, header)]) + " \\\\", "\\midrule"]
-        lines += [" & ".join([esc(a), *row]) + " \\\\" for a, row in body]
+                 " & ".join(["attack", *map(latex_escape, header)]) + " \\\\", "\\midrule"]
+        lines += [" & ".join([latex_escape(a), *row]) + " \\\\" for a, row in body]
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
     lines = ["<table>", "<tr><th>attack</th>" + "".join(f"<th>{_html.escape(h)}</th>" for h in header) + "</tr>"]
@@ -154,14 +206,12 @@ def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
 
 def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str = "") -> Path:
     """Scatter of clean ACC against ASR after defense, one colour per defense, one point per attack x seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plain_text_plots()
     import matplotlib.pyplot as plt
 
     df = records_frame(records)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for defense in _ordered(df["defense"], DEFENSE_ORDER):
+    for defense in ordered(df["defense"], DEFENSE_ORDER):
         sub = df[df["defense"] == defense]
         ax.scatter(sub["asr"] * 100, sub["acc"] * 100, label=defense, s=40, alpha=0.8)
         for _, row in sub.iterrows():
@@ -184,7 +234,19 @@ def oracle_table(folder: str | Path) -> str:
     files = sorted(Path(folder).rglob("oracle_sweep_*.csv"))
     if not files:
         return ""
-    frames = [pd.read_csv(f) for f in files]
+    frames = []
+    for f in files:
+        try:
+            frame = pd.read_csv(f)
+            for c in ("acc", "asr", "ra", "der"):
+                if c in frame:
+                    frame[c] = pd.to_numeric(frame[c], errors="raise")
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, pd.errors.ParserError) as err:
+            why = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise ValueError(f"{f}: not a readable oracle sweep CSV ({why}); "
+                             "expected the CSV `otbr-bench bench`/`defend --sweep` writes, with numeric acc/asr/ra/der "
+                             "columns") from None
+        frames.append(frame)
     df = pd.concat(frames, ignore_index=True)
     keep = [c for c in df.columns if c not in ("diagnostic", "defense_seconds")]
     df = df[keep]

@@ -17,7 +17,9 @@ import datetime as _dt
 import html
 import io
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from .records import RunRecord
+from ..io import is_inside, plain_text_plots, read_regular
 from ..io import write_text as write_text_atomic
-from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, _best_mask, _cell, _ordered, comparison_table,
+from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, best_mask, format_cell, ordered, comparison_table,
                      load_records)
 
 __all__ = ["Section", "render_page", "records_sections", "render_report", "write_report", "find_diagnose_dirs",
@@ -37,6 +40,7 @@ ORACLE_TITLE = "ORACLE DIAGNOSTIC — scored on the test set, never the reported
 ARROW = {True: "↑", False: "↓"}
 # one colour per defense, the same in every plot (tab10 order; "none" is grey)
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+_MAX_READ_BYTES = 32 << 20  # a diagnose file larger than this is not embedded
 _MAX_EMBED_BYTES = 120_000  # a diagnose PNG larger than this is downscaled before it is embedded
 
 CSS = """
@@ -108,9 +112,7 @@ def _img(data: bytes, alt: str) -> str:
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plain_text_plots()
     import matplotlib.pyplot as plt
 
     return plt
@@ -152,7 +154,7 @@ def _groups(records: Sequence[RunRecord]) -> list[tuple[str, str, list[RunRecord
 def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS) -> str:
     """The comparison table (percent, mean ± std over seeds) with the best defense per attack and metric marked."""
     mean, std = comparison_table(records, metrics)
-    best = _best_mask(mean)
+    best = best_mask(mean)
     defenses = list(dict.fromkeys(mean.columns.get_level_values(0)))
     head1 = '<tr><th rowspan="2">attack</th>' + "".join(
         f'<th class="defense{" nodef" if d == "none" else ""}" colspan="{len(metrics)}">'
@@ -166,8 +168,8 @@ def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS) -
             cls = "best" if best.at[attack, (d, m)] else ("nodef" if d == "none" else "")
             title = f"{d} {m.upper()} on {attack}" + (" (best)" if cls == "best" else "")
             cells.append(f'<td class="{cls}" data-defense="{_e(d)}" data-metric="{m}" title="{_e(title)}">'
-                         f"{_e(_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)]))}</td>")
-        cls = ' class="average"' if attack == "average" else ""
+                         f"{_e(format_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)]))}</td>")
+        cls = ' class="average"' if str(attack).startswith("average") else ""
         rows.append(f'<tr{cls} data-attack="{_e(attack)}"><td>{_e(attack)}</td>{"".join(cells)}</tr>')
     return (f'<div class="scroll"><table class="comparison">{head1}{head2}{"".join(rows)}</table></div>')
 
@@ -180,7 +182,7 @@ def _findings(records: Sequence[RunRecord]) -> str:
         return ""
     g = df.groupby(["attack", "defense"])[["acc", "asr", "ra", "der"]].mean().reset_index()
     items = []
-    for attack in _ordered(g["attack"], []):
+    for attack in ordered(g["attack"], []):
         sub = g[g["attack"] == attack].sort_values("der", ascending=False)
         top = sub.iloc[0]
         base = _frame([r for r in records if r.attack_name == attack and r.defense == "none"])
@@ -197,9 +199,9 @@ def scatter_html(records: Sequence[RunRecord]) -> str:
     df = _frame(records)
     if df.empty:
         return ""
-    defenses = [d for d in _ordered(df["defense"], DEFENSE_ORDER) if d != "none"] or ["none"]
-    colors = _colors(_ordered(df["defense"], DEFENSE_ORDER))
-    attacks = _ordered(df["attack"], [])
+    defenses = [d for d in ordered(df["defense"], DEFENSE_ORDER) if d != "none"] or ["none"]
+    colors = _colors(ordered(df["defense"], DEFENSE_ORDER))
+    attacks = ordered(df["attack"], [])
     markers = "osD^vP*Xh"
     g = df.groupby(["attack", "defense"]).agg(acc=("acc", "mean"), asr=("asr", "mean"), acc_sd=("acc", "std"),
                                               asr_sd=("asr", "std"), acc0=("acc_before", "mean"),
@@ -249,9 +251,9 @@ def bars_html(records: Sequence[RunRecord]) -> str:
     df = _frame(records)
     if df.empty:
         return ""
-    defenses = _ordered(df["defense"], DEFENSE_ORDER)
+    defenses = ordered(df["defense"], DEFENSE_ORDER)
     colors = _colors(defenses)
-    attacks = _ordered(df["attack"], [])
+    attacks = ordered(df["attack"], [])
     mean = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].mean()
     std = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].std()
     ncol = min(4, len(attacks))
@@ -285,7 +287,7 @@ def bars_html(records: Sequence[RunRecord]) -> str:
 # --------------------------------------------------------------------------------------------- oracle
 def oracle_html(folder: Path, records: Sequence[RunRecord]) -> str:
     """The oracle sweeps (``oracle_sweep_<key>.csv``) under ``folder``: one plot panel per sweep and the table."""
-    files = sorted(folder.rglob("oracle_sweep_*.csv"))
+    files = sorted(f for f in folder.rglob("oracle_sweep_*.csv") if embeddable(f, folder))
     if not files:
         return ""
     plt = _pyplot()
@@ -344,11 +346,20 @@ def oracle_html(folder: Path, records: Sequence[RunRecord]) -> str:
 # ------------------------------------------------------------------------------------------- diagnose
 def find_diagnose_dirs(folder: Path) -> list[Path]:
     """Folders written by ``otbr-bench diagnose`` under ``folder``: ``diagnose*/`` (recursively) holding a
-    ``summary.md``."""
+    ``summary.md`` that :func:`embeddable` (inside ``folder``, symlinks resolved; a regular file)."""
     out = []
-    for d in sorted(p for p in folder.glob("diagnose*") if p.is_dir()):
-        out += sorted({s.parent for s in d.rglob("summary.md")})
+    for d in sorted(p for p in folder.glob("diagnose*") if p.is_dir() and is_inside(p, folder)):
+        out += sorted({s.parent for s in d.rglob("summary.md") if embeddable(s, folder)})
     return out
+
+
+def embeddable(path: Path, folder: Path) -> bool:
+    """Whether the report may embed ``path``: a regular file (not a FIFO or device) whose resolved location is
+    inside ``folder``, so a symlink planted in a results folder cannot pull a private file into the page."""
+    try:
+        return is_inside(path, folder) and stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _inline_md(text: str) -> str:
@@ -412,8 +423,8 @@ def markdown_html(text: str) -> str:
     return f'<div class="md">{"".join(out)}</div>'
 
 
-def _embed_png(path: Path) -> str:
-    data = path.read_bytes()
+def _embed_png(path: Path, folder: Path) -> str:
+    data = read_regular(path, _MAX_READ_BYTES, inside=folder)
     if len(data) > _MAX_EMBED_BYTES:
         try:
             from PIL import Image
@@ -433,9 +444,12 @@ def diagnose_html(folder: Path) -> str:
     parts = []
     for d in find_diagnose_dirs(folder):
         rel = d.relative_to(folder)
-        summary = (d / "summary.md").read_text(encoding="utf-8", errors="replace")
-        pngs = "".join(f"<figure>{_embed_png(p)}<figcaption class=note>{_e(p.name)}</figcaption></figure>"
-                       for p in sorted(d.glob("*.png")))
+        try:
+            summary = read_regular(d / "summary.md", _MAX_READ_BYTES, inside=folder).decode("utf-8", "replace")
+            pngs = "".join(f"<figure>{_embed_png(p, folder)}<figcaption class=note>{_e(p.name)}</figcaption></figure>"
+                           for p in sorted(d.glob("*.png")) if embeddable(p, folder))
+        except (OSError, ValueError):  # changed under us, or too big: not embedded
+            continue
         parts.append(f"<h3>{_e(rel)}</h3>{markdown_html(summary)}{pngs}")
     return "".join(parts)
 
@@ -484,7 +498,7 @@ def provenance_html(records: Sequence[RunRecord]) -> str:
                  "<th>model sha256</th><th>model</th><th>before defense (%)</th></tr>" + rows + "</table></div>")
 
     cell_rows = []
-    order = {d: i for i, d in enumerate(_ordered((r.defense for r in records), DEFENSE_ORDER))}
+    order = {d: i for i, d in enumerate(ordered((r.defense for r in records), DEFENSE_ORDER))}
     for r in sorted(records, key=lambda r: (r.attack_name, order[r.defense], r.seed)):
         sec = r.seconds or {}
         status = f'<span class="badge {_e(r.status)}">{_e(r.status)}</span>'
@@ -531,8 +545,10 @@ def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
             f"<nav>{nav}</nav><main>{body}</main></body></html>\n")
 
 
-def records_sections(records: Sequence[RunRecord], folder: Path | None = None) -> list[Section]:
-    """The report's sections for a set of run records (and, with ``folder``, its diagnose and oracle outputs)."""
+def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
+                     unreadable: Sequence[tuple[Path, str]] = ()) -> list[Section]:
+    """The report's sections for a set of run records (and, with ``folder``, its diagnose and oracle outputs);
+    ``unreadable``: record files that could not be read (listed under "Failed cells")."""
     ok = [r for r in records if r.status == "ok"]
     sections = []
     multi = len(_groups(ok)) > 1
@@ -556,8 +572,9 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None) -
                                 "<p class=note>After-defense metrics per attack, one bar per defense (± std over "
                                 "seeds).</p>" + bars_html(recs)))
     failed = [r for r in records if r.status != "ok"]
-    if failed:
+    if failed or unreadable:
         items = "".join(f"<li>{_e(r.attack_name)}/{_e(r.defense)}/seed{r.seed}: {_e(r.error)}</li>" for r in failed)
+        items += "".join(f"<li>unreadable record <code>{_e(p)}</code>: {_e(why)}</li>" for p, why in unreadable)
         sections.append(Section("failed", "Failed cells", f"<p>Not in the table:</p><ul>{items}</ul>"))
     if folder is not None:
         diag = diagnose_html(folder)
@@ -572,28 +589,36 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None) -
     return sections
 
 
-def render_report(folder: str | Path, title: str | None = None) -> str:
-    """The HTML report for the run records under ``folder`` (as a string)."""
+def render_report(folder: str | Path, title: str | None = None,
+                  unreadable: list[tuple[Path, str]] | None = None) -> str:
+    """The HTML report for the run records under ``folder`` (as a string). Record files that cannot be read are
+    listed in its "Failed cells" section and appended to ``unreadable`` when given."""
     root = Path(folder)
-    records = load_records(root)
+    found: list[tuple[Path, str]] = []
+    records = load_records(root, found)
+    if unreadable is not None:
+        unreadable.extend(found)
     if not records:
         raise ValueError(f"{root}: no run records found (expected records/*.json from `otbr-bench bench`)")
     if not any(r.status == "ok" for r in records):
         raise ValueError(f"{root}: every run record failed; nothing to report")
     datasets = ", ".join(dict.fromkeys(r.dataset for r in records))
-    attacks = _ordered((r.attack_name for r in records), [])
-    defenses = _ordered((r.defense for r in records), DEFENSE_ORDER)
+    attacks = ordered((r.attack_name for r in records), [])
+    defenses = ordered((r.defense for r in records), DEFENSE_ORDER)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (f"{_e(datasets)} · {len(attacks)} attack(s): {_e(', '.join(attacks))} · {len(defenses)} defense(s): "
                 f"{_e(', '.join(defenses))} · {len(records)} run record(s) from <code>{_e(root)}</code> · "
                 f"generated {now} by otbr-bench report")
-    return render_page(title or f"Backdoor defense report: {root.name}", subtitle, records_sections(records, root))
+    return render_page(title or f"Backdoor defense report: {root.name}", subtitle,
+                       records_sections(records, root, found))
 
 
-def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
-    """Write the report atomically (temporary file + rename); default ``<folder>/report.html``."""
+def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None,
+                 unreadable: list[tuple[Path, str]] | None = None) -> Path:
+    """Write the report atomically (temporary file + rename); default ``<folder>/report.html``. ``unreadable``: as
+    for :func:`render_report`."""
     target = Path(out) if out else Path(folder) / "report.html"
-    return write_text_atomic(target, render_report(folder, title))  # the io helper keeps the umask mode
+    return write_text_atomic(target, render_report(folder, title, unreadable))  # the io helper keeps the umask mode
 
 
 # ----------------------------------------------------------------------------------------- leaderboard

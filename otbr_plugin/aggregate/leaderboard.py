@@ -124,6 +124,14 @@ def validate_submission(data: Any, name: str = "submission") -> list[str]:
         for k, typ in ENTRY_FIELDS.items():
             if k in e and (not isinstance(e[k], typ) or isinstance(e[k], bool)):
                 problems.append(f"{where}.{k}: wrong type {type(e[k]).__name__}")
+        names_ok = True
+        for k in ("model", "attack"):  # the schema requires {"name": <non-empty string>}
+            if isinstance(e.get(k), dict) and not (isinstance(e[k].get("name"), str) and e[k]["name"].strip()):
+                problems.append(f"{where}.{k}.name: missing or not a non-empty string")
+                names_ok = False
+        for k in ("dataset", "defense"):
+            if isinstance(e.get(k), str) and not e[k].strip():
+                problems.append(f"{where}.{k}: empty")
         sha = e.get("checkpoint_sha256")
         if isinstance(sha, str):
             if not SHA256.match(sha):
@@ -142,8 +150,9 @@ def validate_submission(data: Any, name: str = "submission") -> list[str]:
                                                         BackdoorMetrics(a["acc"], a["asr"], a["ra"]))
                 if abs(expected - der) > 1e-6:
                     problems.append(f"{where}.der: {der:.6f} does not follow from the metrics ({expected:.6f})")
-        if all(k in e for k in ("dataset", "model", "attack", "defense", "seed")) and isinstance(e["model"], dict) \
-                and isinstance(e["attack"], dict):
+        if names_ok and all(isinstance(e.get(k), t) for k, t in (("dataset", str), ("model", dict), ("attack", dict),
+                                                                ("defense", str), ("seed", int))) \
+                and isinstance(e.get("checkpoint_sha256", ""), str):
             key = (e["dataset"], e["model"].get("name"), e["attack"].get("name"), e["defense"], e["seed"],
                    e.get("checkpoint_sha256"))
             if key in seen:
@@ -159,8 +168,10 @@ def load_submission(path: str | Path) -> dict:
     p = Path(path)
     try:
         data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SubmissionError(str(p), [f"not readable JSON ({err})"]) from err
+    except RecursionError:
+        raise SubmissionError(str(p), ["not a submission (JSON nested too deeply)"]) from None
     problems = validate_submission(data, str(p))
     if problems:
         raise SubmissionError(str(p), problems)
