@@ -532,3 +532,22 @@ def test_bundle_files_follow_the_umask(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert set(modes) == {"meta.json", "model.safetensors", "bd_test.safetensors", "extra.safetensors"}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_oracle_table_refuses_a_fifo_and_a_symlink_out_of_the_folder(tmp_path):
+    """`table`/`bench` read oracle sweeps as untrusted files: a FIFO named like one must not block."""
+    import os
+
+    from otbr_plugin.aggregate.tables import oracle_table
+
+    oracle = tmp_path / "oracle" / "badnets__otbr__seed0"
+    oracle.mkdir(parents=True)
+    os.mkfifo(oracle / "oracle_sweep_gamma.csv")
+    with pytest.raises(ValueError, match="oracle_sweep_gamma.csv.*(FIFO|regular)"):
+        oracle_table(tmp_path / "oracle")
+    (oracle / "oracle_sweep_gamma.csv").unlink()
+    secret = tmp_path / "secret.csv"
+    secret.write_text("gamma,acc,asr,ra,der\n0.1,0.5,0.5,0.5,0.5\n")
+    (oracle / "oracle_sweep_gamma.csv").symlink_to(secret)
+    with pytest.raises(ValueError, match="oracle_sweep_gamma.csv"):
+        oracle_table(tmp_path / "oracle")

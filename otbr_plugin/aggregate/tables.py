@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..io import plain_text_plots, save_figure
+from ..io import plain_text_plots, read_regular, save_figure
 from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "unreadable_line", "latex_escape", "csv_safe", "records_frame", "comparison_table",
@@ -228,6 +228,10 @@ def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str =
     return out
 
 
+MAX_ORACLE_CSV_BYTES = 8 * 2**20
+"""An oracle sweep CSV holds a row per swept value: a few KiB; anything near this bound is not one."""
+
+
 def oracle_table(folder: str | Path) -> str:
     """The oracle sweeps under ``folder`` (CSV files written by the grid or ``defend --sweep``), kept apart from
     the comparison table and labelled: they are scored on the test set and never chose a reported result."""
@@ -236,8 +240,8 @@ def oracle_table(folder: str | Path) -> str:
         return ""
     frames = []
     for f in files:
-        try:
-            frame = pd.read_csv(f)
+        try:  # a regular file inside the folder, bounded: a FIFO or a symlink out of it is refused, never read
+            frame = pd.read_csv(io.BytesIO(read_regular(f, MAX_ORACLE_CSV_BYTES, inside=folder)))
             for c in ("acc", "asr", "ra", "der"):
                 if c in frame:
                     frame[c] = pd.to_numeric(frame[c], errors="raise")
