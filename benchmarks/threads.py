@@ -4,7 +4,7 @@ The workload is what a benchmark cell spends its time on: evaluation (:func:`otb
 few SGD steps of preactresnet18 (``--width``) on 1x28x28 random images. Each setting runs in a fresh process
 (torch's thread pool is fixed per process) that resolves its threads through ``RunSettings`` exactly as the CLI
 does, alternating settings over ``--repeats`` rounds. The competing load is ``--load`` busy-looping processes of
-this benchmark's own, started ``--settle`` seconds before the first round so the 1-minute load average sees them.
+this benchmark's own, started ``--settle`` seconds before the first round.
 Prints wall and CPU seconds per setting (median over rounds) and the ratio of ``auto`` to the best fixed setting;
 nothing is asserted. Run it on a machine with nothing else going on (the printed load average says whether it was):
 
@@ -67,15 +67,15 @@ def main() -> None:
     p.add_argument("--load", type=int, nargs="+", default=[0, 1], help="competing busy processes per scenario")
     p.add_argument("--fixed", nargs="+", default=None, help="fixed thread counts (default: 1..usable CPUs)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--settle", type=float, default=70.0, help="seconds between starting a load and timing")
+    p.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    from otbr_plugin.runtime import usable_cpus
+    from otbr_plugin.runtime import busy_cpus, usable_cpus
 
     fixed = args.fixed or [str(n) for n in range(1, usable_cpus() + 1)]
-    print(f"usable CPUs {usable_cpus()}, load average now {os.getloadavg()[0]:.2f}; workload: {args.steps} SGD steps "
+    print(f"usable CPUs {usable_cpus()}, busy now {busy_cpus():.2f}, load average {os.getloadavg()[0]:.2f}; workload: {args.steps} SGD steps "
           f"(batch 128) + predict on {args.images} images, preactresnet18 width {args.width}")
     for n_load in args.load:
         spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(n_load)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["RunSettings", "resolve_device", "seed_everything", "autocast_context", "usable_cpus", "auto_threads",
+__all__ = ["RunSettings", "resolve_device", "seed_everything", "autocast_context", "usable_cpus", "busy_cpus", "auto_threads",
            "parse_threads"]
 
 
@@ -72,19 +72,64 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, cpus)
 
 
+def _cpu_times(stat_path: Path, cpus: set[int] | None) -> dict[int, tuple[int, int]]:
+    """(busy, total) jiffies of each CPU line of ``/proc/stat`` (only ``cpus`` when given)."""
+    out = {}
+    for line in stat_path.read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+            continue
+        index = int(name[3:])
+        if cpus is not None and index not in cpus:
+            continue
+        values = [int(v) for v in fields[:8]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        out[index] = (sum(values) - idle, sum(values))
+    return out
+
+
+def busy_cpus(sample_s: float = 0.25, stat_path: Path = Path("/proc/stat")) -> float | None:
+    """How many of this process's CPUs other processes keep busy *now*: the busy share of each CPU over
+    ``sample_s`` seconds of ``/proc/stat`` (this process sleeps meanwhile), summed; None where unreadable.
+
+    The 1-minute load average lags: it still counts a job that ended seconds ago (e.g. the previous command),
+    and takes a minute to see one that just started."""
+    import time
+
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = None
+    try:
+        before = _cpu_times(stat_path, cpus)
+        time.sleep(sample_s)
+        after = _cpu_times(stat_path, cpus)
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for index, (b1, t1) in after.items():
+        b0, t0 = before.get(index, (b1, t1))
+        if t1 > t0:
+            busy += min(1.0, max(0.0, (b1 - b0) / (t1 - t0)))
+    return busy if after else None
+
+
 def auto_threads(workers: int = 1, *, cpus: int | None = None, load: float | None = None,
                  env: dict[str, str] | None = None) -> tuple[int, str]:
     """Torch CPU threads per process that never oversubscribe the machine, and why.
 
     An explicit ``OMP_NUM_THREADS`` wins (the user's choice). Otherwise: the usable CPUs (affinity, cgroup
-    quota) less the CPUs other processes keep busy (1-minute load average, rounded), at least 1, divided
-    among ``workers`` processes. OpenMP threads that wait for a CPU held by another process spin at the
-    next barrier, so on a busy machine fewer threads are faster, not only fairer."""
+    quota) less the CPUs other processes keep busy (``load``; measured by :func:`busy_cpus`, or the 1-minute
+    load average where ``/proc/stat`` cannot be read), rounded, at least 1, divided among ``workers``
+    processes. OpenMP threads that wait for a CPU held by another process spin at the next barrier, so on a
+    busy machine fewer threads are faster, not only fairer."""
     env = os.environ if env is None else env
     given = env.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) >= 1:
         return max(1, int(given) // max(1, workers)), f"OMP_NUM_THREADS={given}"
     cpus = usable_cpus() if cpus is None else cpus
+    if load is None:
+        load = busy_cpus()
     if load is None:
         try:
             load = os.getloadavg()[0]
@@ -92,7 +137,7 @@ def auto_threads(workers: int = 1, *, cpus: int | None = None, load: float | Non
             load = 0.0
     free = max(1, min(cpus, cpus - int(load + 0.5)))
     per_worker = max(1, free // max(1, workers))
-    why = f"{cpus} usable CPU(s), load {load:.1f}" + (f", {workers} workers" if workers > 1 else "")
+    why = f"{cpus} usable CPU(s), {load:.1f} busy" + (f", {workers} workers" if workers > 1 else "")
     return per_worker, why
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from otbr_plugin.commands import add_run_arguments, run_settings
-from otbr_plugin.runtime import RunSettings, _cgroup_cpu_limit, auto_threads, parse_threads, usable_cpus
+from otbr_plugin.runtime import (RunSettings, _cgroup_cpu_limit, auto_threads, busy_cpus, parse_threads,
+                                 usable_cpus)
 
 
 @pytest.mark.parametrize("cpus,load,workers,expected", [
@@ -23,7 +24,7 @@ from otbr_plugin.runtime import RunSettings, _cgroup_cpu_limit, auto_threads, pa
 def test_auto_threads_rule(cpus, load, workers, expected):
     threads, why = auto_threads(workers, cpus=cpus, load=load, env={})
     assert threads == expected
-    assert f"{cpus} usable" in why and f"load {load:.1f}" in why
+    assert f"{cpus} usable" in why and f"{load:.1f} busy" in why
 
 
 def test_omp_num_threads_wins_over_auto():
@@ -94,3 +95,20 @@ def test_records_carry_the_thread_count():
         assert library_versions()["torch_threads"] == "1"
     finally:
         torch.set_num_threads(old)
+
+
+def test_busy_cpus_reads_the_share_of_each_cpu_busy_over_the_sample(tmp_path, monkeypatch):
+    """Two /proc/stat readings 0 s apart (the file is swapped between them): cpu0 fully busy, cpu1 idle."""
+    import otbr_plugin.runtime as runtime
+
+    stat = tmp_path / "stat"
+    first = "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 100 0 0 0 0\ncpu1 50 0 0 150 0 0 0 0\nintr 1\n"
+    second = "cpu  0 0 0 0 0 0 0 0\ncpu0 200 0 0 100 0 0 0 0\ncpu1 50 0 0 250 0 0 0 0\nintr 1\n"
+    stat.write_text(first)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("time.sleep", lambda s: stat.write_text(second))
+    assert busy_cpus(0.0, stat) == 1.0
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {1})  # only CPUs this process may use
+    stat.write_text(first)
+    assert busy_cpus(0.0, stat) == 0.0
+    assert busy_cpus(0.0, tmp_path / "absent") is None
