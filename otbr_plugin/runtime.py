@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 

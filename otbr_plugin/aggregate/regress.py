@@ -63,12 +63,7 @@ class Tolerance:
 
 
 def _check_value(name: str, fld: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{fld} tolerance for {name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{fld} tolerance for {name} must be a finite number >= 0, got {v}")
+    v = _check_std_factor(value, f"{fld} tolerance for {name}")
     if fld == "absolute" and v > 1:
         raise ValueError(f"absolute tolerance for {name} must be a fraction in [0, 1], got {v}")
     return v
@@ -168,6 +163,7 @@ def layer_from_mapping(data: Mapping[str, Any], where: str = "tolerances") -> di
 
 
 def _check_std_factor(value: Any, where: str = "--std-factor") -> float:
+    """``value`` as a finite number >= 0 (a std factor or a tolerance); ValueError naming ``where`` otherwise."""
     try:
         k = float(value)
     except (TypeError, ValueError):
