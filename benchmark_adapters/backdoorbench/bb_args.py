@@ -39,6 +39,8 @@ _TYPES: dict[str, Callable[[Any], Any]] = {
     "acc_ratio": float, "once_prune_ratio": float, "print_every": int, "nb_iter": int, "anp_eps": float,
     "anp_steps": int, "anp_alpha": float, "pruning_by": str, "pruning_max": float, "pruning_step": float,
     "pruning_number": float, "u": float, "u_min": float, "u_max": float, "u_num": float,
+    "te_epochs": int, "beta1": float, "beta2": float, "beta3": float, "p": float, "momentum": float,
+    "weight_decay": float, "teacher_model_loc": str,
 }
 _SHORT = {"pin_memory": "-pm", "non_blocking": "-nb", "prefetch": "-pf"}
 
@@ -58,6 +60,11 @@ _MAPPED: dict[str, dict[str, str]] = {
             "pruning_step": "pruning_step"},
     "clp": {"u": "u"},
     "otbr": {},
+    "ep": {"u": "u"},
+    "ft": {"epochs": "epochs", "lr": "lr", "sgd_momentum": "momentum", "wd": "weight_decay"},
+    # BackdoorBench's nad.py trains teacher and student with SGD(lr, sgd_momentum, wd); it declares momentum and
+    # weight_decay but never reads them, and runs te_epochs for both (its `epochs` is unused)
+    "nad": {"te_epochs": "teacher_epochs", "lr": "lr", "sgd_momentum": "momentum", "wd": "weight_decay", "p": "p"},
 }
 # keys BackdoorBench's script for that defense declares but does not use (ANP's mask SGD hard-codes momentum 0.9;
 # CLP is data-free: its batch size only sizes test loaders)
@@ -67,9 +74,15 @@ _UNUSED: dict[str, tuple[str, ...]] = {
             "sgd_momentum", "wd", "print_every"),
     "clp": _TRAINING,
     "otbr": _TRAINING,
+    "ep": _TRAINING,
+    "ft": ("steplr_stepsize", "steplr_gamma", "steplr_milestones", "index"),
+    "nad": ("epochs", "lr_scheduler", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "momentum",
+            "weight_decay"),
 }
 _SPECIAL = {"fp": ("client_optimizer", "lr_scheduler", "index"), "anp": ("nb_iter", "pruning_number", "index"),
-            "clp": ("u_min", "u_max", "u_num", "index"), "otbr": ("index",)}
+            "clp": ("u_min", "u_max", "u_num", "index"), "otbr": ("index",),
+            "ep": ("u_min", "u_max", "u_num", "index"), "ft": ("client_optimizer", "lr_scheduler", "index"),
+            "nad": ("client_optimizer", "index", "beta1", "beta2", "beta3", "teacher_model_loc")}
 
 
 def bb_flags(defense: str) -> dict[str, Callable[[Any], Any]]:
@@ -91,7 +104,9 @@ def bb_help(defense: str, key: str) -> str:
                "index": "must be empty: the clean subset comes from --ratio and --random_seed",
                "client_optimizer": "must be sgd", "lr_scheduler": "must be CosineAnnealingLR",
                "u_min": "with --u_max/--u_num: the u sweep on the TEST set (u_step_df.csv, oracle-labelled)",
-               "u_max": "see --u_min", "u_num": "see --u_min"}
+               "u_max": "see --u_min", "u_num": "see --u_min",
+               "beta1": "with --beta2/--beta3: NAD's --betas (all three needed)", "beta2": "see --beta1",
+               "beta3": "see --beta1", "teacher_model_loc": "must be empty: the teacher is fine-tuned here"}
     if key in _SPECIAL.get(defense, ()):
         return special[key]
     return "accepted and reported as ignored (no effect on the result)"
@@ -153,12 +168,12 @@ def translate_bb(defense: str, raw: dict[str, Any], other_layer: dict[str, Any] 
             out.mapped[key] = ours
         elif key == "client_optimizer":
             if str(value).lower() != "sgd":
-                raise ValueError(f"BackdoorBench's client_optimizer={value!r} is not supported: otbr_fp fine-tunes "
+                raise ValueError(f"BackdoorBench's client_optimizer={value!r} is not supported: otbr_{defense} fine-tunes "
                                  "with SGD (client_optimizer: sgd)")
             out.ignored.append(key)
         elif key == "lr_scheduler":
             if str(value) != "CosineAnnealingLR":
-                raise ValueError(f"BackdoorBench's lr_scheduler={value!r} is not supported: otbr_fp fine-tunes with a "
+                raise ValueError(f"BackdoorBench's lr_scheduler={value!r} is not supported: otbr_{defense} fine-tunes with a "
                                  "cosine schedule (lr_scheduler: CosineAnnealingLR)")
             out.ignored.append(key)
             out.notes.append("lr_scheduler CosineAnnealingLR: ours anneals over all fine-tuning steps, BackdoorBench's "
@@ -180,6 +195,19 @@ def translate_bb(defense: str, raw: dict[str, Any], other_layer: dict[str, Any] 
                              "use --threshold (or --pruning_by number --prune_number N) with --bb_selection false")
         elif key in ("u_min", "u_max", "u_num"):
             out.sweep[key] = _num(key, value, int if key == "u_num" else float)
+        elif key == "teacher_model_loc":
+            if value not in (None, ""):
+                raise ValueError(f"BackdoorBench's teacher_model_loc={value!r} (a saved teacher) is not supported: "
+                                 "the teacher is fine-tuned on the clean subset (--teacher_epochs)")
+            out.ignored.append(key)
+        elif key in ("beta1", "beta2", "beta3"):
+            both = {**(other_layer or {}), **raw}
+            missing = [k for k in ("beta1", "beta2", "beta3") if both.get(k) is None]
+            if missing:
+                raise ValueError(f"BackdoorBench's beta1, beta2 and beta3 go together (NAD's betas, one per attention "
+                                 f"layer); missing {', '.join(missing)}")
+            out.fields["betas"] = [_num(k, both[k], float) for k in ("beta1", "beta2", "beta3")]
+            out.mapped[key] = "betas"
     return out
 
 

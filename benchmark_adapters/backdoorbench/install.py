@@ -21,7 +21,8 @@ __all__ = ["DROPIN_DIR", "DROPIN_DEFENSES", "BB_MARKERS", "check_backdoorbench_r
 
 DROPIN_DIR = Path(__file__).resolve().parent / "dropin"
 # script / config name in the checkout -> registered defense
-DROPIN_DEFENSES = {"otbr": "otbr", "otbr_anp": "anp", "otbr_fp": "fp", "otbr_clp": "clp"}
+DROPIN_DEFENSES = {"otbr": "otbr", "otbr_anp": "anp", "otbr_fp": "fp", "otbr_clp": "clp",
+                   "otbr_ep": "ep", "otbr_ft": "ft", "otbr_nad": "nad"}
 
 
 # what every BackdoorBench checkout holds (files end in .py, folders in /)

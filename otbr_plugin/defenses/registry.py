@@ -16,6 +16,7 @@ __all__ = ["DEFENSES", "register_defense", "get_defense", "create_defense", "lis
 DEFENSES: Registry[type[Defense]] = Registry("defense", builtins={
     "none": "otbr_plugin.defenses.none", "otbr": "otbr_plugin.defenses.otbr", "clp": "otbr_plugin.defenses.clp",
     "fp": "otbr_plugin.defenses.fp", "anp": "otbr_plugin.defenses.anp",
+    "ep": "otbr_plugin.defenses.ep", "ft": "otbr_plugin.defenses.ft", "nad": "otbr_plugin.defenses.nad",
 })
 
 
