@@ -236,3 +236,51 @@ def test_defaults_follow_the_papers():
     assert nad.betas == [500.0, 1000.0, 1000.0] and nad.p == 2.0 and nad.distance == "mse"
     assert (nad.epochs, nad.batch_size, nad.lr, nad.weight_decay, nad.teacher_epochs) == (20, 64, 0.1, 1e-4, 10)
     assert [nad.lr_at(e) for e in (0, 1, 2, 19, 20)] == [0.1, 0.1, 0.01, 0.01, 0.0001]
+
+
+# ---------------------------------------------------------------- BackdoorBench drop-ins and flags
+
+def test_backdoorbench_flags_of_ep_ft_nad():
+    from benchmark_adapters.backdoorbench.bb_args import translate_bb
+
+    nad = translate_bb("nad", {"te_epochs": 3, "beta1": 1, "beta2": 2, "beta3": 3, "lr": 0.01, "sgd_momentum": 0.8,
+                               "wd": 5e-4, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 100, "teacher_model_loc": ""})
+    assert nad.fields == {"teacher_epochs": 3, "betas": [1.0, 2.0, 3.0], "lr": 0.01, "momentum": 0.8,
+                          "weight_decay": 5e-4}
+    assert {"momentum", "weight_decay", "epochs", "teacher_model_loc"} <= set(nad.ignored)  # declared, never read
+    create_defense("nad", nad.fields)  # the translated fields are a valid config
+    with pytest.raises(ValueError, match="beta3"):
+        translate_bb("nad", {"beta1": 1, "beta2": 2})
+    assert translate_bb("nad", {"beta1": 1, "beta2": 2}, {"beta3": 5}).fields["betas"] == [1.0, 2.0, 5.0]
+    with pytest.raises(ValueError, match="teacher_model_loc"):
+        translate_bb("nad", {"teacher_model_loc": "teacher.pt"})
+    ft = translate_bb("ft", {"epochs": 7, "lr": 0.02, "sgd_momentum": 0.9, "wd": 1e-3, "ratio": 0.05})
+    assert ft.fields == {"epochs": 7, "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3}
+    with pytest.raises(ValueError, match="otbr_ft"):
+        translate_bb("ft", {"client_optimizer": "adam"})
+    ep = translate_bb("ep", {"u": 2.5, "u_min": 0, "u_max": 10, "u_num": 21, "epochs": 100})
+    assert ep.fields == {"u": 2.5} and ep.sweep == {"u_min": 0.0, "u_max": 10.0, "u_num": 21} and "epochs" in ep.ignored
+
+
+@pytest.mark.parametrize("save, quick", [("otbr_ep", []), ("otbr_ft", ["--epochs", "1", "--ratio", "0.5"]),
+                                         ("otbr_nad", ["--teacher_epochs", "1", "--epochs", "1", "--ratio", "0.5"])])
+def test_dropin_script_runs_its_defense(tmp_path, save, quick, monkeypatch):
+    import runpy
+    import sys
+
+    from benchmark_adapters.backdoorbench.install import install_dropin
+    from test_backdoorbench import NAME, make_bb_tree
+
+    root = make_bb_tree(tmp_path / "BackdoorBench")["root"]
+    install_dropin(root, defenses=[save], datasets=["mnist"])
+    torch.set_num_threads(1)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "argv", [f"./defense/{save}.py", "--result_file", NAME, "--yaml_path",
+                                      f"./config/defense/{save}/mnist.yaml", "--dataset", "mnist", "--device", "cpu",
+                                      "--progress", "false", *quick])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(root / "defense" / f"{save}.py"), run_name="__main__")
+    assert info.value.code == 0
+    out = root / "record" / NAME / "defense" / save
+    assert set(torch.load(out / "defense_result.pt", weights_only=True)) == {"model_name", "num_classes", "model"}
+    assert (out / f"{save}_df_summary.csv").is_file()
