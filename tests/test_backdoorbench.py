@@ -568,11 +568,15 @@ def test_dropin_script_runs_its_defense(bb, save, monkeypatch):
 
     if DROPIN_DEFENSES[save] not in list_defenses():
         pytest.skip(f"defense {DROPIN_DEFENSES[save]!r} is not in this checkout")
-    root = bb["root"]
-    install_dropin(root, defenses=[save], datasets=["mnist"])
     quick = {"otbr": ["--unlearn_steps", "2"], "otbr_anp": ["--iterations", "3", "--ratio", "0.5"],
              "otbr_fp": ["--epochs", "1", "--ratio", "0.5"], "otbr_clp": []}[save]  # CPU-test sized
-    # the installed script, run as __main__ in this process (the subprocess path is covered above)
+    run_installed_dropin(bb["root"], save, quick, monkeypatch)
+
+
+def run_installed_dropin(root: Path, save: str, quick: list[str], monkeypatch) -> None:
+    """Install the drop-in ``save`` into ``root`` and run it as __main__ in this process (the subprocess path is
+    covered above) with the CPU-test sized flags ``quick``; checks its outputs."""
+    install_dropin(root, defenses=[save], datasets=["mnist"])
     monkeypatch.chdir(root)
     monkeypatch.setattr(sys, "argv", [f"./defense/{save}.py", "--result_file", NAME, "--yaml_path",
                                       f"./config/defense/{save}/mnist.yaml", "--dataset", "mnist", "--device", "cpu",

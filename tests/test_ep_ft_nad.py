@@ -265,22 +265,6 @@ def test_backdoorbench_flags_of_ep_ft_nad():
 @pytest.mark.parametrize("save, quick", [("otbr_ep", []), ("otbr_ft", ["--epochs", "1", "--ratio", "0.5"]),
                                          ("otbr_nad", ["--teacher_epochs", "1", "--epochs", "1", "--ratio", "0.5"])])
 def test_dropin_script_runs_its_defense(tmp_path, save, quick, monkeypatch):
-    import runpy
-    import sys
+    from test_backdoorbench import make_bb_tree, run_installed_dropin
 
-    from benchmark_adapters.backdoorbench.install import install_dropin
-    from test_backdoorbench import NAME, make_bb_tree
-
-    root = make_bb_tree(tmp_path / "BackdoorBench")["root"]
-    install_dropin(root, defenses=[save], datasets=["mnist"])
-    torch.set_num_threads(1)
-    monkeypatch.chdir(root)
-    monkeypatch.setattr(sys, "argv", [f"./defense/{save}.py", "--result_file", NAME, "--yaml_path",
-                                      f"./config/defense/{save}/mnist.yaml", "--dataset", "mnist", "--device", "cpu",
-                                      "--progress", "false", *quick])
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(root / "defense" / f"{save}.py"), run_name="__main__")
-    assert info.value.code == 0
-    out = root / "record" / NAME / "defense" / save
-    assert set(torch.load(out / "defense_result.pt", weights_only=True)) == {"model_name", "num_classes", "model"}
-    assert (out / f"{save}_df_summary.csv").is_file()
+    run_installed_dropin(make_bb_tree(tmp_path / "BackdoorBench")["root"], save, quick, monkeypatch)
