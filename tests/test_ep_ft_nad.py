@@ -200,6 +200,9 @@ def test_data_rules():
         with pytest.raises(ValueError, match="oracle"):
             build_context(d, num_classes=4, input_shape=(1, 8, 8), normalizer=NORM, device=torch.device("cpu"),
                           clean_data=clean, oracle=scorer)
+    sneaked = DefenseContext(num_classes=4, input_shape=(1, 8, 8), normalizer=NORM, progress=False, oracle=scorer)
+    with pytest.raises(ValueError, match="test-set scorer"):
+        create_defense("ep").mitigate(bn_net(), sneaked)
     bare = DefenseContext(num_classes=4, input_shape=(1, 8, 8), normalizer=NORM, progress=False)
     for name in ("ft", "nad"):
         with pytest.raises(ValueError, match="needs clean data"):

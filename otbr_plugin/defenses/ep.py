@@ -111,6 +111,7 @@ class EP(Defense):
 
     def mitigate(self, model: nn.Module, context: DefenseContext) -> DefenseOutcome:
         self.check_context(context)
+        self.require_oracle(context)  # a test-set scorer is refused: EP has nothing to select
         cfg = self.config
         timer = StageTimer()
         defended = self.copy_model(model, context.device)
