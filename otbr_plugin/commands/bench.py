@@ -141,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, options) -> int:
     from ..bench.executors import live_slurm_jobs, run_local_workers, run_slurm
 
+    dseeds = f" x {len(grid.defense_seeds)} defense seed(s)" if grid.defense_seeds is not None else ""
     print(f"grid {grid.name}: {len(grid.attacks)} attack(s) x {len(grid.defenses)} defense(s) x {len(grid.seeds)} "
-          f"seed(s) on {grid.dataset}; output {out}")
+          f"seed(s){dseeds} on {grid.dataset}; output {out}")
     start = time.perf_counter()
     bundles = Path(args.bundles) if args.bundles else out / "bundles"
     if options is not None:
@@ -196,5 +197,5 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
                 print(f"report not written ({type(err).__name__}: {err}); retry with `otbr-bench report {out}`")
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
-        print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}: {r.error}")
+        print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}{'' if r.dseed is None else f'/dseed{r.dseed}'}: {r.error}")
     return 1 if failed else 0
