@@ -654,9 +654,11 @@ def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
 
 
 def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
-                     unreadable: Sequence[tuple[Path, str]] = ()) -> list[Section]:
+                     unreadable: Sequence[tuple[Path, str]] = (), *, acc_drop: float | None = DEFAULT_ACC_DROP,
+                     n_boot: int = DEFAULT_BOOT, boot_seed: int = DEFAULT_BOOT_SEED) -> list[Section]:
     """The report's sections for a set of run records (and, with ``folder``, its diagnose and oracle outputs);
-    ``unreadable``: record files that could not be read (listed under "Failed cells")."""
+    ``unreadable``: record files that could not be read (listed under "Failed cells"); ``acc_drop``: the clean-accuracy
+    bound of the best marks (points); ``n_boot``/``boot_seed``: the bootstrap's replicates and seed."""
     ok = [r for r in records if r.status == "ok"]
     sections = []
     multi = len(_groups(ok)) > 1
@@ -674,8 +676,9 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
                 "clean-accuracy bound stated under the table (the backdoored model, <i>none</i>, is never marked). ↑ higher is better, ↓ lower is better. DER = (max(0, ΔASR) − "
                 "max(0, ΔACC) + 1) / 2.</p>")
         sections.append(Section(f"table{'-' + sid if sid else ''}", "Comparison table" + suffix,
-                                info + table_html(recs) + _findings(recs)))
-        diffs = differences_html(recs)
+                                info + table_html(recs, acc_drop=acc_drop, n_boot=n_boot, boot_seed=boot_seed)
+                                + _findings(recs, acc_drop)))
+        diffs = differences_html(recs, n_boot=n_boot, boot_seed=boot_seed)
         if diffs:
             sections.append(Section(f"differences{'-' + sid if sid else ''}", "Which differences are real" + suffix,
                                     diffs))
@@ -705,9 +708,10 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
 
 
 def render_report(folder: str | Path, title: str | None = None,
-                  unreadable: list[tuple[Path, str]] | None = None) -> str:
+                  unreadable: list[tuple[Path, str]] | None = None, **stats: Any) -> str:
     """The HTML report for the run records under ``folder`` (as a string). Record files that cannot be read are
-    listed in its "Failed cells" section and appended to ``unreadable`` when given."""
+    listed in its "Failed cells" section and appended to ``unreadable`` when given. ``stats``: ``acc_drop``,
+    ``n_boot``, ``boot_seed`` (see :func:`records_sections`)."""
     root = Path(folder)
     found: list[tuple[Path, str]] = []
     records = load_records(root, found)
@@ -725,15 +729,15 @@ def render_report(folder: str | Path, title: str | None = None,
                 f"{_e(', '.join(defenses))} · {len(records)} run record(s) from <code>{_e(root)}</code> · "
                 f"generated {now} by otbr-bench report")
     return render_page(title or f"Backdoor defense report: {root.name}", subtitle,
-                       records_sections(records, root, found))
+                       records_sections(records, root, found, **stats))
 
 
 def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None,
-                 unreadable: list[tuple[Path, str]] | None = None) -> Path:
+                 unreadable: list[tuple[Path, str]] | None = None, **stats: Any) -> Path:
     """Write the report atomically (temporary file + rename); default ``<folder>/report.html``. ``unreadable``: as
     for :func:`render_report`."""
     target = Path(out) if out else Path(folder) / "report.html"
-    return write_text_atomic(target, render_report(folder, title, unreadable))  # the io helper keeps the umask mode
+    return write_text_atomic(target, render_report(folder, title, unreadable, **stats))  # the io helper keeps the umask mode
 
 
 # ----------------------------------------------------------------------------------------- leaderboard
