@@ -12,7 +12,7 @@ from .data.transforms import Normalizer, to_float
 from .runtime import resolve_device
 
 __all__ = ["NonFiniteOutputError", "BackdoorMetrics", "SampleCorrectness", "predict", "accuracy", "evaluate_backdoor",
-           "evaluate_backdoor_samples", "defense_effectiveness_rating"]
+           "defense_effectiveness_rating"]
 
 
 class NonFiniteOutputError(ValueError):
@@ -145,33 +145,19 @@ def evaluate_backdoor(
     *,
     device: torch.device | str,
     channels_last: bool | None = None,
-) -> BackdoorMetrics:
+    return_samples: bool = False,
+) -> BackdoorMetrics | tuple[BackdoorMetrics, SampleCorrectness]:
     """ACC on the clean test set; ASR = share of poisoned samples predicted as their target; RA = share
     predicted as their true label. ``device``: where to compute (the caller's model is not moved);
-    ``batch_size`` / ``channels_last``: see :func:`predict`."""
-    return evaluate_backdoor_samples(model, clean_images, clean_labels, bd_images, bd_targets, bd_original_labels,
-                                     normalizer, batch_size, device=device, channels_last=channels_last)[0]
-
-
-def evaluate_backdoor_samples(
-    model: nn.Module,
-    clean_images: torch.Tensor,
-    clean_labels: torch.Tensor,
-    bd_images: torch.Tensor,
-    bd_targets: torch.Tensor,
-    bd_original_labels: torch.Tensor,
-    normalizer: Normalizer,
-    batch_size: int | None = None,
-    *,
-    device: torch.device | str,
-    channels_last: bool | None = None,
-) -> tuple[BackdoorMetrics, SampleCorrectness]:
-    """:func:`evaluate_backdoor` and the per-sample outcomes its rates are the means of (same predictions)."""
+    ``batch_size`` / ``channels_last``: see :func:`predict`. ``return_samples``: also return the per-sample outcomes
+    the rates are the means of (:class:`SampleCorrectness`, from the same predictions)."""
     clean_pred = predict(model, clean_images, normalizer, batch_size, device=device, channels_last=channels_last)
     bd_pred = predict(model, bd_images, normalizer, batch_size, device=device, channels_last=channels_last)
     labels, targets, original = clean_labels.cpu(), bd_targets.cpu(), bd_original_labels.cpu()
     metrics = BackdoorMetrics(acc=accuracy(clean_pred, labels), asr=accuracy(bd_pred, targets),
                               ra=accuracy(bd_pred, original))
+    if not return_samples:
+        return metrics
     return metrics, SampleCorrectness(clean_pred == labels, bd_pred == targets, bd_pred == original)
 
 

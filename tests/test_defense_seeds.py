@@ -1,8 +1,6 @@
 """The defense_seeds grid axis: cells per defense seed, records that keep both seeds, resume, and grids without the
 axis unchanged (record names and fingerprints as before)."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -14,13 +12,8 @@ from otbr_plugin.aggregate.tables import comparison_table, load_records
 from otbr_plugin.bench.executors import run_grid
 from otbr_plugin.bench.grid import (Task, attack_fingerprint_config, cell_fingerprint, grid_data, load_grid,
                                     plan_tasks, _defense_fingerprint_config)
-from otbr_plugin.defenses import Defense, DefenseConfig, register_defense
-from test_grid import grid_file
-
-
-@dataclass
-class SeedEchoConfig(DefenseConfig):
-    pass
+from otbr_plugin.defenses import Defense, register_defense
+from test_grid import ExplodingConfig, grid_file
 
 
 @register_defense
@@ -28,7 +21,7 @@ class SeedEcho(Defense):
     """Leaves the model as it is and reports the seed its context got."""
 
     name = "test_seed_echo"
-    config_class = SeedEchoConfig
+    config_class = ExplodingConfig  # no options
 
     def mitigate(self, model, context):
         from otbr_plugin.defenses.base import DefenseOutcome

@@ -23,7 +23,7 @@ from ..data.subsets import CleanData, clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, OracleScorer, build_context
 from ..runtime import resolve_device, seed_everything
 from ..metrics import (BackdoorMetrics, NonFiniteOutputError, SampleCorrectness, defense_effectiveness_rating,
-                       evaluate_backdoor_samples)
+                       evaluate_backdoor)
 from ..io import json_default, write_csv, write_json
 from ..aggregate.bootstrap import per_sample_payload
 from ..aggregate.records import RunRecord, run_fingerprint, training_summary
@@ -93,8 +93,8 @@ def evaluate_model_samples(model: nn.Module, bundle: Bundle, clean_test: ImageDa
     """:func:`evaluate_model` and its per-sample outcomes (clean test set order, the bundle's poisoned set order)."""
     bd = bundle.bd_test
     try:
-        return evaluate_backdoor_samples(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
-                                         bd.original_labels, bundle.normalizer, device=device)
+        return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,  # type: ignore[return-value]
+                                 bd.original_labels, bundle.normalizer, device=device, return_samples=True)
     except NonFiniteOutputError as err:
         raise NonFiniteOutputError(f"{_checkpoint_name(bundle)}: {err}") from None
 
