@@ -3,9 +3,10 @@
 The baseline file is JSON: ``{"schema_version": 1, "kind": "otbr-regression-baseline", "cells": [...]}`` where
 each cell holds the record key (dataset, model, attack, defense, seed) and its after-defense ACC/ASR/RA and
 DER (with a defense_seeds axis: the means over the defense seeds, listed in ``defense_seeds``; current records are
-averaged over their defense seeds the same way). Baselines written by this version also record (all optional, so older files stay readable and older
-readers still read these): ``grid``, ``package_version``, ``versions``, ``tolerances`` and ``std_factor``, and per
-cell a ``defense_config_sha256``.
+averaged over their defense seeds the same way). Baselines written by this version also record (all optional, so
+older files stay readable and older readers still read these): ``grid``, ``package_version``, ``versions``,
+``tolerances`` and ``std_factor``, and per cell a ``defense_config_sha256`` and, from records that keep per-sample
+outcomes, ``ci_half`` (see ``ci_factor`` below).
 
 Cells are compared per (dataset, model, attack, defense): with several seeds, the means over the baseline's
 seeds. A metric regresses when it gets worse (ACC, RA or DER drop, ASR rises) by more than

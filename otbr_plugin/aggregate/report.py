@@ -673,7 +673,8 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
                 + (f", defense seeds {_e(', '.join(map(str, dseeds)))}" if dseeds else "")
                 + " (mean ± std over seeds where there are several); after-defense "
                 "metrics in percent. <b>Green</b>: the best defense per attack and metric among those within the "
-                "clean-accuracy bound stated under the table (the backdoored model, <i>none</i>, is never marked). ↑ higher is better, ↓ lower is better. DER = (max(0, ΔASR) − "
+                "clean-accuracy bound stated under the table (the backdoored model, <i>none</i>, is never marked). "
+                "↑ higher is better, ↓ lower is better. DER = (max(0, ΔASR) − "
                 "max(0, ΔACC) + 1) / 2.</p>")
         sections.append(Section(f"table{'-' + sid if sid else ''}", "Comparison table" + suffix,
                                 info + table_html(recs, acc_drop=acc_drop, n_boot=n_boot, boot_seed=boot_seed)

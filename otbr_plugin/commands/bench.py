@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..bench.executors import run_grid
 from ..bench.grid import GridSpec, current_records, load_grid
-from ..aggregate.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
-                                unreadable_line)
+from ..aggregate.tables import (comparison_table, format_table, interval_table, load_records, oracle_table,
+                                plot_acc_vs_asr, unreadable_line)
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
 from ..runtime import parse_threads
@@ -180,7 +180,8 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
               f"{', ...' if len(stale) > 5 else ''}; rerun to redo them")
     if any(r.status == "ok" for r in records):
         mean, std = comparison_table(records)
-        table = format_table(mean, std, "md")
+        lo, hi = interval_table(records, mean)  # NaN (no brackets) for records without per-sample outcomes
+        table = format_table(mean, std, "md", lo, hi)
         write_text(out / "table.md", table)
         plot_acc_vs_asr(records, out / "acc_vs_asr.png", title=f"{grid.name}: ACC vs ASR after defense")
         print(table)
