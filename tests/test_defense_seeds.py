@@ -111,3 +111,19 @@ def test_regress_ci_factor_allows_test_set_noise(tmp_path):
     assert "CI half width" in row.checks["acc"].describe()
     # far beyond the noise still fails
     assert compare(baseline, [rec_from(AFTER_B)], ci_factor=1.0)[0].status == "regressed"
+
+
+def test_a_worker_or_job_runs_the_cell_with_its_defense_seed(tmp_path):
+    """The path of local workers and Slurm jobs: a task key names the defense seed, the record keeps it."""
+    from otbr_plugin.bench.jobs import run_task
+
+    grid = load_grid(_with_dseeds(tmp_path, [3, 4]))
+    out, bundles = tmp_path / "out", tmp_path / "out" / "bundles"
+    assert run_task(grid, Task("train", "badnets", 0), str(out), str(bundles), "cpu", echo=False) == "trained"
+    task = Task.from_key("cell/badnets/test_seed_echo/seed0/dseed4")
+    assert run_task(grid, task, str(out), str(bundles), "cpu", echo=False) == "ok"
+    r = read_record(out / "records" / "fashion_mnist__smallcnn__badnets__test_seed_echo__seed0__dseed4.json")
+    assert (r.seed, r.defense_seed, r.diagnostics["seed"]) == (0, 4, 4) and r.per_sample is not None
+    assert run_task(grid, task, str(out), str(bundles), "cpu", echo=False) == "skipped"  # resume
+    left = [t.key for t in plan_tasks(grid, out, bundles, torch.device("cpu")).cells]
+    assert left == ["cell/badnets/none/seed0/dseed3", "cell/badnets/test_seed_echo/seed0/dseed3"]
