@@ -226,7 +226,9 @@ def differences_html(records: Sequence[RunRecord], metrics: Sequence[str] = ("de
     parts = [f"<p class=note>For two defenses on the same backdoored checkpoint: A − B in points and its paired 95% "
              f"bootstrap interval (both defenses scored on the same resampled test images, {n_boot} replicates). "
              f"<b>Real</b> (green rows): the interval excludes 0. {len(real)} of {len(df)} differences are real; the "
-             "others are within test-set noise.</p>"]
+             "others are within test-set noise. Each interval is 95% on its own (no correction for the number of "
+             "comparisons: about 1 in 20 differences that are really 0 comes out real), and it covers test-set "
+             "sampling on this checkpoint, not training-seed variance.</p>"]
     for m in metrics:
         sub = df[df["metric"] == m]
         if sub.empty:
