@@ -87,3 +87,13 @@ def test_plot_legends_are_inside_the_image_and_off_the_axes(monkeypatch):
         assert legends and all(box.y1 <= axes_bottom + 1 for box in legends)  # below the axes, not over them
         # the image holds the whole drawing (0.1 in pads; text extents differ a little between dpi settings)
         assert abs(png_h - (tight_height_in + 0.2) * dpi) <= 0.03 * png_h
+
+
+def test_orders_of_several_runs_merge_longest_first():
+    from otbr_plugin.aggregate.tables import grid_order
+
+    big = {"attacks": ["b", "a"], "defenses": ["none", "otbr", "clp"]}
+    part = {"attacks": ["b"], "defenses": ["anp"]}
+    records = [rec_from(AFTER_A, "anp", grid_order=part), rec_from(AFTER_A, "otbr", grid_order=big)]
+    assert grid_order(records, "defenses")[:4] == ["none", "otbr", "clp", "anp"]
+    assert grid_order(records, "attacks") == ["b", "a"]

@@ -90,11 +90,13 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
 
 
 def grid_order(records: Iterable[RunRecord], kind: str) -> list[str]:
-    """The order of the grid's ``kind`` ("attacks" or "defenses") as the records carry it (records from several grids:
-    each grid's order, in the order first met), then, for defenses, :data:`DEFENSE_ORDER`."""
+    """The order of the grid's ``kind`` ("attacks" or "defenses") as the records carry it, then, for defenses,
+    :data:`DEFENSE_ORDER`. Records from several grids (or runs of parts of one): the longest order first, each other
+    one's new labels after it, in its order."""
     out: list[str] = []
-    for r in records:
-        for label in (r.grid_order or {}).get(kind, []):
+    orders = {tuple((r.grid_order or {}).get(kind, [])) for r in records}
+    for order in sorted(orders, key=lambda o: (-len(o), o)):
+        for label in order:
             if label not in out:
                 out.append(label)
     if kind == "defenses":
