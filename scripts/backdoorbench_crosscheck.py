@@ -47,13 +47,20 @@ if str(REPO) not in sys.path:
 
 DATASET = "gtsrb"  # BackdoorBench's loader whose layout the subsample is written in (see the module docstring)
 NUM_CLASSES_BB = 43
-PAD = 2  # 28 -> 32
+PAD = 2  # 28 -> 32 in the "pad" layout
+SIZE = 32  # BackdoorBench's gtsrb input size
+LAYOUTS = {
+    "resize": "Fashion-MNIST 28x28 grey resized to 32x32 (PIL bilinear, Image.BILINEAR, on the uint8 grey image), "
+              "replicated to 3 channels",
+    "pad": "Fashion-MNIST 28x28 grey zero-padded by 2 to 32x32, replicated to 3 channels",
+}
 
 
 # ----------------------------------------------------------------------------------------------- data
-def data_dir_name(n_train: int, n_test: int, seed: int) -> str:
-    """The folder under BB_ROOT/data/ that holds one subsample (BackdoorBench appends /gtsrb)."""
-    return f"otbr_crosscheck_fmnist_{n_train}_{n_test}_s{seed}"
+def data_dir_name(n_train: int, n_test: int, seed: int, layout: str = "pad") -> str:
+    """The folder under BB_ROOT/data/ that holds one subsample (BackdoorBench appends /gtsrb); the "pad" layout
+    keeps the name it had before layouts existed."""
+    return f"otbr_crosscheck_fmnist_{n_train}_{n_test}_s{seed}" + ("" if layout == "pad" else f"_{layout}")
 
 
 def _stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -71,16 +78,26 @@ def _stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def _rgb32(img28: np.ndarray) -> np.ndarray:
-    out = np.zeros((28 + 2 * PAD, 28 + 2 * PAD, 3), dtype=np.uint8)
-    out[PAD:PAD + 28, PAD:PAD + 28, :] = img28[:, :, None]
-    return out
+def to_rgb32(img28: np.ndarray, layout: str) -> np.ndarray:
+    """A 28x28 uint8 grey image as the 32x32x3 uint8 image written for BackdoorBench (see ``LAYOUTS``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if img28.shape != (28, 28) or img28.dtype != np.uint8:
+        raise ValueError(f"expected a 28x28 uint8 image, got {img28.shape} {img28.dtype}")
+    if layout == "pad":
+        grey = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        grey[PAD:PAD + 28, PAD:PAD + 28] = img28
+    else:
+        from PIL import Image
+
+        grey = np.asarray(Image.fromarray(img28).resize((SIZE, SIZE), Image.BILINEAR))
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 GT_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
 
 
-def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[str, dict]:
+def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int, layout: str = "resize") -> tuple[str, dict]:
     """Write the subsample under BB_ROOT/data/<name>/gtsrb/ (once) and return (dataset_path for BackdoorBench's
     ``--dataset_path``, a description)."""
     from PIL import Image
@@ -93,12 +110,12 @@ def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[s
     if src is None:
         raise SystemExit("Fashion-MNIST not found (otbr_plugin.data.find_dataset('fashion_mnist')); install Debian's "
                          "dataset-fashion-mnist or put its IDX files under the data root")
-    name = data_dir_name(n_train, n_test, seed)
+    name = data_dir_name(n_train, n_test, seed, layout)
     rel = f"./data/{name}"
     target = bb_root / "data" / name / DATASET
     info = {"source": str(src), "n_train": n_train, "n_test": n_test, "seed": seed, "folder": str(target),
-            "layout": "BackdoorBench gtsrb loader (Train/000NN/GT-000NN.csv, Test/GT-final_test.csv), RGB PNG 32x32 "
-                      "= Fashion-MNIST 28x28 grey replicated to 3 channels, zero-padded by 2"}
+            "layout": layout, "images": "BackdoorBench gtsrb loader (Train/000NN/GT-000NN.csv, Test/GT-final_test.csv), "
+                                        f"RGB PNG 32x32 = {LAYOUTS[layout]}"}
     if (target / "Test" / "GT-final_test.csv").is_file():
         return rel, info
     splits = {}
@@ -115,7 +132,7 @@ def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[s
             lines = [GT_HEADER]
             for j in np.flatnonzero(y == c):
                 fn = f"{int(idx[j]):05d}.png"
-                Image.fromarray(_rgb32(x[j])).save(cdir / fn)
+                Image.fromarray(to_rgb32(x[j], layout)).save(cdir / fn)
                 lines.append(f"{fn};32;32;0;0;31;31;{c}\n")
             (cdir / f"GT-{c:05d}.csv").write_text("".join(lines))
         x, y, idx = splits["test"]
@@ -124,7 +141,7 @@ def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[s
         lines = [GT_HEADER]
         for j in range(len(y)):
             fn = f"{int(idx[j]):05d}.png"
-            Image.fromarray(_rgb32(x[j])).save(tdir / fn)
+            Image.fromarray(to_rgb32(x[j], layout)).save(tdir / fn)
             lines.append(f"{fn};32;32;0;0;31;31;{int(y[j])}\n")
         (tdir / "GT-final_test.csv").write_text("".join(lines))
         (tmp / "SUBSAMPLE.json").write_text(json.dumps(info, indent=1))
@@ -160,7 +177,8 @@ class Settings:
     bb_python: str
     out: Path
     work: Path
-    dataset_path: str
+    dataset_paths: dict[str, str]  # layout -> BackdoorBench's --dataset_path
+    layout: str  # of an attack given without @LAYOUT
     attacks: list[str]
     attack_epochs: int
     attack_batch: int
@@ -171,38 +189,61 @@ class Settings:
     threads: int
     fp_epochs: int
     fp_once_prune_ratio: float
+    fp_ratio: float
     anp_iters: int
     anp_batch: int
     anp_pruning_step: float
+    anp_lr: float | None
     clp_u: float
     defenses: list[str]
     wait_attacks_min: float = 0.0
+    plugin_seeds: int = 1
 
 
-def split_attack(spec: str, default_epochs: int) -> tuple[str, int, str]:
-    """``badnet`` or ``badnet:8`` (8 epochs for this attack) -> (attack, epochs, record-name suffix)."""
-    name, _, epochs = spec.partition(":")
+def split_attack(spec: str, default_epochs: int, default_layout: str = "resize") -> tuple[str, int, str, str]:
+    """``NAME[:EPOCHS][@LAYOUT]`` -> (attack, epochs, record-name suffix, layout): ``badnet:8@pad`` is BadNets
+    for 8 epochs on the zero-padded images; without ``:EPOCHS`` the default epochs (no suffix), without
+    ``@LAYOUT`` the default layout."""
+    head, _, layout = spec.partition("@")
+    layout = layout or default_layout
+    if layout not in LAYOUTS:
+        raise SystemExit(f"--attacks {spec!r}: unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    name, _, epochs = head.partition(":")
+    if not name:
+        raise SystemExit(f"--attacks {spec!r}: expected NAME[:EPOCHS][@LAYOUT]")
     if not epochs:
-        return name, default_epochs, ""
+        return name, default_epochs, "", layout
     if not epochs.isdigit() or int(epochs) < 1:
-        raise SystemExit(f"--attacks {spec!r}: expected NAME or NAME:EPOCHS with EPOCHS a positive integer")
-    return name, int(epochs), f"_e{int(epochs)}"
+        raise SystemExit(f"--attacks {spec!r}: expected NAME[:EPOCHS][@LAYOUT] with EPOCHS a positive integer")
+    return name, int(epochs), f"_e{int(epochs)}", layout
 
 
-def record_name(attack: str, n_train: int, n_test: int) -> str:
-    """The record of ``attack`` (``NAME`` or ``NAME:EPOCHS``) on the subsample."""
-    name, _, suffix = split_attack(attack, 0)
-    return f"otbrx_fmnist{n_train}_{n_test}_{name}{suffix}"
+def record_name(attack: str, n_train: int, n_test: int, default_layout: str = "resize") -> str:
+    """The record of ``attack`` (``NAME[:EPOCHS][@LAYOUT]``) on the subsample; records on the "pad" layout keep
+    the names they had before layouts existed, the others name their layout."""
+    name, _, suffix, layout = split_attack(attack, 0, default_layout)
+    tag = "" if layout == "pad" else f"_{layout}"
+    return f"otbrx_fmnist{n_train}_{n_test}{tag}_{name}{suffix}"
+
+
+def attack_layout(s: "Settings", attack: str) -> str:
+    return split_attack(attack, 0, s.layout)[3]
+
+
+def dataset_path(s: "Settings", attack: str) -> str:
+    """BackdoorBench's ``--dataset_path`` of the subsample ``attack``'s record is made on."""
+    return s.dataset_paths[attack_layout(s, attack)]
 
 
 COMMON_BB = ["--device", "cpu", "--num_workers", "0", "--pin_memory", "False", "--non_blocking", "False"]
 
 
 def attack_run(s: Settings, attack: str) -> Run:
-    rec = record_name(attack, s.n_train, s.n_test)
-    attack, epochs, _ = split_attack(attack, s.attack_epochs)
+    rec = record_name(attack, s.n_train, s.n_test, s.layout)
+    path = dataset_path(s, attack)
+    attack, epochs, _, _ = split_attack(attack, s.attack_epochs, s.layout)
     args = ["--yaml_path", "./config/attack/prototype/gtsrb.yaml", "--bd_yaml_path", f"./config/attack/{attack}/default.yaml",
-            "--dataset_path", s.dataset_path, *COMMON_BB, "--epochs", str(epochs),
+            "--dataset_path", path, *COMMON_BB, "--epochs", str(epochs),
             "--batch_size", str(s.attack_batch), "--save_folder_name", rec]
     return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
 
@@ -225,41 +266,48 @@ def clp_yaml(s: Settings) -> Path:
 
 def defense_runs(s: Settings, attack: str) -> list[Run]:
     """The defense runs on one record, most important first (so an interrupted run still fills the table)."""
-    rec = record_name(attack, s.n_train, s.n_test)
-    base = ["--result_file", rec, "--dataset", DATASET, "--dataset_path", s.dataset_path]
+    rec = record_name(attack, s.n_train, s.n_test, s.layout)
+    base = ["--result_file", rec, "--dataset", DATASET, "--dataset_path", dataset_path(s, attack)]
     bb = [*base, *COMMON_BB, "--amp", "False"]
     ours = [*base, "--device", "cpu", "--progress", "false"]
     seeds = s.seeds if attack == s.attacks[0] else s.seeds_blended
     runs: list[Run] = []
 
     def add(name, impl, script, args, seed, out_name, variant=""):
-        tag = out_name + (f"__{variant.replace('=', '-').replace(',', '-')}" if variant else "") + f"__s{seed}"
+        tag = out_name + (f"__{variant.replace('=', '-').replace(',', '-')}" if variant else "")
+        if name in BUDGETED:  # runs of another CPU budget are other runs
+            tag += f"__{budget_tag(s, name)}"
+        tag += f"__s{seed}"
         if name in s.defenses:
             runs.append(Run("defense", rec, name, impl, script, [*args, "--random_seed", str(seed)], seed, variant,
                             output=f"record/{rec}/defense/{out_name}", kept=f"record/{rec}/defense/crosscheck/{tag}"))
 
-    yaml_clp = clp_yaml(s)
-    add("clp", "BackdoorBench", "./defense/clp.py", [*bb, "--yaml_path", str(yaml_clp), "--u", str(s.clp_u)], 0, "clp")
+    if "clp" in s.defenses:
+        add("clp", "BackdoorBench", "./defense/clp.py", [*bb, "--yaml_path", str(clp_yaml(s)), "--u", str(s.clp_u)],
+            0, "clp")
     for pairing in ("backdoorbench", "structural"):
         add("clp", "plug-in", "./defense/otbr_clp.py",
             [*ours, "--yaml_path", "./config/defense/otbr_clp/gtsrb.yaml", "--u", str(s.clp_u), "--pairing", pairing],
             0, "otbr_clp", f"pairing={pairing}")
     add("otbr", "plug-in", "./defense/otbr.py", [*ours, "--yaml_path", "./config/defense/otbr/gtsrb.yaml"], 0, "otbr")
     fp_bb = [*bb, "--yaml_path", "./config/defense/fp/gtsrb.yaml", "--epochs", str(s.fp_epochs),
-             "--once_prune_ratio", str(s.fp_once_prune_ratio)]
-    fp_ours = [*ours, "--yaml_path", "./config/defense/otbr_fp/gtsrb.yaml", "--epochs", str(s.fp_epochs)]
+             "--once_prune_ratio", str(s.fp_once_prune_ratio), "--ratio", str(s.fp_ratio)]
+    fp_ours = [*ours, "--yaml_path", "./config/defense/otbr_fp/gtsrb.yaml", "--epochs", str(s.fp_epochs),
+               "--ratio", str(s.fp_ratio)]
+    lr_bb = [] if s.anp_lr is None else ["--lr", str(s.anp_lr)]
+    lr_ours = [] if s.anp_lr is None else ["--mask_lr", str(s.anp_lr)]
     anp_bb = [*bb, "--yaml_path", "./config/defense/anp/gtsrb.yaml", "--nb_iter", str(s.anp_iters),
               "--print_every", str(s.anp_iters), "--batch_size", str(s.anp_batch),
-              "--pruning_step", str(s.anp_pruning_step)]
+              "--pruning_step", str(s.anp_pruning_step), *lr_bb]
     anp_ours = [*ours, "--yaml_path", "./config/defense/otbr_anp/gtsrb.yaml", "--iterations", str(s.anp_iters),
-                "--batch_size", str(s.anp_batch)]
+                "--batch_size", str(s.anp_batch), *lr_ours]
     # the drop-ins in BackdoorBench's setting, with BackdoorBench's own YAML and flags (the command line of
     # BackdoorBench's script with the script's name changed) and its test-set selection behind the oracle switch
     oracle = ["--setting", "backdoorbench", "--oracle", "true"]
     for i, seed in enumerate(seeds):
         add("fp", "BackdoorBench", "./defense/fp.py", fp_bb, seed, "fp")
         add("anp", "BackdoorBench", "./defense/anp.py", anp_bb, seed, "anp")
-        if i == 0:
+        if i < s.plugin_seeds:
             add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
             add("anp", "plug-in", "./defense/otbr_anp.py", anp_ours, seed, "otbr_anp")
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
@@ -268,6 +316,17 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
 
 
 BB_SETTING = "setting=backdoorbench,oracle"
+BUDGETED = ("fp", "anp")  # defenses whose CPU-sized budget is part of a run's name
+
+
+def budget_tag(s: Settings, defense: str) -> str:
+    """The CPU budget of an FP or ANP run, as it appears in the run's folder name (e.g. ``e10-r0.2-p0.1``)."""
+    if defense == "fp":
+        return f"e{s.fp_epochs}-r{s.fp_ratio:g}-p{s.fp_once_prune_ratio:g}"
+    if defense == "anp":
+        lr = "" if s.anp_lr is None else f"-lr{s.anp_lr:g}"
+        return f"i{s.anp_iters}-b{s.anp_batch}-ps{s.anp_pruning_step:g}{lr}"
+    raise ValueError(f"no CPU budget for {defense!r}")
 
 
 COMPAT_DIR = Path(__file__).resolve().parent / "backdoorbench_compat"
@@ -455,9 +514,10 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
     lines = [
         "# BackdoorBench's own defenses vs otbr-plugin's drop-ins on BackdoorBench's own records",
         "",
-        f"Data: Fashion-MNIST SUBSAMPLED ({data_info['n_train']} train / {data_info['n_test']} test, stratified, "
-        f"seed {data_info['seed']}), written in BackdoorBench's `gtsrb` loader layout (43-output model, classes 0-9 "
-        "used). Attacks: BackdoorBench's own attack scripts; defenses: BackdoorBench's own scripts and the drop-ins, "
+        f"Data: Fashion-MNIST SUBSAMPLED ({s.n_train} train / {s.n_test} test, stratified, "
+        f"seed {next(iter(data_info.values()))['seed']}), written in the file layout of BackdoorBench's `gtsrb` "
+        "loader (43-output model, classes 0-9 used); 28x28 -> 32x32 per record (column layout): "
+        + "; ".join(f"{k} = {LAYOUTS[k]}" for k in sorted(data_info)) + ". Attacks: BackdoorBench's own attack scripts; defenses: BackdoorBench's own scripts and the drop-ins, "
         "all from BackdoorBench's root on CPU. Metrics in %, on the subsample's test split; DER against the attack's "
         "own last-epoch metrics. Seconds: wall time of the whole script (load, defend, evaluate, save) on a "
         f"shared machine, {s.threads} thread(s) each.",
@@ -577,14 +637,17 @@ def schedule(s: Settings) -> list[Run]:
     and ANP with the drop-ins in BackdoorBench's setting, BackdoorBench's further seeds, the drop-ins in their
     default setting; OTBR (no BackdoorBench counterpart) last."""
     def rank(run: Run) -> tuple[int, int]:
-        first_seed = (s.seeds if run.record == record_name(s.attacks[0], s.n_train, s.n_test) else s.seeds_blended)[0]
+        first_seed = (s.seeds if run.record == record_name(s.attacks[0], s.n_train, s.n_test, s.layout)
+                      else s.seeds_blended)[0]
         if run.name == "clp":
             return (0, 0)
         if run.name == "otbr":
             return (9, 0)
         if run.impl == "BackdoorBench":
             return (1, 0) if run.seed == first_seed else (2, run.seed)
-        return (1, 1) if run.variant == BB_SETTING else (3, 0)
+        if run.variant == BB_SETTING:
+            return (1, 1) if run.seed == first_seed else (2, run.seed)
+        return (3, run.seed)
 
     ordered = []
     for attack in s.attacks:
@@ -659,9 +722,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=1000, help="training subsample (stratified) (default 1000)")
     p.add_argument("--n-test", type=int, default=250, help="test subsample (stratified) (default 250)")
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="resize",
+                   help="how the 28x28 images become BackdoorBench's 32x32 ones, for attacks given without @LAYOUT: "
+                        "resize (PIL bilinear; default) or pad (zero border of 2; BadNets' corner trigger falls "
+                        "on it)")
     p.add_argument("--attacks", nargs="+", default=["badnet", "blended"],
-                   help="BackdoorBench attack scripts, NAME or NAME:EPOCHS (own epochs, record name gets _eEPOCHS); "
-                        "the first gets --seeds, the others --seeds-other")
+                   help="BackdoorBench attack scripts, NAME[:EPOCHS][@LAYOUT] (own epochs: record name gets _eEPOCHS; "
+                        "own layout); the first gets --seeds, the others --seeds-other")
     p.add_argument("--attack-epochs", type=int, default=3, help="BackdoorBench's --epochs of the attacks (default 3)")
     p.add_argument("--attack-batch", type=int, default=32,
                    help="BackdoorBench's --batch_size of the attacks (default 32: more steps per CPU second)")
@@ -675,6 +742,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp-epochs", type=int, default=100, help="FP fine-tuning epochs, both (BackdoorBench: 100)")
     p.add_argument("--fp-once-prune-ratio", type=float, default=0.01,
                    help="BackdoorBench FP's pruning step as a share of the channels (BackdoorBench: 0.01)")
+    p.add_argument("--fp-ratio", type=float, default=0.05,
+                   help="FP's clean subset as a share of the training split, both (--ratio; BackdoorBench: 0.05)")
+    p.add_argument("--anp-lr", type=float, default=None,
+                   help="ANP mask learning rate, both (BackdoorBench's --lr, the drop-ins' --mask_lr; default: each "
+                        "side's own, BackdoorBench 0.01, plug-in default setting 0.2)")
+    p.add_argument("--plugin-seeds", type=int, default=1,
+                   help="the drop-ins' FP/ANP run at the first N of BackdoorBench's seeds (default 1)")
     p.add_argument("--anp-iters", type=int, default=2000, help="ANP mask iterations, both (BackdoorBench: 2000)")
     p.add_argument("--anp-batch", type=int, default=256, help="ANP batch size, both (BackdoorBench: 256, plug-in default 128)")
     p.add_argument("--anp-pruning-step", type=float, default=0.05,
@@ -696,10 +770,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{bb_root} is not a BackdoorBench checkout (no {sub}/)")
     out = Path(a.out).resolve()
     s = Settings(bb_root=bb_root, bb_python=a.bb_python, out=out, work=Path(a.work).resolve() if a.work else out / "work",
-                 dataset_path="", attacks=a.attacks, attack_epochs=a.attack_epochs, attack_batch=a.attack_batch, n_train=a.n_train, n_test=a.n_test,
+                 dataset_paths={}, layout=a.layout, attacks=a.attacks, attack_epochs=a.attack_epochs, attack_batch=a.attack_batch, n_train=a.n_train, n_test=a.n_test,
                  seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
-                 anp_pruning_step=a.anp_pruning_step, clp_u=a.clp_u, defenses=a.defenses,
+                 anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, fp_ratio=a.fp_ratio,
+                 plugin_seeds=a.plugin_seeds, clp_u=a.clp_u, defenses=a.defenses,
                  wait_attacks_min=a.wait_attacks)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
@@ -707,9 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     # and config/defense/otbr*/ are written)
     for path, status in install_dropin(bb_root, datasets=[DATASET], force=True):
         print(f"  drop-in {status:9} {path.relative_to(bb_root)}", flush=True)
-    s.dataset_path, data_info = prepare_data(bb_root, a.n_train, a.n_test, a.data_seed)
-    print(f"  data: Fashion-MNIST SUBSAMPLED to {a.n_train} train / {a.n_test} test (stratified, seed "
-          f"{a.data_seed}) in BackdoorBench's gtsrb layout at {data_info['folder']}", flush=True)
+    for attack in a.attacks:
+        split_attack(attack, 1, a.layout)  # a malformed spec fails here, before anything runs
+    data_info = {}
+    for layout in sorted({attack_layout(s, attack) for attack in a.attacks}):
+        s.dataset_paths[layout], data_info[layout] = prepare_data(bb_root, a.n_train, a.n_test, a.data_seed, layout)
+        print(f"  data: Fashion-MNIST SUBSAMPLED to {a.n_train} train / {a.n_test} test (stratified, seed "
+              f"{a.data_seed}), {layout} layout, in BackdoorBench's gtsrb file layout at "
+              f"{data_info[layout]['folder']}", flush=True)
 
     runs = schedule(s)
     infos: dict[str, dict] = {}

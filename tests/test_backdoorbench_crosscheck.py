@@ -59,6 +59,82 @@ def test_summary_csv_reads_the_last_row_of_a_backdoorbench_summary(tmp_path):
     assert mod._read_summary(q) == {"acc": 0.5, "asr": 0.25, "ra": 0.125}
 
 
+def test_layouts_map_28_to_32_as_named():
+    mod = _load_script()
+    img = np.zeros((28, 28), dtype=np.uint8)
+    img[-1, -1] = 255  # the bottom-right pixel, where BackdoorBench's BadNets patch goes
+    pad = mod.to_rgb32(img, "pad")
+    rs = mod.to_rgb32(img, "resize")
+    for out in (pad, rs):
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+    # pad: the image sits 2 pixels in, the border stays 0 (BadNets' pixels 29-31 are mostly border)
+    assert pad[29, 29, 0] == 255 and pad[30:, :, 0].sum() == 0 and pad[:, 30:, 0].sum() == 0
+    # resize: the corner pixel reaches the 32x32 image's corner, content fills the whole frame
+    assert rs[31, 31, 0] > 0 and rs[30:, 30:, 0].sum() > 0
+    full = np.full((28, 28), 200, dtype=np.uint8)
+    assert (mod.to_rgb32(full, "resize") == 200).all()
+    assert mod.to_rgb32(full, "pad")[0, 0, 0] == 0
+    with pytest.raises(ValueError, match="layout 'crop'"):
+        mod.to_rgb32(img, "crop")
+    with pytest.raises(ValueError, match="28x28 uint8"):
+        mod.to_rgb32(np.zeros((32, 32), dtype=np.uint8), "pad")
+
+
+def test_attack_specs_name_epochs_and_layout():
+    mod = _load_script()
+    assert mod.split_attack("badnet", 3) == ("badnet", 3, "", "resize")
+    assert mod.split_attack("badnet:15", 3) == ("badnet", 15, "_e15", "resize")
+    assert mod.split_attack("blended@pad", 3) == ("blended", 3, "", "pad")
+    assert mod.split_attack("badnet:8@pad", 3, "resize") == ("badnet", 8, "_e8", "pad")
+    assert mod.split_attack("badnet", 3, "pad")[3] == "pad"
+    # pad records keep the names they had before layouts existed; the others name their layout
+    assert mod.record_name("blended@pad", 1000, 250) == "otbrx_fmnist1000_250_blended"
+    assert mod.record_name("badnet:15", 1000, 250) == "otbrx_fmnist1000_250_resize_badnet_e15"
+    assert mod.data_dir_name(1000, 250, 0, "pad") == "otbr_crosscheck_fmnist_1000_250_s0"
+    assert mod.data_dir_name(1000, 250, 0, "resize") == "otbr_crosscheck_fmnist_1000_250_s0_resize"
+    for bad in ("badnet@crop", "badnet:0", "badnet:x", ":3"):
+        with pytest.raises(SystemExit, match="--attacks"):
+            mod.split_attack(bad, 3)
+
+
+def test_runs_of_another_cpu_budget_are_other_runs(tmp_path):
+    mod = _load_script()
+    a = mod.parse_args([str(tmp_path), "--out", str(tmp_path / "o"), "--fp-epochs", "10", "--fp-ratio", "0.2",
+                        "--anp-iters", "40", "--anp-batch", "16", "--anp-lr", "0.2"])
+    assert a.layout == "resize"
+
+    def settings(**kw):
+        base = dict(bb_root=tmp_path, bb_python="python", out=tmp_path, work=tmp_path,
+                    dataset_paths={"resize": "./data/x_resize", "pad": "./data/x"}, layout="resize",
+                    attacks=["blended@pad", "badnet:15"], attack_epochs=3, attack_batch=32, n_train=1000, n_test=250,
+                    seeds=[0, 1, 2], seeds_blended=[0], threads=1, fp_epochs=a.fp_epochs,
+                    fp_once_prune_ratio=a.fp_once_prune_ratio, fp_ratio=a.fp_ratio, anp_iters=a.anp_iters,
+                    anp_batch=a.anp_batch, anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, clp_u=3.0,
+                    defenses=["fp", "anp"], plugin_seeds=2)
+        base.update(kw)
+        return mod.Settings(**base)
+
+    s = settings()
+    assert mod.budget_tag(s, "fp") == "e10-r0.2-p0.01" and mod.budget_tag(s, "anp") == "i40-b16-ps0.05-lr0.2"
+    runs = mod.defense_runs(s, "blended@pad")
+    bb_anp = [r for r in runs if r.name == "anp" and r.impl == "BackdoorBench"]
+    assert [r.seed for r in bb_anp] == [0, 1, 2]
+    assert all("__i40-b16-ps0.05-lr0.2__" in r.kept and "./data/x" in r.args for r in bb_anp)
+    assert all(r.args[r.args.index("--lr") + 1] == "0.2" for r in bb_anp)
+    ours = [r for r in runs if r.impl == "plug-in"]
+    assert sorted({r.seed for r in ours}) == [0, 1]  # --plugin-seeds 2
+    default_anp = [r for r in ours if r.name == "anp" and not r.variant]
+    assert all(r.args[r.args.index("--mask_lr") + 1] == "0.2" for r in default_anp)
+    fp = [r for r in runs if r.name == "fp"]
+    assert all(r.args[r.args.index("--ratio") + 1] == "0.2" for r in fp)
+    other = {r.kept for r in mod.defense_runs(settings(fp_epochs=2), "blended@pad") if r.name == "fp"}
+    assert other.isdisjoint({r.kept for r in fp})
+    badnet = mod.defense_runs(s, "badnet:15")
+    assert all(r.record == "otbrx_fmnist1000_250_resize_badnet_e15" and "./data/x_resize" in r.args for r in badnet)
+    assert {r.seed for r in badnet if r.impl == "BackdoorBench"} == {0}  # --seeds-other
+
+
 BB_ROOT = os.environ.get("BACKDOORBENCH_ROOT")
 BB_PYTHON = os.environ.get("BACKDOORBENCH_PYTHON", sys.executable)
 
