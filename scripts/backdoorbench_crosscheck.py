@@ -458,10 +458,62 @@ def max_weight_diff(a: dict, b: dict) -> tuple[float, str, list[str]]:
     return worst, where, differ
 
 
+def _effective(state: dict, key: str):
+    """The weight ``key`` as the model uses it: ``weight_orig * weight_mask`` where a pruning reparametrisation
+    was saved (BackdoorBench's FP), else the tensor itself."""
+    if key in state:
+        return state[key]
+    if key + "_orig" in state and key + "_mask" in state:
+        return state[key + "_orig"] * state[key + "_mask"]
+    return None
+
+
+def pruned_units(state: dict, before: dict, defense: str) -> int | None:
+    """How many units a pruning defense switched off, read from the weights alone (the same count for
+    BackdoorBench's result and the plug-in's): ANP, BatchNorm channels whose weight became 0; FP, input
+    columns of the final ``linear`` layer that became all-zero. None for other defenses."""
+    if defense == "anp":
+        n = 0
+        for k, w in before.items():
+            if k.endswith(".weight") and k[:-len("weight")] + "running_mean" in before and k in state:
+                n += int(((state[k] == 0) & (w != 0)).sum())
+        return n
+    if defense == "fp":
+        after, orig = _effective(state, "linear.weight"), _effective(before, "linear.weight")
+        if after is None or orig is None:
+            return None
+        return int(((after == 0).all(dim=0) & ~(orig == 0).all(dim=0)).sum())
+    return None
+
+
+def min_anp_mask(run_dir: Path) -> float | None:
+    """The smallest learnt ANP mask of a run: BackdoorBench's ``checkpoint/mask_values.txt`` (4 decimals) or
+    the drop-in's ``masks.csv``."""
+    bb, ours = run_dir / "checkpoint" / "mask_values.txt", run_dir / "masks.csv"
+    if bb.is_file():
+        values = [float(line.split("\t")[3]) for line in bb.read_text().splitlines()[1:] if line.strip()]
+    elif ours.is_file():
+        with open(ours, newline="") as fh:
+            values = [float(r["mask"]) for r in csv.DictReader(fh)]
+    else:
+        return None
+    return min(values) if values else None
+
+
 def _fmt(x: float | None, pct: bool = True) -> str:
     if x is None:
         return "-"
     return f"{100 * x:.2f}" if pct else f"{x:.1f}"
+
+
+def cpu_settings(s: Settings) -> dict[str, str]:
+    """The FP / ANP / CLP settings of the runs, each with BackdoorBench's default beside it."""
+    lr = "each side's own (BackdoorBench 0.01, plug-in default 0.2)" if s.anp_lr is None else f"{s.anp_lr:g}"
+    return {"FP fine-tuning epochs": f"{s.fp_epochs} [100]", "FP clean subset ratio": f"{s.fp_ratio:g} [0.05]",
+            "FP once_prune_ratio": f"{s.fp_once_prune_ratio:g} [0.01]",
+            "ANP iterations": f"{s.anp_iters} [2000]", "ANP batch": f"{s.anp_batch} [256]",
+            "ANP mask lr": f"{lr} [0.01]", "ANP pruning_step": f"{s.anp_pruning_step:g} [0.05]",
+            "CLP u": f"{s.clp_u:g} [sweep 0-10]"}
 
 
 def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions: dict, data_info: dict) -> None:
@@ -471,12 +523,22 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
     rows, by_key = [], {}
     records = sorted({r.record for r in runs if r.kind == "defense" and r.label in infos})
     before = {rec: attack_metrics(s, rec) for rec in records}
+    attack_states: dict[str, dict] = {}
     for run in runs:
         if run.kind != "defense" or run.label not in infos:
             continue
         m = run_metrics(s, run)
+        pruned, min_mask = None, None
+        if run.name in BUDGETED:
+            if run.record not in attack_states:
+                attack_states[run.record] = load_state(s.bb_root / "record" / run.record / "attack_result.pt")
+            pruned = pruned_units(load_state(s.bb_root / run.kept / "defense_result.pt"), attack_states[run.record],
+                                  run.name)
+            if run.name == "anp":
+                min_mask = min_anp_mask(s.bb_root / run.kept)
         row = {"record": run.record, "defense": run.name, "impl": run.impl, "variant": run.variant, "seed": run.seed,
                "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "der": der(before[run.record], m),
+               "pruned": pruned, "min_mask": min_mask, "budget": budget_tag(s, run.name) if run.name in BUDGETED else "",
                "seconds": infos[run.label]["seconds"], "threads": s.threads,
                "loadavg_start_1min": infos[run.label]["loadavg_start"][0]}
         rows.append(row)
@@ -509,6 +571,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
             out[k + "_min"], out[k + "_max"] = min(r[k] for r in rs), max(r[k] for r in rs)
         out["n"] = len(rs)
         out["seeds"] = ",".join(str(r["seed"]) for r in rs)
+        out["pruned"] = ",".join("-" if r["pruned"] is None else str(r["pruned"]) for r in rs)
+        out["min_mask"] = ",".join("-" if r["min_mask"] is None else f"{r['min_mask']:.3f}" for r in rs)
         return out
 
     lines = [
@@ -522,14 +586,22 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         "own last-epoch metrics. Seconds: wall time of the whole script (load, defend, evaluate, save) on a "
         f"shared machine, {s.threads} thread(s) each.",
         "",
-        "| record | attack ACC / ASR / RA |",
-        "|---|---|",
+        "CPU-sized settings, the same on both sides (BackdoorBench's defaults in brackets): "
+        + "; ".join(f"{k} {v}" for k, v in cpu_settings(s).items()) + ".",
+        "",
+        "| record | layout | attack epochs | attack ACC / ASR / RA |",
+        "|---|---|---|---|",
     ]
+    spec = {record_name(a, s.n_train, s.n_test, s.layout): split_attack(a, s.attack_epochs, s.layout) for a in s.attacks}
     for rec in records:
         b = before[rec]
-        lines.append(f"| {rec} | {_fmt(b['acc'])} / {_fmt(b['asr'])} / {_fmt(b['ra'])} |")
-    lines += ["", "| record | defense | implementation | seeds | ACC | ASR | RA | DER | seconds |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        _, epochs, _, layout = spec[rec]
+        lines.append(f"| {rec} | {layout} | {epochs} | {_fmt(b['acc'])} / {_fmt(b['asr'])} / {_fmt(b['ra'])} |")
+    lines += ["", "Pruned: ANP, BatchNorm channels whose weight the defense set to 0; FP, input columns of the final "
+              "linear layer that became all-zero; both read from the saved weights against the attack's, per seed. "
+              "Min mask: ANP's smallest learnt mask, per seed. Budget: the CPU-sized FP/ANP settings (see below).",
+              "", "| record | defense | implementation | budget | seeds | ACC | ASR | RA | DER | pruned | min mask | "
+              "seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2] != "BackdoorBench", k[3])):
         a = agg(key)
         rec, name, impl, variant = key
@@ -539,8 +611,10 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
             asr = f"{_fmt(a['asr'])} ({_fmt(a['asr_min'])}-{_fmt(a['asr_max'])})"
         else:
             acc, asr = _fmt(a["acc"]), _fmt(a["asr"])
-        lines.append(f"| {rec} | {name} | {impl_txt} | {a['seeds']} | {acc} | {asr} | {_fmt(a['ra'])} | "
-                     f"{a['der']:.3f} | {_fmt(a['seconds'], pct=False)} |")
+        budget = budget_tag(s, name) if name in BUDGETED else "-"
+        lines.append(f"| {rec} | {name} | {impl_txt} | {budget} | {a['seeds']} | {acc} | {asr} | {_fmt(a['ra'])} | "
+                     f"{a['der']:.3f} | {a['pruned'] if name in BUDGETED else '-'} | "
+                     f"{a['min_mask'] if name == 'anp' else '-'} | {_fmt(a['seconds'], pct=False)} |")
     # FP / ANP: the plug-in against BackdoorBench's seed spread
     diff_rows = []
     for rec in records:
@@ -595,7 +669,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                              f"({run.record}): `{cmd}`")
     lines.append("")
     write_text(s.out / "crosscheck.md", "\n".join(lines))
-    write_json(s.out / "crosscheck.json", {"versions": versions, "data": data_info, "attack_metrics": before,
+    write_json(s.out / "crosscheck.json", {"versions": versions, "data": data_info, "settings": cpu_settings(s),
+                                           "attack_metrics": before,
                                            "runs": rows, "clp_weights": clp_rows, "fp_anp_vs_spread": diff_rows})
     if clp_rows:
         h = list(clp_rows[0])

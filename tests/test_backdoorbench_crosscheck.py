@@ -135,6 +135,31 @@ def test_runs_of_another_cpu_budget_are_other_runs(tmp_path):
     assert {r.seed for r in badnet if r.impl == "BackdoorBench"} == {0}  # --seeds-other
 
 
+def test_pruned_units_are_read_from_the_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    mod = _load_script()
+    before = {"layer1.bn1.weight": torch.tensor([1.0, 0.5, 0.0, 2.0]), "layer1.bn1.running_mean": torch.zeros(4),
+              "conv.weight": torch.ones(4), "linear.weight": torch.ones(3, 5)}
+    anp = dict(before, **{"layer1.bn1.weight": torch.tensor([0.0, 0.5, 0.0, 0.0]), "conv.weight": torch.zeros(4)})
+    # two channels zeroed; the one that was 0 already and the non-BN tensor do not count
+    assert mod.pruned_units(anp, before, "anp") == 2
+    mask = torch.ones(3, 5)
+    mask[:, [1, 3]] = 0
+    fp_bb = {"linear.weight_orig": torch.ones(3, 5), "linear.weight_mask": mask}  # BackdoorBench's reparametrisation
+    fp_ours = {"linear.weight": torch.ones(3, 5) * mask}
+    assert mod.pruned_units(fp_bb, before, "fp") == mod.pruned_units(fp_ours, before, "fp") == 2
+    assert mod.pruned_units(before, before, "fp") == 0 and mod.pruned_units(before, before, "clp") is None
+    bb = tmp_path / "bb" / "checkpoint"
+    bb.mkdir(parents=True)
+    (bb / "mask_values.txt").write_text("No \t Layer Name \t Neuron Idx \t Mask Score \n"
+                                        "0 \t layer1.0.bn1 \t 0 \t 0.8123 \n1 \t layer1.0.bn1 \t 1 \t 0.0512 \n")
+    assert mod.min_anp_mask(tmp_path / "bb") == 0.0512
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "masks.csv").write_text("layer,channel,mask,pruned\nl,0,0.25,True\nl,1,0.75,False\n")
+    assert mod.min_anp_mask(tmp_path / "ours") == 0.25
+    assert mod.min_anp_mask(tmp_path) is None
+
+
 BB_ROOT = os.environ.get("BACKDOORBENCH_ROOT")
 BB_PYTHON = os.environ.get("BACKDOORBENCH_PYTHON", sys.executable)
 
