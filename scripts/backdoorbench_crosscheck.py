@@ -307,9 +307,10 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
     for i, seed in enumerate(seeds):
         add("fp", "BackdoorBench", "./defense/fp.py", fp_bb, seed, "fp")
         add("anp", "BackdoorBench", "./defense/anp.py", anp_bb, seed, "anp")
-        if i < s.plugin_seeds:
+        if i == 0:  # the plug-in's own setting: a different method setting, one seed
             add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
             add("anp", "plug-in", "./defense/otbr_anp.py", anp_ours, seed, "otbr_anp")
+        if i < s.plugin_seeds:
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
     return runs
@@ -823,7 +824,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ANP mask learning rate, both (BackdoorBench's --lr, the drop-ins' --mask_lr; default: each "
                         "side's own, BackdoorBench 0.01, plug-in default setting 0.2)")
     p.add_argument("--plugin-seeds", type=int, default=1,
-                   help="the drop-ins' FP/ANP run at the first N of BackdoorBench's seeds (default 1)")
+                   help="the drop-ins' FP/ANP in BackdoorBench's setting run at the first N of BackdoorBench's "
+                        "seeds (default 1; their default setting at the first seed only)")
     p.add_argument("--anp-iters", type=int, default=2000, help="ANP mask iterations, both (BackdoorBench: 2000)")
     p.add_argument("--anp-batch", type=int, default=256, help="ANP batch size, both (BackdoorBench: 256, plug-in default 128)")
     p.add_argument("--anp-pruning-step", type=float, default=0.05,
