@@ -2,9 +2,9 @@
 
 The end-to-end test is opt-in: it needs a real BackdoorBench checkout (``BACKDOORBENCH_ROOT``) and the Python of
 an environment that holds BackdoorBench's requirements and otbr-plugin (``BACKDOORBENCH_PYTHON``, default: the
-Python running the tests). It runs the crosscheck on its smallest setting (200 train / 100 test images, one
-BadNets epoch, one seed, a few FP/ANP steps). Like the script, it reuses the record and the defense outputs that
-already exist in the checkout (``record/otbrx_fmnist200_100_badnet/``); from scratch it takes about 30 minutes on
+Python running the tests). It runs the crosscheck on its smallest setting (200 train / 100 test images on the
+zero-padded layout, ``badnet@pad``, one BadNets epoch, one seed, a few FP/ANP steps). Like the script, it reuses
+the record and the defense outputs that already exist in the checkout (``record/otbrx_fmnist200_100_badnet/``); from scratch it takes about 30 minutes on
 one thread of a loaded 2-core machine (its last run here, with the attack and FP/ANP outputs present: 14.4
 minutes). CI does not need BackdoorBench.
 """
@@ -173,7 +173,7 @@ def test_crosscheck_smallest_setting(tmp_path):
 
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), BB_ROOT, "--bb-python", BB_PYTHON, "--out", str(out),
-           "--work", str(tmp_path / "work"), "--n-train", "200", "--n-test", "100", "--attacks", "badnet",
+           "--work", str(tmp_path / "work"), "--n-train", "200", "--n-test", "100", "--attacks", "badnet@pad",
            "--attack-epochs", "1", "--attack-batch", "128", "--seeds", "0", "--fp-epochs", "1",
            "--fp-once-prune-ratio", "0.2", "--anp-iters", "2", "--anp-batch", "32", "--anp-pruning-step", "0.3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -189,6 +189,8 @@ def test_crosscheck_smallest_setting(tmp_path):
         for k in ("acc", "asr", "ra", "der"):
             assert 0.0 <= float(r[k]) <= 1.0, r
         assert float(r["seconds"]) > 0
+        if r["defense"] in ("fp", "anp"):  # units pruned, read from the saved weights
+            assert int(r["pruned"]) >= 0 and r["budget"], r
     result = json.loads((out / "crosscheck.json").read_text())
     clp = {c["variant"]: c for c in result["clp_weights"]}
     # BackdoorBench's CLP and the plug-in's with BackdoorBench's conv/BN pairing prune the same weights
