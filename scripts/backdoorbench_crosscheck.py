@@ -200,10 +200,27 @@ class Settings:
     plugin_seeds: int = 1
 
 
+def attack_pratio(spec: str) -> tuple[str, float | None]:
+    """``SPEC%PRATIO`` -> (SPEC, PRATIO): BackdoorBench's ``--pratio`` (share of the training images poisoned)
+    for this attack; without ``%`` its attack YAML's own (None)."""
+    head, sep, p = spec.partition("%")
+    if not sep:
+        return spec, None
+    try:
+        pratio = float(p)
+    except ValueError:
+        pratio = -1.0
+    if not 0 < pratio <= 1:
+        raise SystemExit(f"--attacks {spec!r}: %PRATIO must be a number in (0, 1], got {p!r}")
+    return head, pratio
+
+
 def split_attack(spec: str, default_epochs: int, default_layout: str = "resize") -> tuple[str, int, str, str]:
-    """``NAME[:EPOCHS][@LAYOUT]`` -> (attack, epochs, record-name suffix, layout): ``badnet:8@pad`` is BadNets
-    for 8 epochs on the zero-padded images; without ``:EPOCHS`` the default epochs (no suffix), without
-    ``@LAYOUT`` the default layout."""
+    """``NAME[:EPOCHS][@LAYOUT][%PRATIO]`` -> (attack, epochs, record-name suffix, layout): ``badnet:8@pad`` is
+    BadNets for 8 epochs on the zero-padded images; without ``:EPOCHS`` the default epochs (no suffix), without
+    ``@LAYOUT`` the default layout; ``%PRATIO`` (see ``attack_pratio``) adds ``_pPRATIO`` to the suffix."""
+    spec, pratio = attack_pratio(spec)
+    ptag = "" if pratio is None else f"_p{pratio:g}"
     head, _, layout = spec.partition("@")
     layout = layout or default_layout
     if layout not in LAYOUTS:
@@ -212,10 +229,10 @@ def split_attack(spec: str, default_epochs: int, default_layout: str = "resize")
     if not name:
         raise SystemExit(f"--attacks {spec!r}: expected NAME[:EPOCHS][@LAYOUT]")
     if not epochs:
-        return name, default_epochs, "", layout
+        return name, default_epochs, ptag, layout
     if not epochs.isdigit() or int(epochs) < 1:
         raise SystemExit(f"--attacks {spec!r}: expected NAME[:EPOCHS][@LAYOUT] with EPOCHS a positive integer")
-    return name, int(epochs), f"_e{int(epochs)}", layout
+    return name, int(epochs), f"_e{int(epochs)}{ptag}", layout
 
 
 def record_name(attack: str, n_train: int, n_test: int, default_layout: str = "resize") -> str:
@@ -241,10 +258,13 @@ COMMON_BB = ["--device", "cpu", "--num_workers", "0", "--pin_memory", "False", "
 def attack_run(s: Settings, attack: str) -> Run:
     rec = record_name(attack, s.n_train, s.n_test, s.layout)
     path = dataset_path(s, attack)
+    pratio = attack_pratio(attack)[1]
     attack, epochs, _, _ = split_attack(attack, s.attack_epochs, s.layout)
     args = ["--yaml_path", "./config/attack/prototype/gtsrb.yaml", "--bd_yaml_path", f"./config/attack/{attack}/default.yaml",
             "--dataset_path", path, *COMMON_BB, "--epochs", str(epochs),
             "--batch_size", str(s.attack_batch), "--save_folder_name", rec]
+    if pratio is not None:
+        args += ["--pratio", f"{pratio:g}"]
     return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
 
 
@@ -803,8 +823,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "resize (PIL bilinear; default) or pad (zero border of 2; BadNets' corner trigger falls "
                         "on it)")
     p.add_argument("--attacks", nargs="+", default=["badnet", "blended"],
-                   help="BackdoorBench attack scripts, NAME[:EPOCHS][@LAYOUT] (own epochs: record name gets _eEPOCHS; "
-                        "own layout); the first gets --seeds, the others --seeds-other")
+                   help="BackdoorBench attack scripts, NAME[:EPOCHS][@LAYOUT][%%PRATIO] (own epochs: record name gets "
+                        "_eEPOCHS; own layout; own --pratio: _pPRATIO); the first gets --seeds, the others "
+                        "--seeds-other")
     p.add_argument("--attack-epochs", type=int, default=3, help="BackdoorBench's --epochs of the attacks (default 3)")
     p.add_argument("--attack-batch", type=int, default=32,
                    help="BackdoorBench's --batch_size of the attacks (default 32: more steps per CPU second)")

@@ -93,7 +93,10 @@ def test_attack_specs_name_epochs_and_layout():
     assert mod.record_name("badnet:15", 1000, 250) == "otbrx_fmnist1000_250_resize_badnet_e15"
     assert mod.data_dir_name(1000, 250, 0, "pad") == "otbr_crosscheck_fmnist_1000_250_s0"
     assert mod.data_dir_name(1000, 250, 0, "resize") == "otbr_crosscheck_fmnist_1000_250_s0_resize"
-    for bad in ("badnet@crop", "badnet:0", "badnet:x", ":3"):
+    assert mod.split_attack("badnet:6@resize%0.3", 3) == ("badnet", 6, "_e6_p0.3", "resize")
+    assert mod.record_name("badnet:6%0.3", 1000, 250) == "otbrx_fmnist1000_250_resize_badnet_e6_p0.3"
+    assert mod.attack_pratio("badnet:6%0.3") == ("badnet:6", 0.3) and mod.attack_pratio("badnet") == ("badnet", None)
+    for bad in ("badnet@crop", "badnet:0", "badnet:x", ":3", "badnet%0", "badnet%x", "badnet:3%1.5"):
         with pytest.raises(SystemExit, match="--attacks"):
             mod.split_attack(bad, 3)
 
