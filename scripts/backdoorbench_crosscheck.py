@@ -198,6 +198,7 @@ class Settings:
     defenses: list[str]
     wait_attacks_min: float = 0.0
     plugin_seeds: int = 1
+    fp_bb_tmax: bool = False
 
 
 def attack_pratio(spec: str) -> tuple[str, float | None]:
@@ -284,6 +285,27 @@ def clp_yaml(s: Settings) -> Path:
     return path
 
 
+def fp_tmax_yaml(s: Settings) -> Path:
+    """BackdoorBench's fp/gtsrb.yaml with ``cos_t_max`` = the fine-tuning epochs. Its scheduler factory reads
+    ``cos_t_max`` (else T_max = 100, stepped per epoch), so with fewer than 100 epochs BackdoorBench's FP barely
+    anneals, while the drop-in anneals over all its fine-tuning steps; with this YAML both follow the same curve
+    (one step per epoch when the clean subset is smaller than the batch)."""
+    import yaml
+
+    from otbr_plugin.io import write_text
+
+    src = s.bb_root / "config" / "defense" / "fp" / "gtsrb.yaml"
+    values = yaml.safe_load(src.read_text())
+    values["cos_t_max"] = s.fp_epochs
+    path = s.work / "yaml" / f"fp_gtsrb_tmax{s.fp_epochs}.yaml"
+    write_text(path, f"# {src} with cos_t_max = {s.fp_epochs} (otbr-plugin crosscheck)\n"
+                     + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+TMAX_VARIANT = "cos_t_max=epochs"
+
+
 def defense_runs(s: Settings, attack: str) -> list[Run]:
     """The defense runs on one record, most important first (so an interrupted run still fills the table)."""
     rec = record_name(attack, s.n_train, s.n_test, s.layout)
@@ -324,8 +346,14 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
     # the drop-ins in BackdoorBench's setting, with BackdoorBench's own YAML and flags (the command line of
     # BackdoorBench's script with the script's name changed) and its test-set selection behind the oracle switch
     oracle = ["--setting", "backdoorbench", "--oracle", "true"]
+    fp_bb_tmax = None
+    if s.fp_bb_tmax and "fp" in s.defenses:
+        fp_bb_tmax = [*fp_bb]
+        fp_bb_tmax[fp_bb_tmax.index("--yaml_path") + 1] = str(fp_tmax_yaml(s))
     for i, seed in enumerate(seeds):
         add("fp", "BackdoorBench", "./defense/fp.py", fp_bb, seed, "fp")
+        if fp_bb_tmax is not None:
+            add("fp", "BackdoorBench", "./defense/fp.py", fp_bb_tmax, seed, "fp", TMAX_VARIANT)
         add("anp", "BackdoorBench", "./defense/anp.py", anp_bb, seed, "anp")
         if i == 0:  # the plug-in's own setting: a different method setting, one seed
             add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
@@ -640,30 +668,40 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
     diff_rows = []
     for rec in records:
         for name in ("fp", "anp"):
-            bbk = agg((rec, name, "BackdoorBench", ""))
-            for variant in (BB_SETTING, ""):
-                ok = agg((rec, name, "plug-in", variant))
-                if bbk is None or ok is None:
-                    continue
-                # 1e-6: the drop-ins write float32 fractions, BackdoorBench python floats (0.64 vs 0.6399999938)
-                within = (abs(ok["acc"] - bbk["acc"]) <= bbk["acc_spread"] + 1e-6
-                          and abs(ok["asr"] - bbk["asr"]) <= bbk["asr_spread"] + 1e-6) if bbk["n"] > 1 else None
-                diff_rows.append({"record": rec, "defense": name, "plugin_setting": variant or "default",
-                                  "bb_seeds": bbk["seeds"], "dacc": abs(ok["acc"] - bbk["acc"]),
-                                  "acc_spread": bbk["acc_spread"], "dasr": abs(ok["asr"] - bbk["asr"]),
-                                  "asr_spread": bbk["asr_spread"], "within_spread": within,
-                                  "time_ratio": ok["seconds"] / bbk["seconds"]})
+            for bb_variant in ("", TMAX_VARIANT):
+                bbk = agg((rec, name, "BackdoorBench", bb_variant))
+                for variant in (BB_SETTING, ""):
+                    ok = agg((rec, name, "plug-in", variant))
+                    if bbk is None or ok is None:
+                        continue
+                    # 1e-6: the drop-ins write float32 fractions, BackdoorBench python floats (0.64 vs 0.6399999938)
+                    within = (abs(ok["acc"] - bbk["acc"]) <= bbk["acc_spread"] + 1e-6
+                              and abs(ok["asr"] - bbk["asr"]) <= bbk["asr_spread"] + 1e-6) if bbk["n"] > 1 else None
+                    diff_rows.append({"record": rec, "defense": name, "bb_variant": bb_variant or "as shipped",
+                                      "plugin_setting": variant or "default", "plugin_seeds": ok["seeds"],
+                                      "plugin_acc_range": f"{_fmt(ok['acc_min'])}-{_fmt(ok['acc_max'])}",
+                                      "plugin_asr_range": f"{_fmt(ok['asr_min'])}-{_fmt(ok['asr_max'])}",
+                                      "bb_seeds": bbk["seeds"], "dacc": abs(ok["acc"] - bbk["acc"]),
+                                      "acc_spread": bbk["acc_spread"], "dasr": abs(ok["asr"] - bbk["asr"]),
+                                      "asr_spread": bbk["asr_spread"], "within_spread": within,
+                                      "time_ratio": ok["seconds"] / bbk["seconds"]})
     if diff_rows:
         lines += ["", "FP and ANP: |plug-in - mean of BackdoorBench's runs| against the spread (max - min) of "
                   "BackdoorBench's own runs over its seeds (the issue's tolerance); time ratio = plug-in seconds / "
                   "BackdoorBench's mean seconds. `setting=backdoorbench,oracle` = the drop-in run with "
                   "BackdoorBench's YAML and flags, `--setting backdoorbench --oracle true` (its test-set selection, "
                   "labelled oracle); `default` = the plug-in's own setting (no test data).",
-                  "", "| record | defense | plug-in setting | BB seeds | abs dACC | BB ACC spread | abs dASR | "
-                  "BB ASR spread | within spread | time ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "The plug-in's value is its mean over its seeds (range beside it). BackdoorBench `as shipped` = its "
+                  "fp.py/anp.py with its YAML; `cos_t_max=epochs` = its fp.py with a YAML copy that sets "
+                  "cos_t_max to the fine-tuning epochs (the drop-in's cosine schedule; BackdoorBench's own is "
+                  "T_max = 100 epochs whatever --epochs says).",
+                  "", "| record | defense | BackdoorBench | plug-in setting | plug-in seeds | plug-in ACC range | "
+                  "plug-in ASR range | BB seeds | abs dACC | BB ACC spread | abs dASR | BB ASR spread | within spread "
+                  "| time ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for d in diff_rows:
             w = "-" if d["within_spread"] is None else ("yes" if d["within_spread"] else "no")
-            lines.append(f"| {d['record']} | {d['defense']} | {d['plugin_setting']} | {d['bb_seeds']} | "
+            lines.append(f"| {d['record']} | {d['defense']} | {d['bb_variant']} | {d['plugin_setting']} | "
+                         f"{d['plugin_seeds']} | {d['plugin_acc_range']} | {d['plugin_asr_range']} | {d['bb_seeds']} | "
                          f"{_fmt(d['dacc'])} | {_fmt(d['acc_spread'])} | {_fmt(d['dasr'])} | {_fmt(d['asr_spread'])} | "
                          f"{w} | {d['time_ratio']:.2f} |")
     if clp_rows:
@@ -847,6 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plugin-seeds", type=int, default=1,
                    help="the drop-ins' FP/ANP in BackdoorBench's setting run at the first N of BackdoorBench's "
                         "seeds (default 1; their default setting at the first seed only)")
+    p.add_argument("--fp-bb-tmax", action="store_true",
+                   help="also run BackdoorBench's FP with cos_t_max = --fp-epochs (a YAML copy): the drop-in's "
+                        "cosine schedule, to measure that one difference at a reduced epoch count")
     p.add_argument("--anp-iters", type=int, default=2000, help="ANP mask iterations, both (BackdoorBench: 2000)")
     p.add_argument("--anp-batch", type=int, default=256, help="ANP batch size, both (BackdoorBench: 256, plug-in default 128)")
     p.add_argument("--anp-pruning-step", type=float, default=0.05,
@@ -872,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
                  seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
                  anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, fp_ratio=a.fp_ratio,
-                 plugin_seeds=a.plugin_seeds, clp_u=a.clp_u, defenses=a.defenses,
+                 plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, clp_u=a.clp_u, defenses=a.defenses,
                  wait_attacks_min=a.wait_attacks)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)

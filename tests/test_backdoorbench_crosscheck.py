@@ -135,6 +135,14 @@ def test_runs_of_another_cpu_budget_are_other_runs(tmp_path):
     assert all(r.args[r.args.index("--ratio") + 1] == "0.2" for r in fp)
     other = {r.kept for r in mod.defense_runs(settings(fp_epochs=2), "blended@pad") if r.name == "fp"}
     assert other.isdisjoint({r.kept for r in fp})
+    # --fp-bb-tmax: BackdoorBench's own fp.py again, with a YAML copy whose cos_t_max is the fine-tuning epochs
+    (tmp_path / "config" / "defense" / "fp").mkdir(parents=True)
+    (tmp_path / "config" / "defense" / "fp" / "gtsrb.yaml").write_text("epochs: 100\nlr: 0.01\n")
+    tmax = [r for r in mod.defense_runs(settings(fp_bb_tmax=True), "blended@pad") if r.variant == mod.TMAX_VARIANT]
+    assert [r.seed for r in tmax] == [0, 1, 2] and all(r.script == "./defense/fp.py" for r in tmax)
+    copy = Path(tmax[0].args[tmax[0].args.index("--yaml_path") + 1])
+    assert "cos_t_max: 10" in copy.read_text() and "lr: 0.01" in copy.read_text()
+    assert len({r.kept for r in tmax} | {r.kept for r in fp}) == len(tmax) + len(fp)
     badnet = mod.defense_runs(s, "badnet:15")
     assert all(r.record == "otbrx_fmnist1000_250_resize_badnet_e15" and "./data/x_resize" in r.args for r in badnet)
     assert {r.seed for r in badnet if r.impl == "BackdoorBench"} == {0}  # --seeds-other
