@@ -895,6 +895,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clp-u", type=float, default=3.0)
     p.add_argument("--wait-attacks", type=float, default=0.0, metavar="MIN",
                    help="wait up to MIN minutes for an attack record that another process is still making")
+    p.add_argument("--only-impl", choices=("BackdoorBench", "plug-in"), default=None,
+                   help="run (and tabulate) only this side's defense runs")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 
@@ -931,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{data_info[layout]['folder']}", flush=True)
 
     runs = schedule(s)
+    if a.only_impl:  # e.g. more seeds of the drop-ins while BackdoorBench's runs go on in another invocation
+        runs = [r for r in runs if r.kind == "attack" or r.impl == a.only_impl]
     infos: dict[str, dict] = {}
     for run in runs:
         if _done_marker(s, run).is_file():
