@@ -114,8 +114,9 @@ def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int, layout: st
     rel = f"./data/{name}"
     target = bb_root / "data" / name / DATASET
     info = {"source": str(src), "n_train": n_train, "n_test": n_test, "seed": seed, "folder": str(target),
-            "layout": layout, "images": "BackdoorBench gtsrb loader (Train/000NN/GT-000NN.csv, Test/GT-final_test.csv), "
-                                        f"RGB PNG 32x32 = {LAYOUTS[layout]}"}
+            "layout": layout,
+            "images": "BackdoorBench gtsrb loader (Train/000NN/GT-000NN.csv, Test/GT-final_test.csv), "
+                      f"RGB PNG 32x32 = {LAYOUTS[layout]}"}
     if (target / "Test" / "GT-final_test.csv").is_file():
         return rel, info
     splits = {}
@@ -587,7 +588,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                 min_mask = min_anp_mask(s.bb_root / run.kept)
         row = {"record": run.record, "defense": run.name, "impl": run.impl, "variant": run.variant, "seed": run.seed,
                "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "der": der(before[run.record], m),
-               "pruned": pruned, "min_mask": min_mask, "budget": budget_tag(s, run.name) if run.name in BUDGETED else "",
+               "pruned": pruned, "min_mask": min_mask,
+               "budget": budget_tag(s, run.name) if run.name in BUDGETED else "",
                "seconds": infos[run.label]["seconds"], "threads": s.threads,
                "loadavg_start_1min": infos[run.label]["loadavg_start"][0]}
         rows.append(row)
@@ -630,7 +632,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         f"Data: Fashion-MNIST SUBSAMPLED ({s.n_train} train / {s.n_test} test, stratified, "
         f"seed {next(iter(data_info.values()))['seed']}), written in the file layout of BackdoorBench's `gtsrb` "
         "loader (43-output model, classes 0-9 used); 28x28 -> 32x32 per record (column layout): "
-        + "; ".join(f"{k} = {LAYOUTS[k]}" for k in sorted(data_info)) + ". Attacks: BackdoorBench's own attack scripts; defenses: BackdoorBench's own scripts and the drop-ins, "
+        + "; ".join(f"{k} = {LAYOUTS[k]}" for k in sorted(data_info))
+        + ". Attacks: BackdoorBench's own attack scripts; defenses: BackdoorBench's own scripts and the drop-ins, "
         "all from BackdoorBench's root on CPU. Metrics in %, on the subsample's test split; DER against the attack's "
         "own last-epoch metrics. Seconds: wall time of the whole script (load, defend, evaluate, save) on a "
         f"shared machine, {s.threads} thread(s) each.",
@@ -641,7 +644,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         "| record | layout | attack epochs | attack ACC / ASR / RA |",
         "|---|---|---|---|",
     ]
-    spec = {record_name(a, s.n_train, s.n_test, s.layout): split_attack(a, s.attack_epochs, s.layout) for a in s.attacks}
+    spec = {record_name(a, s.n_train, s.n_test, s.layout): split_attack(a, s.attack_epochs, s.layout)
+            for a in s.attacks}
     for rec in records:
         b = before[rec]
         _, epochs, _, layout = spec[rec]
