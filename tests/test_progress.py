@@ -3,8 +3,8 @@ one line per finished epoch with --no-progress), and the ETA comes from measured
 
 from __future__ import annotations
 
-from otbr_plugin.bench.executors import _Eta, _recorded_cell_seconds, run_grid
-from otbr_plugin.bench.grid import load_grid, plan_tasks
+from otbr_plugin.bench.executors import _Eta, _JobsEta, _recorded_cell_seconds, run_grid
+from otbr_plugin.bench.grid import Task, load_grid, plan_tasks
 from otbr_plugin.cli import main
 from otbr_plugin.runtime import RunSettings
 from test_grid import grid_file
@@ -27,6 +27,28 @@ def test_eta_from_measured_rates_of_each_defense_and_training_steps():
     eta.cell_done("anp", None)  # a failed cell counts as done, without a time
     assert eta.seconds() == (40.0, True)
     eta.cell_done("otbr", 60.0)
+    assert eta.seconds() == (0.0, True) and str(eta) == "ETA 00:00"
+
+
+def test_parallel_eta_from_measured_seconds_per_kind_of_task():
+    """Workers and Slurm: each unfinished task costs its kind's mean measured seconds, shared by the tasks that run
+    at once, never less than the longest task left."""
+    train = [Task("train", a, 0) for a in ("badnets", "blended")]
+    cells = [Task("cell", a, 0, d) for a in ("badnets", "blended") for d in ("none", "anp")]
+    eta = _JobsEta(train + cells, 2, {"anp": [80.0]})  # anp's seconds per cell from existing records
+    assert eta.seconds() == (80.0, False) and str(eta) == "ETA > 01:20"  # the two anp cells alone: a lower bound
+    assert str(_JobsEta(train, 2)) == "ETA ?"
+    eta.done(train[0], 100.0)
+    eta.done(cells[0], 10.0)  # badnets/none
+    eta.done(cells[1], None)  # a failed or skipped cell: done, no rate from it
+    # left: blended's training (100), blended/none (10), blended/anp (80) on 2 workers: 95 s, the longest 100 s
+    assert eta.seconds() == (100.0, True) and str(eta) == "ETA 01:40"
+    eta.done(train[1], 140.0)  # training now 120 s on average; nothing left to train
+    assert eta.seconds() == (max(90.0 / 2, 80.0), True)
+    eta.parallel = 1  # Slurm: one job running now
+    assert eta.seconds() == (90.0, True)
+    eta.done(cells[2], 12.0)
+    eta.done(cells[3], 70.0)
     assert eta.seconds() == (0.0, True) and str(eta) == "ETA 00:00"
 
 
