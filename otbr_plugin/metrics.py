@@ -20,8 +20,8 @@ class NonFiniteOutputError(ValueError):
 
 CPU_EVAL_BATCH = 64
 """Evaluation batch on the CPU: small enough that a batch's activations stay in the CPU's caches (preactresnet18 at
-width 0.125-1.0 evaluated 1.3-2x faster than in batches of 512 on a 2 MiB-L2 CPU, one thread; 64 was the fastest
-of 32-512 at every width). The batch does not change a result: each image's logits came out bit-identical to those
+width 0.125-1.0 evaluated 1.3-2.3x faster than in batches of 512 on a 2 MiB-L2 CPU, one thread; 64 was within 3%
+of the fastest of 32-512 at every width). The batch does not change a result: each image's logits came out bit-identical to those
 of the batches of 512 every earlier CPU result was computed with (the CI and quick-start models on their full clean
 and poisoned test sets in batches of 16-1000 with one thread, the CI model's clean test set in batches of 64 with two
 threads; tests/test_metrics.py checks it on preactresnet18)."""
