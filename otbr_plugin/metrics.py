@@ -50,8 +50,9 @@ def predict(
     copy moved to ``device``.
 
     ``batch_size``: default :data:`CPU_EVAL_BATCH` on the CPU, :data:`ACCELERATOR_EVAL_BATCH` on an accelerator.
-    ``channels_last``: evaluate a channels-last copy of the model on channels-last batches; default on an accelerator, off on the CPU
-    (where it is faster too, but computes with other kernels: off keeps CPU results bit-identical). The images are
+    ``channels_last``: evaluate a channels-last copy of the model on channels-last batches; default on an
+    accelerator, off on the CPU (where it is faster too, but computes with other kernels: off keeps CPU results
+    bit-identical). The images are
     moved to ``device`` once (uint8) and the predictions come back once, so an accelerator never waits for the host
     between batches. Always float32 (no autocast): metrics do not depend on a training precision. Runs under
     ``torch.inference_mode`` (the same kernels as ``no_grad``, so the same numbers, without autograd bookkeeping);
