@@ -87,3 +87,20 @@ def test_existing_records_give_each_defense_its_seconds_per_cell(tmp_path):
     plan = plan_tasks(grid, out, out / "bundles", settings.device)
     seconds = _recorded_cell_seconds(grid, out, plan.skipped)
     assert list(seconds) == ["none"] and len(seconds["none"]) == 1 and seconds["none"][0] > 0  # failed: no rate
+
+
+def test_slurm_bar_shows_the_eta_from_the_jobs_seen_running(tmp_path, monkeypatch, capsys):
+    """The Slurm bar's ETA: a job's seconds from when it was first seen running until it left the queue."""
+    from otbr_plugin.bench import executors
+    from otbr_plugin.bench.slurm import JobState
+
+    grid = load_grid(grid_file(tmp_path, ["none"]))
+    train, other = Task("train", "badnets", 0), Task("train", "blended", 0)
+    polls = iter([{"101": "running", "102": "pending"}, {"102": "pending"}, {"102": "running"}, {}])
+    monkeypatch.setattr(executors, "live_jobs", lambda ids: next(polls))
+    monkeypatch.setattr(executors, "finished_outcome", lambda folder, job_id, key: JobState("done"))
+    jobs = {train.key: {"job_id": "101"}, other.key: {"job_id": "102"}}
+    executors._wait_slurm(grid, tmp_path / "o", jobs, tmp_path / "o" / "jobs", 0.01, True, lambda s: None)
+    err = capsys.readouterr().err
+    assert "ETA ?" in err  # nothing measured while the first job runs
+    assert "ETA 00:00" in err and "2/2" in err  # the first job's time is the second's estimate; then none left
