@@ -18,6 +18,7 @@ from otbr_plugin.bench.executors import run_grid
 from otbr_plugin.bench.grid import Task, load_grid
 from otbr_plugin.bench.runner import evaluate_model, evaluate_model_samples
 from otbr_plugin.data import load_dataset
+from otbr_plugin.metrics import CPU_EVAL_BATCH
 from otbr_plugin.runtime import RunSettings
 from test_grid import grid_file
 
@@ -119,7 +120,7 @@ def test_another_test_set_or_device_setting_is_recomputed(tmp_path, counted):
     assert len(counted) == 3
     key = evalcache.before_cache_key(bundle, clean_test, settings.device)
     assert evalcache.read_cached_before(evalcache.before_cache_path(bundle.path), key) is None  # the last one won
-    assert key["device_type"] == "cpu" and key["eval_batch"] == 512
+    assert key["device_type"] == "cpu" and key["eval_batch"] == CPU_EVAL_BATCH
 
 
 def test_a_bundle_without_a_path_is_evaluated_and_nothing_is_written(tmp_path, counted):

@@ -118,7 +118,8 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
             waiting.setdefault((task.attack, task.seed), []).append(task)
     if not plan.tasks:
         return plan.skipped
-    bar = _JobBar(len(plan.tasks), f"grid {grid.name} ({workers} workers)", progress)
+    eta = _JobsEta(plan.tasks, workers, _recorded_cell_seconds(grid, out, plan.skipped))
+    bar = _JobBar(len(plan.tasks), f"grid {grid.name} ({workers} workers)", progress, eta)
     context = multiprocessing.get_context("spawn")  # no fork: torch's thread pools do not survive it
     errors: dict[Task, str] = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
@@ -127,9 +128,10 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
 
         def start(task: Task) -> None:
             try:
-                running[pool.submit(run_task, grid, task, str(out), str(bundles), worker_device, threads, False)] = task
+                running[pool.submit(_timed_task, grid, task, str(out), str(bundles), worker_device, threads)] = task
             except RuntimeError as err:  # the pool broke (a worker was killed): recorded below, the grid ends
                 errors[task] = f"{type(err).__name__}: {err}"
+                eta.done(task, None)
                 bar.finish(True)
 
         for task in plan.tasks:
@@ -140,14 +142,18 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 task = running.pop(future)
+                seconds = None
                 try:
-                    future.result()
+                    status, seconds = future.result()
                     failed = _cell_failed(grid, out, task)
+                    if failed or status == "skipped":  # a failure's or a skip's time is no rate
+                        seconds = None
                 except Exception as err:  # noqa: BLE001 - a training error or a dead worker
                     errors[task] = f"{type(err).__name__}: {err}"
                     failed = True
                     if task.kind == "train":
                         log(f"{task.key}: FAILED {errors[task]}")
+                eta.done(task, seconds)
                 if task.kind == "cell":
                     _log_cell(grid, out, task, log)
                 for follower in waiting.pop((task.attack, task.seed), []) if task.kind == "train" else []:
@@ -296,8 +302,11 @@ def run_slurm(grid: GridSpec, out: str | Path, bundles: str | Path, *, options: 
 def _wait_slurm(grid: GridSpec, out: Path, jobs: dict[str, dict[str, Any]], folder: Path, poll_s: float,
                 progress: bool, log: Callable[[str], None]) -> None:
     """Poll the queue until every job has ended; one bar over them, one line per finished cell."""
-    bar = _JobBar(len(jobs), f"grid {grid.name} (Slurm)", progress)
+    tasks = {key: Task.from_key(key) for key in jobs}
+    eta = _JobsEta(list(tasks.values()), 1)
+    bar = _JobBar(len(jobs), f"grid {grid.name} (Slurm)", progress, eta)
     ended: dict[str, JobState] = {}
+    started: dict[str, float] = {}  # when a job was first seen running
     gone_since: dict[str, float] = {}
     squeue_errors = 0
     while True:
@@ -320,15 +329,22 @@ def _wait_slurm(grid: GridSpec, out: Path, jobs: dict[str, dict[str, Any]], fold
                 if time.monotonic() - gone_since[key] < VANISHED_GRACE_S:
                     continue
             ended[key] = state
-            task = Task.from_key(key)
+            task = tasks[key]
+            failed = state.state == "failed" or (task.kind == "cell" and _cell_failed(grid, out, task))
             if task.kind == "cell":
                 if read_cell(out / entry["record"]) is None:
                     _record_lost(grid, out, task, state.error or "its job ended without a record")
                 _log_cell(grid, out, task, log)
             elif state.state == "failed":
                 log(f"{key}: FAILED {state.error}")
-            bar.finish(state.state == "failed" or (task.kind == "cell" and _cell_failed(grid, out, task)))
+            seen = started.get(key)
+            eta.done(task, None if failed or seen is None else time.monotonic() - seen)
+            bar.finish(failed)
+        for key, entry in jobs.items():
+            if live.get(entry["job_id"]) == "running":
+                started.setdefault(key, time.monotonic())
         running = sum(s == "running" for s in live.values())
+        eta.parallel = max(1, running)
         bar.update(running=running, pending=len(jobs) - len(ended) - running)
         if len(ended) == len(jobs):
             break
@@ -394,11 +410,13 @@ def job_table(out: str | Path) -> JobTable:
 # shared helpers
 # ----------------------------------------------------------------------------------------------------------------
 class _JobBar:
-    """One tqdm bar over a grid's jobs, its postfix the counts: done / running / pending / failed."""
+    """One tqdm bar over a grid's jobs, its postfix the counts (done / running / pending / failed) and, given one,
+    the ETA from measured rates (:class:`_JobsEta`; tqdm's own, from the job count, is not shown)."""
 
-    def __init__(self, total: int, desc: str, progress: bool) -> None:
-        self.total, self.finished, self.failed = total, 0, 0
-        self._bar = tqdm(total=total, desc=desc, unit="job", disable=not progress, dynamic_ncols=True)
+    def __init__(self, total: int, desc: str, progress: bool, eta: "_JobsEta | None" = None) -> None:
+        self.total, self.finished, self.failed, self.eta = total, 0, 0, eta
+        self._bar = tqdm(total=total, desc=desc, unit="job", disable=not progress, dynamic_ncols=True,
+                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def finish(self, failed: bool) -> None:
         self.finished += 1
@@ -407,10 +425,62 @@ class _JobBar:
 
     def update(self, running: int, pending: int) -> None:
         self._bar.set_postfix_str(f"done {self.finished - self.failed}, running {running}, pending {max(0, pending)}, "
-                                  f"failed {self.failed}")
+                                  f"failed {self.failed}" + (f", {self.eta}" if self.eta is not None else ""))
 
     def close(self) -> None:
         self._bar.close()
+
+
+def _timed_task(grid: GridSpec, task: Task, out: str, bundles: str, device: str,
+                threads: int | None) -> tuple[str, float]:
+    """A local worker's call: :func:`~otbr_plugin.bench.jobs.run_task` (quiet) and the seconds it took there (not
+    counting the time it waited for a free worker)."""
+    t0 = time.perf_counter()
+    status = run_task(grid, task, out, bundles, device, threads, False)
+    return status, time.perf_counter() - t0
+
+
+class _JobsEta:
+    """Time left in a grid whose tasks run in parallel (local workers, Slurm jobs), from measured rates: each task
+    not finished costs the mean seconds of the finished tasks of its kind (a model's training; a cell of the same
+    defense, also from this grid's existing records; an oracle sweep of the same defense), the sum shared by the
+    ``parallel`` tasks that run at once (the workers; for Slurm the jobs running now), never less than the longest
+    task left. A task under way counts in full (an upper bound for it). Shown as "ETA 3:20"; "ETA > 1:10" (a lower
+    bound) while part of the work has no measured rate; "ETA ?" while none has."""
+
+    def __init__(self, tasks: list[Task], parallel: int, cell_seconds: dict[str, list[float]] | None = None) -> None:
+        self.left = {task: self._kind(task) for task in tasks}
+        self.parallel = parallel
+        self.seconds_by_kind: dict[str, list[float]] = {f"cell:{d}": list(v) for d, v in (cell_seconds or {}).items()}
+
+    @staticmethod
+    def _kind(task: Task) -> str:
+        return "train" if task.kind == "train" else f"{task.kind}:{task.defense}"
+
+    def done(self, task: Task, seconds: float | None) -> None:
+        """``task`` has ended, after ``seconds`` (None: no rate, e.g. it failed or was skipped)."""
+        kind = self.left.pop(task, None) or self._kind(task)
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            self.seconds_by_kind.setdefault(kind, []).append(seconds)
+
+    def seconds(self) -> tuple[float, bool]:
+        """The seconds left whose rate is known, and whether that is all the work left."""
+        known, complete = [], True
+        for kind in self.left.values():
+            measured = self.seconds_by_kind.get(kind)
+            if measured:
+                known.append(sum(measured) / len(measured))
+            else:
+                complete = False
+        if not known:
+            return 0.0, complete
+        return max(sum(known) / max(1, min(self.parallel, len(self.left))), max(known)), complete
+
+    def __str__(self) -> str:
+        left, complete = self.seconds()
+        if complete:
+            return f"ETA {tqdm.format_interval(left)}"
+        return f"ETA > {tqdm.format_interval(left)}" if left > 0 else "ETA ?"
 
 
 def _default_log(progress: bool) -> Callable[[str], None]:
