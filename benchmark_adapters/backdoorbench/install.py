@@ -22,6 +22,7 @@ __all__ = ["DROPIN_DIR", "DROPIN_DEFENSES", "BB_MARKERS", "check_backdoorbench_r
 DROPIN_DIR = Path(__file__).resolve().parent / "dropin"
 # script / config name in the checkout -> registered defense
 DROPIN_DEFENSES = {"otbr": "otbr", "otbr_anp": "anp", "otbr_fp": "fp", "otbr_clp": "clp"}
+DROPIN_DEFENSES.update({"otbr_ibau": "ibau", "otbr_rnp": "rnp", "otbr_sau": "sau"})  # issue 28
 
 
 # what every BackdoorBench checkout holds (files end in .py, folders in /)

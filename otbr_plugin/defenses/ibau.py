@@ -118,8 +118,8 @@ def fixed_point_hypergradient(inner: Sequence[Tensor], outer: Sequence[Tensor], 
     inner = [t.detach().requires_grad_(True) for t in inner]
     outer = list(outer)
     value = loss(inner)
-    g_inner = _grads(value, inner)
-    g_outer = _grads(value, outer, retain_graph=False)
+    both = _grads(value, inner + outer, retain_graph=False)
+    g_inner, g_outer = both[:len(inner)], both[len(inner):]
     mapped = fp_map(inner)
     v = [torch.zeros_like(t) for t in inner]
     for _ in range(iterations):
