@@ -10,43 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import otbr_plugin.data as data_pkg
-import otbr_plugin.data.datasets as datasets_mod
+import test_baselines as baselines
 from otbr_plugin.data import Normalizer
 from otbr_plugin.defenses import CleanData, DefenseContext, build_context, create_defense, get_defense
 from otbr_plugin.defenses import ibau as ibau_mod
 from otbr_plugin.defenses import rnp as rnp_mod
 from otbr_plugin.defenses import sau as sau_mod
 from otbr_plugin.defenses.batches import shuffled_batches
-from otbr_plugin.models import create_model
+from test_baselines import NORM, context_for, no_dataset_loading, tiny_cnn  # noqa: F401 (autouse fixture)
 
-NORM = Normalizer((0.5,), (0.5,))
 NAMES = ("ibau", "rnp", "sau")
 
 
-def tiny_cnn(num_classes: int = 4, size: int = 8) -> nn.Module:
-    torch.manual_seed(0)
-    return create_model("smallcnn", num_classes, 1, size, 0.25).eval()
-
-
-def clean_subset(n: int = 48, classes: int = 4, size: int = 8, seed: int = 0) -> CleanData:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
-    return CleanData(images, torch.arange(n) % classes)
-
-
-def context_for(defense, clean: CleanData | None, size: int = 8, classes: int = 4) -> DefenseContext:
-    return build_context(defense, num_classes=classes, input_shape=(1, size, size), normalizer=NORM,
-                         device=torch.device("cpu"), seed=0, progress=False, clean_data=clean, dataset=None)
-
-
-@pytest.fixture(autouse=True)
-def no_dataset_loading(monkeypatch):
-    """No defense may load any dataset (test or otherwise): everything comes through the context."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a defense tried to load a dataset: {args} {kwargs}")
-    monkeypatch.setattr(datasets_mod, "load_dataset", refuse)
-    monkeypatch.setattr(data_pkg, "load_dataset", refuse)
+def clean_subset(n: int = 48) -> CleanData:
+    return baselines.clean_subset(n)
 
 
 # ---------------------------------------------------------------- data rules and configs
@@ -385,3 +362,10 @@ def test_sau_mitigate_updates_the_model_and_keeps_the_reference_fixed():
     assert after.keys() == before.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     assert out.data_used == "clean subset of 48" and len(out.diagnostics["history"]) == 1
+
+
+def test_dataset_loading_is_refused_in_these_tests():
+    import otbr_plugin.data.datasets as datasets_mod
+
+    with pytest.raises(AssertionError, match="tried to load a dataset"):
+        datasets_mod.load_dataset("fashion_mnist", split="test")
