@@ -230,6 +230,27 @@ def test_rnp_unlearning_is_gradient_ascent_and_stops_at_the_clean_threshold():
     assert len(hist) == 1  # any accuracy is <= 1: stops after the first epoch
 
 
+def test_rnp_unlearning_clips_the_gradient_and_refuses_a_diverged_loss():
+    clean = clean_subset()
+    defense = create_defense("rnp")
+    ctx = context_for(defense, clean)
+    one_step = defense.config.replace(unlearning_epochs=1, batch_size=len(clean), weight_decay=0.0, augment=False,
+                                      unlearning_lr=0.1)
+    moved = {}
+    for clip in (None, 1e-3):
+        model = tiny_cnn()
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        rnp_mod.unlearn(model, clean, ctx, one_step.replace(max_grad_norm=clip))
+        moved[clip] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+    assert moved[1e-3] == pytest.approx(0.1 * 1e-3, rel=1e-3)  # one SGD step of the clipped gradient
+    assert moved[None] > 10 * moved[1e-3]
+    with pytest.raises(ValueError, match="RNP unlearning diverged: non-finite clean loss"):
+        rnp_mod.unlearn(tiny_cnn(), clean, ctx, defense.config.replace(unlearning_lr=1e12, max_grad_norm=None,
+                                                                       clean_threshold=0.0, unlearning_epochs=20))
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0 or null"):
+        create_defense("rnp", max_grad_norm=0)
+
+
 def test_rnp_recovery_moves_only_the_masks():
     clean = clean_subset()
     defense = create_defense("rnp")

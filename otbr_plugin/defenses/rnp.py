@@ -4,7 +4,10 @@ Backdoor Defense", ICML 2023). Needs the clean defense subset.
 1. Unlearning: a copy of the model is trained by gradient *ascent* on the clean subset (SGD, ``unlearning_lr``,
    momentum, weight decay, the lr divided by 10 at each epoch of ``schedule``; BN in training mode, training
    augmentation), one epoch at a time, until the epoch's running training accuracy is <= ``clean_threshold``
-   or ``unlearning_epochs`` epochs have run.
+   or ``unlearning_epochs`` epochs have run. Each step's gradient is clipped to norm ``max_grad_norm`` (20, the
+   value in the official code, whose call comes before ``backward()`` and so never takes effect; ``null``: no
+   clipping, as the published code in effect). Unclipped ascent on a small model can overflow within one epoch
+   (the loss grows without bound); a non-finite loss is an error naming the epoch, never a silent NaN model.
 2. Recovering: every BatchNorm2d neuron k of the unlearned model gets a mask m_k in [0, 1] (init 1) multiplying
    its BN weight (the bias stays), as in the official MaskBatchNorm2d. Only the masks are trained
    (``recovering_epochs`` epochs of SGD, ``recovering_lr``, momentum 0.9, on ``alpha * CE``; BN in training mode;
@@ -46,6 +49,7 @@ class RNPConfig(DefenseConfig):
     schedule: list[int] = field(default_factory=lambda: [10, 20])
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    max_grad_norm: float | None = 20.0
     clean_threshold: float = 0.2
     recovering_lr: float = 0.2
     recovering_epochs: int = 20
@@ -74,6 +78,8 @@ class RNPConfig(DefenseConfig):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm!r}")
         for name in ("clean_threshold", "alpha", "threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -103,8 +109,14 @@ def unlearn(model: nn.Module, clean: CleanData, context: DefenseContext, cfg: RN
             y = labels[idx].to(context.device)
             out = model(x)
             loss = F.cross_entropy(out, y)
+            if not torch.isfinite(loss):
+                raise ValueError(f"RNP unlearning diverged: non-finite clean loss in epoch {epoch + 1}, batch "
+                                 f"{batches + 1} (unlearning_lr {lr}, max_grad_norm {cfg.max_grad_norm}); clip the "
+                                 "gradient (max_grad_norm) or lower unlearning_lr")
             opt.zero_grad(set_to_none=True)
             (-loss).backward()
+            if cfg.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=cfg.max_grad_norm)
             opt.step()
             correct += int((out.detach().argmax(1) == y).sum())
             loss_sum += float(loss.detach())
