@@ -12,7 +12,7 @@ from torch import nn
 
 import test_baselines as baselines
 from otbr_plugin.data import Normalizer
-from otbr_plugin.defenses import CleanData, DefenseContext, build_context, create_defense, get_defense
+from otbr_plugin.defenses import CleanData, DefenseContext, create_defense, get_defense
 from otbr_plugin.defenses import ibau as ibau_mod
 from otbr_plugin.defenses import rnp as rnp_mod
 from otbr_plugin.defenses import sau as sau_mod
