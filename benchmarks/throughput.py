@@ -6,15 +6,20 @@ For preactresnet18 on 1x28x28 (Fashion-MNIST's spec) and 3x32x32 (CIFAR-10's spe
   ``--steps`` steps each, the second one timed (the first is the warm-up); its precision and memory format come
   from its own config (``TrainConfig.bf16`` / ``amp`` / ``channels_last``).
 - ours, evaluation: :func:`otbr_plugin.metrics.predict` (what every ACC/ASR/RA goes through), float32 always, on
-  the images as the harness holds them (uint8, on the CPU), with its default batch and memory format (channels
-  last on an accelerator, contiguous on the CPU, where it keeps results bit-identical; ``--ours-eval-format``).
+  the images as the harness holds them (uint8, on the CPU), with its default batch (``--eval-batch``) and memory
+  format (channels last on an accelerator, contiguous on the CPU, where it keeps results bit-identical;
+  ``--ours-eval-format``).
 - plain: the same model, batch, input size, augmentation (random crop, flip where the dataset allows it) and
   precision, written as a tuned plain-PyTorch loop: uint8 data kept on the device and normalized there, channels
-  last, autocast (bf16, or fp16 with a gradient scaler), fused SGD, no host synchronisation between steps, an
-  evaluation batch of ``--eval-batch`` under ``inference_mode``. ``--compile`` compiles the model (both loops).
+  last, autocast (bf16, or fp16 with a gradient scaler), fused SGD, no host synchronisation between steps,
+  evaluation under ``inference_mode``. ``--compile`` compiles the model (both loops).
 
-The evaluation ratio compares ours with plain at float32 (ours never evaluates at a lower precision, so metrics
-do not depend on it); the plain evaluation at ``--precision`` is printed beside it. A ratio below 0.9 is flagged.
+The evaluation ratio compares ours with the plain loop at the same batch (``--eval-batch``, default predict's for
+the device), float32 (ours never evaluates at a lower precision, so metrics do not depend on it) and the same memory
+format as ours (channels last on an accelerator, contiguous on the CPU, where channels last computes with other
+kernels and would change results in the last bits): the ratio measures our loop's overhead, not a choice of format
+that the CPU's bit-identity rules out. The plain evaluation at ``--precision`` in ``--memory-format`` (the tuned
+loop) is printed beside it. A ratio below 0.9 is flagged.
 Timings only, nothing is asserted. Examples:
 
     python benchmarks/throughput.py --device cuda --width 1.0 --precision bf16
@@ -37,7 +42,7 @@ from torch import nn
 from otbr_plugin.data import Normalizer, get_dataset_spec
 from otbr_plugin.data.specs import DatasetSpec
 from otbr_plugin.io import write_json
-from otbr_plugin.metrics import predict
+from otbr_plugin.metrics import ACCELERATOR_EVAL_BATCH, CPU_EVAL_BATCH, predict
 from otbr_plugin.models import create_model
 from otbr_plugin.runtime import RunSettings
 from otbr_plugin.train import TrainConfig, train_classifier
@@ -129,12 +134,12 @@ def plain_train(spec: DatasetSpec, images, labels, device, width, batch, precisi
 
 
 def ours_eval(model: nn.Module, spec: DatasetSpec, images, device, repeats: int,
-              channels_last: bool | None = None) -> float:
-    """images/s of predict (float32, its default batch) on CPU-held uint8 images."""
+              channels_last: bool | None = None, batch: int | None = None) -> float:
+    """images/s of predict (float32; its default batch unless ``batch``) on CPU-held uint8 images."""
     norm = Normalizer.for_dataset(spec)
 
     def run() -> None:
-        predict(model, images, norm, device=device, channels_last=channels_last)
+        predict(model, images, norm, batch, device=device, channels_last=channels_last)
 
     run()  # warm-up
     return images.shape[0] * repeats / _timed(lambda: [run() for _ in range(repeats)], device)
@@ -194,7 +199,9 @@ def main() -> None:
                          "accelerator, contiguous on the CPU)")
     ap.add_argument("--steps", type=int, default=50, help="timed training steps per loop (default 50)")
     ap.add_argument("--eval-images", type=int, default=10000, help="images per evaluation pass (default 10000)")
-    ap.add_argument("--eval-batch", type=int, default=2048, help="plain loop's evaluation batch (default 2048)")
+    ap.add_argument("--eval-batch", type=int, default=None,
+                    help=f"evaluation batch of both loops (default predict's: {CPU_EVAL_BATCH} on the CPU, "
+                         f"{ACCELERATOR_EVAL_BATCH} on an accelerator)")
     ap.add_argument("--repeats", type=int, default=3, help="timed evaluation passes (default 3)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -208,15 +215,20 @@ def main() -> None:
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         ap.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    if args.eval_batch is not None and args.eval_batch < 1:
+        ap.error(f"--eval-batch must be >= 1, got {args.eval_batch}")
     channels_last, augment = args.memory_format == "channels_last", not args.no_augment
+    eval_batch = args.eval_batch or (CPU_EVAL_BATCH if device.type == "cpu" else ACCELERATOR_EVAL_BATCH)
+    ours_format = {"default": None, "channels_last": True, "contiguous": False}[args.ours_eval_format]
+    ours_channels_last = device.type != "cpu" if ours_format is None else ours_format  # predict's own default
     header = {"device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "width": args.width, "batch": args.batch,
               "precision": args.precision, "memory_format": args.memory_format, "augment": augment,
-              "compile": args.compile, "ours_eval_format": args.ours_eval_format, "steps": args.steps, "eval_images": args.eval_images,
-              "eval_batch_plain": args.eval_batch}
+              "compile": args.compile, "ours_eval_format": "channels_last" if ours_channels_last else "contiguous",
+              "steps": args.steps, "eval_images": args.eval_images, "eval_batch": eval_batch}
     print(", ".join(f"{k} {v}" for k, v in header.items()), flush=True)
     cols = ["input", "train ours", "train plain", "ratio", "eval ours", "eval plain fp32", "ratio",
-            f"eval plain {args.precision}"]
+            f"eval plain {args.precision} {args.memory_format}"]
     print(" | ".join(cols))
     rows = []
     for shape in shapes:
@@ -228,15 +240,15 @@ def main() -> None:
         tr_plain = plain_train(spec, images, labels, steps=args.steps, **common)
         eval_images, _ = _data(spec, args.eval_images)
         model = _model(spec, args.width, device, args.compile)
-        ev_ours = ours_eval(model, spec, eval_images, device, args.repeats,
-                            {"default": None, "channels_last": True, "contiguous": False}[args.ours_eval_format])
-        ev_plain32 = plain_eval(model, spec, eval_images, device, "fp32", channels_last, args.eval_batch, args.repeats)
-        ev_plain = (ev_plain32 if args.precision == "fp32" else
-                    plain_eval(model, spec, eval_images, device, args.precision, channels_last, args.eval_batch,
+        ev_ours = ours_eval(model, spec, eval_images, device, args.repeats, ours_format, eval_batch)
+        ev_plain32 = plain_eval(model, spec, eval_images, device, "fp32", ours_channels_last, eval_batch,
+                                args.repeats)
+        ev_plain = (ev_plain32 if args.precision == "fp32" and channels_last == ours_channels_last else
+                    plain_eval(model, spec, eval_images, device, args.precision, channels_last, eval_batch,
                                args.repeats))
         row = {"input": shape, "train_ours": tr_ours, "train_plain": tr_plain, "train_ratio": tr_ours / tr_plain,
                "eval_ours": ev_ours, "eval_plain_fp32": ev_plain32, "eval_ratio": ev_ours / ev_plain32,
-               f"eval_plain_{args.precision}": ev_plain}
+               f"eval_plain_{args.precision}_{args.memory_format}": ev_plain}
         rows.append(row)
         flag = lambda r: f"{r:.2f}" + (" (<0.9)" if r < 0.9 else "")  # noqa: E731
         print(f"{shape} | {tr_ours:.0f} | {tr_plain:.0f} | {flag(row['train_ratio'])} | {ev_ours:.0f} | "

@@ -108,10 +108,11 @@ def evaluate(
     mean: Sequence[float],
     std: Sequence[float],
     device: str | torch.device = "auto",
-    batch_size: int = 512,
+    batch_size: int | None = None,
 ) -> BackdoorMetrics:
     """ACC on ``clean = (images, labels)``; ASR (share predicted as the target) and RA (share predicted as the
-    true label) on ``poisoned = (images, targets, true_labels)``. Images uint8 (N, C, H, W); fractions in [0, 1]."""
+    true label) on ``poisoned = (images, targets, true_labels)``. Images uint8 (N, C, H, W); fractions in [0, 1].
+    ``batch_size``: default the harness's for the device (:func:`~otbr_plugin.metrics.predict`)."""
     images, labels = clean
     images = _images(images, "clean images")
     labels = _labels(labels, images.shape[0], "clean labels")

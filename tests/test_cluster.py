@@ -66,17 +66,20 @@ def sequential(path: Path, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # local workers
 # ------------------------------------------------------------------------------------------------------------------
-def test_local_workers_give_the_sequential_records(tmp_path):
+def test_local_workers_give_the_sequential_records(tmp_path, capsys):
     path = tiny_grid(tmp_path)
     expected = sequential(path, tmp_path / "seq")
     assert len(expected) == 2 and all(v[0] == "ok" for v in expected.values())
     out = tmp_path / "workers"
+    capsys.readouterr()
     cells = run_local_workers(load_grid(path), out, out / "bundles", workers=2,
-                              device=RunSettings.from_args("cpu", apply=False).device, threads=1, progress=False,
+                              device=RunSettings.from_args("cpu", apply=False).device, threads=1, progress=True,
                               log=lambda s: None)
     assert sorted((c.attack, c.defense, c.seed, c.status) for c in cells) == sorted(
         ("badnets", d, 0, "ok") for d in ["none", "otbr"])
     assert results(out) == expected
+    bar = capsys.readouterr().err  # the bar's ETA from measured seconds per task: all measured, none left at the end
+    assert "ETA ?" in bar and "ETA 00:00" in bar  # unknown until a task of each kind left has ended
     # a rerun finds every record and starts no worker
     again = run_local_workers(load_grid(path), out, out / "bundles", workers=2,
                               device=RunSettings.from_args("cpu", apply=False).device, threads=1, progress=False)

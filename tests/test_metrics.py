@@ -87,3 +87,29 @@ def test_predict_channels_last_gives_the_same_predictions_and_leaves_the_model()
     assert (plain == last).float().mean() > 0.95  # other kernels: equal up to float rounding near ties
     assert {k: (v.data_ptr(), v.is_contiguous()) for k, v in model.state_dict().items()} == before
     assert model.training
+
+
+def test_cpu_default_batch_gives_the_logits_of_batches_of_512():
+    """The CPU's evaluation batch is a speed choice only: every image's logits are bit-identical to those computed
+    in batches of 512 (the batch of every result committed before it changed), a last partial batch included."""
+    from otbr_plugin.metrics import CPU_EVAL_BATCH
+    from otbr_plugin.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("preactresnet18", 10, 1, 28, 0.125)
+    for m in model.modules():  # running statistics that are not the identity, as a trained model has
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randint(0, 256, (600, 1, 28, 28), dtype=torch.uint8)
+    assert CPU_EVAL_BATCH != 512 and 600 % CPU_EVAL_BATCH and 600 % 512
+    seen: list[torch.Tensor] = []
+    model.register_forward_hook(lambda mod, inp, out: seen.append(out.clone()))
+    norm = Normalizer((0.5,), (0.25,))
+    default = predict(model, x, norm, device="cpu")
+    assert [t.shape[0] for t in seen] == [CPU_EVAL_BATCH] * (600 // CPU_EVAL_BATCH) + [600 % CPU_EVAL_BATCH]
+    logits_default, seen[:] = torch.cat(seen), []
+    by_512 = predict(model, x, norm, batch_size=512, device="cpu")
+    assert [t.shape[0] for t in seen] == [512, 88]
+    assert torch.equal(torch.cat(seen), logits_default)
+    assert torch.equal(by_512, default)

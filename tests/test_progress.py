@@ -3,8 +3,8 @@ one line per finished epoch with --no-progress), and the ETA comes from measured
 
 from __future__ import annotations
 
-from otbr_plugin.bench.executors import _Eta, _recorded_cell_seconds, run_grid
-from otbr_plugin.bench.grid import load_grid, plan_tasks
+from otbr_plugin.bench.executors import _Eta, _JobsEta, _recorded_cell_seconds, run_grid
+from otbr_plugin.bench.grid import Task, load_grid, plan_tasks
 from otbr_plugin.cli import main
 from otbr_plugin.runtime import RunSettings
 from test_grid import grid_file
@@ -27,6 +27,28 @@ def test_eta_from_measured_rates_of_each_defense_and_training_steps():
     eta.cell_done("anp", None)  # a failed cell counts as done, without a time
     assert eta.seconds() == (40.0, True)
     eta.cell_done("otbr", 60.0)
+    assert eta.seconds() == (0.0, True) and str(eta) == "ETA 00:00"
+
+
+def test_parallel_eta_from_measured_seconds_per_kind_of_task():
+    """Workers and Slurm: each unfinished task costs its kind's mean measured seconds, shared by the tasks that run
+    at once, never less than the longest task left."""
+    train = [Task("train", a, 0) for a in ("badnets", "blended")]
+    cells = [Task("cell", a, 0, d) for a in ("badnets", "blended") for d in ("none", "anp")]
+    eta = _JobsEta(train + cells, 2, {"anp": [80.0]})  # anp's seconds per cell from existing records
+    assert eta.seconds() == (80.0, False) and str(eta) == "ETA > 01:20"  # the two anp cells alone: a lower bound
+    assert str(_JobsEta(train, 2)) == "ETA ?"
+    eta.done(train[0], 100.0)
+    eta.done(cells[0], 10.0)  # badnets/none
+    eta.done(cells[1], None)  # a failed or skipped cell: done, no rate from it
+    # left: blended's training (100), blended/none (10), blended/anp (80) on 2 workers: 95 s, the longest 100 s
+    assert eta.seconds() == (100.0, True) and str(eta) == "ETA 01:40"
+    eta.done(train[1], 140.0)  # training now 120 s on average; nothing left to train
+    assert eta.seconds() == (max(90.0 / 2, 80.0), True)
+    eta.parallel = 1  # Slurm: one job running now
+    assert eta.seconds() == (90.0, True)
+    eta.done(cells[2], 12.0)
+    eta.done(cells[3], 70.0)
     assert eta.seconds() == (0.0, True) and str(eta) == "ETA 00:00"
 
 
@@ -65,3 +87,20 @@ def test_existing_records_give_each_defense_its_seconds_per_cell(tmp_path):
     plan = plan_tasks(grid, out, out / "bundles", settings.device)
     seconds = _recorded_cell_seconds(grid, out, plan.skipped)
     assert list(seconds) == ["none"] and len(seconds["none"]) == 1 and seconds["none"][0] > 0  # failed: no rate
+
+
+def test_slurm_bar_shows_the_eta_from_the_jobs_seen_running(tmp_path, monkeypatch, capsys):
+    """The Slurm bar's ETA: a job's seconds from when it was first seen running until it left the queue."""
+    from otbr_plugin.bench import executors
+    from otbr_plugin.bench.slurm import JobState
+
+    grid = load_grid(grid_file(tmp_path, ["none"]))
+    train, other = Task("train", "badnets", 0), Task("train", "blended", 0)
+    polls = iter([{"101": "running", "102": "pending"}, {"102": "pending"}, {"102": "running"}, {}])
+    monkeypatch.setattr(executors, "live_jobs", lambda ids: next(polls))
+    monkeypatch.setattr(executors, "finished_outcome", lambda folder, job_id, key: JobState("done"))
+    jobs = {train.key: {"job_id": "101"}, other.key: {"job_id": "102"}}
+    executors._wait_slurm(grid, tmp_path / "o", jobs, tmp_path / "o" / "jobs", 0.01, True, lambda s: None)
+    err = capsys.readouterr().err
+    assert "ETA ?" in err  # nothing measured while the first job runs
+    assert "ETA 00:00" in err and "2/2" in err  # the first job's time is the second's estimate; then none left

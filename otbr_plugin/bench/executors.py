@@ -37,7 +37,7 @@ from ..aggregate.records import RunRecord
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks,
                    planning_device, record_is_current)
 from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
-from .evalcache import before_metrics
+from .evalcache import before_evaluation
 from .slurm import (JobState, SlurmOptions, Submitter, check_job_id, current_job_id, finished_outcome, live_jobs,
                     require_slurm, write_outcome)
 
@@ -118,7 +118,8 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
             waiting.setdefault((task.attack, task.seed), []).append(task)
     if not plan.tasks:
         return plan.skipped
-    bar = _JobBar(len(plan.tasks), f"grid {grid.name} ({workers} workers)", progress)
+    eta = _JobsEta(plan.tasks, workers, _recorded_cell_seconds(grid, out, plan.skipped))
+    bar = _JobBar(len(plan.tasks), f"grid {grid.name} ({workers} workers)", progress, eta)
     context = multiprocessing.get_context("spawn")  # no fork: torch's thread pools do not survive it
     errors: dict[Task, str] = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
@@ -127,9 +128,10 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
 
         def start(task: Task) -> None:
             try:
-                running[pool.submit(run_task, grid, task, str(out), str(bundles), worker_device, threads, False)] = task
+                running[pool.submit(_timed_task, grid, task, str(out), str(bundles), worker_device, threads)] = task
             except RuntimeError as err:  # the pool broke (a worker was killed): recorded below, the grid ends
                 errors[task] = f"{type(err).__name__}: {err}"
+                eta.done(task, None)
                 bar.finish(True)
 
         for task in plan.tasks:
@@ -140,14 +142,18 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 task = running.pop(future)
+                seconds = None
                 try:
-                    future.result()
+                    status, seconds = future.result()
                     failed = _cell_failed(grid, out, task)
+                    if failed or status == "skipped":  # a failure's or a skip's time is no rate
+                        seconds = None
                 except Exception as err:  # noqa: BLE001 - a training error or a dead worker
                     errors[task] = f"{type(err).__name__}: {err}"
                     failed = True
                     if task.kind == "train":
                         log(f"{task.key}: FAILED {errors[task]}")
+                eta.done(task, seconds)
                 if task.kind == "cell":
                     _log_cell(grid, out, task, log)
                 for follower in waiting.pop((task.attack, task.seed), []) if task.kind == "train" else []:
@@ -156,7 +162,8 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
             bar.update(running=len(running), pending=bar.total - bar.finished - len(running))
     bar.close()
     for task, error in errors.items():  # a cell whose worker died has no record yet
-        if task.kind == "cell" and read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed)) is None:
+        if task.kind == "cell" and read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed,
+                                                              task.dseed)) is None:
             _record_lost(grid, out, task, f"its worker process ended without a record: {error}")
     return plan.skipped + _cell_results(grid, out, plan.cells)
 
@@ -216,7 +223,7 @@ def slurm_job(grid: GridSpec, task: Task, out: str, bundles: str, device: str = 
     ``status`` and a resume read back. A job that raises writes its outcome and raises on (the job fails)."""
     job_id = current_job_id()
     folder = slurm_folder(Path(out))
-    record = (str(cell_record_path(grid, Path(out), task.attack, task.defense, task.seed).relative_to(out))
+    record = (str(cell_record_path(grid, Path(out), task.attack, task.defense, task.seed, task.dseed).relative_to(out))
               if task.kind == "cell" else None)
     try:
         result = run_task(grid, task, out, bundles, device, threads)
@@ -275,7 +282,7 @@ def run_slurm(grid: GridSpec, out: str | Path, bundles: str | Path, *, options: 
                                              (grid, task, str(out), str(bundles), device, threads), after)
             jobs[task.key] = {"job_id": ids[task.key], "submitted": _now()}
             if task.kind == "cell":
-                jobs[task.key]["record"] = str(cell_record_path(grid, out, task.attack, task.defense, task.seed)
+                jobs[task.key]["record"] = str(cell_record_path(grid, out, task.attack, task.defense, task.seed, task.dseed)
                                                .relative_to(out))
     finally:  # also when sbatch refuses a job: the ones already submitted stay known
         if new:
@@ -295,8 +302,11 @@ def run_slurm(grid: GridSpec, out: str | Path, bundles: str | Path, *, options: 
 def _wait_slurm(grid: GridSpec, out: Path, jobs: dict[str, dict[str, Any]], folder: Path, poll_s: float,
                 progress: bool, log: Callable[[str], None]) -> None:
     """Poll the queue until every job has ended; one bar over them, one line per finished cell."""
-    bar = _JobBar(len(jobs), f"grid {grid.name} (Slurm)", progress)
+    tasks = {key: Task.from_key(key) for key in jobs}
+    eta = _JobsEta(list(tasks.values()), 1)
+    bar = _JobBar(len(jobs), f"grid {grid.name} (Slurm)", progress, eta)
     ended: dict[str, JobState] = {}
+    started: dict[str, float] = {}  # when a job was first seen running
     gone_since: dict[str, float] = {}
     squeue_errors = 0
     while True:
@@ -319,15 +329,22 @@ def _wait_slurm(grid: GridSpec, out: Path, jobs: dict[str, dict[str, Any]], fold
                 if time.monotonic() - gone_since[key] < VANISHED_GRACE_S:
                     continue
             ended[key] = state
-            task = Task.from_key(key)
+            task = tasks[key]
+            failed = state.state == "failed" or (task.kind == "cell" and _cell_failed(grid, out, task))
             if task.kind == "cell":
                 if read_cell(out / entry["record"]) is None:
                     _record_lost(grid, out, task, state.error or "its job ended without a record")
                 _log_cell(grid, out, task, log)
             elif state.state == "failed":
                 log(f"{key}: FAILED {state.error}")
-            bar.finish(state.state == "failed" or (task.kind == "cell" and _cell_failed(grid, out, task)))
+            seen = started.get(key)
+            eta.done(task, None if failed or seen is None else time.monotonic() - seen)
+            bar.finish(failed)
+        for key, entry in jobs.items():
+            if live.get(entry["job_id"]) == "running":
+                started.setdefault(key, time.monotonic())
         running = sum(s == "running" for s in live.values())
+        eta.parallel = max(1, running)
         bar.update(running=running, pending=len(jobs) - len(ended) - running)
         if len(ended) == len(jobs):
             break
@@ -393,11 +410,13 @@ def job_table(out: str | Path) -> JobTable:
 # shared helpers
 # ----------------------------------------------------------------------------------------------------------------
 class _JobBar:
-    """One tqdm bar over a grid's jobs, its postfix the counts: done / running / pending / failed."""
+    """One tqdm bar over a grid's jobs, its postfix the counts (done / running / pending / failed) and, given one,
+    the ETA from measured rates (:class:`_JobsEta`; tqdm's own, from the job count, is not shown)."""
 
-    def __init__(self, total: int, desc: str, progress: bool) -> None:
-        self.total, self.finished, self.failed = total, 0, 0
-        self._bar = tqdm(total=total, desc=desc, unit="job", disable=not progress, dynamic_ncols=True)
+    def __init__(self, total: int, desc: str, progress: bool, eta: "_JobsEta | None" = None) -> None:
+        self.total, self.finished, self.failed, self.eta = total, 0, 0, eta
+        self._bar = tqdm(total=total, desc=desc, unit="job", disable=not progress, dynamic_ncols=True,
+                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def finish(self, failed: bool) -> None:
         self.finished += 1
@@ -406,10 +425,62 @@ class _JobBar:
 
     def update(self, running: int, pending: int) -> None:
         self._bar.set_postfix_str(f"done {self.finished - self.failed}, running {running}, pending {max(0, pending)}, "
-                                  f"failed {self.failed}")
+                                  f"failed {self.failed}" + (f", {self.eta}" if self.eta is not None else ""))
 
     def close(self) -> None:
         self._bar.close()
+
+
+def _timed_task(grid: GridSpec, task: Task, out: str, bundles: str, device: str,
+                threads: int | None) -> tuple[str, float]:
+    """A local worker's call: :func:`~otbr_plugin.bench.jobs.run_task` (quiet) and the seconds it took there (not
+    counting the time it waited for a free worker)."""
+    t0 = time.perf_counter()
+    status = run_task(grid, task, out, bundles, device, threads, False)
+    return status, time.perf_counter() - t0
+
+
+class _JobsEta:
+    """Time left in a grid whose tasks run in parallel (local workers, Slurm jobs), from measured rates: each task
+    not finished costs the mean seconds of the finished tasks of its kind (a model's training; a cell of the same
+    defense, also from this grid's existing records; an oracle sweep of the same defense), the sum shared by the
+    ``parallel`` tasks that run at once (the workers; for Slurm the jobs running now), never less than the longest
+    task left. A task under way counts in full (an upper bound for it). Shown as "ETA 3:20"; "ETA > 1:10" (a lower
+    bound) while part of the work has no measured rate; "ETA ?" while none has."""
+
+    def __init__(self, tasks: list[Task], parallel: int, cell_seconds: dict[str, list[float]] | None = None) -> None:
+        self.left = {task: self._kind(task) for task in tasks}
+        self.parallel = parallel
+        self.seconds_by_kind: dict[str, list[float]] = {f"cell:{d}": list(v) for d, v in (cell_seconds or {}).items()}
+
+    @staticmethod
+    def _kind(task: Task) -> str:
+        return "train" if task.kind == "train" else f"{task.kind}:{task.defense}"
+
+    def done(self, task: Task, seconds: float | None) -> None:
+        """``task`` has ended, after ``seconds`` (None: no rate, e.g. it failed or was skipped)."""
+        kind = self.left.pop(task, None) or self._kind(task)
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            self.seconds_by_kind.setdefault(kind, []).append(seconds)
+
+    def seconds(self) -> tuple[float, bool]:
+        """The seconds left whose rate is known, and whether that is all the work left."""
+        known, complete = [], True
+        for kind in self.left.values():
+            measured = self.seconds_by_kind.get(kind)
+            if measured:
+                known.append(sum(measured) / len(measured))
+            else:
+                complete = False
+        if not known:
+            return 0.0, complete
+        return max(sum(known) / max(1, min(self.parallel, len(self.left))), max(known)), complete
+
+    def __str__(self) -> str:
+        left, complete = self.seconds()
+        if complete:
+            return f"ETA {tqdm.format_interval(left)}"
+        return f"ETA > {tqdm.format_interval(left)}" if left > 0 else "ETA ?"
 
 
 def _default_log(progress: bool) -> Callable[[str], None]:
@@ -423,11 +494,11 @@ def _now() -> str:
 def _current_record(grid: GridSpec, out: Path, task: Task) -> tuple[RunRecord | None, str]:
     """The cell's record when it is this run's (its fingerprint is the cell's for the grid's configs), else None
     and why. A record written meanwhile by an earlier run's worker or job with another config is not reported."""
-    path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
+    path = cell_record_path(grid, out, task.attack, task.defense, task.seed, task.dseed)
     record = read_cell(path)
     if record is None:
         return None, "no record was written"
-    if not record_is_current(grid, path, task.attack, task.defense, task.seed):
+    if not record_is_current(grid, path, task.attack, task.defense, task.seed, task.dseed):
         return None, (f"its record {path} was written with another config (its fingerprint is not this run's: an "
                       "earlier run's worker or job wrote it); run the grid again to redo the cell")
     return record, ""
@@ -447,8 +518,8 @@ def _log_cell(grid: GridSpec, out: Path, task: Task, log: Callable[[str], None])
 
 def _record_lost(grid: GridSpec, out: Path, task: Task, error: str) -> None:
     """A failed record for a cell whose job or worker ended without writing one (an ok record is kept)."""
-    path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
-    record_failure(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error))
+    path = cell_record_path(grid, out, task.attack, task.defense, task.seed, task.dseed)
+    record_failure(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error), dseed=task.dseed)
 
 
 def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResult]:
@@ -458,9 +529,9 @@ def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResu
     for task in cells:
         record, why = _current_record(grid, out, task)
         if record is None:
-            results.append(CellResult(task.attack, task.defense, task.seed, "failed", why))
+            results.append(CellResult(task.attack, task.defense, task.seed, "failed", why, task.dseed))
         else:
-            results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error))
+            results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error, task.dseed))
     return results
 
 
@@ -498,21 +569,21 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
     progress, device = settings.progress, settings.device
     plan = plan_tasks(grid, out, bundles, device, log)  # the skip rules of every executor
     results: list[CellResult] = list(plan.skipped)
-    todo: dict[tuple[str, int], list[str]] = {}
+    todo: dict[tuple[str, int], list[tuple[str, int | None]]] = {}
     for task in plan.cells:
-        todo.setdefault((task.attack, task.seed), []).append(task.defense)
+        todo.setdefault((task.attack, task.seed), []).append((task.defense, task.dseed))
     clean_test = None
     # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) comes from measured
     # rates: each defense's seconds per cell (this run's, or this grid's existing records') and this run's seconds
     # per training step for the models still to train.
-    total = len(grid.seeds) * len(grid.attacks) * len(grid.defenses)
+    total = len(grid.seeds) * len(grid.attacks) * sum(len(grid.cell_defense_seeds(d)) for d in grid.defenses)
     eta = _Eta([t.defense for t in plan.cells], _training_work(grid, plan.tasks),
                _recorded_cell_seconds(grid, out, plan.skipped))
     bar = tqdm(total=total, initial=total - len(plan.cells), desc=f"grid {grid.name}", unit="cell",
                disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     for (attack, seed), defenses in todo.items():
         attack_cfg = attack_fingerprint_config(grid, attack, seed)
-        paths = {d: cell_record_path(grid, out, attack, d, seed) for d in defenses}
+        paths = {(d, ds): cell_record_path(grid, out, attack, d, seed, ds) for d, ds in defenses}
         bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
         t0 = time.perf_counter()
 
@@ -526,19 +597,19 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
             if clean_test is None:
                 clean_test = load_dataset(grid.dataset, "test", grid.data_root)
             bar.set_postfix_str(f"{attack}/seed{seed}: evaluating the backdoored model, {eta}")
-            before = before_metrics(bundle, clean_test, device)
+            before, before_samples = before_evaluation(bundle, clean_test, device)
         except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
             eta.training_done((attack, seed), None)
-            for defense, path in paths.items():
-                results.append(record_failure(grid, attack, defense, seed, path, None, err, log))
+            for (defense, dseed), path in paths.items():
+                results.append(record_failure(grid, attack, defense, seed, path, None, err, log, dseed))
                 eta.cell_done(defense, None)
                 bar.update(1)
             continue
-        for defense, path in paths.items():
-            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
+        for (defense, dseed), path in paths.items():
+            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}{'' if dseed is None else f'/dseed{dseed}'}, {eta}")
             t0 = time.perf_counter()
             results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
-                                    device, log))
+                                    device, log, before_samples, dseed))
             eta.cell_done(defense, time.perf_counter() - t0 if results[-1].status == "ok" else None)
             bar.set_postfix_str(str(eta), refresh=False)
             bar.update(1)
@@ -565,7 +636,7 @@ def _recorded_cell_seconds(grid: GridSpec, out: Path, done: list[CellResult]) ->
     """Seconds per cell of each defense in this grid's current ok records (cells this run skips)."""
     seconds: dict[str, list[float]] = {}
     for cell in done:
-        record = read_cell(cell_record_path(grid, out, cell.attack, cell.defense, cell.seed))
+        record = read_cell(cell_record_path(grid, out, cell.attack, cell.defense, cell.seed, cell.dseed))
         value = record.seconds.get("cell_total") if record is not None and record.status == "ok" else None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
             seconds.setdefault(cell.defense, []).append(float(value))
