@@ -23,6 +23,7 @@ DROPIN_DIR = Path(__file__).resolve().parent / "dropin"
 # script / config name in the checkout -> registered defense
 DROPIN_DEFENSES = {"otbr": "otbr", "otbr_anp": "anp", "otbr_fp": "fp", "otbr_clp": "clp",
                    "otbr_ep": "ep", "otbr_ft": "ft", "otbr_nad": "nad"}
+DROPIN_DEFENSES.update({"otbr_ibau": "ibau", "otbr_rnp": "rnp", "otbr_sau": "sau"})
 
 
 # what every BackdoorBench checkout holds (files end in .py, folders in /)

@@ -14,6 +14,7 @@ from .base import Defense, DefenseConfig
 __all__ = ["DEFENSES", "register_defense", "get_defense", "create_defense", "list_defenses", "unavailable_defenses"]
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", builtins={
+    "ibau": "otbr_plugin.defenses.ibau", "rnp": "otbr_plugin.defenses.rnp", "sau": "otbr_plugin.defenses.sau",
     "none": "otbr_plugin.defenses.none", "otbr": "otbr_plugin.defenses.otbr", "clp": "otbr_plugin.defenses.clp",
     "fp": "otbr_plugin.defenses.fp", "anp": "otbr_plugin.defenses.anp",
     "ep": "otbr_plugin.defenses.ep", "ft": "otbr_plugin.defenses.ft", "nad": "otbr_plugin.defenses.nad",
