@@ -40,7 +40,7 @@ def balanced_labels(n: int, k: int = 10) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_lists_the_attacks_and_rejects_unknown_names():
-    assert {"badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn"} <= set(list_attacks())
+    assert {"badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn", "ssba"} <= set(list_attacks())
     assert get_attack("BadNets") is BadNets
     with pytest.raises(ValueError, match="unknown attack 'nope'.*badnets"):
         get_attack("nope")
@@ -359,7 +359,7 @@ def test_parse_attack_run_validates_sections():
             parse_attack_run(cfg)
 
 
-@pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn"])
+@pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn", "ssba"])
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
 def test_shipped_configs_parse(attack, dataset):
     from otbr_plugin.config import load_yaml
@@ -405,10 +405,11 @@ FAST = {  # learned triggers, searched in seconds on the tiny data
     "lf": {"uap_samples": 40, "uap_passes": 1, "clean_epochs": 1},
     "trojannn": {"trigger_iters": 5, "clean_epochs": 1},
     "inputaware": {"mask_epochs": 1, "generator_channels": 4},
+    "ssba": {"encoder_channels": 4, "encoder_holdout": 20, "secret_length": 8},
 }
 
 
-@pytest.mark.parametrize("attack", ["badnets", "sig", "wanet", "lf", "trojannn", "inputaware"])
+@pytest.mark.parametrize("attack", ["badnets", "sig", "wanet", "lf", "trojannn", "inputaware", "ssba"])
 def test_attack_cli_end_to_end(tmp_path, tiny_root, attack, capsys):
     from benchmark_adapters.bundle import load_bundle
     from otbr_plugin.attacks import restore_attack

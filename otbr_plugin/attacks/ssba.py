@@ -135,7 +135,10 @@ class SSBAConfig(AttackConfig):
     epsilon: L-inf bound of the residual on the [0, 1] scale; encoder_channels: width of the encoder and decoder;
     encoder_epochs / encoder_samples / encoder_batch_size / encoder_lr / l2_weight: their training (null samples: the
     whole training split less the holdout); encoder_holdout: training images kept out to measure bit accuracy;
-    bit_threshold: share of correct bits above which an image counts as carrying the secret (reported)."""
+    bit_threshold: share of correct bits above which an image counts as carrying the secret (reported);
+    epsilon_warmup / warmup_share: the bound starts at ``epsilon_warmup`` x epsilon and shrinks linearly to epsilon
+    over that share of the steps (a readable signal first; without it the pair sits at chance), while the fidelity
+    term waits and then ramps up over as many steps (StegaStamp's ``l2_loss_await``/``l2_loss_ramp``)."""
 
     secret: str | None = None
     secret_length: int = 32
@@ -173,6 +176,11 @@ class SSBAConfig(AttackConfig):
             raise ValueError(f"l2_weight must be a number >= 0, got {self.l2_weight!r}")
         if not _positive(self.bit_threshold) or self.bit_threshold > 1:
             raise ValueError(f"bit_threshold must be a number in (0, 1], got {self.bit_threshold!r}")
+        if not _positive(self.epsilon_warmup) or self.epsilon_warmup < 1:
+            raise ValueError(f"epsilon_warmup must be a number >= 1 (a factor on epsilon), got {self.epsilon_warmup!r}")
+        if isinstance(self.warmup_share, bool) or not isinstance(self.warmup_share, (int, float)) \
+                or not 0 <= self.warmup_share <= 1:
+            raise ValueError(f"warmup_share must be a number in [0, 1], got {self.warmup_share!r}")
 
 
 @register_attack
