@@ -438,6 +438,17 @@ def test_attack_cli_end_to_end(tmp_path, tiny_root, attack, capsys):
         test = load_dataset("fashion_mnist", "test", tiny_root)
         rebuilt = restore_attack(b.attack, b.tensors).poison_test(test.images, test.labels, 10)
         assert torch.equal(rebuilt.images, b.bd_test.images)
+    if attack == "ssba":  # BackdoorBench's pre-made files from the bundle give the bundle's poisoned test set
+        from benchmark_adapters.backdoorbench import read_ssba_images, ssba_poisoned_test_set
+
+        assert b.attack["trigger_search"]["encoder"]["holdout_images"] == 20
+        res = tmp_path / "resource"
+        capsys.readouterr()
+        assert main(["backdoorbench", "export-ssba", str(out), "--out", str(res), "--data-root", str(tiny_root)]) == 0
+        assert "--attack_target 0 --pratio 0.1" in capsys.readouterr().out
+        replaced = read_ssba_images(res / "fashion_mnist_ssba_test_b1.npy", shape=(1, 28, 28), count=60)
+        assert torch.equal(ssba_poisoned_test_set(replaced, test.labels, 10).images, b.bd_test.images)
+        assert read_ssba_images(res / "fashion_mnist_ssba_train_b1.npy").shape == (200, 1, 28, 28)
     else:
         assert not any(k.startswith("attack.") for k in b.tensors) and "state" not in b.attack
     assert len(b.bd_test) == 54 and torch.all(b.bd_test.targets == 0)
