@@ -19,12 +19,7 @@ TINY = {"secret_length": 8, "epsilon": 0.1, "encoder_channels": 8, "encoder_epoc
         "encoder_lr": 0.003, "encoder_holdout": 100}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:

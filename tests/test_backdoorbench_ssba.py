@@ -17,6 +17,8 @@ from otbr_plugin.bundle import Bundle
 from otbr_plugin.data.transforms import Normalizer
 from otbr_plugin.models import ModelConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def images(n: int, c: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
