@@ -20,14 +20,18 @@ every image, also after rounding to uint8 (at most ``round(255 * epsilon)`` grey
 U-Net (two down/up levels, ``encoder_channels`` wide) sized for a 2-core CPU instead of StegaStamp's five levels,
 and trained for ``encoder_epochs`` passes over ``encoder_samples`` training images with Adam at ``encoder_lr``
 (BackdoorBench: 100 bits, 20 epochs, lr 1e-4, on a GPU). Images are clipped to [0, 1] and dithered by +-0.5 grey
-levels while the pair trains, so the decoder learns to read the stored uint8 image. ``encoder_holdout`` training
+levels while the pair trains, so the decoder learns to read the stored uint8 image. The secret reaches the output
+layer directly as well as through the U-Net, and a warm-up starts the bound at ``epsilon_warmup`` x ``epsilon``
+(shrinking to ``epsilon`` over ``warmup_share`` of the steps) while the L2 term waits and then ramps up (StegaStamp's
+``l2_loss_await``/``l2_loss_ramp``): without these the pair sat at chance on Fashion-MNIST. ``encoder_holdout`` training
 images are kept out of the encoder's training; its bit accuracy on them (secret encoded, and on the clean images)
 is reported in the bundle's ``attack.trigger_search``. BackdoorBench's BCH error correction of the secret is not
 used: the classifier, not a decoder, is what must recognise the residual.
 
 The encoder's and decoder's weights and the secret are the attack's state (``extra.safetensors`` under
 ``attack.``), so :func:`~otbr_plugin.attacks.restore_attack` rebuilds the poisoned samples from a bundle.
-BackdoorBench's own SSBA records (pre-encoded images) are read by :mod:`benchmark_adapters.backdoorbench.ssba`.
+BackdoorBench's own SSBA records read like any other record; its pre-made SSBA image files are read and written by
+:mod:`benchmark_adapters.backdoorbench.ssba`.
 """
 
 from __future__ import annotations
