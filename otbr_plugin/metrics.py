@@ -11,7 +11,8 @@ from torch import nn
 from .data.transforms import Normalizer, to_float
 from .runtime import resolve_device
 
-__all__ = ["NonFiniteOutputError", "BackdoorMetrics", "predict", "accuracy", "evaluate_backdoor", "defense_effectiveness_rating"]
+__all__ = ["NonFiniteOutputError", "BackdoorMetrics", "SampleCorrectness", "predict", "accuracy", "evaluate_backdoor",
+           "defense_effectiveness_rating"]
 
 
 class NonFiniteOutputError(ValueError):
@@ -112,6 +113,26 @@ class BackdoorMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SampleCorrectness:
+    """Per-sample outcomes behind :class:`BackdoorMetrics` (bool tensors on the CPU, in the test sets' order):
+    ``clean[i]`` = clean test sample i classified correctly; ``target[j]`` / ``true[j]`` = poisoned test sample j
+    classified as the attack's target / as its true label. Their means are ACC, ASR and RA; bootstrap intervals
+    (:mod:`otbr_plugin.aggregate.bootstrap`) resample them without running a model again."""
+
+    clean: torch.Tensor
+    target: torch.Tensor
+    true: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("clean", "target", "true"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.dim() != 1:
+                raise ValueError(f"SampleCorrectness.{name} must be a 1-D bool tensor")
+        if self.target.shape != self.true.shape:
+            raise ValueError("SampleCorrectness.target and .true must cover the same poisoned samples")
+
+
 def evaluate_backdoor(
     model: nn.Module,
     clean_images: torch.Tensor,
@@ -124,17 +145,20 @@ def evaluate_backdoor(
     *,
     device: torch.device | str,
     channels_last: bool | None = None,
-) -> BackdoorMetrics:
+    return_samples: bool = False,
+) -> BackdoorMetrics | tuple[BackdoorMetrics, SampleCorrectness]:
     """ACC on the clean test set; ASR = share of poisoned samples predicted as their target; RA = share
     predicted as their true label. ``device``: where to compute (the caller's model is not moved);
-    ``batch_size`` / ``channels_last``: see :func:`predict`."""
+    ``batch_size`` / ``channels_last``: see :func:`predict`. ``return_samples``: also return the per-sample outcomes
+    the rates are the means of (:class:`SampleCorrectness`, from the same predictions)."""
     clean_pred = predict(model, clean_images, normalizer, batch_size, device=device, channels_last=channels_last)
     bd_pred = predict(model, bd_images, normalizer, batch_size, device=device, channels_last=channels_last)
-    return BackdoorMetrics(
-        acc=accuracy(clean_pred, clean_labels.cpu()),
-        asr=accuracy(bd_pred, bd_targets.cpu()),
-        ra=accuracy(bd_pred, bd_original_labels.cpu()),
-    )
+    labels, targets, original = clean_labels.cpu(), bd_targets.cpu(), bd_original_labels.cpu()
+    metrics = BackdoorMetrics(acc=accuracy(clean_pred, labels), asr=accuracy(bd_pred, targets),
+                              ra=accuracy(bd_pred, original))
+    if not return_samples:
+        return metrics
+    return metrics, SampleCorrectness(clean_pred == labels, bd_pred == targets, bd_pred == original)
 
 
 def defense_effectiveness_rating(before: BackdoorMetrics, after: BackdoorMetrics) -> float:

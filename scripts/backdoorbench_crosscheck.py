@@ -47,13 +47,20 @@ if str(REPO) not in sys.path:
 
 DATASET = "gtsrb"  # BackdoorBench's loader whose layout the subsample is written in (see the module docstring)
 NUM_CLASSES_BB = 43
-PAD = 2  # 28 -> 32
+PAD = 2  # 28 -> 32 in the "pad" layout
+SIZE = 32  # BackdoorBench's gtsrb input size
+LAYOUTS = {
+    "resize": "Fashion-MNIST 28x28 grey resized to 32x32 (PIL bilinear, Image.BILINEAR, on the uint8 grey image), "
+              "replicated to 3 channels",
+    "pad": "Fashion-MNIST 28x28 grey zero-padded by 2 to 32x32, replicated to 3 channels",
+}
 
 
 # ----------------------------------------------------------------------------------------------- data
-def data_dir_name(n_train: int, n_test: int, seed: int) -> str:
-    """The folder under BB_ROOT/data/ that holds one subsample (BackdoorBench appends /gtsrb)."""
-    return f"otbr_crosscheck_fmnist_{n_train}_{n_test}_s{seed}"
+def data_dir_name(n_train: int, n_test: int, seed: int, layout: str = "pad") -> str:
+    """The folder under BB_ROOT/data/ that holds one subsample (BackdoorBench appends /gtsrb); the "pad" layout
+    keeps the name it had before layouts existed."""
+    return f"otbr_crosscheck_fmnist_{n_train}_{n_test}_s{seed}" + ("" if layout == "pad" else f"_{layout}")
 
 
 def _stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -71,16 +78,26 @@ def _stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def _rgb32(img28: np.ndarray) -> np.ndarray:
-    out = np.zeros((28 + 2 * PAD, 28 + 2 * PAD, 3), dtype=np.uint8)
-    out[PAD:PAD + 28, PAD:PAD + 28, :] = img28[:, :, None]
-    return out
+def to_rgb32(img28: np.ndarray, layout: str) -> np.ndarray:
+    """A 28x28 uint8 grey image as the 32x32x3 uint8 image written for BackdoorBench (see ``LAYOUTS``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if img28.shape != (28, 28) or img28.dtype != np.uint8:
+        raise ValueError(f"expected a 28x28 uint8 image, got {img28.shape} {img28.dtype}")
+    if layout == "pad":
+        grey = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        grey[PAD:PAD + 28, PAD:PAD + 28] = img28
+    else:
+        from PIL import Image
+
+        grey = np.asarray(Image.fromarray(img28).resize((SIZE, SIZE), Image.BILINEAR))
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 GT_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
 
 
-def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[str, dict]:
+def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int, layout: str = "resize") -> tuple[str, dict]:
     """Write the subsample under BB_ROOT/data/<name>/gtsrb/ (once) and return (dataset_path for BackdoorBench's
     ``--dataset_path``, a description)."""
     from PIL import Image
@@ -93,12 +110,13 @@ def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[s
     if src is None:
         raise SystemExit("Fashion-MNIST not found (otbr_plugin.data.find_dataset('fashion_mnist')); install Debian's "
                          "dataset-fashion-mnist or put its IDX files under the data root")
-    name = data_dir_name(n_train, n_test, seed)
+    name = data_dir_name(n_train, n_test, seed, layout)
     rel = f"./data/{name}"
     target = bb_root / "data" / name / DATASET
     info = {"source": str(src), "n_train": n_train, "n_test": n_test, "seed": seed, "folder": str(target),
-            "layout": "BackdoorBench gtsrb loader (Train/000NN/GT-000NN.csv, Test/GT-final_test.csv), RGB PNG 32x32 "
-                      "= Fashion-MNIST 28x28 grey replicated to 3 channels, zero-padded by 2"}
+            "layout": layout,
+            "images": "BackdoorBench gtsrb loader (Train/000NN/GT-000NN.csv, Test/GT-final_test.csv), "
+                      f"RGB PNG 32x32 = {LAYOUTS[layout]}"}
     if (target / "Test" / "GT-final_test.csv").is_file():
         return rel, info
     splits = {}
@@ -115,7 +133,7 @@ def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[s
             lines = [GT_HEADER]
             for j in np.flatnonzero(y == c):
                 fn = f"{int(idx[j]):05d}.png"
-                Image.fromarray(_rgb32(x[j])).save(cdir / fn)
+                Image.fromarray(to_rgb32(x[j], layout)).save(cdir / fn)
                 lines.append(f"{fn};32;32;0;0;31;31;{c}\n")
             (cdir / f"GT-{c:05d}.csv").write_text("".join(lines))
         x, y, idx = splits["test"]
@@ -124,7 +142,7 @@ def prepare_data(bb_root: Path, n_train: int, n_test: int, seed: int) -> tuple[s
         lines = [GT_HEADER]
         for j in range(len(y)):
             fn = f"{int(idx[j]):05d}.png"
-            Image.fromarray(_rgb32(x[j])).save(tdir / fn)
+            Image.fromarray(to_rgb32(x[j], layout)).save(tdir / fn)
             lines.append(f"{fn};32;32;0;0;31;31;{int(y[j])}\n")
         (tdir / "GT-final_test.csv").write_text("".join(lines))
         (tmp / "SUBSAMPLE.json").write_text(json.dumps(info, indent=1))
@@ -160,7 +178,8 @@ class Settings:
     bb_python: str
     out: Path
     work: Path
-    dataset_path: str
+    dataset_paths: dict[str, str]  # layout -> BackdoorBench's --dataset_path
+    layout: str  # of an attack given without @LAYOUT
     attacks: list[str]
     attack_epochs: int
     attack_batch: int
@@ -171,39 +190,83 @@ class Settings:
     threads: int
     fp_epochs: int
     fp_once_prune_ratio: float
+    fp_ratio: float
     anp_iters: int
     anp_batch: int
     anp_pruning_step: float
+    anp_lr: float | None
     clp_u: float
     defenses: list[str]
     wait_attacks_min: float = 0.0
+    plugin_seeds: int = 1
+    fp_bb_tmax: bool = False
 
 
-def split_attack(spec: str, default_epochs: int) -> tuple[str, int, str]:
-    """``badnet`` or ``badnet:8`` (8 epochs for this attack) -> (attack, epochs, record-name suffix)."""
-    name, _, epochs = spec.partition(":")
+def attack_pratio(spec: str) -> tuple[str, float | None]:
+    """``SPEC%PRATIO`` -> (SPEC, PRATIO): BackdoorBench's ``--pratio`` (share of the training images poisoned)
+    for this attack; without ``%`` its attack YAML's own (None)."""
+    head, sep, p = spec.partition("%")
+    if not sep:
+        return spec, None
+    try:
+        pratio = float(p)
+    except ValueError:
+        pratio = -1.0
+    if not 0 < pratio <= 1:
+        raise SystemExit(f"--attacks {spec!r}: %PRATIO must be a number in (0, 1], got {p!r}")
+    return head, pratio
+
+
+def split_attack(spec: str, default_epochs: int, default_layout: str = "resize") -> tuple[str, int, str, str]:
+    """``NAME[:EPOCHS][@LAYOUT][%PRATIO]`` -> (attack, epochs, record-name suffix, layout): ``badnet:8@pad`` is
+    BadNets for 8 epochs on the zero-padded images; without ``:EPOCHS`` the default epochs (no suffix), without
+    ``@LAYOUT`` the default layout; ``%PRATIO`` (see ``attack_pratio``) adds ``_pPRATIO`` to the suffix."""
+    spec, pratio = attack_pratio(spec)
+    ptag = "" if pratio is None else f"_p{pratio:g}"
+    head, _, layout = spec.partition("@")
+    layout = layout or default_layout
+    if layout not in LAYOUTS:
+        raise SystemExit(f"--attacks {spec!r}: unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    name, _, epochs = head.partition(":")
+    if not name:
+        raise SystemExit(f"--attacks {spec!r}: expected NAME[:EPOCHS][@LAYOUT]")
     if not epochs:
-        return name, default_epochs, ""
+        return name, default_epochs, ptag, layout
     if not epochs.isdigit() or int(epochs) < 1:
-        raise SystemExit(f"--attacks {spec!r}: expected NAME or NAME:EPOCHS with EPOCHS a positive integer")
-    return name, int(epochs), f"_e{int(epochs)}"
+        raise SystemExit(f"--attacks {spec!r}: expected NAME[:EPOCHS][@LAYOUT] with EPOCHS a positive integer")
+    return name, int(epochs), f"_e{int(epochs)}{ptag}", layout
 
 
-def record_name(attack: str, n_train: int, n_test: int) -> str:
-    """The record of ``attack`` (``NAME`` or ``NAME:EPOCHS``) on the subsample."""
-    name, _, suffix = split_attack(attack, 0)
-    return f"otbrx_fmnist{n_train}_{n_test}_{name}{suffix}"
+def record_name(attack: str, n_train: int, n_test: int, default_layout: str = "resize") -> str:
+    """The record of ``attack`` (``NAME[:EPOCHS][@LAYOUT]``) on the subsample; records on the "pad" layout keep
+    the names they had before layouts existed, the others name their layout."""
+    name, _, suffix, layout = split_attack(attack, 0, default_layout)
+    tag = "" if layout == "pad" else f"_{layout}"
+    return f"otbrx_fmnist{n_train}_{n_test}{tag}_{name}{suffix}"
+
+
+def attack_layout(s: "Settings", attack: str) -> str:
+    return split_attack(attack, 0, s.layout)[3]
+
+
+def dataset_path(s: "Settings", attack: str) -> str:
+    """BackdoorBench's ``--dataset_path`` of the subsample ``attack``'s record is made on."""
+    return s.dataset_paths[attack_layout(s, attack)]
 
 
 COMMON_BB = ["--device", "cpu", "--num_workers", "0", "--pin_memory", "False", "--non_blocking", "False"]
 
 
 def attack_run(s: Settings, attack: str) -> Run:
-    rec = record_name(attack, s.n_train, s.n_test)
-    attack, epochs, _ = split_attack(attack, s.attack_epochs)
+    rec = record_name(attack, s.n_train, s.n_test, s.layout)
+    path = dataset_path(s, attack)
+    pratio = attack_pratio(attack)[1]
+    attack, epochs, _, _ = split_attack(attack, s.attack_epochs, s.layout)
     args = ["--yaml_path", "./config/attack/prototype/gtsrb.yaml", "--bd_yaml_path", f"./config/attack/{attack}/default.yaml",
-            "--dataset_path", s.dataset_path, *COMMON_BB, "--epochs", str(epochs),
+            "--dataset_path", path, *COMMON_BB, "--epochs", str(epochs),
             "--batch_size", str(s.attack_batch), "--save_folder_name", rec]
+    if pratio is not None:
+        args += ["--pratio", f"{pratio:g}"]
     return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
 
 
@@ -223,51 +286,97 @@ def clp_yaml(s: Settings) -> Path:
     return path
 
 
+def fp_tmax_yaml(s: Settings) -> Path:
+    """BackdoorBench's fp/gtsrb.yaml with ``cos_t_max`` = the fine-tuning epochs. Its scheduler factory reads
+    ``cos_t_max`` (else T_max = 100, stepped per epoch), so with fewer than 100 epochs BackdoorBench's FP barely
+    anneals, while the drop-in anneals over all its fine-tuning steps; with this YAML both follow the same curve
+    (one step per epoch when the clean subset is smaller than the batch)."""
+    import yaml
+
+    from otbr_plugin.io import write_text
+
+    src = s.bb_root / "config" / "defense" / "fp" / "gtsrb.yaml"
+    values = yaml.safe_load(src.read_text())
+    values["cos_t_max"] = s.fp_epochs
+    path = s.work / "yaml" / f"fp_gtsrb_tmax{s.fp_epochs}.yaml"
+    write_text(path, f"# {src} with cos_t_max = {s.fp_epochs} (otbr-plugin crosscheck)\n"
+                     + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+TMAX_VARIANT = "cos_t_max=epochs"
+
+
 def defense_runs(s: Settings, attack: str) -> list[Run]:
     """The defense runs on one record, most important first (so an interrupted run still fills the table)."""
-    rec = record_name(attack, s.n_train, s.n_test)
-    base = ["--result_file", rec, "--dataset", DATASET, "--dataset_path", s.dataset_path]
+    rec = record_name(attack, s.n_train, s.n_test, s.layout)
+    base = ["--result_file", rec, "--dataset", DATASET, "--dataset_path", dataset_path(s, attack)]
     bb = [*base, *COMMON_BB, "--amp", "False"]
     ours = [*base, "--device", "cpu", "--progress", "false"]
     seeds = s.seeds if attack == s.attacks[0] else s.seeds_blended
     runs: list[Run] = []
 
     def add(name, impl, script, args, seed, out_name, variant=""):
-        tag = out_name + (f"__{variant.replace('=', '-').replace(',', '-')}" if variant else "") + f"__s{seed}"
+        tag = out_name + (f"__{variant.replace('=', '-').replace(',', '-')}" if variant else "")
+        if name in BUDGETED:  # runs of another CPU budget are other runs
+            tag += f"__{budget_tag(s, name)}"
+        tag += f"__s{seed}"
         if name in s.defenses:
             runs.append(Run("defense", rec, name, impl, script, [*args, "--random_seed", str(seed)], seed, variant,
                             output=f"record/{rec}/defense/{out_name}", kept=f"record/{rec}/defense/crosscheck/{tag}"))
 
-    yaml_clp = clp_yaml(s)
-    add("clp", "BackdoorBench", "./defense/clp.py", [*bb, "--yaml_path", str(yaml_clp), "--u", str(s.clp_u)], 0, "clp")
+    if "clp" in s.defenses:
+        add("clp", "BackdoorBench", "./defense/clp.py", [*bb, "--yaml_path", str(clp_yaml(s)), "--u", str(s.clp_u)],
+            0, "clp")
     for pairing in ("backdoorbench", "structural"):
         add("clp", "plug-in", "./defense/otbr_clp.py",
             [*ours, "--yaml_path", "./config/defense/otbr_clp/gtsrb.yaml", "--u", str(s.clp_u), "--pairing", pairing],
             0, "otbr_clp", f"pairing={pairing}")
     add("otbr", "plug-in", "./defense/otbr.py", [*ours, "--yaml_path", "./config/defense/otbr/gtsrb.yaml"], 0, "otbr")
     fp_bb = [*bb, "--yaml_path", "./config/defense/fp/gtsrb.yaml", "--epochs", str(s.fp_epochs),
-             "--once_prune_ratio", str(s.fp_once_prune_ratio)]
-    fp_ours = [*ours, "--yaml_path", "./config/defense/otbr_fp/gtsrb.yaml", "--epochs", str(s.fp_epochs)]
+             "--once_prune_ratio", str(s.fp_once_prune_ratio), "--ratio", str(s.fp_ratio)]
+    fp_ours = [*ours, "--yaml_path", "./config/defense/otbr_fp/gtsrb.yaml", "--epochs", str(s.fp_epochs),
+               "--ratio", str(s.fp_ratio)]
+    lr_bb = [] if s.anp_lr is None else ["--lr", str(s.anp_lr)]
+    lr_ours = [] if s.anp_lr is None else ["--mask_lr", str(s.anp_lr)]
     anp_bb = [*bb, "--yaml_path", "./config/defense/anp/gtsrb.yaml", "--nb_iter", str(s.anp_iters),
               "--print_every", str(s.anp_iters), "--batch_size", str(s.anp_batch),
-              "--pruning_step", str(s.anp_pruning_step)]
+              "--pruning_step", str(s.anp_pruning_step), *lr_bb]
     anp_ours = [*ours, "--yaml_path", "./config/defense/otbr_anp/gtsrb.yaml", "--iterations", str(s.anp_iters),
-                "--batch_size", str(s.anp_batch)]
+                "--batch_size", str(s.anp_batch), *lr_ours]
     # the drop-ins in BackdoorBench's setting, with BackdoorBench's own YAML and flags (the command line of
     # BackdoorBench's script with the script's name changed) and its test-set selection behind the oracle switch
     oracle = ["--setting", "backdoorbench", "--oracle", "true"]
+    fp_bb_tmax = None
+    if s.fp_bb_tmax and "fp" in s.defenses:
+        fp_bb_tmax = [*fp_bb]
+        fp_bb_tmax[fp_bb_tmax.index("--yaml_path") + 1] = str(fp_tmax_yaml(s))
     for i, seed in enumerate(seeds):
         add("fp", "BackdoorBench", "./defense/fp.py", fp_bb, seed, "fp")
+        if fp_bb_tmax is not None:
+            add("fp", "BackdoorBench", "./defense/fp.py", fp_bb_tmax, seed, "fp", TMAX_VARIANT)
         add("anp", "BackdoorBench", "./defense/anp.py", anp_bb, seed, "anp")
-        if i == 0:
+        if i == 0:  # the plug-in's own setting: a different method setting, one seed
             add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
             add("anp", "plug-in", "./defense/otbr_anp.py", anp_ours, seed, "otbr_anp")
+        if i < s.plugin_seeds:
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
     return runs
 
 
 BB_SETTING = "setting=backdoorbench,oracle"
+BUDGETED = ("fp", "anp")  # defenses whose CPU-sized budget is part of a run's name
+
+
+def budget_tag(s: Settings, defense: str) -> str:
+    """The CPU budget of an FP or ANP run, as it appears in the run's folder name (e.g. ``e10-r0.2-p0.1``)."""
+    if defense == "fp":
+        return f"e{s.fp_epochs}-r{s.fp_ratio:g}-p{s.fp_once_prune_ratio:g}"
+    if defense == "anp":
+        lr = "" if s.anp_lr is None else f"-lr{s.anp_lr:g}"
+        return f"i{s.anp_iters}-b{s.anp_batch}-ps{s.anp_pruning_step:g}{lr}"
+    raise ValueError(f"no CPU budget for {defense!r}")
 
 
 COMPAT_DIR = Path(__file__).resolve().parent / "backdoorbench_compat"
@@ -399,10 +508,62 @@ def max_weight_diff(a: dict, b: dict) -> tuple[float, str, list[str]]:
     return worst, where, differ
 
 
+def _effective(state: dict, key: str):
+    """The weight ``key`` as the model uses it: ``weight_orig * weight_mask`` where a pruning reparametrisation
+    was saved (BackdoorBench's FP), else the tensor itself."""
+    if key in state:
+        return state[key]
+    if key + "_orig" in state and key + "_mask" in state:
+        return state[key + "_orig"] * state[key + "_mask"]
+    return None
+
+
+def pruned_units(state: dict, before: dict, defense: str) -> int | None:
+    """How many units a pruning defense switched off, read from the weights alone (the same count for
+    BackdoorBench's result and the plug-in's): ANP, BatchNorm channels whose weight became 0; FP, input
+    columns of the final ``linear`` layer that became all-zero. None for other defenses."""
+    if defense == "anp":
+        n = 0
+        for k, w in before.items():
+            if k.endswith(".weight") and k[:-len("weight")] + "running_mean" in before and k in state:
+                n += int(((state[k] == 0) & (w != 0)).sum())
+        return n
+    if defense == "fp":
+        after, orig = _effective(state, "linear.weight"), _effective(before, "linear.weight")
+        if after is None or orig is None:
+            return None
+        return int(((after == 0).all(dim=0) & ~(orig == 0).all(dim=0)).sum())
+    return None
+
+
+def min_anp_mask(run_dir: Path) -> float | None:
+    """The smallest learnt ANP mask of a run: BackdoorBench's ``checkpoint/mask_values.txt`` (4 decimals) or
+    the drop-in's ``masks.csv``."""
+    bb, ours = run_dir / "checkpoint" / "mask_values.txt", run_dir / "masks.csv"
+    if bb.is_file():
+        values = [float(line.split("\t")[3]) for line in bb.read_text().splitlines()[1:] if line.strip()]
+    elif ours.is_file():
+        with open(ours, newline="") as fh:
+            values = [float(r["mask"]) for r in csv.DictReader(fh)]
+    else:
+        return None
+    return min(values) if values else None
+
+
 def _fmt(x: float | None, pct: bool = True) -> str:
     if x is None:
         return "-"
     return f"{100 * x:.2f}" if pct else f"{x:.1f}"
+
+
+def cpu_settings(s: Settings) -> dict[str, str]:
+    """The FP / ANP / CLP settings of the runs, each with BackdoorBench's default beside it."""
+    lr = "each side's own (BackdoorBench 0.01, plug-in default 0.2)" if s.anp_lr is None else f"{s.anp_lr:g}"
+    return {"FP fine-tuning epochs": f"{s.fp_epochs} [100]", "FP clean subset ratio": f"{s.fp_ratio:g} [0.05]",
+            "FP once_prune_ratio": f"{s.fp_once_prune_ratio:g} [0.01]",
+            "ANP iterations": f"{s.anp_iters} [2000]", "ANP batch": f"{s.anp_batch} [256]",
+            "ANP mask lr": f"{lr} [0.01]", "ANP pruning_step": f"{s.anp_pruning_step:g} [0.05]",
+            "CLP u": f"{s.clp_u:g} [sweep 0-10]"}
 
 
 def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions: dict, data_info: dict) -> None:
@@ -412,12 +573,23 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
     rows, by_key = [], {}
     records = sorted({r.record for r in runs if r.kind == "defense" and r.label in infos})
     before = {rec: attack_metrics(s, rec) for rec in records}
+    attack_states: dict[str, dict] = {}
     for run in runs:
         if run.kind != "defense" or run.label not in infos:
             continue
         m = run_metrics(s, run)
+        pruned, min_mask = None, None
+        if run.name in BUDGETED:
+            if run.record not in attack_states:
+                attack_states[run.record] = load_state(s.bb_root / "record" / run.record / "attack_result.pt")
+            pruned = pruned_units(load_state(s.bb_root / run.kept / "defense_result.pt"), attack_states[run.record],
+                                  run.name)
+            if run.name == "anp":
+                min_mask = min_anp_mask(s.bb_root / run.kept)
         row = {"record": run.record, "defense": run.name, "impl": run.impl, "variant": run.variant, "seed": run.seed,
                "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "der": der(before[run.record], m),
+               "pruned": pruned, "min_mask": min_mask,
+               "budget": budget_tag(s, run.name) if run.name in BUDGETED else "",
                "seconds": infos[run.label]["seconds"], "threads": s.threads,
                "loadavg_start_1min": infos[run.label]["loadavg_start"][0]}
         rows.append(row)
@@ -450,26 +622,39 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
             out[k + "_min"], out[k + "_max"] = min(r[k] for r in rs), max(r[k] for r in rs)
         out["n"] = len(rs)
         out["seeds"] = ",".join(str(r["seed"]) for r in rs)
+        out["pruned"] = ",".join("-" if r["pruned"] is None else str(r["pruned"]) for r in rs)
+        out["min_mask"] = ",".join("-" if r["min_mask"] is None else f"{r['min_mask']:.3f}" for r in rs)
         return out
 
     lines = [
         "# BackdoorBench's own defenses vs otbr-plugin's drop-ins on BackdoorBench's own records",
         "",
-        f"Data: Fashion-MNIST SUBSAMPLED ({data_info['n_train']} train / {data_info['n_test']} test, stratified, "
-        f"seed {data_info['seed']}), written in BackdoorBench's `gtsrb` loader layout (43-output model, classes 0-9 "
-        "used). Attacks: BackdoorBench's own attack scripts; defenses: BackdoorBench's own scripts and the drop-ins, "
+        f"Data: Fashion-MNIST SUBSAMPLED ({s.n_train} train / {s.n_test} test, stratified, "
+        f"seed {next(iter(data_info.values()))['seed']}), written in the file layout of BackdoorBench's `gtsrb` "
+        "loader (43-output model, classes 0-9 used); 28x28 -> 32x32 per record (column layout): "
+        + "; ".join(f"{k} = {LAYOUTS[k]}" for k in sorted(data_info))
+        + ". Attacks: BackdoorBench's own attack scripts; defenses: BackdoorBench's own scripts and the drop-ins, "
         "all from BackdoorBench's root on CPU. Metrics in %, on the subsample's test split; DER against the attack's "
         "own last-epoch metrics. Seconds: wall time of the whole script (load, defend, evaluate, save) on a "
         f"shared machine, {s.threads} thread(s) each.",
         "",
-        "| record | attack ACC / ASR / RA |",
-        "|---|---|",
+        "CPU-sized settings, the same on both sides (BackdoorBench's defaults in brackets): "
+        + "; ".join(f"{k} {v}" for k, v in cpu_settings(s).items()) + ".",
+        "",
+        "| record | layout | attack epochs | attack ACC / ASR / RA |",
+        "|---|---|---|---|",
     ]
+    spec = {record_name(a, s.n_train, s.n_test, s.layout): split_attack(a, s.attack_epochs, s.layout)
+            for a in s.attacks}
     for rec in records:
         b = before[rec]
-        lines.append(f"| {rec} | {_fmt(b['acc'])} / {_fmt(b['asr'])} / {_fmt(b['ra'])} |")
-    lines += ["", "| record | defense | implementation | seeds | ACC | ASR | RA | DER | seconds |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        _, epochs, _, layout = spec[rec]
+        lines.append(f"| {rec} | {layout} | {epochs} | {_fmt(b['acc'])} / {_fmt(b['asr'])} / {_fmt(b['ra'])} |")
+    lines += ["", "Pruned: ANP, BatchNorm channels whose weight the defense set to 0; FP, input columns of the final "
+              "linear layer that became all-zero; both read from the saved weights against the attack's, per seed. "
+              "Min mask: ANP's smallest learnt mask, per seed. Budget: the CPU-sized FP/ANP settings (see below).",
+              "", "| record | defense | implementation | budget | seeds | ACC | ASR | RA | DER | pruned | min mask | "
+              "seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2] != "BackdoorBench", k[3])):
         a = agg(key)
         rec, name, impl, variant = key
@@ -479,36 +664,48 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
             asr = f"{_fmt(a['asr'])} ({_fmt(a['asr_min'])}-{_fmt(a['asr_max'])})"
         else:
             acc, asr = _fmt(a["acc"]), _fmt(a["asr"])
-        lines.append(f"| {rec} | {name} | {impl_txt} | {a['seeds']} | {acc} | {asr} | {_fmt(a['ra'])} | "
-                     f"{a['der']:.3f} | {_fmt(a['seconds'], pct=False)} |")
+        budget = budget_tag(s, name) if name in BUDGETED else "-"
+        lines.append(f"| {rec} | {name} | {impl_txt} | {budget} | {a['seeds']} | {acc} | {asr} | {_fmt(a['ra'])} | "
+                     f"{a['der']:.3f} | {a['pruned'] if name in BUDGETED else '-'} | "
+                     f"{a['min_mask'] if name == 'anp' else '-'} | {_fmt(a['seconds'], pct=False)} |")
     # FP / ANP: the plug-in against BackdoorBench's seed spread
     diff_rows = []
     for rec in records:
         for name in ("fp", "anp"):
-            bbk = agg((rec, name, "BackdoorBench", ""))
-            for variant in (BB_SETTING, ""):
-                ok = agg((rec, name, "plug-in", variant))
-                if bbk is None or ok is None:
-                    continue
-                # 1e-6: the drop-ins write float32 fractions, BackdoorBench python floats (0.64 vs 0.6399999938)
-                within = (abs(ok["acc"] - bbk["acc"]) <= bbk["acc_spread"] + 1e-6
-                          and abs(ok["asr"] - bbk["asr"]) <= bbk["asr_spread"] + 1e-6) if bbk["n"] > 1 else None
-                diff_rows.append({"record": rec, "defense": name, "plugin_setting": variant or "default",
-                                  "bb_seeds": bbk["seeds"], "dacc": abs(ok["acc"] - bbk["acc"]),
-                                  "acc_spread": bbk["acc_spread"], "dasr": abs(ok["asr"] - bbk["asr"]),
-                                  "asr_spread": bbk["asr_spread"], "within_spread": within,
-                                  "time_ratio": ok["seconds"] / bbk["seconds"]})
+            for bb_variant in ("", TMAX_VARIANT):
+                bbk = agg((rec, name, "BackdoorBench", bb_variant))
+                for variant in (BB_SETTING, ""):
+                    ok = agg((rec, name, "plug-in", variant))
+                    if bbk is None or ok is None:
+                        continue
+                    # 1e-6: the drop-ins write float32 fractions, BackdoorBench python floats (0.64 vs 0.6399999938)
+                    within = (abs(ok["acc"] - bbk["acc"]) <= bbk["acc_spread"] + 1e-6
+                              and abs(ok["asr"] - bbk["asr"]) <= bbk["asr_spread"] + 1e-6) if bbk["n"] > 1 else None
+                    diff_rows.append({"record": rec, "defense": name, "bb_variant": bb_variant or "as shipped",
+                                      "plugin_setting": variant or "default", "plugin_seeds": ok["seeds"],
+                                      "plugin_acc_range": f"{_fmt(ok['acc_min'])}-{_fmt(ok['acc_max'])}",
+                                      "plugin_asr_range": f"{_fmt(ok['asr_min'])}-{_fmt(ok['asr_max'])}",
+                                      "bb_seeds": bbk["seeds"], "dacc": abs(ok["acc"] - bbk["acc"]),
+                                      "acc_spread": bbk["acc_spread"], "dasr": abs(ok["asr"] - bbk["asr"]),
+                                      "asr_spread": bbk["asr_spread"], "within_spread": within,
+                                      "time_ratio": ok["seconds"] / bbk["seconds"]})
     if diff_rows:
         lines += ["", "FP and ANP: |plug-in - mean of BackdoorBench's runs| against the spread (max - min) of "
                   "BackdoorBench's own runs over its seeds (the issue's tolerance); time ratio = plug-in seconds / "
                   "BackdoorBench's mean seconds. `setting=backdoorbench,oracle` = the drop-in run with "
                   "BackdoorBench's YAML and flags, `--setting backdoorbench --oracle true` (its test-set selection, "
                   "labelled oracle); `default` = the plug-in's own setting (no test data).",
-                  "", "| record | defense | plug-in setting | BB seeds | abs dACC | BB ACC spread | abs dASR | "
-                  "BB ASR spread | within spread | time ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "The plug-in's value is its mean over its seeds (range beside it). BackdoorBench `as shipped` = its "
+                  "fp.py/anp.py with its YAML; `cos_t_max=epochs` = its fp.py with a YAML copy that sets "
+                  "cos_t_max to the fine-tuning epochs (the drop-in's cosine schedule; BackdoorBench's own is "
+                  "T_max = 100 epochs whatever --epochs says).",
+                  "", "| record | defense | BackdoorBench | plug-in setting | plug-in seeds | plug-in ACC range | "
+                  "plug-in ASR range | BB seeds | abs dACC | BB ACC spread | abs dASR | BB ASR spread | within spread "
+                  "| time ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for d in diff_rows:
             w = "-" if d["within_spread"] is None else ("yes" if d["within_spread"] else "no")
-            lines.append(f"| {d['record']} | {d['defense']} | {d['plugin_setting']} | {d['bb_seeds']} | "
+            lines.append(f"| {d['record']} | {d['defense']} | {d['bb_variant']} | {d['plugin_setting']} | "
+                         f"{d['plugin_seeds']} | {d['plugin_acc_range']} | {d['plugin_asr_range']} | {d['bb_seeds']} | "
                          f"{_fmt(d['dacc'])} | {_fmt(d['acc_spread'])} | {_fmt(d['dasr'])} | {_fmt(d['asr_spread'])} | "
                          f"{w} | {d['time_ratio']:.2f} |")
     if clp_rows:
@@ -535,7 +732,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                              f"({run.record}): `{cmd}`")
     lines.append("")
     write_text(s.out / "crosscheck.md", "\n".join(lines))
-    write_json(s.out / "crosscheck.json", {"versions": versions, "data": data_info, "attack_metrics": before,
+    write_json(s.out / "crosscheck.json", {"versions": versions, "data": data_info, "settings": cpu_settings(s),
+                                           "attack_metrics": before,
                                            "runs": rows, "clp_weights": clp_rows, "fp_anp_vs_spread": diff_rows})
     if clp_rows:
         h = list(clp_rows[0])
@@ -577,14 +775,17 @@ def schedule(s: Settings) -> list[Run]:
     and ANP with the drop-ins in BackdoorBench's setting, BackdoorBench's further seeds, the drop-ins in their
     default setting; OTBR (no BackdoorBench counterpart) last."""
     def rank(run: Run) -> tuple[int, int]:
-        first_seed = (s.seeds if run.record == record_name(s.attacks[0], s.n_train, s.n_test) else s.seeds_blended)[0]
+        first_seed = (s.seeds if run.record == record_name(s.attacks[0], s.n_train, s.n_test, s.layout)
+                      else s.seeds_blended)[0]
         if run.name == "clp":
             return (0, 0)
         if run.name == "otbr":
             return (9, 0)
         if run.impl == "BackdoorBench":
             return (1, 0) if run.seed == first_seed else (2, run.seed)
-        return (1, 1) if run.variant == BB_SETTING else (3, 0)
+        if run.variant == BB_SETTING:
+            return (1, 1) if run.seed == first_seed else (2, run.seed)
+        return (3, run.seed)
 
     ordered = []
     for attack in s.attacks:
@@ -659,9 +860,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=1000, help="training subsample (stratified) (default 1000)")
     p.add_argument("--n-test", type=int, default=250, help="test subsample (stratified) (default 250)")
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="resize",
+                   help="how the 28x28 images become BackdoorBench's 32x32 ones, for attacks given without @LAYOUT: "
+                        "resize (PIL bilinear; default) or pad (zero border of 2; BadNets' corner trigger falls "
+                        "on it)")
     p.add_argument("--attacks", nargs="+", default=["badnet", "blended"],
-                   help="BackdoorBench attack scripts, NAME or NAME:EPOCHS (own epochs, record name gets _eEPOCHS); "
-                        "the first gets --seeds, the others --seeds-other")
+                   help="BackdoorBench attack scripts, NAME[:EPOCHS][@LAYOUT][%%PRATIO] (own epochs: record name gets "
+                        "_eEPOCHS; own layout; own --pratio: _pPRATIO); the first gets --seeds, the others "
+                        "--seeds-other")
     p.add_argument("--attack-epochs", type=int, default=3, help="BackdoorBench's --epochs of the attacks (default 3)")
     p.add_argument("--attack-batch", type=int, default=32,
                    help="BackdoorBench's --batch_size of the attacks (default 32: more steps per CPU second)")
@@ -675,6 +881,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp-epochs", type=int, default=100, help="FP fine-tuning epochs, both (BackdoorBench: 100)")
     p.add_argument("--fp-once-prune-ratio", type=float, default=0.01,
                    help="BackdoorBench FP's pruning step as a share of the channels (BackdoorBench: 0.01)")
+    p.add_argument("--fp-ratio", type=float, default=0.05,
+                   help="FP's clean subset as a share of the training split, both (--ratio; BackdoorBench: 0.05)")
+    p.add_argument("--anp-lr", type=float, default=None,
+                   help="ANP mask learning rate, both (BackdoorBench's --lr, the drop-ins' --mask_lr; default: each "
+                        "side's own, BackdoorBench 0.01, plug-in default setting 0.2)")
+    p.add_argument("--plugin-seeds", type=int, default=1,
+                   help="the drop-ins' FP/ANP in BackdoorBench's setting run at the first N of BackdoorBench's "
+                        "seeds (default 1; their default setting at the first seed only)")
+    p.add_argument("--fp-bb-tmax", action="store_true",
+                   help="also run BackdoorBench's FP with cos_t_max = --fp-epochs (a YAML copy): the drop-in's "
+                        "cosine schedule, to measure that one difference at a reduced epoch count")
     p.add_argument("--anp-iters", type=int, default=2000, help="ANP mask iterations, both (BackdoorBench: 2000)")
     p.add_argument("--anp-batch", type=int, default=256, help="ANP batch size, both (BackdoorBench: 256, plug-in default 128)")
     p.add_argument("--anp-pruning-step", type=float, default=0.05,
@@ -682,6 +899,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clp-u", type=float, default=3.0)
     p.add_argument("--wait-attacks", type=float, default=0.0, metavar="MIN",
                    help="wait up to MIN minutes for an attack record that another process is still making")
+    p.add_argument("--only-impl", choices=("BackdoorBench", "plug-in"), default=None,
+                   help="run (and tabulate) only this side's defense runs")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 
@@ -696,10 +915,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{bb_root} is not a BackdoorBench checkout (no {sub}/)")
     out = Path(a.out).resolve()
     s = Settings(bb_root=bb_root, bb_python=a.bb_python, out=out, work=Path(a.work).resolve() if a.work else out / "work",
-                 dataset_path="", attacks=a.attacks, attack_epochs=a.attack_epochs, attack_batch=a.attack_batch, n_train=a.n_train, n_test=a.n_test,
+                 dataset_paths={}, layout=a.layout, attacks=a.attacks, attack_epochs=a.attack_epochs, attack_batch=a.attack_batch, n_train=a.n_train, n_test=a.n_test,
                  seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
-                 anp_pruning_step=a.anp_pruning_step, clp_u=a.clp_u, defenses=a.defenses,
+                 anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, fp_ratio=a.fp_ratio,
+                 plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, clp_u=a.clp_u, defenses=a.defenses,
                  wait_attacks_min=a.wait_attacks)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
@@ -707,11 +927,18 @@ def main(argv: list[str] | None = None) -> int:
     # and config/defense/otbr*/ are written)
     for path, status in install_dropin(bb_root, datasets=[DATASET], force=True):
         print(f"  drop-in {status:9} {path.relative_to(bb_root)}", flush=True)
-    s.dataset_path, data_info = prepare_data(bb_root, a.n_train, a.n_test, a.data_seed)
-    print(f"  data: Fashion-MNIST SUBSAMPLED to {a.n_train} train / {a.n_test} test (stratified, seed "
-          f"{a.data_seed}) in BackdoorBench's gtsrb layout at {data_info['folder']}", flush=True)
+    for attack in a.attacks:
+        split_attack(attack, 1, a.layout)  # a malformed spec fails here, before anything runs
+    data_info = {}
+    for layout in sorted({attack_layout(s, attack) for attack in a.attacks}):
+        s.dataset_paths[layout], data_info[layout] = prepare_data(bb_root, a.n_train, a.n_test, a.data_seed, layout)
+        print(f"  data: Fashion-MNIST SUBSAMPLED to {a.n_train} train / {a.n_test} test (stratified, seed "
+              f"{a.data_seed}), {layout} layout, in BackdoorBench's gtsrb file layout at "
+              f"{data_info[layout]['folder']}", flush=True)
 
     runs = schedule(s)
+    if a.only_impl:  # e.g. more seeds of the drop-ins while BackdoorBench's runs go on in another invocation
+        runs = [r for r in runs if r.kind == "attack" or r.impl == a.only_impl]
     infos: dict[str, dict] = {}
     for run in runs:
         if _done_marker(s, run).is_file():

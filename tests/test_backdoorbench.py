@@ -689,8 +689,8 @@ def test_fp_dropin_without_oracle_never_scores_on_test_data(bb, monkeypatch, cap
 
     monkeypatch.chdir(bb["root"])
     calls = []
-    real = runner.evaluate_model
-    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runner.evaluate_model_samples  # every test-set evaluation of the harness goes through it
+    monkeypatch.setattr(runner, "evaluate_model_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
     face, result = _run_face("fp", ["--setting", "backdoorbench", "--epochs", "0", "--ratio", "0.5",
                                     "--amp", "true", "--once_prune_ratio", "0.1"])
     assert len(calls) == 2  # before and after the defense: nothing in between

@@ -2,9 +2,9 @@
 
 The end-to-end test is opt-in: it needs a real BackdoorBench checkout (``BACKDOORBENCH_ROOT``) and the Python of
 an environment that holds BackdoorBench's requirements and otbr-plugin (``BACKDOORBENCH_PYTHON``, default: the
-Python running the tests). It runs the crosscheck on its smallest setting (200 train / 100 test images, one
-BadNets epoch, one seed, a few FP/ANP steps). Like the script, it reuses the record and the defense outputs that
-already exist in the checkout (``record/otbrx_fmnist200_100_badnet/``); from scratch it takes about 30 minutes on
+Python running the tests). It runs the crosscheck on its smallest setting (200 train / 100 test images on the
+zero-padded layout, ``badnet@pad``, one BadNets epoch, one seed, a few FP/ANP steps). Like the script, it reuses
+the record and the defense outputs that already exist in the checkout (``record/otbrx_fmnist200_100_badnet/``); from scratch it takes about 30 minutes on
 one thread of a loaded 2-core machine (its last run here, with the attack and FP/ANP outputs present: 14.4
 minutes). CI does not need BackdoorBench.
 """
@@ -59,6 +59,120 @@ def test_summary_csv_reads_the_last_row_of_a_backdoorbench_summary(tmp_path):
     assert mod._read_summary(q) == {"acc": 0.5, "asr": 0.25, "ra": 0.125}
 
 
+def test_layouts_map_28_to_32_as_named():
+    mod = _load_script()
+    img = np.zeros((28, 28), dtype=np.uint8)
+    img[-1, -1] = 255  # the bottom-right pixel, where BackdoorBench's BadNets patch goes
+    pad = mod.to_rgb32(img, "pad")
+    rs = mod.to_rgb32(img, "resize")
+    for out in (pad, rs):
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+    # pad: the image sits 2 pixels in, the border stays 0 (BadNets' pixels 29-31 are mostly border)
+    assert pad[29, 29, 0] == 255 and pad[30:, :, 0].sum() == 0 and pad[:, 30:, 0].sum() == 0
+    # resize: the corner pixel reaches the 32x32 image's corner, content fills the whole frame
+    assert rs[31, 31, 0] > 0 and rs[30:, 30:, 0].sum() > 0
+    full = np.full((28, 28), 200, dtype=np.uint8)
+    assert (mod.to_rgb32(full, "resize") == 200).all()
+    assert mod.to_rgb32(full, "pad")[0, 0, 0] == 0
+    with pytest.raises(ValueError, match="layout 'crop'"):
+        mod.to_rgb32(img, "crop")
+    with pytest.raises(ValueError, match="28x28 uint8"):
+        mod.to_rgb32(np.zeros((32, 32), dtype=np.uint8), "pad")
+
+
+def test_attack_specs_name_epochs_and_layout():
+    mod = _load_script()
+    assert mod.split_attack("badnet", 3) == ("badnet", 3, "", "resize")
+    assert mod.split_attack("badnet:15", 3) == ("badnet", 15, "_e15", "resize")
+    assert mod.split_attack("blended@pad", 3) == ("blended", 3, "", "pad")
+    assert mod.split_attack("badnet:8@pad", 3, "resize") == ("badnet", 8, "_e8", "pad")
+    assert mod.split_attack("badnet", 3, "pad")[3] == "pad"
+    # pad records keep the names they had before layouts existed; the others name their layout
+    assert mod.record_name("blended@pad", 1000, 250) == "otbrx_fmnist1000_250_blended"
+    assert mod.record_name("badnet:15", 1000, 250) == "otbrx_fmnist1000_250_resize_badnet_e15"
+    assert mod.data_dir_name(1000, 250, 0, "pad") == "otbr_crosscheck_fmnist_1000_250_s0"
+    assert mod.data_dir_name(1000, 250, 0, "resize") == "otbr_crosscheck_fmnist_1000_250_s0_resize"
+    assert mod.split_attack("badnet:6@resize%0.3", 3) == ("badnet", 6, "_e6_p0.3", "resize")
+    assert mod.record_name("badnet:6%0.3", 1000, 250) == "otbrx_fmnist1000_250_resize_badnet_e6_p0.3"
+    assert mod.attack_pratio("badnet:6%0.3") == ("badnet:6", 0.3) and mod.attack_pratio("badnet") == ("badnet", None)
+    for bad in ("badnet@crop", "badnet:0", "badnet:x", ":3", "badnet%0", "badnet%x", "badnet:3%1.5"):
+        with pytest.raises(SystemExit, match="--attacks"):
+            mod.split_attack(bad, 3)
+
+
+def test_runs_of_another_cpu_budget_are_other_runs(tmp_path):
+    mod = _load_script()
+    a = mod.parse_args([str(tmp_path), "--out", str(tmp_path / "o"), "--fp-epochs", "10", "--fp-ratio", "0.2",
+                        "--anp-iters", "40", "--anp-batch", "16", "--anp-lr", "0.2"])
+    assert a.layout == "resize"
+
+    def settings(**kw):
+        base = dict(bb_root=tmp_path, bb_python="python", out=tmp_path, work=tmp_path,
+                    dataset_paths={"resize": "./data/x_resize", "pad": "./data/x"}, layout="resize",
+                    attacks=["blended@pad", "badnet:15"], attack_epochs=3, attack_batch=32, n_train=1000, n_test=250,
+                    seeds=[0, 1, 2], seeds_blended=[0], threads=1, fp_epochs=a.fp_epochs,
+                    fp_once_prune_ratio=a.fp_once_prune_ratio, fp_ratio=a.fp_ratio, anp_iters=a.anp_iters,
+                    anp_batch=a.anp_batch, anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, clp_u=3.0,
+                    defenses=["fp", "anp"], plugin_seeds=2)
+        base.update(kw)
+        return mod.Settings(**base)
+
+    s = settings()
+    assert mod.budget_tag(s, "fp") == "e10-r0.2-p0.01" and mod.budget_tag(s, "anp") == "i40-b16-ps0.05-lr0.2"
+    runs = mod.defense_runs(s, "blended@pad")
+    bb_anp = [r for r in runs if r.name == "anp" and r.impl == "BackdoorBench"]
+    assert [r.seed for r in bb_anp] == [0, 1, 2]
+    assert all("__i40-b16-ps0.05-lr0.2__" in r.kept and "./data/x" in r.args for r in bb_anp)
+    assert all(r.args[r.args.index("--lr") + 1] == "0.2" for r in bb_anp)
+    ours = [r for r in runs if r.impl == "plug-in"]
+    # --plugin-seeds 2: BackdoorBench's setting at seeds 0 and 1, the plug-in's own setting at seed 0
+    assert sorted(r.seed for r in ours if r.variant == mod.BB_SETTING) == [0, 0, 1, 1]
+    assert sorted(r.seed for r in ours if not r.variant) == [0, 0]
+    default_anp = [r for r in ours if r.name == "anp" and not r.variant]
+    assert all(r.args[r.args.index("--mask_lr") + 1] == "0.2" for r in default_anp)
+    fp = [r for r in runs if r.name == "fp"]
+    assert all(r.args[r.args.index("--ratio") + 1] == "0.2" for r in fp)
+    other = {r.kept for r in mod.defense_runs(settings(fp_epochs=2), "blended@pad") if r.name == "fp"}
+    assert other.isdisjoint({r.kept for r in fp})
+    # --fp-bb-tmax: BackdoorBench's own fp.py again, with a YAML copy whose cos_t_max is the fine-tuning epochs
+    (tmp_path / "config" / "defense" / "fp").mkdir(parents=True)
+    (tmp_path / "config" / "defense" / "fp" / "gtsrb.yaml").write_text("epochs: 100\nlr: 0.01\n")
+    tmax = [r for r in mod.defense_runs(settings(fp_bb_tmax=True), "blended@pad") if r.variant == mod.TMAX_VARIANT]
+    assert [r.seed for r in tmax] == [0, 1, 2] and all(r.script == "./defense/fp.py" for r in tmax)
+    copy = Path(tmax[0].args[tmax[0].args.index("--yaml_path") + 1])
+    assert "cos_t_max: 10" in copy.read_text() and "lr: 0.01" in copy.read_text()
+    assert len({r.kept for r in tmax} | {r.kept for r in fp}) == len(tmax) + len(fp)
+    badnet = mod.defense_runs(s, "badnet:15")
+    assert all(r.record == "otbrx_fmnist1000_250_resize_badnet_e15" and "./data/x_resize" in r.args for r in badnet)
+    assert {r.seed for r in badnet if r.impl == "BackdoorBench"} == {0}  # --seeds-other
+
+
+def test_pruned_units_are_read_from_the_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    mod = _load_script()
+    before = {"layer1.bn1.weight": torch.tensor([1.0, 0.5, 0.0, 2.0]), "layer1.bn1.running_mean": torch.zeros(4),
+              "conv.weight": torch.ones(4), "linear.weight": torch.ones(3, 5)}
+    anp = dict(before, **{"layer1.bn1.weight": torch.tensor([0.0, 0.5, 0.0, 0.0]), "conv.weight": torch.zeros(4)})
+    # two channels zeroed; the one that was 0 already and the non-BN tensor do not count
+    assert mod.pruned_units(anp, before, "anp") == 2
+    mask = torch.ones(3, 5)
+    mask[:, [1, 3]] = 0
+    fp_bb = {"linear.weight_orig": torch.ones(3, 5), "linear.weight_mask": mask}  # BackdoorBench's reparametrisation
+    fp_ours = {"linear.weight": torch.ones(3, 5) * mask}
+    assert mod.pruned_units(fp_bb, before, "fp") == mod.pruned_units(fp_ours, before, "fp") == 2
+    assert mod.pruned_units(before, before, "fp") == 0 and mod.pruned_units(before, before, "clp") is None
+    bb = tmp_path / "bb" / "checkpoint"
+    bb.mkdir(parents=True)
+    (bb / "mask_values.txt").write_text("No \t Layer Name \t Neuron Idx \t Mask Score \n"
+                                        "0 \t layer1.0.bn1 \t 0 \t 0.8123 \n1 \t layer1.0.bn1 \t 1 \t 0.0512 \n")
+    assert mod.min_anp_mask(tmp_path / "bb") == 0.0512
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "masks.csv").write_text("layer,channel,mask,pruned\nl,0,0.25,True\nl,1,0.75,False\n")
+    assert mod.min_anp_mask(tmp_path / "ours") == 0.25
+    assert mod.min_anp_mask(tmp_path) is None
+
+
 BB_ROOT = os.environ.get("BACKDOORBENCH_ROOT")
 BB_PYTHON = os.environ.get("BACKDOORBENCH_PYTHON", sys.executable)
 
@@ -70,7 +184,7 @@ def test_crosscheck_smallest_setting(tmp_path):
 
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), BB_ROOT, "--bb-python", BB_PYTHON, "--out", str(out),
-           "--work", str(tmp_path / "work"), "--n-train", "200", "--n-test", "100", "--attacks", "badnet",
+           "--work", str(tmp_path / "work"), "--n-train", "200", "--n-test", "100", "--attacks", "badnet@pad",
            "--attack-epochs", "1", "--attack-batch", "128", "--seeds", "0", "--fp-epochs", "1",
            "--fp-once-prune-ratio", "0.2", "--anp-iters", "2", "--anp-batch", "32", "--anp-pruning-step", "0.3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -86,6 +200,8 @@ def test_crosscheck_smallest_setting(tmp_path):
         for k in ("acc", "asr", "ra", "der"):
             assert 0.0 <= float(r[k]) <= 1.0, r
         assert float(r["seconds"]) > 0
+        if r["defense"] in ("fp", "anp"):  # units pruned, read from the saved weights
+            assert int(r["pruned"]) >= 0 and r["budget"], r
     result = json.loads((out / "crosscheck.json").read_text())
     clp = {c["variant"]: c for c in result["clp_weights"]}
     # BackdoorBench's CLP and the plug-in's with BackdoorBench's conv/BN pairing prune the same weights

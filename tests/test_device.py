@@ -56,7 +56,7 @@ def spies(monkeypatch):
         seen["attack"].append(device)
         return real_attack(*a, device=device, **k)
 
-    real_eval = bench_runner.evaluate_model
+    real_eval = bench_runner.evaluate_model_samples
 
     def evaluate(model, bundle, clean_test, device):
         seen["evaluate"].append(device)
@@ -77,8 +77,8 @@ def spies(monkeypatch):
 
     monkeypatch.setattr(attack_base, "train_classifier", train)
     monkeypatch.setattr(jobs_mod, "run_attack", attack)
-    monkeypatch.setattr(evalcache_mod, "evaluate_model", evaluate)  # the backdoored model's (once per checkpoint)
-    monkeypatch.setattr(bench_runner, "evaluate_model", evaluate)
+    monkeypatch.setattr(evalcache_mod, "evaluate_model_samples", evaluate)  # the backdoored model's (once a checkpoint)
+    monkeypatch.setattr(bench_runner, "evaluate_model_samples", evaluate)
     monkeypatch.setattr(jobs_mod, "run_defense", defense)
     monkeypatch.setattr(bench_runner, "build_context", context)
     return seen

@@ -10,12 +10,13 @@ from dataclasses import replace
 
 import pytest
 
+from otbr_plugin.aggregate.bootstrap import check_per_sample
 from otbr_plugin.aggregate.records import read_record
 from otbr_plugin.bench import evalcache
 from otbr_plugin.bench import jobs as jobs_module
 from otbr_plugin.bench.executors import run_grid
 from otbr_plugin.bench.grid import Task, load_grid
-from otbr_plugin.bench.runner import evaluate_model
+from otbr_plugin.bench.runner import evaluate_model, evaluate_model_samples
 from otbr_plugin.data import load_dataset
 from otbr_plugin.runtime import RunSettings
 from test_grid import grid_file
@@ -28,9 +29,9 @@ def counted(monkeypatch):
 
     def counting(*args, **kwargs):
         calls.append(1)
-        return evaluate_model(*args, **kwargs)
+        return evaluate_model_samples(*args, **kwargs)
 
-    monkeypatch.setattr(evalcache, "evaluate_model", counting)
+    monkeypatch.setattr(evalcache, "evaluate_model_samples", counting)
     return calls
 
 
@@ -55,6 +56,12 @@ def test_worker_tasks_and_resumes_evaluate_a_checkpoint_once(tmp_path, counted):
     clean_test = load_dataset(grid.dataset, "test", grid.data_root)
     direct = evaluate_model(bundle.build_model(), bundle, clean_test, settings.device).to_dict()
     assert ok.metrics_before == direct  # the same numbers to the last digit
+    # the cache keeps the per-sample outcomes too: the record's before bits are the direct evaluation's
+    _, samples = evaluate_model_samples(bundle.build_model(), bundle, clean_test, settings.device)
+    bits = check_per_sample(ok.per_sample, ok.metrics_before, ok.metrics_after)
+    assert (bits["clean_before_correct"] == samples.clean.numpy()).all()
+    assert (bits["poisoned_before_target"] == samples.target.numpy()).all()
+    assert (bits["poisoned_before_true"] == samples.true.numpy()).all()
     # a resume of the sequential grid (the ok cell redone) reads them too
     (out / "records" / "fashion_mnist__smallcnn__badnets__none__seed0.json").unlink()
     run_grid(grid, out, log=lambda s: None, settings=settings)
@@ -86,7 +93,7 @@ def test_a_damaged_or_foreign_cache_is_recomputed(tmp_path, counted, tamper):
     elif tamper == "garbage":
         path.write_bytes(b"\x00{not json")
     elif tamper == "huge":
-        path.write_text(json.dumps(data) + " " * (1 << 15))
+        path.write_text(json.dumps(data) + " " * evalcache._MAX_BYTES)  # beyond the bound, whatever it is
     else:
         path.write_text(json.dumps(data))
     assert evalcache.read_cached_before(path, evalcache.before_cache_key(bundle, clean_test, settings.device)) is None

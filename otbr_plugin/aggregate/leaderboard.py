@@ -4,6 +4,10 @@ A submission (schema ``otbr-leaderboard-submission`` v1, published in ``leaderbo
 submitted what, the package and library versions, the run records, the sha256 of every checkpoint they were
 computed on, and ``entries_sha256``: the sha256 of the canonical JSON of the entries, so any edit after export
 is detected. :func:`validate_submission` returns every problem it finds, each naming the entry and field.
+
+Entries exported from records that keep per-sample outcomes (record schema 2) carry them (``per_sample``, and
+``defense_seed`` where the grid had that axis); the built board then gives each mean its 95% bootstrap interval
+(columns ``acc_ci`` ... ``der_ci``, "-" where an entry has none; see :mod:`otbr_plugin.aggregate.bootstrap`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pandas as pd
 
 from ..metrics import BackdoorMetrics, defense_effectiveness_rating
 from ..io import write_json
+from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, check_per_sample, group_interval, record_replicates
 from .records import RunRecord, library_versions
 
 __all__ = ["SUBMISSION_KIND", "export_submission", "validate_submission", "load_submission", "build_leaderboard",
@@ -52,7 +57,11 @@ def export_submission(records: Iterable[RunRecord], path: str | Path, submitter:
         if r.status != "ok":
             continue
         d = r.to_dict()
-        entries.append({k: d[k] for k in ENTRY_FIELDS} | {"seconds": d.get("seconds", {})})
+        entry = {k: d[k] for k in ENTRY_FIELDS} | {"seconds": d.get("seconds", {})}
+        for k in ("per_sample", "defense_seed"):  # optional: intervals on the board; records of schema 1 lack them
+            if d.get(k) is not None:
+                entry[k] = d[k]
+        entries.append(entry)
     if not entries:
         raise ValueError("no successful run records to submit")
     if not submitter.strip() or not method.strip():
@@ -140,6 +149,14 @@ def validate_submission(data: Any, name: str = "submission") -> list[str]:
                 problems.append(f"{where}.checkpoint_sha256: {sha[:12]}... is not listed in 'checkpoints'")
         ok_before = _check_metrics(f"{where}.metrics_before", e.get("metrics_before"), problems) if "metrics_before" in e else False
         ok_after = _check_metrics(f"{where}.metrics_after", e.get("metrics_after"), problems) if "metrics_after" in e else False
+        if e.get("per_sample") is not None and ok_before and ok_after:
+            try:
+                check_per_sample(e["per_sample"], e["metrics_before"], e["metrics_after"])
+            except ValueError as err:
+                problems.append(f"{where}.{str(err).removeprefix('field ').replace(chr(39), '', 2)}")
+        dseed = e.get("defense_seed")
+        if dseed is not None and (not isinstance(dseed, int) or isinstance(dseed, bool) or dseed < 0):
+            problems.append(f"{where}.defense_seed: must be a non-negative integer")
         der = e.get("der")
         if isinstance(der, (int, float)) and not isinstance(der, bool):
             if not 0.0 <= der <= 1.0:
@@ -154,7 +171,7 @@ def validate_submission(data: Any, name: str = "submission") -> list[str]:
                                                                 ("defense", str), ("seed", int))) \
                 and isinstance(e.get("checkpoint_sha256", ""), str):
             key = (e["dataset"], e["model"].get("name"), e["attack"].get("name"), e["defense"], e["seed"],
-                   e.get("checkpoint_sha256"))
+                   e.get("checkpoint_sha256"), e.get("defense_seed"))
             if key in seen:
                 problems.append(f"{where}: duplicate of entries[{seen[key]}] (same dataset, model, attack, defense, "
                                 "seed and checkpoint)")
@@ -178,21 +195,42 @@ def load_submission(path: str | Path) -> dict:
     return data
 
 
-def build_leaderboard(submissions: list[dict]) -> pd.DataFrame:
+def build_leaderboard(submissions: list[dict], n_boot: int = DEFAULT_BOOT,
+                      boot_seed: int = DEFAULT_BOOT_SEED) -> pd.DataFrame:
     """One row per (method, defense, dataset, model): mean after-defense metrics (percent) over its entries,
-    ranked by DER. Rows mixing different checkpoints are still comparable only on the same dataset/model."""
-    rows = []
+    ranked by DER, each with its 95% bootstrap interval (``acc_ci`` ... ``der_ci``: "[lo, hi]", "-" unless every
+    entry keeps per-sample outcomes). Rows mixing different checkpoints are still comparable only on the same
+    dataset/model."""
+    rows, entries = [], []
     for sub in submissions:
         for e in sub["entries"]:
             rows.append({"method": sub["method"]["name"], "submitter": sub["submitter"]["name"], "dataset": e["dataset"],
                          "model": e["model"].get("name"), "defense": e["defense"], "acc": e["metrics_after"]["acc"],
                          "asr": e["metrics_after"]["asr"], "ra": e["metrics_after"]["ra"], "der": e["der"]})
+            entries.append(e)
     if not rows:
         raise ValueError("no entries to build a leaderboard from")
     df = pd.DataFrame(rows)
-    agg = df.groupby(["dataset", "model", "method", "submitter", "defense"]).agg(
+    keys = ["dataset", "model", "method", "submitter", "defense"]
+    agg = df.groupby(keys).agg(
         cells=("der", "size"), acc=("acc", "mean"), asr=("asr", "mean"), ra=("ra", "mean"), der=("der", "mean"))
     agg[["acc", "asr", "ra", "der"]] = agg[["acc", "asr", "ra", "der"]].mul(100).round(2)
+    reps = record_replicates([_entry_record(e) for e in entries], n_boot, boot_seed)
+    for m in ("acc", "asr", "ra", "der"):
+        texts = {}
+        for key, idx in df.groupby(keys).groups.items():
+            ci = group_interval([reps[i] for i in idx], m)
+            texts[key] = "-" if ci is None else f"[{ci.lo * 100:.2f}, {ci.hi * 100:.2f}]"
+        agg[f"{m}_ci"] = [texts[k] for k in agg.index]
     agg = agg.reset_index().sort_values(["dataset", "model", "der"], ascending=[True, True, False])
     agg.insert(0, "rank", agg.groupby(["dataset", "model"]).cumcount() + 1)
     return agg.reset_index(drop=True)
+
+
+def _entry_record(e: dict) -> RunRecord:
+    """A validated submission entry as a run record (for its bootstrap replicates)."""
+    return RunRecord(dataset=e["dataset"], model=e["model"], attack=e["attack"], defense=e["defense"],
+                     defense_config=e["defense_config"], seed=e["seed"], checkpoint_sha256=e["checkpoint_sha256"],
+                     metrics_before=e["metrics_before"], metrics_after=e["metrics_after"], der=e["der"],
+                     data_used=e["data_used"], per_sample=e.get("per_sample"), defense_seed=e.get("defense_seed"),
+                     versions={}, timestamp="")

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..io import json_default, read_regular, write_json
+from .bootstrap import check_per_sample
 
 __all__ = ["RunRecord", "RECORD_SCHEMA_VERSION", "write_record", "read_record", "read_record_json",
-           "library_versions", "record_filename", "run_fingerprint"]
+           "library_versions", "record_filename", "run_fingerprint", "training_summary"]
 
-RECORD_SCHEMA_VERSION = 1
+RECORD_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: before per-sample outcomes and defense seeds (read as records without them)
 MAX_RECORD_BYTES = 32 << 20  # a record is a few KB; anything near this is not one
 
 
@@ -126,6 +128,18 @@ class RunRecord:
     # the data it was evaluated on: {"root": folder used, "test"/"train": {"num_samples", "sha256"}} (see
     # otbr_plugin.data.identity); None in records written before it existed
     data: dict[str, Any] | None = None
+    # per-sample outcomes before and after the defense, packed bits (otbr_plugin.aggregate.bootstrap); None in
+    # records of schema 1 (tables show them without intervals)
+    per_sample: dict[str, Any] | None = None
+    # the defense's own seed when the grid has a defense_seeds axis (``seed`` is then the training seed); None: the
+    # defense ran with ``seed`` (every record written before the axis existed)
+    defense_seed: int | None = None
+    # what training the checkpoint cost: {"minutes", "cpu_minutes", "device", "epochs", "torch_threads"} from its
+    # bundle (None when the bundle did not say, and in records written before it existed)
+    training: dict[str, Any] | None = None
+    # the grid's attack and defense labels in its order ({"attacks": [...], "defenses": [...]}): tables and the report
+    # follow it; None outside a grid and in records written before it existed
+    grid_order: dict[str, list[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in ("ok", "failed"):
@@ -141,6 +155,16 @@ class RunRecord:
     def key(self) -> tuple[str, str, str, str, int]:
         return (self.dataset, str(self.model.get("name")), self.attack_name, self.defense, self.seed)
 
+    def full_key(self) -> tuple[str, str, str, str, int, int]:
+        """:meth:`key` and the defense seed (-1: none, the defense ran with ``seed``): one record per full key in a
+        folder."""
+        return (*self.key(), -1 if self.defense_seed is None else self.defense_seed)
+
+    @property
+    def seed_label(self) -> str:
+        """``seed0``, or ``seed0/dseed1`` for a record of a grid with a defense_seeds axis."""
+        return f"seed{self.seed}" + ("" if self.defense_seed is None else f"/dseed{self.defense_seed}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -148,10 +172,9 @@ class RunRecord:
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
         if not isinstance(data, dict):
             raise ValueError(f"a run record is a JSON object, got {type(data).__name__}")
-        if data.get("schema_version") != RECORD_SCHEMA_VERSION:
-            raise ValueError(
-                f"run record schema_version {data.get('schema_version')!r} is not supported (expected {RECORD_SCHEMA_VERSION})"
-            )
+        if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(f"run record schema_version {data.get('schema_version')!r} is not supported (expected one "
+                             f"of {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
         names = set(cls.__dataclass_fields__)
         missing = [n for n in ("dataset", "model", "attack", "defense", "defense_config", "seed", "checkpoint_sha256",
                                "metrics_before", "metrics_after", "der", "data_used") if n not in data]
@@ -162,11 +185,46 @@ class RunRecord:
             raise ValueError("field 'attack_config' must be an object or null")
         if data.get("data") is not None and not isinstance(data["data"], dict):
             raise ValueError("field 'data' must be an object or null")
+        if data.get("training") is not None and not isinstance(data["training"], dict):
+            raise ValueError("field 'training' must be an object or null")
+        order = data.get("grid_order")
+        if order is not None and not (isinstance(order, dict) and all(
+                isinstance(order.get(k, []), list) and all(isinstance(x, str) for x in order.get(k, []))
+                for k in ("attacks", "defenses"))):
+            raise ValueError("field 'grid_order' must be an object of string lists ('attacks', 'defenses') or null")
+        dseed = data.get("defense_seed")
+        if dseed is not None and (not isinstance(dseed, int) or isinstance(dseed, bool) or dseed < 0):
+            raise ValueError(f"field 'defense_seed' must be a non-negative integer or null, got {dseed!r:.80}")
+        if data.get("per_sample") is not None:
+            check_per_sample(data["per_sample"], data["metrics_before"], data["metrics_after"])
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def record_filename(dataset: str, model: str, attack: str, defense: str, seed: int) -> str:
-    return f"{dataset}__{model}__{attack}__{defense}__seed{seed}.json"
+def training_summary(training: Any) -> dict[str, Any] | None:
+    """What a bundle's ``training`` metadata says the checkpoint cost (wall and CPU minutes, device, epochs, torch
+    threads), finite numbers only; None when it says nothing of it."""
+    if not isinstance(training, dict):
+        return None
+    out: dict[str, Any] = {}
+    for k in ("minutes", "cpu_minutes"):
+        if _is_num(training.get(k)) and training[k] >= 0:
+            out[k] = float(training[k])
+    if isinstance(training.get("device"), str):
+        out["device"] = training["device"]
+    cfg = training.get("config") if isinstance(training.get("config"), dict) else {}
+    if isinstance(cfg.get("epochs"), int) and not isinstance(cfg.get("epochs"), bool):
+        out["epochs"] = cfg["epochs"]
+    if isinstance(training.get("torch_threads"), int) and not isinstance(training.get("torch_threads"), bool):
+        out["torch_threads"] = training["torch_threads"]
+    return out or None
+
+
+def record_filename(dataset: str, model: str, attack: str, defense: str, seed: int,
+                    defense_seed: int | None = None) -> str:
+    """``<dataset>__<model>__<attack>__<defense>__seed<s>.json``; with a defense seed ``...__seed<s>__dseed<d>.json``
+    (a grid without the defense_seeds axis names its records as before)."""
+    tail = "" if defense_seed is None else f"__dseed{defense_seed}"
+    return f"{dataset}__{model}__{attack}__{defense}__seed{seed}{tail}.json"
 
 
 def write_record(record: RunRecord, path: str | Path) -> Path:

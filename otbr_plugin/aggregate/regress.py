@@ -2,9 +2,11 @@
 
 The baseline file is JSON: ``{"schema_version": 1, "kind": "otbr-regression-baseline", "cells": [...]}`` where
 each cell holds the record key (dataset, model, attack, defense, seed) and its after-defense ACC/ASR/RA and
-DER. Baselines written by this version also record (all optional, so older files stay readable and older
-readers still read these): ``grid``, ``package_version``, ``versions``, ``tolerances`` and ``std_factor``, and per
-cell a ``defense_config_sha256``.
+DER (with a defense_seeds axis: the means over the defense seeds, listed in ``defense_seeds``; current records are
+averaged over their defense seeds the same way). Baselines written by this version also record (all optional, so
+older files stay readable and older readers still read these): ``grid``, ``package_version``, ``versions``,
+``tolerances`` and ``std_factor``, and per cell a ``defense_config_sha256`` and, from records that keep per-sample
+outcomes, ``ci_half`` (see ``ci_factor`` below).
 
 Cells are compared per (dataset, model, attack, defense): with several seeds, the means over the baseline's
 seeds. A metric regresses when it gets worse (ACC, RA or DER drop, ASR rises) by more than
@@ -12,7 +14,13 @@ seeds. A metric regresses when it gets worse (ACC, RA or DER drop, ASR rises) by
     allowed = max(abs, rel * |baseline mean|, std_factor * baseline std)
 
 where ``abs``/``rel`` are the tolerances (fractions) for that metric and defense label, and the standard deviation
-is the baseline's over its seeds (sample std; 0 with one seed). Exactly at the allowed change passes. A baseline
+is the baseline's over its seeds (sample std; 0 with one seed). Exactly at the allowed change passes.
+
+With ``ci_factor`` K > 0 (``otbr-bench regress --ci-factor K``) the allowed change is also at least K x the half
+width of the cell's 95% bootstrap interval over test images (:mod:`otbr_plugin.aggregate.bootstrap`): the
+baseline's, when the baseline cell recorded one (``ci_half``, written by ``--write-baseline`` from records that keep
+per-sample outcomes), else the current records'. A cell with neither (records of schema 1) gets no such term. K = 1:
+a change within test-set noise passes. A baseline
 cell with no current record for one of its seeds, or with a failed one, is a failure too.
 
 Tolerances are layered, the most specific scope first (a defense label before the defaults), then the latest
@@ -263,6 +271,46 @@ def _cell(r: RunRecord) -> dict:
             "defense_config_sha256": _config_sha(r.defense_config)}
 
 
+def _by_key(records: Iterable[RunRecord]) -> dict[tuple, list[RunRecord]]:
+    """Records grouped by :meth:`~otbr_plugin.aggregate.records.RunRecord.key` (a grid with a defense_seeds axis has
+    one record per defense seed under each key)."""
+    out: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        out.setdefault(r.key(), []).append(r)
+    return out
+
+
+def _group_cell(group: list[RunRecord], with_ci: bool = True) -> dict:
+    """A baseline cell from the records of one key: the record's metrics, or with defense seeds their means (and the
+    seeds, ``defense_seeds``); ``ci_half`` where the records keep per-sample outcomes."""
+    cell = _cell(group[0])
+    if len(group) > 1 or group[0].defense_seed is not None:
+        for m in METRICS:
+            cell[m] = statistics.fmean(float(c[m]) for c in map(_cell, group))
+        cell["defense_seeds"] = sorted(r.defense_seed for r in group if r.defense_seed is not None)
+    half = _ci_half_widths(group) if with_ci else None
+    if half is not None:
+        cell["ci_half"] = half
+    return cell
+
+
+def _ci_half_widths(records: list[RunRecord]) -> dict[str, float] | None:
+    """Half the width of the 95% bootstrap interval of each metric's mean over ``records`` (fractions); None when a
+    record keeps no per-sample outcomes."""
+    from .bootstrap import group_interval, record_replicates
+
+    if not records or any(r.per_sample is None for r in records):
+        return None
+    reps = record_replicates(records)
+    out = {}
+    for m in METRICS:
+        ci = group_interval(reps, m)
+        if ci is None:
+            return None
+        out[m] = (ci.hi - ci.lo) / 2
+    return out
+
+
 def record_grid(r: RunRecord) -> str | None:
     """The grid a record came from, where the record carries it (``attack["grid"]``, stamped next to the label)."""
     g = r.attack.get("grid") if isinstance(r.attack, dict) else None
@@ -287,7 +335,7 @@ def make_baseline(records: Iterable[RunRecord], path: str | Path, note: str = ""
                             "grid": grid, "package_version": ", ".join(pkg) if pkg else None,
                             "versions": {n: ", ".join(_versions(ok, n)) for n in ("otbr_plugin", "torch", "numpy", "POT")
                                          if _versions(ok, n)},
-                            "cells": [_cell(r) for r in ok]}
+                            "cells": [_group_cell(g) for g in _by_key(ok).values()]}
     if tolerance is not None:
         spec = tolerance.to_dict()
         data["tolerances"] = {"default": spec["default"], "defenses": spec["defenses"]}
@@ -401,6 +449,8 @@ class MetricCheck:
     tolerance: Tolerance
     allowed: float
     status: str  # "ok", "regressed", "improved" (better by more than allowed), "missing"
+    ci_half: float = 0.0  # half width of the cell's 95% bootstrap interval (fraction), when --ci-factor used it
+    ci_factor: float = 0.0
 
     @property
     def delta(self) -> float | None:
@@ -424,6 +474,8 @@ class MetricCheck:
             parts.append(f"rel {self.tolerance.rel:g} x {self.baseline * 100:.2f}")
         if self.baseline_std:
             parts.append(f"std {self.baseline_std * 100:.2f}")
+        if self.ci_factor and self.ci_half:
+            parts.append(f"{self.ci_factor:g} x CI half width {self.ci_half * 100:.2f}")
         return ": " + ", ".join(parts) if len(parts) > 1 else ""
 
 
@@ -450,15 +502,31 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _baseline_ci_half(cells: list[dict]) -> dict[str, float] | None:
+    """The interval half widths the baseline cells recorded (``ci_half``), averaged over their seeds; None unless every
+    cell has a sound one."""
+    halves = [c.get("ci_half") for c in cells]
+    if not halves or not all(isinstance(h, dict) for h in halves):
+        return None
+    out = {}
+    for m in METRICS:
+        vals = [h.get(m) for h in halves]  # type: ignore[union-attr]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+                   for v in vals):
+            return None
+        out[m] = statistics.fmean(vals)
+    return out
+
+
 def compare(baseline: "Baseline | list[dict]", records: Iterable[RunRecord],
-            tolerance: "ToleranceSpec | Mapping[str, float] | None" = None) -> list[RegressionRow]:
-    """Compare the current records with the baseline, one row per baseline cell (seeds grouped, in file order)."""
+            tolerance: "ToleranceSpec | Mapping[str, float] | None" = None, ci_factor: float = 0.0) -> list[RegressionRow]:
+    """Compare the current records with the baseline, one row per baseline cell (seeds grouped, in file order).
+    ``ci_factor``: also allow that many half widths of the cell's 95% bootstrap interval (see the module doc)."""
+    ci_factor = _check_std_factor(ci_factor, "--ci-factor")
     cells = baseline.cells if isinstance(baseline, Baseline) else baseline
     spec = ToleranceSpec.coerce(tolerance)
     k = spec.std_factor
-    current: dict[tuple, RunRecord] = {}
-    for r in records:
-        current[(r.dataset, r.model.get("name"), r.attack_name, r.defense, r.seed)] = r
+    current = _by_key(records)  # with defense seeds: several records a key, averaged
     groups: dict[tuple, list[dict]] = {}
     for cell in cells:
         groups.setdefault(tuple(cell[f] for f in KEY_FIELDS[:4]), []).append(cell)
@@ -469,7 +537,8 @@ def compare(baseline: "Baseline | list[dict]", records: Iterable[RunRecord],
         key = (*gkey, seeds)
         base = {m: _mean_std([float(c[m]) for c in gcells]) for m in METRICS}
         base_mean = {m: v[0] for m, v in base.items()}
-        recs = [current.get((*gkey, s)) for s in seeds]
+        groups_now = [current.get((*gkey, s)) for s in seeds]
+        recs = [None if g is None else next((r for r in g if r.status != "ok"), g[0]) for g in groups_now]
         tol = {m: spec.resolve(gkey[3], m) for m in METRICS}
         allowed = {m: tol[m].allowed(base[m][0], base[m][1], k) for m in METRICS}
         absent = [s for s, r in zip(seeds, recs) if r is None]
@@ -483,14 +552,19 @@ def compare(baseline: "Baseline | list[dict]", records: Iterable[RunRecord],
                       for m in METRICS}
             rows.append(RegressionRow(key, "missing" if absent else "failed", base_mean, None, problems, checks, seeds))
             continue
-        cur_cells = [_cell(r) for r in recs]  # type: ignore[arg-type]
+        cur_cells = [_group_cell(g, with_ci=False) for g in groups_now]  # type: ignore[arg-type]
         cur = {m: _mean_std([float(c[m]) for c in cur_cells]) for m in METRICS}
         checks, problems = {}, []
+        every = [r for g in groups_now for r in g]  # type: ignore[union-attr]
+        half = (_baseline_ci_half(gcells) or _ci_half_widths(every)) if ci_factor else None
+        if half:
+            allowed = {m: max(allowed[m], ci_factor * half[m]) for m in METRICS}
         for m in METRICS:
             delta = cur[m][0] - base[m][0]
             worse = -delta if HIGHER[m] else delta
             status = "regressed" if worse > allowed[m] + EPS else "improved" if -worse > allowed[m] + EPS else "ok"
-            checks[m] = MetricCheck(m, base[m][0], base[m][1], cur[m][0], cur[m][1], tol[m], allowed[m], status)
+            checks[m] = MetricCheck(m, base[m][0], base[m][1], cur[m][0], cur[m][1], tol[m], allowed[m], status,
+                                    half[m] if half else 0.0, ci_factor)
             if status == "regressed":
                 problems.append(checks[m].describe())
         rows.append(RegressionRow(key, "regressed" if problems else "ok", base_mean, {m: v[0] for m, v in cur.items()},
@@ -517,7 +591,7 @@ def provenance_warnings(baseline: Baseline, records: Iterable[RunRecord], grid: 
     torch_v = _versions(recs, "torch")
     if baseline.versions.get("torch") and torch_v and torch_v != [baseline.versions["torch"]]:
         out.append(f"torch version differs: baseline {baseline.versions['torch']}, current {', '.join(torch_v)}")
-    by_key = {r.key(): r for r in recs}
+    by_key = {k: g[0] for k, g in _by_key(recs).items()}
     changed = []
     for c in baseline.cells:
         r = by_key.get(tuple(c[f] for f in KEY_FIELDS))
@@ -552,10 +626,11 @@ class RegressionReport:
 
 
 def build_report(baseline: Baseline, records: Iterable[RunRecord], tolerance: ToleranceSpec | None = None, *,
-                 grid: str | None = None, current_path: str = "", tolerance_file: str | None = None) -> RegressionReport:
+                 grid: str | None = None, current_path: str = "", tolerance_file: str | None = None,
+                 ci_factor: float = 0.0) -> RegressionReport:
     records = list(records)
     spec = tolerance or ToleranceSpec(baseline.tolerances)
-    rows = compare(baseline, records, spec)
+    rows = compare(baseline, records, spec, ci_factor)
     known = {tuple(c[f] for f in KEY_FIELDS) for c in baseline.cells}
     new = sorted({f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in records if r.key() not in known})
     return RegressionReport(rows, provenance_warnings(baseline, records, grid), new, spec, str(baseline.path),

@@ -30,8 +30,9 @@ import pandas as pd
 from .records import RunRecord
 from ..io import is_inside, plain_text_plots, read_regular
 from ..io import write_text as write_text_atomic
-from .tables import (DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, best_mask, format_cell, ordered, comparison_table,
-                     load_records)
+from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED
+from .tables import (DEFAULT_ACC_DROP, HIGHER_IS_BETTER, METRICS, best_mask, bound_note, comparison_table,
+                     eligible_mask, format_cell, grid_order, interval_table, load_records, ordered)
 
 __all__ = ["Section", "render_page", "records_sections", "render_report", "write_report", "find_diagnose_dirs",
            "render_leaderboard_page", "submission_records", "ORACLE_TITLE"]
@@ -79,6 +80,9 @@ pre{background:#f3f5f9;border:1px solid var(--line);padding:8px;overflow-x:auto;
 code{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px}
 ul.findings li{margin:2px 0}
 .md table{margin:8px 0}
+span.ci{display:block;color:var(--muted);font-size:11px}
+td.beyond{color:#8a1111}
+tr.real td{background:#eef7ee}
 """
 
 
@@ -102,7 +106,8 @@ def _png(fig, dpi: int = 80) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"optimize": True})
+    # bbox_inches="tight": the saved image grows to hold every artist (a figure legend below the axes is never clipped)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1, pil_kwargs={"optimize": True})
     plt.close(fig)
     return _img(buf.getvalue(), "figure")
 
@@ -151,44 +156,121 @@ def _groups(records: Sequence[RunRecord]) -> list[tuple[str, str, list[RunRecord
 
 
 # ------------------------------------------------------------------------------------- comparison table
-def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS) -> str:
-    """The comparison table (percent, mean ± std over seeds) with the best defense per attack and metric marked."""
+TABLE_CHUNK = 2
+"""Defenses (besides ``none``, repeated in each) per comparison table: more defenses wrap into further tables, so the
+table fits the page at any number of defenses (12 columns of "mean ± std" over an interval fit its 1320 px)."""
+
+
+def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS, *,
+               acc_drop: float | None = DEFAULT_ACC_DROP, n_boot: int = DEFAULT_BOOT,
+               boot_seed: int = DEFAULT_BOOT_SEED) -> str:
+    """The comparison table (percent, mean ± std over seeds, the 95% bootstrap interval under each value where the
+    records keep per-sample outcomes) with the best defense per attack and metric marked among those within the
+    clean-accuracy bound (``acc_drop`` points; the others' cells carry †). Wraps after :data:`TABLE_CHUNK`
+    defenses."""
     mean, std = comparison_table(records, metrics)
-    best = best_mask(mean)
+    lo, hi = interval_table(records, mean, n_boot, boot_seed)
+    best = best_mask(mean, acc_drop)
+    ok = eligible_mask(mean, acc_drop if acc_drop is not None else np.inf)
     defenses = list(dict.fromkeys(mean.columns.get_level_values(0)))
-    head1 = '<tr><th rowspan="2">attack</th>' + "".join(
-        f'<th class="defense{" nodef" if d == "none" else ""}" colspan="{len(metrics)}">'
-        f'{_e("none (backdoored)" if d == "none" else d)}</th>' for d in defenses) + "</tr>"
-    head2 = "<tr>" + "".join(f'<th{" class=nodef" if d == "none" else ""}>{m.upper()} {ARROW[HIGHER_IS_BETTER[m]]}</th>'
-                             for d in defenses for m in metrics) + "</tr>"
-    rows = []
-    for attack in mean.index:
-        cells = []
-        for d, m in mean.columns:
-            cls = "best" if best.at[attack, (d, m)] else ("nodef" if d == "none" else "")
-            title = f"{d} {m.upper()} on {attack}" + (" (best)" if cls == "best" else "")
-            cells.append(f'<td class="{cls}" data-defense="{_e(d)}" data-metric="{m}" title="{_e(title)}">'
-                         f"{_e(format_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)]))}</td>")
-        cls = ' class="average"' if str(attack).startswith("average") else ""
-        rows.append(f'<tr{cls} data-attack="{_e(attack)}"><td>{_e(attack)}</td>{"".join(cells)}</tr>')
-    return (f'<div class="scroll"><table class="comparison">{head1}{head2}{"".join(rows)}</table></div>')
+    others = [d for d in defenses if d != "none"]
+    chunks = [others[i:i + TABLE_CHUNK] for i in range(0, len(others), TABLE_CHUNK)] or [[]]
+    tables = []
+    for chunk in chunks:
+        shown = (["none"] if "none" in defenses else []) + chunk
+        head1 = '<tr><th rowspan="2">attack</th>' + "".join(
+            f'<th class="defense{" nodef" if d == "none" else ""}" colspan="{len(metrics)}">'
+            f'{_e("none (backdoored)" if d == "none" else d)}</th>' for d in shown) + "</tr>"
+        head2 = "<tr>" + "".join(f'<th{" class=nodef" if d == "none" else ""}>{m.upper()} '
+                                 f'{ARROW[HIGHER_IS_BETTER[m]]}</th>' for d in shown for m in metrics) + "</tr>"
+        rows = []
+        for attack in mean.index:
+            cells = []
+            for d in shown:
+                for m in metrics:
+                    beyond = not ok.at[attack, d]
+                    cls = ("best" if best.at[attack, (d, m)] else "nodef" if d == "none" else
+                           "beyond" if beyond else "")
+                    title = f"{d} {m.upper()} on {attack}" + (" (best)" if cls == "best" else "") + (
+                        f" (ACC more than {acc_drop:g} points below the backdoored model's: never best)"
+                        if beyond else "")
+                    value = format_cell(mean.at[attack, (d, m)], std.at[attack, (d, m)])
+                    ci = ""
+                    if not pd.isna(lo.at[attack, (d, m)]) and value != "-":
+                        ci = f'<span class="ci">[{lo.at[attack, (d, m)]:.2f}, {hi.at[attack, (d, m)]:.2f}]</span>'
+                    mark = "†" if beyond and value != "-" else ""
+                    cells.append(f'<td class="{cls}" data-defense="{_e(d)}" data-metric="{m}" title="{_e(title)}">'
+                                 f"{_e(value)}{mark}{ci}</td>")
+            cls = ' class="average"' if str(attack).startswith("average") else ""
+            rows.append(f'<tr{cls} data-attack="{_e(attack)}"><td>{_e(attack)}</td>{"".join(cells)}</tr>')
+        tables.append(f'<div class="scroll"><table class="comparison">{head1}{head2}{"".join(rows)}</table></div>')
+    has_ci = bool(lo.notna().any().any())
+    notes = [bound_note(acc_drop)] if acc_drop is not None else []
+    notes.append("Under each value: its 95% bootstrap interval over test images (resampled from the per-sample "
+                 "outcomes the records keep; test-set sampling only, the ± std is the spread over seeds)."
+                 if has_ci else "No interval: these records keep no per-sample outcomes (written before record "
+                 "schema 2).")
+    return "".join(tables) + "".join(f"<p class=note>{_e(n)}</p>" for n in notes)
 
 
-def _findings(records: Sequence[RunRecord]) -> str:
-    """Per attack: the defense with the best DER, and what it left of ACC and ASR."""
+def differences_html(records: Sequence[RunRecord], metrics: Sequence[str] = ("der", "acc", "asr"), *,
+                     n_boot: int = DEFAULT_BOOT, boot_seed: int = DEFAULT_BOOT_SEED) -> str:
+    """Which differences between defenses are real: per checkpoint, each pair's difference (A − B, points) with its
+    paired 95% bootstrap interval; rows whose interval excludes 0 are marked. Empty without per-sample outcomes."""
+    from .compare import paired_comparisons
+
+    df = paired_comparisons(records, metrics, n_boot, boot_seed, order=grid_order(records, "defenses"))
+    if df.empty:
+        return ""
+    real = df[df["significant"]]
+    parts = [f"<p class=note>For two defenses on the same backdoored checkpoint: A − B in points and its paired 95% "
+             f"bootstrap interval (both defenses scored on the same resampled test images, {n_boot} replicates). "
+             f"<b>Real</b> (green rows): the interval excludes 0. {len(real)} of {len(df)} differences are real; the "
+             "others are within test-set noise. Each interval is 95% on its own (no correction for the number of "
+             "comparisons: about 1 in 20 differences that are really 0 comes out real), and it covers test-set "
+             "sampling on this checkpoint, not training-seed variance.</p>"]
+    for m in metrics:
+        sub = df[df["metric"] == m]
+        if sub.empty:
+            continue
+        rows = "".join(
+            f'<tr class="{"real" if r.significant else ""}"><td>{_e(r.attack)}</td><td>{r.seed}</td>'
+            f"<td>{_e(r.defense_a)}</td><td>{_e(r.defense_b)}</td><td>{r.a:.2f}</td><td>{r.b:.2f}</td>"
+            f"<td>{r.diff:+.2f}</td><td>[{r.lo:+.2f}, {r.hi:+.2f}]</td><td>{'yes' if r.significant else 'no'}</td>"
+            f"<td>{_e(r.better or '-')}</td></tr>" for r in sub.itertuples(index=False))
+        parts.append(f"<h3>{m.upper()} {ARROW[HIGHER_IS_BETTER[m]]}</h3><div class=scroll><table class=differences>"
+                     "<tr><th>attack</th><th>seed</th><th>A</th><th>B</th><th>A %</th><th>B %</th><th>A − B</th>"
+                     f"<th>95% CI</th><th>real?</th><th>better</th></tr>{rows}</table></div>")
+    return "".join(parts)
+
+
+def _findings(records: Sequence[RunRecord], acc_drop: float | None = DEFAULT_ACC_DROP) -> str:
+    """Per attack: the defense with the best DER among those within the clean-accuracy bound, and what it left of
+    ACC and ASR (a better DER won by dropping ACC beyond the bound is named beside it)."""
     df = _frame(records)
+    base_all = df[df["defense"] == "none"]
     df = df[df["defense"] != "none"]
     if df.empty:
         return ""
     g = df.groupby(["attack", "defense"])[["acc", "asr", "ra", "der"]].mean().reset_index()
     items = []
-    for attack in ordered(g["attack"], []):
+    for attack in ordered(g["attack"], grid_order(records, "attacks")):
         sub = g[g["attack"] == attack].sort_values("der", ascending=False)
-        top = sub.iloc[0]
-        base = _frame([r for r in records if r.attack_name == attack and r.defense == "none"])
+        base = base_all[base_all["attack"] == attack]
+        ref = base["acc"].mean() if not base.empty else sub["acc"].max()
+        within = sub if acc_drop is None else sub[sub["acc"] >= ref - acc_drop - 1e-9]
         before = f" (backdoored: ACC {base['acc'].mean():.1f}, ASR {base['asr'].mean():.1f})" if not base.empty else ""
+        if within.empty:
+            items.append(f"<li><b>{_e(attack)}</b>: no defense keeps ACC within {acc_drop:g} points{_e(before)}</li>")
+            continue
+        top = within.iloc[0]
+        beyond = sub.iloc[0]
+        extra = ""
+        if beyond["defense"] != top["defense"]:
+            extra = (f"; {_e(beyond['defense'])} has a higher DER ({beyond['der']:.1f}) but drops ACC to "
+                     f"{beyond['acc']:.1f} (beyond the bound)")
         items.append(f"<li><b>{_e(attack)}</b>: best DER <b>{_e(top['defense'])}</b> — ACC {top['acc']:.1f}, "
-                     f"ASR {top['asr']:.1f}, RA {top['ra']:.1f}, DER {top['der']:.1f}{_e(before)}</li>")
+                     f"ASR {top['asr']:.1f}, RA {top['ra']:.1f}, DER {top['der']:.1f}{_e(before)}{extra}</li>")
     return f'<ul class="findings">{"".join(items)}</ul>'
 
 
@@ -199,9 +281,9 @@ def scatter_html(records: Sequence[RunRecord]) -> str:
     df = _frame(records)
     if df.empty:
         return ""
-    defenses = [d for d in ordered(df["defense"], DEFENSE_ORDER) if d != "none"] or ["none"]
-    colors = _colors(ordered(df["defense"], DEFENSE_ORDER))
-    attacks = ordered(df["attack"], [])
+    defenses = [d for d in ordered(df["defense"], grid_order(records, "defenses")) if d != "none"] or ["none"]
+    colors = _colors(ordered(df["defense"], grid_order(records, "defenses")))
+    attacks = ordered(df["attack"], grid_order(records, "attacks"))
     markers = "osD^vP*Xh"
     g = df.groupby(["attack", "defense"]).agg(acc=("acc", "mean"), asr=("asr", "mean"), acc_sd=("acc", "std"),
                                               asr_sd=("asr", "std"), acc0=("acc_before", "mean"),
@@ -240,8 +322,9 @@ def scatter_html(records: Sequence[RunRecord]) -> str:
                for i, a in enumerate(attacks)]
     handles.append(plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="#999",
                               label="backdoored (before)"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07 if nrow == 1 else 0.04, 1, 1))
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6), fontsize=8,
+               frameon=False)  # below the axes; the tight bbox of _png keeps every row of it
     return _png(fig)
 
 
@@ -251,9 +334,9 @@ def bars_html(records: Sequence[RunRecord]) -> str:
     df = _frame(records)
     if df.empty:
         return ""
-    defenses = ordered(df["defense"], DEFENSE_ORDER)
+    defenses = ordered(df["defense"], grid_order(records, "defenses"))
     colors = _colors(defenses)
-    attacks = ordered(df["attack"], [])
+    attacks = ordered(df["attack"], grid_order(records, "attacks"))
     mean = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].mean()
     std = df.groupby(["attack", "defense"])[["acc", "asr", "ra"]].std()
     ncol = min(4, len(attacks))
@@ -279,8 +362,9 @@ def bars_html(records: Sequence[RunRecord]) -> str:
         ax.set_ylabel("% after defense")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[d], label="none (backdoored)" if d == "none" else d)
                for d in defenses]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 if nrow == 1 else 0.04, 1, 1))
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 8), fontsize=8,
+               frameon=False)  # below the axes; the tight bbox of _png keeps every row of it
     return _png(fig)
 
 
@@ -334,9 +418,9 @@ def oracle_html(folder: Path, records: Sequence[RunRecord]) -> str:
     for ax in axes[:, 0]:
         ax.set_ylabel("% of test samples")
     h, lab = axes.flat[0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="lower center", ncol=len(h), fontsize=8, frameon=False)
     fig.suptitle("ORACLE DIAGNOSTIC (test set) — never used to choose a reported result", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08 if nrow == 1 else 0.04, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(h, lab, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(h), 6), fontsize=8, frameon=False)
     intro = ("<p><b>These numbers are not results.</b> Each sweep scores one hyperparameter of a defense on the "
              "<b>test set</b>, which no defense may see: it shows how much an oracle choice could gain, and where "
              "the a-priori value (dashed line) sits. The comparison table above always uses the configured value.</p>")
@@ -471,6 +555,20 @@ def _model_text(model: dict) -> str:
     return text + (f", {json.dumps(m, sort_keys=True)}" if m else "")
 
 
+def _training_text(training: dict | None) -> str:
+    """``12.3 min (24.1 CPU-min), cpu, 2 epochs, 1 thread(s)`` from a record's training summary; "-" without one."""
+    if not training:
+        return "-"
+    parts = []
+    if isinstance(training.get("minutes"), (int, float)):
+        cpu = training.get("cpu_minutes")
+        parts.append(f"{training['minutes']:.1f} min" + (f" ({cpu:.1f} CPU-min)" if isinstance(cpu, (int, float)) else ""))
+    for k, unit in (("device", ""), ("epochs", " epochs"), ("torch_threads", " thread(s)")):
+        if training.get(k) is not None:
+            parts.append(f"{training[k]}{unit}")
+    return ", ".join(parts) or "-"
+
+
 def provenance_html(records: Sequence[RunRecord]) -> str:
     """Versions, devices, configs, checkpoint hashes and seconds per cell, all from the run records."""
     parts = []
@@ -489,23 +587,35 @@ def provenance_html(records: Sequence[RunRecord]) -> str:
     ckpts: dict[tuple, RunRecord] = {}
     for r in records:
         ckpts.setdefault((r.attack_name, r.seed, r.checkpoint_sha256), r)
+    for r in records:  # a record that knows the training cost stands for its checkpoint
+        key = (r.attack_name, r.seed, r.checkpoint_sha256)
+        if r.training and not ckpts[key].training:
+            ckpts[key] = r
     rows = "".join(
         f"<tr><td>{_e(a)}</td><td>{s}</td><td style='text-align:left'><code>{_e(sha)}</code></td>"
         f"<td style='text-align:left'>{_e(_model_text(r.model))}</td>"
-        f"<td>{' '.join(f'{k.upper()} {v * 100:.2f}' for k, v in sorted(r.metrics_before.items()) if isinstance(v, (int, float)))}</td></tr>"
+        f"<td>{' '.join(f'{k.upper()} {v * 100:.2f}' for k, v in sorted(r.metrics_before.items()) if isinstance(v, (int, float)))}</td>"
+        f"<td style='text-align:left'>{_e(_training_text(r.training))}</td></tr>"
         for (a, s, sha), r in sorted(ckpts.items(), key=lambda kv: (kv[0][0], kv[0][1])))
-    parts.append("<h3>Backdoored checkpoints</h3><div class=scroll><table><tr><th>attack</th><th>seed</th>"
-                 "<th>model sha256</th><th>model</th><th>before defense (%)</th></tr>" + rows + "</table></div>")
+    known = [r.training for r in ckpts.values() if r.training and isinstance(r.training.get("minutes"), (int, float))]
+    total = (f" Training in all: {sum(t['minutes'] for t in known):.1f} min wall"
+             + (f", {sum(t.get('cpu_minutes', 0.0) for t in known):.1f} CPU-min" if all('cpu_minutes' in t for t in known)
+                else "") + f" for {len(known)} of {len(ckpts)} checkpoint(s)." if known else "")
+    parts.append("<h3>Backdoored checkpoints</h3><p class=note>Training cost as the checkpoint's bundle recorded it "
+                 "(wall minutes and CPU-minutes on the machine that trained it; \"-\": not recorded, e.g. records "
+                 f"written before they carried it).{_e(total)}</p><div class=scroll><table><tr><th>attack</th>"
+                 "<th>seed</th><th>model sha256</th><th>model</th><th>before defense (%)</th><th>training</th></tr>"
+                 + rows + "</table></div>")
 
     cell_rows = []
-    order = {d: i for i, d in enumerate(ordered((r.defense for r in records), DEFENSE_ORDER))}
-    for r in sorted(records, key=lambda r: (r.attack_name, order[r.defense], r.seed)):
+    order = {d: i for i, d in enumerate(ordered((r.defense for r in records), grid_order(records, "defenses")))}
+    for r in sorted(records, key=lambda r: (r.attack_name, order[r.defense], r.seed, r.defense_seed or 0)):
         sec = r.seconds or {}
         status = f'<span class="badge {_e(r.status)}">{_e(r.status)}</span>'
         err = f"<br><span class=note>{_e(r.error)}</span>" if r.error else ""
         fmt = lambda k: f"{sec[k]:.1f}" if isinstance(sec.get(k), (int, float)) else "-"  # noqa: E731
         cell_rows.append(f"<tr data-attack='{_e(r.attack_name)}' data-defense='{_e(r.defense)}'><td>{_e(r.attack_name)}</td>"
-                         f"<td>{_e(r.defense)}</td><td>{r.seed}</td><td>{status}{err}</td><td>{_e(r.device)}</td>"
+                         f"<td>{_e(r.defense)}</td><td>{_e(r.seed_label)}</td><td>{status}{err}</td><td>{_e(r.device)}</td>"
                          f"<td>{_e(r.data_used)}</td><td>{fmt('cell_total')}</td><td>{fmt('defense_total')}</td>"
                          f"<td>{fmt('evaluation')}</td><td>{_e(r.timestamp)}</td></tr>")
     total = sum(float((r.seconds or {}).get("cell_total", 0) or 0) for r in records)
@@ -546,9 +656,11 @@ def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
 
 
 def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
-                     unreadable: Sequence[tuple[Path, str]] = ()) -> list[Section]:
+                     unreadable: Sequence[tuple[Path, str]] = (), *, acc_drop: float | None = DEFAULT_ACC_DROP,
+                     n_boot: int = DEFAULT_BOOT, boot_seed: int = DEFAULT_BOOT_SEED) -> list[Section]:
     """The report's sections for a set of run records (and, with ``folder``, its diagnose and oracle outputs);
-    ``unreadable``: record files that could not be read (listed under "Failed cells")."""
+    ``unreadable``: record files that could not be read (listed under "Failed cells"); ``acc_drop``: the clean-accuracy
+    bound of the best marks (points); ``n_boot``/``boot_seed``: the bootstrap's replicates and seed."""
     ok = [r for r in records if r.status == "ok"]
     sections = []
     multi = len(_groups(ok)) > 1
@@ -557,13 +669,22 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
         sid = re.sub(r"[^a-z0-9]+", "-", f"{dataset}-{model}".lower()) if multi else ""
         widths = sorted({str(r.model.get("width", "")) for r in recs} - {""})
         seeds = sorted({r.seed for r in recs})
+        dseeds = sorted({r.defense_seed for r in recs if r.defense_seed is not None})
         info = (f"<p class=note>{_e(dataset)}, {_e(model)}{' width ' + _e(', '.join(widths)) if widths else ''}; "
-                f"seeds {_e(', '.join(map(str, seeds)))} (mean ± std over seeds where there are several); after-defense "
-                "metrics in percent. <b>Green</b>: the best defense per attack and metric (the backdoored model, "
-                "<i>none</i>, is never marked). ↑ higher is better, ↓ lower is better. DER = (max(0, ΔASR) − "
+                f"seeds {_e(', '.join(map(str, seeds)))}"
+                + (f", defense seeds {_e(', '.join(map(str, dseeds)))}" if dseeds else "")
+                + " (mean ± std over seeds where there are several); after-defense "
+                "metrics in percent. <b>Green</b>: the best defense per attack and metric among those within the "
+                "clean-accuracy bound stated under the table (the backdoored model, <i>none</i>, is never marked). "
+                "↑ higher is better, ↓ lower is better. DER = (max(0, ΔASR) − "
                 "max(0, ΔACC) + 1) / 2.</p>")
         sections.append(Section(f"table{'-' + sid if sid else ''}", "Comparison table" + suffix,
-                                info + table_html(recs) + _findings(recs)))
+                                info + table_html(recs, acc_drop=acc_drop, n_boot=n_boot, boot_seed=boot_seed)
+                                + _findings(recs, acc_drop)))
+        diffs = differences_html(recs, n_boot=n_boot, boot_seed=boot_seed)
+        if diffs:
+            sections.append(Section(f"differences{'-' + sid if sid else ''}", "Which differences are real" + suffix,
+                                    diffs))
         sections.append(Section(f"scatter{'-' + sid if sid else ''}", "ACC vs ASR per defense" + suffix,
                                 "<p class=note>Each panel one defense; each marker one attack (mean over seeds). The "
                                 "arrow starts at the backdoored model (hollow grey). Top left (shaded: ASR below 20%) is "
@@ -590,9 +711,10 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
 
 
 def render_report(folder: str | Path, title: str | None = None,
-                  unreadable: list[tuple[Path, str]] | None = None) -> str:
+                  unreadable: list[tuple[Path, str]] | None = None, **stats: Any) -> str:
     """The HTML report for the run records under ``folder`` (as a string). Record files that cannot be read are
-    listed in its "Failed cells" section and appended to ``unreadable`` when given."""
+    listed in its "Failed cells" section and appended to ``unreadable`` when given. ``stats``: ``acc_drop``,
+    ``n_boot``, ``boot_seed`` (see :func:`records_sections`)."""
     root = Path(folder)
     found: list[tuple[Path, str]] = []
     records = load_records(root, found)
@@ -603,22 +725,22 @@ def render_report(folder: str | Path, title: str | None = None,
     if not any(r.status == "ok" for r in records):
         raise ValueError(f"{root}: every run record failed; nothing to report")
     datasets = ", ".join(dict.fromkeys(r.dataset for r in records))
-    attacks = ordered((r.attack_name for r in records), [])
-    defenses = ordered((r.defense for r in records), DEFENSE_ORDER)
+    attacks = ordered((r.attack_name for r in records), grid_order(records, "attacks"))
+    defenses = ordered((r.defense for r in records), grid_order(records, "defenses"))
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (f"{_e(datasets)} · {len(attacks)} attack(s): {_e(', '.join(attacks))} · {len(defenses)} defense(s): "
                 f"{_e(', '.join(defenses))} · {len(records)} run record(s) from <code>{_e(root)}</code> · "
                 f"generated {now} by otbr-bench report")
     return render_page(title or f"Backdoor defense report: {root.name}", subtitle,
-                       records_sections(records, root, found))
+                       records_sections(records, root, found, **stats))
 
 
 def write_report(folder: str | Path, out: str | Path | None = None, title: str | None = None,
-                 unreadable: list[tuple[Path, str]] | None = None) -> Path:
+                 unreadable: list[tuple[Path, str]] | None = None, **stats: Any) -> Path:
     """Write the report atomically (temporary file + rename); default ``<folder>/report.html``. ``unreadable``: as
     for :func:`render_report`."""
     target = Path(out) if out else Path(folder) / "report.html"
-    return write_text_atomic(target, render_report(folder, title, unreadable))  # the io helper keeps the umask mode
+    return write_text_atomic(target, render_report(folder, title, unreadable, **stats))  # the io helper keeps the umask mode
 
 
 # ----------------------------------------------------------------------------------------- leaderboard
@@ -635,6 +757,7 @@ def submission_records(submissions: Sequence[dict]) -> list[RunRecord]:
                                  checkpoint_sha256=e["checkpoint_sha256"], metrics_before=e["metrics_before"],
                                  metrics_after=e["metrics_after"], der=e["der"], data_used=e["data_used"],
                                  seconds=e.get("seconds", {}), versions=dict(sub.get("versions", {})),
+                                 per_sample=e.get("per_sample"), defense_seed=e.get("defense_seed"),
                                  timestamp=str(sub.get("created", ""))))
     return out
 

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 
 from ..io import plain_text_plots, read_regular, save_figure
+from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, percentile_interval, record_replicates
 from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "unreadable_line", "latex_escape", "csv_safe", "records_frame", "comparison_table",
-           "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
+           "interval_table", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
@@ -31,7 +32,7 @@ DEFENSE_ORDER = ["none", "otbr", "clp", "fp", "anp"]
 
 def _looks_like_record(path: Path) -> bool:
     """A file the grid would have written as a run record (in a ``records/`` folder or named like one)."""
-    return path.parent.name == "records" or bool(re.search(r"__seed\d+\.json$", path.name))
+    return path.parent.name == "records" or bool(re.search(r"__seed\d+(__dseed\d+)?\.json$", path.name))
 
 
 def load_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None = None) -> list[RunRecord]:
@@ -57,15 +58,16 @@ def load_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None =
             unreadable.append((path, f"not a JSON object ({type(data).__name__})"))
         if isinstance(data, dict) and "schema_version" in data and "checkpoint_sha256" in data:
             record = read_record(path)
-            key = record.key()
+            key = record.full_key()
             if key in seen:
                 raise ValueError(
-                    f"{seen[key]} and {path} are both the record of {'/'.join(map(str, key[:4]))} seed {key[4]}; "
-                    "one folder holds one record per (dataset, model, attack, defense, seed): remove one of them"
+                    f"{seen[key]} and {path} are both the record of {'/'.join(map(str, key[:4]))} "
+                    f"{record.seed_label}; one folder holds one record per (dataset, model, attack, defense, seed, "
+                    "defense seed): remove one of them"
                 )
             seen[key] = path
             records.append(record)
-    return sorted(records, key=lambda r: r.key())
+    return sorted(records, key=lambda r: r.full_key())
 
 
 def unreadable_line(unreadable: Sequence[tuple[Path, str]]) -> str:
@@ -87,6 +89,21 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", *METRICS])
 
 
+def grid_order(records: Iterable[RunRecord], kind: str) -> list[str]:
+    """The order of the grid's ``kind`` ("attacks" or "defenses") as the records carry it, then, for defenses,
+    :data:`DEFENSE_ORDER`. Records from several grids (or runs of parts of one): the longest order first, each other
+    one's new labels after it, in its order."""
+    out: list[str] = []
+    orders = {tuple((r.grid_order or {}).get(kind, [])) for r in records}
+    for order in sorted(orders, key=lambda o: (-len(o), o)):
+        for label in order:
+            if label not in out:
+                out.append(label)
+    if kind == "defenses":
+        out += [d for d in DEFENSE_ORDER if d not in out]
+    return out
+
+
 def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     vals = list(dict.fromkeys(values))
     return sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), v))
@@ -100,6 +117,7 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     record), the row says so in its label, "average (k of n attacks every defense has)", so no defense's average
     is taken over a different set of attacks than another's.
     """
+    records = list(records)
     df = records_frame(records)
     if df.empty:
         raise ValueError("no successful run records to tabulate")
@@ -108,8 +126,8 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     grouped = df.groupby(["attack", "defense"])[list(metrics)]
     mean = grouped.mean().mul(100).unstack("defense")
     std = grouped.std(ddof=1).mul(100).unstack("defense")
-    defenses = ordered(df["defense"], DEFENSE_ORDER)
-    attacks = ordered(df["attack"], [])
+    defenses = ordered(df["defense"], grid_order(records, "defenses"))
+    attacks = ordered(df["attack"], grid_order(records, "attacks"))
     cols = pd.MultiIndex.from_tuples([(d, m) for d in defenses for m in metrics], names=["defense", "metric"])
     mean = mean.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
     std = std.swaplevel(axis=1).reindex(columns=cols).reindex(attacks)
@@ -121,24 +139,88 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     return mean, std
 
 
-def best_mask(mean: pd.DataFrame) -> pd.DataFrame:
+def interval_table(records: Iterable[RunRecord], mean: pd.DataFrame, n_boot: int = DEFAULT_BOOT,
+                   seed: int = DEFAULT_BOOT_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(lo, hi) frames shaped like ``mean`` (from :func:`comparison_table`): the 95% bootstrap interval of each cell
+    in percent (:mod:`otbr_plugin.aggregate.bootstrap`: images resampled; a cell over several seeds averages their
+    replicates; the average row averages the attacks' replicates over the attacks it averages). NaN where a record
+    of the cell has no per-sample outcomes (records written before schema 2)."""
+    ok = [r for r in records if r.status == "ok" and r.metrics_after is not None]
+    reps = record_replicates(ok, n_boot, seed)
+    lo = pd.DataFrame(np.nan, index=mean.index, columns=mean.columns)
+    hi = lo.copy()
+    by_cell: dict[tuple[str, str], list] = {}
+    for r, rep in zip(ok, reps):
+        by_cell.setdefault((r.attack_name, r.defense), []).append(rep)
+    attacks = [a for a in mean.index if a in {r.attack_name for r in ok}]
+    average = [a for a in mean.index if a not in attacks]
+    complete = [a for a in attacks if mean.loc[a].notna().all()]
+    for d, m in mean.columns:
+        cell_means = {}
+        for a in attacks:
+            group = by_cell.get((a, d), [])
+            if group and all(g is not None for g in group):
+                cell_means[a] = np.mean([g[m] for g in group], axis=0)
+                ci = percentile_interval(cell_means[a])
+                lo.at[a, (d, m)], hi.at[a, (d, m)] = ci.lo * 100, ci.hi * 100
+        if average and complete and all(a in cell_means for a in complete):
+            ci = percentile_interval(np.mean([cell_means[a] for a in complete], axis=0))
+            lo.at[average[0], (d, m)], hi.at[average[0], (d, m)] = ci.lo * 100, ci.hi * 100
+    return lo, hi
+
+
+DEFAULT_ACC_DROP = 10.0
+"""The clean-accuracy bound of the "best" marks, in points: a defense whose clean ACC after is more than this below
+the backdoored model's (the row's ``none``) is never marked best in that row, and its cells carry a ``†``."""
+
+
+def bound_note(acc_drop: float = DEFAULT_ACC_DROP) -> str:
+    """The sentence that states the bound under a table."""
+    return (f"Best marks only among defenses whose clean ACC after is at most {acc_drop:g} points below the backdoored "
+            f"model's (none; without a none column, below the row's best ACC); † = dropped ACC by more than that, "
+            "never marked best.")
+
+
+def eligible_mask(mean: pd.DataFrame, acc_drop: float = DEFAULT_ACC_DROP) -> pd.DataFrame:
+    """(row, defense) -> whether the defense keeps clean ACC within ``acc_drop`` points of the backdoored model's
+    (the ``none`` column's ACC; when the table has no ``none`` ACC, of the best ACC in the row). A row without ACC
+    keeps every defense eligible."""
+    defenses = list(dict.fromkeys(mean.columns.get_level_values(0)))
+    out = pd.DataFrame(True, index=mean.index, columns=defenses)
+    if not any((d, "acc") in mean.columns for d in defenses):
+        return out
+    acc = pd.DataFrame({d: mean[(d, "acc")] if (d, "acc") in mean.columns else np.nan for d in defenses})
+    others = [d for d in defenses if d != "none"]
+    ref = acc["none"] if "none" in acc else acc[others].max(axis=1)
+    ref = ref.fillna(acc[others].max(axis=1)) if others else ref
+    for d in others:
+        out[d] = ~(acc[d] < ref - acc_drop - 1e-9)
+    return out
+
+
+def best_mask(mean: pd.DataFrame, acc_drop: float | None = DEFAULT_ACC_DROP) -> pd.DataFrame:
+    """Where a cell is the row's best for its metric among the defenses (never ``none``) that respect the clean-accuracy
+    bound (:func:`eligible_mask`; ``acc_drop=None``: no bound)."""
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
     defenses = [d for d in mean.columns.get_level_values(0).unique() if d != "none"]
+    ok = eligible_mask(mean, acc_drop if acc_drop is not None else np.inf)
     for metric in mean.columns.get_level_values(1).unique():
         cols = [(d, metric) for d in defenses if (d, metric) in mean.columns]
         if not cols:
             continue
-        block = mean[cols]
+        block = mean[cols].where(pd.DataFrame({c: ok[c[0]] for c in cols}))
         best = block.max(axis=1) if HIGHER_IS_BETTER[metric] else block.min(axis=1)
         for c in cols:
             mask[c] = np.isclose(block[c], best) & block[c].notna()
     return mask
 
 
-def format_cell(m: float, s: float) -> str:
+def format_cell(m: float, s: float, lo: float = np.nan, hi: float = np.nan) -> str:
+    """``m``, ``m ± s`` (several seeds), then `` [lo, hi]`` when the cell has a bootstrap interval."""
     if pd.isna(m):
         return "-"
-    return f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
+    text = f"{m:.2f}" if pd.isna(s) else f"{m:.2f} ± {s:.2f}"
+    return text if pd.isna(lo) or pd.isna(hi) else f"{text} [{lo:.2f}, {hi:.2f}]"
 
 
 _LATEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_", "{": "\\{",
@@ -164,20 +246,27 @@ def csv_safe(value: str) -> str:
     return text
 
 
-def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
-    """Render the comparison table as ``md``, ``csv``, ``latex`` or ``html``."""
+def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md", lo: pd.DataFrame | None = None,
+                 hi: pd.DataFrame | None = None, acc_drop: float | None = DEFAULT_ACC_DROP) -> str:
+    """Render the comparison table as ``md``, ``csv``, ``latex`` or ``html``; ``lo``/``hi`` (:func:`interval_table`):
+    each cell's 95% bootstrap interval in brackets. Best marks respect the clean-accuracy bound ``acc_drop``
+    (:func:`best_mask`); cells of a defense beyond it carry ``†``, and Markdown states the bound under the table."""
     if fmt not in ("md", "csv", "latex", "html"):
         raise ValueError(f"format must be one of md, csv, latex, html; got {fmt!r}")
-    best = best_mask(mean)
+    best = best_mask(mean, acc_drop)
+    ok = eligible_mask(mean, acc_drop if acc_drop is not None else np.inf)
     mark = {"md": "**{}**", "csv": "{}*", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}[fmt]
     header = [f"{d} {m.upper()}" for d, m in mean.columns]
     body = []
     for attack in mean.index:
         row = []
         for col in mean.columns:
-            text = format_cell(mean.at[attack, col], std.at[attack, col])
+            ci = (lo.at[attack, col], hi.at[attack, col]) if lo is not None and hi is not None else (np.nan, np.nan)
+            text = format_cell(mean.at[attack, col], std.at[attack, col], *ci)
+            if not ok.at[attack, col[0]] and text != "-":
+                text += "†"
             if fmt == "latex":
-                text = text.replace("±", "$\\pm$")
+                text = text.replace("±", "$\\pm$").replace("†", "$^\\dagger$")
             if fmt == "html":
                 text = _html.escape(text)
             row.append(mark.format(text) if best.at[attack, col] else text)
@@ -191,7 +280,11 @@ def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md") -> str:
     if fmt == "md":
         lines = ["| attack | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
         lines += ["| " + " | ".join([a, *row]) + " |" for a, row in body]
-        return "\n".join(lines) + "\n"
+        notes = [] if acc_drop is None else [bound_note(acc_drop)]
+        if lo is not None:
+            notes.append("[lo, hi]: 95% bootstrap interval over test images (otbr_plugin.aggregate.bootstrap); "
+                         "± std: over seeds.")
+        return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
     if fmt == "latex":
         lines = ["\\begin{tabular}{l" + "r" * len(header) + "}", "\\toprule",
                  " & ".join(["attack", *map(latex_escape, header)]) + " \\\\", "\\midrule"]
@@ -209,9 +302,10 @@ def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str =
     plain_text_plots()
     import matplotlib.pyplot as plt
 
+    records = list(records)
     df = records_frame(records)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for defense in ordered(df["defense"], DEFENSE_ORDER):
+    for defense in ordered(df["defense"], grid_order(records, "defenses")):
         sub = df[df["defense"] == defense]
         ax.scatter(sub["asr"] * 100, sub["acc"] * 100, label=defense, s=40, alpha=0.8)
         for _, row in sub.iterrows():
@@ -221,9 +315,9 @@ def plot_acc_vs_asr(records: Iterable[RunRecord], path: str | Path, title: str =
     ax.set_ylabel("clean ACC after defense (%)  (higher is better)")
     ax.set_title(title or "ACC vs ASR per defense")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: never on points
     fig.tight_layout()
-    out = save_figure(fig, path, dpi=120)
+    out = save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
 

@@ -37,7 +37,7 @@ from ..aggregate.records import RunRecord
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cell_record_path, plan_tasks,
                    planning_device, record_is_current)
 from .jobs import bundle_for, cell_line, read_cell, record_failure, run_cell, run_oracle_sweeps, run_task
-from .evalcache import before_metrics
+from .evalcache import before_evaluation
 from .slurm import (JobState, SlurmOptions, Submitter, check_job_id, current_job_id, finished_outcome, live_jobs,
                     require_slurm, write_outcome)
 
@@ -156,7 +156,8 @@ def run_local_workers(grid: GridSpec, out: str | Path, bundles: str | Path, *, w
             bar.update(running=len(running), pending=bar.total - bar.finished - len(running))
     bar.close()
     for task, error in errors.items():  # a cell whose worker died has no record yet
-        if task.kind == "cell" and read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed)) is None:
+        if task.kind == "cell" and read_cell(cell_record_path(grid, out, task.attack, task.defense, task.seed,
+                                                              task.dseed)) is None:
             _record_lost(grid, out, task, f"its worker process ended without a record: {error}")
     return plan.skipped + _cell_results(grid, out, plan.cells)
 
@@ -216,7 +217,7 @@ def slurm_job(grid: GridSpec, task: Task, out: str, bundles: str, device: str = 
     ``status`` and a resume read back. A job that raises writes its outcome and raises on (the job fails)."""
     job_id = current_job_id()
     folder = slurm_folder(Path(out))
-    record = (str(cell_record_path(grid, Path(out), task.attack, task.defense, task.seed).relative_to(out))
+    record = (str(cell_record_path(grid, Path(out), task.attack, task.defense, task.seed, task.dseed).relative_to(out))
               if task.kind == "cell" else None)
     try:
         result = run_task(grid, task, out, bundles, device, threads)
@@ -275,7 +276,7 @@ def run_slurm(grid: GridSpec, out: str | Path, bundles: str | Path, *, options: 
                                              (grid, task, str(out), str(bundles), device, threads), after)
             jobs[task.key] = {"job_id": ids[task.key], "submitted": _now()}
             if task.kind == "cell":
-                jobs[task.key]["record"] = str(cell_record_path(grid, out, task.attack, task.defense, task.seed)
+                jobs[task.key]["record"] = str(cell_record_path(grid, out, task.attack, task.defense, task.seed, task.dseed)
                                                .relative_to(out))
     finally:  # also when sbatch refuses a job: the ones already submitted stay known
         if new:
@@ -423,11 +424,11 @@ def _now() -> str:
 def _current_record(grid: GridSpec, out: Path, task: Task) -> tuple[RunRecord | None, str]:
     """The cell's record when it is this run's (its fingerprint is the cell's for the grid's configs), else None
     and why. A record written meanwhile by an earlier run's worker or job with another config is not reported."""
-    path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
+    path = cell_record_path(grid, out, task.attack, task.defense, task.seed, task.dseed)
     record = read_cell(path)
     if record is None:
         return None, "no record was written"
-    if not record_is_current(grid, path, task.attack, task.defense, task.seed):
+    if not record_is_current(grid, path, task.attack, task.defense, task.seed, task.dseed):
         return None, (f"its record {path} was written with another config (its fingerprint is not this run's: an "
                       "earlier run's worker or job wrote it); run the grid again to redo the cell")
     return record, ""
@@ -447,8 +448,8 @@ def _log_cell(grid: GridSpec, out: Path, task: Task, log: Callable[[str], None])
 
 def _record_lost(grid: GridSpec, out: Path, task: Task, error: str) -> None:
     """A failed record for a cell whose job or worker ended without writing one (an ok record is kept)."""
-    path = cell_record_path(grid, out, task.attack, task.defense, task.seed)
-    record_failure(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error))
+    path = cell_record_path(grid, out, task.attack, task.defense, task.seed, task.dseed)
+    record_failure(grid, task.attack, task.defense, task.seed, path, None, RuntimeError(error), dseed=task.dseed)
 
 
 def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResult]:
@@ -458,9 +459,9 @@ def _cell_results(grid: GridSpec, out: Path, cells: list[Task]) -> list[CellResu
     for task in cells:
         record, why = _current_record(grid, out, task)
         if record is None:
-            results.append(CellResult(task.attack, task.defense, task.seed, "failed", why))
+            results.append(CellResult(task.attack, task.defense, task.seed, "failed", why, task.dseed))
         else:
-            results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error))
+            results.append(CellResult(task.attack, task.defense, task.seed, record.status, record.error, task.dseed))
     return results
 
 
@@ -498,21 +499,21 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
     progress, device = settings.progress, settings.device
     plan = plan_tasks(grid, out, bundles, device, log)  # the skip rules of every executor
     results: list[CellResult] = list(plan.skipped)
-    todo: dict[tuple[str, int], list[str]] = {}
+    todo: dict[tuple[str, int], list[tuple[str, int | None]]] = {}
     for task in plan.cells:
-        todo.setdefault((task.attack, task.seed), []).append(task.defense)
+        todo.setdefault((task.attack, task.seed), []).append((task.defense, task.dseed))
     clean_test = None
     # one bar over all cells; cells already done count as its starting point. Its ETA (_Eta) comes from measured
     # rates: each defense's seconds per cell (this run's, or this grid's existing records') and this run's seconds
     # per training step for the models still to train.
-    total = len(grid.seeds) * len(grid.attacks) * len(grid.defenses)
+    total = len(grid.seeds) * len(grid.attacks) * sum(len(grid.cell_defense_seeds(d)) for d in grid.defenses)
     eta = _Eta([t.defense for t in plan.cells], _training_work(grid, plan.tasks),
                _recorded_cell_seconds(grid, out, plan.skipped))
     bar = tqdm(total=total, initial=total - len(plan.cells), desc=f"grid {grid.name}", unit="cell",
                disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     for (attack, seed), defenses in todo.items():
         attack_cfg = attack_fingerprint_config(grid, attack, seed)
-        paths = {d: cell_record_path(grid, out, attack, d, seed) for d in defenses}
+        paths = {(d, ds): cell_record_path(grid, out, attack, d, seed, ds) for d, ds in defenses}
         bar.set_postfix_str(f"{attack}/seed{seed}: backdoored model, {eta}")
         t0 = time.perf_counter()
 
@@ -526,19 +527,19 @@ def _run_grid(grid: GridSpec, out: Path, bundles: Path, settings: RunSettings,
             if clean_test is None:
                 clean_test = load_dataset(grid.dataset, "test", grid.data_root)
             bar.set_postfix_str(f"{attack}/seed{seed}: evaluating the backdoored model, {eta}")
-            before = before_metrics(bundle, clean_test, device)
+            before, before_samples = before_evaluation(bundle, clean_test, device)
         except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
             eta.training_done((attack, seed), None)
-            for defense, path in paths.items():
-                results.append(record_failure(grid, attack, defense, seed, path, None, err, log))
+            for (defense, dseed), path in paths.items():
+                results.append(record_failure(grid, attack, defense, seed, path, None, err, log, dseed))
                 eta.cell_done(defense, None)
                 bar.update(1)
             continue
-        for defense, path in paths.items():
-            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}, {eta}")
+        for (defense, dseed), path in paths.items():
+            bar.set_postfix_str(f"{attack}/{defense}/seed{seed}{'' if dseed is None else f'/dseed{dseed}'}, {eta}")
             t0 = time.perf_counter()
             results.append(run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg,
-                                    device, log))
+                                    device, log, before_samples, dseed))
             eta.cell_done(defense, time.perf_counter() - t0 if results[-1].status == "ok" else None)
             bar.set_postfix_str(str(eta), refresh=False)
             bar.update(1)
@@ -565,7 +566,7 @@ def _recorded_cell_seconds(grid: GridSpec, out: Path, done: list[CellResult]) ->
     """Seconds per cell of each defense in this grid's current ok records (cells this run skips)."""
     seconds: dict[str, list[float]] = {}
     for cell in done:
-        record = read_cell(cell_record_path(grid, out, cell.attack, cell.defense, cell.seed))
+        record = read_cell(cell_record_path(grid, out, cell.attack, cell.defense, cell.seed, cell.dseed))
         value = record.seconds.get("cell_total") if record is not None and record.status == "ok" else None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
             seconds.setdefault(cell.defense, []).append(float(value))

@@ -39,7 +39,7 @@ __all__ = ["GridSpec", "CellResult", "load_grid", "stale_reason", "training_chan
            "train_error_path", "planning_device", "record_is_current", "current_records", "grid_data"]
 
 GRID_KEYS = {"name", "dataset", "data_root", "attacks", "attack_overrides", "defenses", "defense_overrides", "seeds",
-             "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
+             "defense_seeds", "clean_ratio", "device", "description", "oracle_sweeps", "slurm"}
 
 
 @dataclass
@@ -59,6 +59,19 @@ class GridSpec:
     oracle_sweeps: dict[str, dict[str, list]] = field(default_factory=dict)  # defense -> {config key: values}
     defense_names: dict[str, str] = field(default_factory=dict)  # label -> registered defense (variants)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)  # job options for --executor slurm
+    # the defense seeds axis (OTBR's noise, FP/ANP's clean subset and order), apart from the training ``seeds``: every
+    # defense runs once per defense seed on each trained model. None (no axis): a defense runs with the training seed,
+    # and records are named and fingerprinted as before the axis existed
+    defense_seeds: list[int] | None = None
+
+    def cell_defense_seeds(self, label: str | None = None) -> list[int | None]:
+        """The defense seeds of each (attack, defense ``label``, training seed): ``[None]`` without the axis; the
+        registered ``none`` defense (nothing random in it) runs with the first defense seed only."""
+        if self.defense_seeds is None:
+            return [None]
+        if label is not None and self.defense_names.get(label, label) == "none":
+            return list(self.defense_seeds[:1])
+        return list(self.defense_seeds)
 
     def defense_class(self, label: str):
         """The registered defense class behind a grid label."""
@@ -137,6 +150,11 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"{gpath}: 'seeds' must be a non-empty list of non-negative integers")
+    dseeds = raw.get("defense_seeds")
+    if dseeds is not None and (not isinstance(dseeds, list) or not dseeds or len(set(dseeds)) != len(dseeds) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in dseeds)):
+        raise ValueError(f"{gpath}: 'defense_seeds' must be a non-empty list of distinct non-negative integers, e.g. "
+                         f"[0, 1, 2] (or left out: each defense then runs with the training seed), got {dseeds!r}")
     if check_device:
         resolve_device(str(raw.get("device", "auto")))  # an unavailable device is refused now, not in every cell
     slurm = SlurmOptions.from_mapping(raw.get("slurm"), f"{gpath}: slurm")
@@ -153,7 +171,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None, *, c
     return GridSpec(oracle_sweeps=dict(sweeps), name=str(raw.get("name", gpath.stem)), dataset=str(raw["dataset"]), attacks=attacks,
                     defenses=defenses, defense_names=defense_names, seeds=list(seeds), clean_ratio=ratio, device=str(raw.get("device", "auto")),
                     data_root=raw.get("data_root"), description=str(raw.get("description", "")), sources=sources,
-                    slurm=slurm)
+                    slurm=slurm, defense_seeds=list(dseeds) if dseeds is not None else None)
 
 @dataclass
 class CellResult:
@@ -162,6 +180,7 @@ class CellResult:
     seed: int
     status: str  # "ok", "skipped" (record existed), "failed"
     error: str | None = None
+    dseed: int | None = None  # the defense seed (grids with a defense_seeds axis)
 
 
 def _plain(value: Any) -> Any:
@@ -255,11 +274,13 @@ def _data_fingerprint(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, checkpoint_sha256: str,
-                     since: RunRecord | None = None, data: Mapping[str, Any] | None = None) -> str:
+                     since: RunRecord | None = None, data: Mapping[str, Any] | None = None,
+                     dseed: int | None = None) -> str:
     """The cell's fingerprint; ``since``: as of that record's configs -- options added to the config classes
     after it was written that the cell leaves at their defaults are left out (see :func:`_without_new_defaults`).
     ``data``: the identity of the data (:func:`grid_data`); None gives the fingerprint of records written before
-    it was part of it."""
+    it was part of it. ``dseed``: the defense seed of a grid with the defense_seeds axis (None: no axis, the
+    fingerprint is the one records had before the axis existed)."""
     defense = _defense_fingerprint_config(grid, label)
     if since is not None:
         defaults = _defense_defaults(grid, label)
@@ -271,6 +292,8 @@ def cell_fingerprint(grid: GridSpec, attack_cfg: Mapping[str, Any], label: str, 
     extra: dict[str, Any] = {"clean_ratio": grid.clean_ratio}
     if data is not None:
         extra["data"] = _data_fingerprint(data)
+    if dseed is not None:
+        extra["defense_seed"] = dseed
     return run_fingerprint(attack_cfg, defense, checkpoint_sha256, extra)
 
 
@@ -303,7 +326,7 @@ def cached_checkpoint(path: Path, attack_cfg: Mapping[str, Any], device: torch.d
 
 
 def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any], label: str,
-                 checkpoint: str | None) -> str | None:
+                 checkpoint: str | None, dseed: int | None = None) -> str | None:
     """Why the cell behind ``record_path`` must run again, or None when its record can be reused.
 
     A record is reused only when its fingerprint equals the cell's (resolved attack and defense configs,
@@ -316,6 +339,8 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
         return f"its record cannot be read ({err})"
     if record.status != "ok":
         return "its last run failed"
+    if record.defense_seed != dseed:
+        return f"it was made with defense seed {record.defense_seed}, the cell's is {dseed}"
     data = grid_data(grid)
     if isinstance(data, str):
         return data
@@ -340,12 +365,12 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
             return "the backdoored checkpoint changed"
         return None
     sha = checkpoint or record.checkpoint_sha256
-    if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha, data=data),
-                              cell_fingerprint(grid, attack_cfg, label, sha, since=record, data=data)):
+    if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha, data=data, dseed=dseed),
+                              cell_fingerprint(grid, attack_cfg, label, sha, since=record, data=data, dseed=dseed)):
         return None
     # a fingerprint from before the data was part of it: matched when the data the record names is the grid's
-    if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha),
-                              cell_fingerprint(grid, attack_cfg, label, sha, since=record)):
+    if record.fingerprint in (cell_fingerprint(grid, attack_cfg, label, sha, dseed=dseed),
+                              cell_fingerprint(grid, attack_cfg, label, sha, since=record, dseed=dseed)):
         return None
     reasons = []
     defaults = _defense_defaults(grid, label)  # options added since: not a change
@@ -364,7 +389,8 @@ def stale_reason(grid: GridSpec, record_path: Path, attack_cfg: Mapping[str, Any
     return "its fingerprint does not match" + (": " + ", ".join(reasons) if reasons else "")
 
 
-def record_is_current(grid: GridSpec, path: Path, attack: str, label: str, seed: int) -> bool:
+def record_is_current(grid: GridSpec, path: Path, attack: str, label: str, seed: int,
+                      dseed: int | None = None) -> bool:
     """Whether the record at ``path`` was written for this cell as ``grid`` defines it now. An ok record passes
     the resume rule (:func:`stale_reason`, with its own checkpoint); a failed one carries the cell's fingerprint. A
     run reports a cell from its record only when this holds, so a record written meanwhile by a worker or job of an
@@ -375,10 +401,10 @@ def record_is_current(grid: GridSpec, path: Path, attack: str, label: str, seed:
     except ValueError:
         return False
     if record.status == "ok":
-        return stale_reason(grid, path, attack_cfg, label, None) is None
+        return stale_reason(grid, path, attack_cfg, label, None, dseed) is None
     sha, data = record.checkpoint_sha256, grid_data(grid)
     return record.fingerprint is not None and record.fingerprint == cell_fingerprint(
-        grid, attack_cfg, label, sha, data=None if isinstance(data, str) else data)  # no data: what failed
+        grid, attack_cfg, label, sha, data=None if isinstance(data, str) else data, dseed=dseed)  # no data: what failed
 
 
 def current_records(grid: GridSpec, out: Path, records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
@@ -389,9 +415,11 @@ def current_records(grid: GridSpec, out: Path, records: list[RunRecord]) -> tupl
     for r in records:
         if r.dataset != grid.dataset:
             continue
-        mine = r.attack_name in grid.attacks and r.defense in grid.defenses and r.seed in grid.seeds
-        current = not mine or record_is_current(grid, cell_record_path(grid, out, r.attack_name, r.defense, r.seed),
-                                                r.attack_name, r.defense, r.seed)
+        mine = (r.attack_name in grid.attacks and r.defense in grid.defenses and r.seed in grid.seeds
+                and r.defense_seed in grid.cell_defense_seeds(r.defense))
+        current = not mine or record_is_current(
+            grid, cell_record_path(grid, out, r.attack_name, r.defense, r.seed, r.defense_seed), r.attack_name,
+            r.defense, r.seed, r.defense_seed)
         (shown if current else stale).append(r)
     return shown, stale
 
@@ -411,9 +439,11 @@ class Task:
     attack: str
     seed: int
     defense: str = ""
+    dseed: int | None = None  # a cell's or sweep's defense seed (grids with a defense_seeds axis)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS or (self.kind == "train") != (self.defense == ""):
+        if self.kind not in KINDS or (self.kind == "train") != (self.defense == "") or (
+                self.dseed is not None and (self.kind != "cell" or self.dseed < 0)):
             raise ValueError(f"a task is train (attack, seed) or {'/'.join(KINDS[1:])} (attack, defense, seed), "
                              f"got {self}")
         safe_name(self.attack, "task attack label")
@@ -422,15 +452,20 @@ class Task:
 
     @property
     def key(self) -> str:
-        """``train/badnets/seed0``, ``cell/badnets/otbr/seed0``: unique in a grid, readable in logs."""
-        return "/".join([self.kind, self.attack, *([self.defense] if self.defense else []), f"seed{self.seed}"])
+        """``train/badnets/seed0``, ``cell/badnets/otbr/seed0``, ``cell/badnets/otbr/seed0/dseed1``: unique in a grid,
+        readable in logs."""
+        return "/".join([self.kind, self.attack, *([self.defense] if self.defense else []), f"seed{self.seed}",
+                         *([f"dseed{self.dseed}"] if self.dseed is not None else [])])
 
     @classmethod
     def from_key(cls, key: str) -> "Task":
         parts = key.split("/")
+        dseed = None
+        if len(parts) == 5 and parts[-1].startswith("dseed") and parts[-1][5:].isdigit():
+            dseed, parts = int(parts[-1][5:]), parts[:-1]
         if len(parts) not in (3, 4) or not parts[-1].startswith("seed") or not parts[-1][4:].isdigit():
-            raise ValueError(f"not a task key: {key!r} (expected KIND/ATTACK[/DEFENSE]/seedN)")
-        return cls(parts[0], parts[1], int(parts[-1][4:]), parts[2] if len(parts) == 4 else "")
+            raise ValueError(f"not a task key: {key!r} (expected KIND/ATTACK[/DEFENSE]/seedN[/dseedN])")
+        return cls(parts[0], parts[1], int(parts[-1][4:]), parts[2] if len(parts) == 4 else "", dseed)
 
 
 @dataclass
@@ -446,10 +481,11 @@ class GridPlan:
         return [t for t in self.tasks if t.kind == "cell"]
 
 
-def cell_record_path(grid: GridSpec, out: Path, attack: str, defense: str, seed: int) -> Path:
-    """Where the run record of one cell lives in ``out``."""
+def cell_record_path(grid: GridSpec, out: Path, attack: str, defense: str, seed: int,
+                     dseed: int | None = None) -> Path:
+    """Where the run record of one cell lives in ``out`` (``dseed``: its defense seed, grids with that axis)."""
     model = parse_attack_run(grid.attacks[attack]).model.name
-    return Path(out) / "records" / record_filename(grid.dataset, model, attack, defense, seed)
+    return Path(out) / "records" / record_filename(grid.dataset, model, attack, defense, seed, dseed)
 
 
 def train_error_path(out: Path, attack: str, seed: int) -> Path:
@@ -480,14 +516,16 @@ def plan_tasks(grid: GridSpec, out: str | Path, bundles: str | Path, device: tor
             cached = cached_checkpoint(bundles / f"{attack}-seed{seed}", attack_cfg, device, grid_data(grid))
             cells = []
             for defense in grid.defenses:
-                path = cell_record_path(grid, out, attack, defense, seed)
-                if path.exists():
-                    reason = stale_reason(grid, path, attack_cfg, defense, cached)
-                    if reason is None:
-                        plan.skipped.append(CellResult(attack, defense, seed, "skipped"))
-                        continue
-                    log(f"{attack}/{defense}/seed{seed}: running again, {reason}")
-                cells.append(Task("cell", attack, seed, defense))
+                for dseed in grid.cell_defense_seeds(defense):
+                    path = cell_record_path(grid, out, attack, defense, seed, dseed)
+                    where = f"{attack}/{defense}/seed{seed}" + ("" if dseed is None else f"/dseed{dseed}")
+                    if path.exists():
+                        reason = stale_reason(grid, path, attack_cfg, defense, cached, dseed)
+                        if reason is None:
+                            plan.skipped.append(CellResult(attack, defense, seed, "skipped", dseed=dseed))
+                            continue
+                        log(f"{where}: running again, {reason}")
+                    cells.append(Task("cell", attack, seed, defense, dseed))
             if not cells:
                 continue
             if cached is None:

@@ -29,7 +29,7 @@ from ..runtime import RunSettings
 from ..aggregate.records import RunRecord, read_record, write_record
 from .grid import (CellResult, GridSpec, Task, attack_fingerprint_config, cached_checkpoint, cell_fingerprint,
                    cell_record_path, grid_data, stale_reason, train_error_path, training_changes)
-from .evalcache import before_metrics
+from .evalcache import before_evaluation
 from .runner import run_defense
 
 __all__ = ["run_task", "run_cell", "record_failure", "bundle_for", "bundle_lock", "trained_bundle",
@@ -94,21 +94,28 @@ def _bundle_for_locked(grid: GridSpec, attack: str, seed: int, bundles: Path, lo
 
 
 def run_cell(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bundle: Bundle, clean_test, before,
-             attack_cfg: Mapping[str, Any], device: torch.device, log: Callable[[str], None]) -> CellResult:
+             attack_cfg: Mapping[str, Any], device: torch.device, log: Callable[[str], None],
+             before_samples=None, dseed: int | None = None) -> CellResult:
     """Run one defense cell on its backdoored model and write its record to ``path`` (a failure is recorded with its
-    error). The one code path of a cell, in a sequential grid, a local worker and a Slurm job alike."""
+    error). The one code path of a cell, in a sequential grid, a local worker and a Slurm job alike.
+    ``before_samples``: the backdoored model's per-sample outcomes (:func:`~otbr_plugin.bench.evalcache.
+    before_evaluation`), kept in the record with the defended model's. ``dseed``: the defense seed (grids with a
+    defense_seeds axis): the defense runs with it, the record keeps ``seed`` (the training seed) and it."""
     t0 = time.perf_counter()
     try:
         d = grid.defense_class(defense)(grid.defenses[defense])
-        run = run_defense(bundle, d, data_root=grid.data_root, device=device, seed=seed,
+        run = run_defense(bundle, d, data_root=grid.data_root, device=device, seed=seed if dseed is None else dseed,
                           clean_ratio=grid.clean_ratio, progress=False, clean_test=clean_test,
-                          before=before, config_source=grid.sources.get(f"defense:{defense}", ""))
+                          before=before, config_source=grid.sources.get(f"defense:{defense}", ""),
+                          before_samples=before_samples)
         record = run.record()
+        record.seed, record.defense_seed = seed, dseed
         record.attack["label"] = attack
         record.attack["grid"] = grid.name  # regress warns when records come from another grid
         if grid.defense_names.get(defense, defense) != defense:
             record.defense, record.defense_name = defense, grid.defense_names[defense]
         record.attack_config = dict(attack_cfg)
+        record.grid_order = {"attacks": list(grid.attacks), "defenses": list(grid.defenses)}
         data = grid_data(grid)
         if isinstance(data, str):
             raise RuntimeError(f"the grid's {grid.dataset} data: {data}")
@@ -116,14 +123,15 @@ def run_cell(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, b
         if changes:  # the cell was evaluated on other data than the grid's fingerprint names
             raise RuntimeError("the clean test set used differs from the grid's data (" + "; ".join(changes) + ")")
         record.data = {**(record.data or {}), **{k: v for k, v in data.items() if k not in ("dataset",)}}
-        record.fingerprint = cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256, data=data)
+        record.fingerprint = cell_fingerprint(grid, attack_cfg, defense, record.checkpoint_sha256, data=data,
+                                              dseed=dseed)
         record.seconds["cell_total"] = time.perf_counter() - t0
         write_record(record, path)
-        log(f"{attack}/{defense}/seed{seed}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
+        log(f"{attack}/{defense}/{record.seed_label}: ACC {run.after.acc * 100:.2f}  ASR {run.after.asr * 100:.2f}  "
             f"RA {run.after.ra * 100:.2f}  DER {run.der * 100:.2f}  ({record.seconds['cell_total']:.1f} s)")
-        return CellResult(attack, defense, seed, "ok")
+        return CellResult(attack, defense, seed, "ok", dseed=dseed)
     except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-        return record_failure(grid, attack, defense, seed, path, bundle, err, log)
+        return record_failure(grid, attack, defense, seed, path, bundle, err, log, dseed)
 
 
 def run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, clean_test, before,
@@ -156,17 +164,18 @@ def run_oracle_sweeps(grid: GridSpec, attack: str, seed: int, bundle: Bundle, cl
 
 
 def record_failure(grid: GridSpec, attack: str, defense: str, seed: int, path: Path, bundle: Bundle | None,
-          err: BaseException, log: Callable[[str], None] = lambda s: None) -> CellResult:
+          err: BaseException, log: Callable[[str], None] = lambda s: None, dseed: int | None = None) -> CellResult:
     """Record a failed cell; an ok record already at ``path`` is never overwritten by a failed one."""
     message = f"{type(err).__name__}: {err}"
+    where = f"{attack}/{defense}/seed{seed}" + ("" if dseed is None else f"/dseed{dseed}")
     if path.exists():
         try:
             kept = read_record(path).status == "ok"
         except ValueError:
             kept = False
         if kept:
-            log(f"{attack}/{defense}/seed{seed}: failed ({message}); kept the earlier ok record {path}")
-            return CellResult(attack, defense, seed, "failed", message)
+            log(f"{where}: failed ({message}); kept the earlier ok record {path}")
+            return CellResult(attack, defense, seed, "failed", message, dseed)
     metrics = dict(bundle.metrics) if bundle else {}
     record = RunRecord(
         dataset=grid.dataset, model=bundle.model_config.to_dict() if bundle else {"name": str(grid.attacks[attack].get("model", {}).get("name"))},
@@ -176,22 +185,22 @@ def record_failure(grid: GridSpec, attack: str, defense: str, seed: int, path: P
         metrics_before={k: v for k, v in metrics.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)},
         metrics_after=None, der=None, data_used="",
-        status="failed", error=message, diagnostics={"traceback": traceback.format_exc(limit=8)},
+        status="failed", error=message, diagnostics={"traceback": traceback.format_exc(limit=8)}, defense_seed=dseed,
     )
     try:  # a failed record carries its cell's fingerprint too: a run reports only records with its own
         record.attack_config = attack_fingerprint_config(grid, attack, seed)
         data = grid_data(grid)
         record.fingerprint = cell_fingerprint(grid, record.attack_config, defense, record.checkpoint_sha256,
-                                              data=None if isinstance(data, str) else data)
+                                              data=None if isinstance(data, str) else data, dseed=dseed)
     except Exception:  # noqa: BLE001 - an unresolvable config is what failed; the record says so without one
         record.attack_config, record.fingerprint = None, None
     write_record(record, path)
-    return CellResult(attack, defense, seed, "failed", message)
+    return CellResult(attack, defense, seed, "failed", message, dseed)
 
 
 def cell_line(record: RunRecord) -> str:
     """The one line a finished cell prints (as the sequential grid does)."""
-    where = f"{record.attack_name}/{record.defense}/seed{record.seed}"
+    where = f"{record.attack_name}/{record.defense}/{record.seed_label}"
     if record.status != "ok" or record.metrics_after is None or record.der is None:
         return f"{where}: FAILED {record.error}"
     a = record.metrics_after
@@ -214,7 +223,7 @@ def run_task(grid: GridSpec, task: Task, out: str, bundles: str, device: str = "
         return _train(grid, task, out_dir, bundle_dir, settings, log)
     if task.kind == "sweep":
         return _sweep(grid, task, out_dir, bundle_dir, settings, log)
-    path = cell_record_path(grid, out_dir, task.attack, task.defense, task.seed)
+    path = cell_record_path(grid, out_dir, task.attack, task.defense, task.seed, task.dseed)
     try:
         with file_lock(path.parent / f".{path.stem}.lock", "job running this cell"):
             return _cell(grid, task, path, out_dir, bundle_dir, settings, log)
@@ -253,19 +262,19 @@ def trained_bundle(grid: GridSpec, attack: str, seed: int, out: Path, bundles: P
 
 def _cell(grid: GridSpec, task: Task, path: Path, out: Path, bundles: Path, settings: RunSettings,
           log: Callable[[str], None]) -> str:
-    attack, defense, seed = task.attack, task.defense, task.seed
+    attack, defense, seed, dseed = task.attack, task.defense, task.seed, task.dseed
     attack_cfg = attack_fingerprint_config(grid, attack, seed)
     try:
         bundle = trained_bundle(grid, attack, seed, out, bundles, settings.device)
-        if path.exists() and stale_reason(grid, path, attack_cfg, defense, bundle.model_sha256) is None:
+        if path.exists() and stale_reason(grid, path, attack_cfg, defense, bundle.model_sha256, dseed) is None:
             log(f"{task.key}: its record is already there")
             return "skipped"
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = before_metrics(bundle, clean_test, settings.device)
+        before, before_samples = before_evaluation(bundle, clean_test, settings.device)
     except Exception as err:  # noqa: BLE001 - recorded, as in a sequential grid
-        return record_failure(grid, attack, defense, seed, path, None, err, log).status
+        return record_failure(grid, attack, defense, seed, path, None, err, log, dseed).status
     return run_cell(grid, attack, defense, seed, path, bundle, clean_test, before, attack_cfg, settings.device,
-                    log).status
+                    log, before_samples, dseed).status
 
 
 def _sweep(grid: GridSpec, task: Task, out: Path, bundles: Path, settings: RunSettings,
@@ -273,7 +282,7 @@ def _sweep(grid: GridSpec, task: Task, out: Path, bundles: Path, settings: RunSe
     try:
         bundle = trained_bundle(grid, task.attack, task.seed, out, bundles, settings.device)
         clean_test = load_dataset(grid.dataset, "test", grid.data_root)
-        before = before_metrics(bundle, clean_test, settings.device)
+        before = before_evaluation(bundle, clean_test, settings.device)[0]
     except Exception as err:  # noqa: BLE001 - a diagnostic must not fail a grid
         log(f"{task.key}: oracle sweep not run: {type(err).__name__}: {err}")
         return "failed"

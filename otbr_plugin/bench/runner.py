@@ -22,11 +22,14 @@ from ..data.specs import get_dataset_spec
 from ..data.subsets import CleanData, clean_defense_subset
 from ..defenses.base import Defense, DefenseOutcome, OracleScorer, build_context
 from ..runtime import resolve_device, seed_everything
-from ..metrics import BackdoorMetrics, NonFiniteOutputError, defense_effectiveness_rating, evaluate_backdoor
+from ..metrics import (BackdoorMetrics, NonFiniteOutputError, SampleCorrectness, defense_effectiveness_rating,
+                       evaluate_backdoor)
 from ..io import json_default, write_csv, write_json
-from ..aggregate.records import RunRecord, run_fingerprint
+from ..aggregate.bootstrap import per_sample_payload
+from ..aggregate.records import RunRecord, run_fingerprint, training_summary
 
-__all__ = ["DefenseRun", "defend_model", "evaluate_model", "run_defense", "write_defense_outputs"]
+__all__ = ["DefenseRun", "defend_model", "evaluate_model", "evaluate_model_samples", "run_defense",
+           "write_defense_outputs"]
 
 
 @dataclass
@@ -43,6 +46,8 @@ class DefenseRun:
     seconds: dict[str, float]
     config_source: str = ""
     data: dict | None = None  # the data root used and the identity of the clean test set (and train set if used)
+    before_samples: SampleCorrectness | None = None  # per-sample outcomes (None: not known, e.g. before passed in)
+    after_samples: SampleCorrectness | None = None
 
     @property
     def der(self) -> float:
@@ -66,6 +71,9 @@ class DefenseRun:
             device=str(self.device),
             config_source=self.config_source,
             data=self.data,
+            training=training_summary(self.bundle.training),
+            per_sample=(per_sample_payload(self.before_samples, self.after_samples)
+                        if self.before_samples is not None and self.after_samples is not None else None),
             fingerprint=run_fingerprint(self.bundle.attack, {"name": self.defense.name,
                                                              "config": self.defense.config.to_dict()},
                                         self.bundle.model_sha256 or "",
@@ -77,10 +85,16 @@ def evaluate_model(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
                    device: torch.device) -> BackdoorMetrics:
     """ACC/ASR/RA of ``model`` on the clean test set and the bundle's poisoned test set, computed on ``device``
     (the run's; the model is not moved)."""
+    return evaluate_model_samples(model, bundle, clean_test, device)[0]
+
+
+def evaluate_model_samples(model: nn.Module, bundle: Bundle, clean_test: ImageDataset,
+                           device: torch.device) -> tuple[BackdoorMetrics, SampleCorrectness]:
+    """:func:`evaluate_model` and its per-sample outcomes (clean test set order, the bundle's poisoned set order)."""
     bd = bundle.bd_test
     try:
-        return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,
-                                 bd.original_labels, bundle.normalizer, device=device)
+        return evaluate_backdoor(model, clean_test.images, clean_test.labels, bd.images, bd.targets,  # type: ignore[return-value]
+                                 bd.original_labels, bundle.normalizer, device=device, return_samples=True)
     except NonFiniteOutputError as err:
         raise NonFiniteOutputError(f"{_checkpoint_name(bundle)}: {err}") from None
 
@@ -137,10 +151,12 @@ def run_defense(
     before: BackdoorMetrics | None = None,
     config_source: str = "",
     allow_oracle: bool = False,
+    before_samples: SampleCorrectness | None = None,
 ) -> DefenseRun:
     """Evaluate the backdoored model, run ``defense``, evaluate the defended model.
 
-    ``clean_test`` and ``before`` may be passed in to avoid recomputing them across defenses; ``config_source``
+    ``clean_test`` and ``before`` (with ``before_samples``, its per-sample outcomes; without them the record keeps no
+    per-sample data) may be passed in to avoid recomputing them across defenses; ``config_source``
     (from :func:`~otbr_plugin.config.resolve_config`) is written to the record. ``allow_oracle``: an entry point
     that keeps oracle runs apart (the BackdoorBench drop-in) lets a defense with ``oracle: true`` score its
     selection on the test set; elsewhere such a config is refused.
@@ -157,7 +173,7 @@ def run_defense(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if before is None:
-        before = evaluate_model(model, bundle, clean_test, dev)
+        before, before_samples = evaluate_model_samples(model, bundle, clean_test, dev)
     clean_data = None
     if defense.needs_clean_data:
         train = load_dataset(spec.name, "train", data_root)
@@ -179,9 +195,10 @@ def run_defense(
     if bad:
         raise NonFiniteOutputError(f"{_checkpoint_name(bundle)}: defense {defense.name} left NaN or infinite "
                                    f"weights in {', '.join(bad[:5])}")
-    after = evaluate_model(outcome.model, bundle, clean_test, dev)
+    after, after_samples = evaluate_model_samples(outcome.model, bundle, clean_test, dev)
     seconds["evaluation"] = time.perf_counter() - t2 + (t1 - t0)
-    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source, data)
+    return DefenseRun(bundle, defense, outcome, before, after, seed, dev, seconds, config_source, data,
+                      before_samples, after_samples)
 
 
 def write_defense_outputs(run: DefenseRun, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..bench.executors import run_grid
 from ..bench.grid import GridSpec, current_records, load_grid
-from ..aggregate.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
-                                unreadable_line)
+from ..aggregate.tables import (comparison_table, format_table, interval_table, load_records, oracle_table,
+                                plot_acc_vs_asr, unreadable_line)
 from ..config import parse_overrides
 from ..io import folder_lock, write_text
 from ..runtime import parse_threads
@@ -141,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, options) -> int:
     from ..bench.executors import live_slurm_jobs, run_local_workers, run_slurm
 
+    dseeds = f" x {len(grid.defense_seeds)} defense seed(s)" if grid.defense_seeds is not None else ""
     print(f"grid {grid.name}: {len(grid.attacks)} attack(s) x {len(grid.defenses)} defense(s) x {len(grid.seeds)} "
-          f"seed(s) on {grid.dataset}; output {out}")
+          f"seed(s){dseeds} on {grid.dataset}; output {out}")
     start = time.perf_counter()
     bundles = Path(args.bundles) if args.bundles else out / "bundles"
     if options is not None:
@@ -179,7 +180,8 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
               f"{', ...' if len(stale) > 5 else ''}; rerun to redo them")
     if any(r.status == "ok" for r in records):
         mean, std = comparison_table(records)
-        table = format_table(mean, std, "md")
+        lo, hi = interval_table(records, mean)  # NaN (no brackets) for records without per-sample outcomes
+        table = format_table(mean, std, "md", lo, hi)
         write_text(out / "table.md", table)
         plot_acc_vs_asr(records, out / "acc_vs_asr.png", title=f"{grid.name}: ACC vs ASR after defense")
         print(table)
@@ -196,5 +198,5 @@ def _run_locked(args: argparse.Namespace, grid: GridSpec, out: Path, settings, o
                 print(f"report not written ({type(err).__name__}: {err}); retry with `otbr-bench report {out}`")
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
-        print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}: {r.error}")
+        print(f"FAILED {r.attack}/{r.defense}/seed{r.seed}{'' if r.dseed is None else f'/dseed{r.dseed}'}: {r.error}")
     return 1 if failed else 0

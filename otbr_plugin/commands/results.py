@@ -10,8 +10,9 @@ from ..aggregate.leaderboard import SubmissionError, build_leaderboard, export_s
 from ..aggregate.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
-from ..aggregate.tables import (comparison_table, format_table, load_records, oracle_table, plot_acc_vs_asr,
-                                unreadable_line)
+from ..aggregate.bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED
+from ..aggregate.tables import (DEFAULT_ACC_DROP, METRICS, comparison_table, format_table, interval_table, load_records,
+                                oracle_table, plot_acc_vs_asr, unreadable_line)
 from ..config import load_yaml
 from ..io import write_json, write_text
 from . import formatter
@@ -20,6 +21,21 @@ TABLE_EPILOG = """examples:
   otbr-bench table results/fashion_mnist
   otbr-bench table results/fashion_mnist --format latex --out table.tex
   otbr-bench table results/fashion_mnist --plot results/fashion_mnist/acc_vs_asr.png
+  otbr-bench table runs/ci --ci            (95% bootstrap intervals from the records' per-sample outcomes)
+  otbr-bench table runs/ci --ci --boot 2000 --boot-seed 1 --acc-drop 5
+
+--ci resamples test images (no model is run): see otbr_plugin/aggregate/bootstrap.py for the procedure. Records
+written before schema 2 have no per-sample outcomes; their cells are shown without an interval. Best marks (bold)
+only go to defenses whose clean ACC is at most --acc-drop points below the backdoored model's; the others carry †.
+"""
+COMPARE_EPILOG = """examples:
+  otbr-bench compare runs/ci
+  otbr-bench compare runs/ci --defenses otbr,fp --metrics der,acc
+  otbr-bench compare runs/ci --only-significant --format csv --out pairs.csv
+
+For two defenses on the same backdoored checkpoint: the difference of each metric (A - B, points) with a paired 95%
+bootstrap interval over the same resampled test images; "real" when it excludes 0. Needs records with per-sample
+outcomes (schema 2); older ones are left out.
 """
 LB_EPILOG = """examples:
   otbr-bench leaderboard export results/fashion_mnist --submitter "Jane Doe" --method "OTBR (reference)" --out sub.json
@@ -31,13 +47,15 @@ REGRESS_EPILOG = """examples:
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --tolerance acc=0.01,asr=0.02
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --rel-tolerance asr=0.1,anp:acc=0.05
+  otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --ci-factor 1
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --std-factor 2 \\
       --junit regress.xml --markdown regress.md --json regress.json
   otbr-bench regress --baseline results/ci/baseline.json --current runs/ci --write-baseline \\
       --grid configs/bench/ci_slice.yaml   (accept current)
 
 Tolerances are fractions (0.01 = 1 point); a DEFENSE: prefix scopes one to a defense label. A metric fails when it
-gets worse by more than max(absolute, relative x baseline, std-factor x baseline std over seeds). They come from,
+gets worse by more than max(absolute, relative x baseline, std-factor x baseline std over seeds, ci-factor x half
+width of the cell's 95% bootstrap interval over test images). They come from,
 lowest first: built-in defaults, the baseline file, the tolerance file (--tolerance-file, else
 <baseline stem>.tolerances.yaml next to the baseline), the command line; a defense-scoped value beats a default.
 Exit status: 0 when every cell is within tolerance, 1 otherwise.
@@ -51,7 +69,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="md", choices=["md", "csv", "latex", "html"])
     p.add_argument("--out", default=None, help="write the table here instead of printing it")
     p.add_argument("--plot", default=None, help="also write the ACC-vs-ASR plot (PNG) here")
+    add_bootstrap_arguments(p)
     p.set_defaults(func=_table)
+
+    p = sub.add_parser("compare", help="paired differences between defenses, with bootstrap intervals",
+                       formatter_class=formatter(), epilog=COMPARE_EPILOG)
+    p.add_argument("records", help="folder holding run records (searched recursively)")
+    p.add_argument("--defenses", default=None, help="comma-separated defense labels to compare (default: all but none)")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics (default acc,asr,ra,der)")
+    p.add_argument("--include-none", action="store_true", help="also compare each defense with no defense")
+    p.add_argument("--only-significant", action="store_true", help="print only the differences whose interval "
+                   "excludes 0")
+    p.add_argument("--format", default="md", choices=["md", "csv"])
+    p.add_argument("--out", default=None, help="write the comparison here instead of printing it")
+    add_bootstrap_arguments(p, ci_flag=False)
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("leaderboard", help="export, validate and merge leaderboard submissions",
                        formatter_class=formatter(), epilog=LB_EPILOG)
@@ -88,6 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tolerance-file", action="store_true", help="do not auto-discover a tolerance file")
     p.add_argument("--std-factor", type=float, default=None, metavar="K",
                    help="with several seeds, also allow K x the baseline's std over seeds (default 0)")
+    p.add_argument("--ci-factor", type=float, default=0.0, metavar="K",
+                   help="also allow K x the half width of the cell's 95%% bootstrap interval over test images (the "
+                        "baseline's, else the current records'; needs records with per-sample outcomes; default 0: off)")
     p.add_argument("--grid", default=None,
                    help="grid name or grid YAML of the current records (recorded by --write-baseline; warns on mismatch)")
     p.add_argument("--junit", default=None, metavar="FILE", help="also write a JUnit XML report")
@@ -95,6 +130,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--write-baseline", action="store_true", help="write the baseline from --current instead")
     p.set_defaults(func=_regress)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of points >= 0, got {text!r}")
+    return value
+
+
+def add_bootstrap_arguments(p: argparse.ArgumentParser, ci_flag: bool = True) -> None:
+    """``--ci``, ``--boot``, ``--boot-seed`` and ``--acc-drop`` (shared by table, compare and report)."""
+    if ci_flag:
+        p.add_argument("--ci", action="store_true",
+                       help="show 95%% bootstrap intervals over test images (from the records' per-sample outcomes)")
+    p.add_argument("--boot", type=_positive_int, default=DEFAULT_BOOT, metavar="N",
+                   help=f"bootstrap replicates (default {DEFAULT_BOOT})")
+    p.add_argument("--boot-seed", type=int, default=DEFAULT_BOOT_SEED, metavar="S",
+                   help=f"seed of the resampling (default {DEFAULT_BOOT_SEED})")
+    p.add_argument("--acc-drop", type=_non_negative, default=DEFAULT_ACC_DROP, metavar="POINTS",
+                   help=f"clean-accuracy bound of the best marks, in points below the backdoored model's ACC "
+                        f"(default {DEFAULT_ACC_DROP:g})")
 
 
 def _records(folder: str) -> list:
@@ -117,7 +186,11 @@ def _emit(text: str, out: str | None) -> None:
 def _table(args: argparse.Namespace) -> int:
     records = _records(args.records)
     mean, std = comparison_table(records)
-    _emit(format_table(mean, std, args.format), args.out)
+    lo, hi = interval_table(records, mean, args.boot, args.boot_seed) if args.ci else (None, None)
+    _emit(format_table(mean, std, args.format, lo, hi, args.acc_drop), args.out)
+    if args.ci and lo is not None and lo.isna().all().all():
+        print("note: no record here keeps per-sample outcomes (written before record schema 2): no intervals",
+              file=sys.stderr)
     # notes go to stderr: stdout holds the table alone (an --format html/csv/latex table piped to a file stays valid)
     failed = [r for r in records if r.status != "ok"]
     if failed:
@@ -128,6 +201,24 @@ def _table(args: argparse.Namespace) -> int:
     oracle = oracle_table(args.records)
     if oracle:  # Markdown: after a Markdown table on stdout, else on stderr
         print("\n" + oracle, end="", file=sys.stdout if args.format == "md" and not args.out else sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ..aggregate.compare import format_comparisons, paired_comparisons
+
+    metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"--metrics: unknown metric(s) {', '.join(bad) or '(none given)'}; expected some of "
+                         f"{', '.join(METRICS)}")
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
+    records = _records(args.records)
+    df = paired_comparisons(records, metrics, args.boot, args.boot_seed, defenses, args.include_none)
+    if df.empty:
+        raise ValueError(f"{args.records}: no two defenses on the same checkpoint with per-sample outcomes (records of "
+                         "schema 2, written by this version) to compare")
+    _emit(format_comparisons(df, args.format, args.only_significant), args.out)
     return 0
 
 
@@ -192,7 +283,7 @@ def _regress(args: argparse.Namespace) -> int:
     baseline = load_baseline(args.baseline)
     spec = ToleranceSpec(baseline.tolerances, file_layer, *cli_layers, std_factor=args.std_factor)
     report = build_report(baseline, records, spec, grid=grid, current_path=str(args.current),
-                          tolerance_file=str(tol_file) if tol_file else None)
+                          tolerance_file=str(tol_file) if tol_file else None, ci_factor=args.ci_factor)
     print(format_report(report))
     if args.junit:
         print(f"wrote {write_text(args.junit, format_junit(report))}")
