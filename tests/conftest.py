@@ -79,3 +79,15 @@ def tiny_fashion_bundle(tmp_path: Path) -> tuple[Path, Path]:
     bundle = save_bundle(Bundle(cfg, cfg.build().state_dict(), "fashion_mnist", Normalizer((0.5,), (0.5,)), bd,
                                 {"name": "badnets", "target": 0}, {}), tmp_path / "bundle")
     return bundle, root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one torch thread (and do not fight other processes for the cores); opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

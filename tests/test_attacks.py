@@ -40,7 +40,7 @@ def balanced_labels(n: int, k: int = 10) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_lists_the_attacks_and_rejects_unknown_names():
-    assert {"badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn"} <= set(list_attacks())
+    assert {"badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn", "ssba"} <= set(list_attacks())
     assert get_attack("BadNets") is BadNets
     with pytest.raises(ValueError, match="unknown attack 'nope'.*badnets"):
         get_attack("nope")
@@ -359,7 +359,7 @@ def test_parse_attack_run_validates_sections():
             parse_attack_run(cfg)
 
 
-@pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn"])
+@pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn", "ssba"])
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
 def test_shipped_configs_parse(attack, dataset):
     from otbr_plugin.config import load_yaml
@@ -405,10 +405,11 @@ FAST = {  # learned triggers, searched in seconds on the tiny data
     "lf": {"uap_samples": 40, "uap_passes": 1, "clean_epochs": 1},
     "trojannn": {"trigger_iters": 5, "clean_epochs": 1},
     "inputaware": {"mask_epochs": 1, "generator_channels": 4},
+    "ssba": {"encoder_channels": 4, "encoder_holdout": 20, "secret_length": 8},
 }
 
 
-@pytest.mark.parametrize("attack", ["badnets", "sig", "wanet", "lf", "trojannn", "inputaware"])
+@pytest.mark.parametrize("attack", ["badnets", "sig", "wanet", "lf", "trojannn", "inputaware", "ssba"])
 def test_attack_cli_end_to_end(tmp_path, tiny_root, attack, capsys):
     from benchmark_adapters.bundle import load_bundle
     from otbr_plugin.attacks import restore_attack
@@ -437,6 +438,17 @@ def test_attack_cli_end_to_end(tmp_path, tiny_root, attack, capsys):
         test = load_dataset("fashion_mnist", "test", tiny_root)
         rebuilt = restore_attack(b.attack, b.tensors).poison_test(test.images, test.labels, 10)
         assert torch.equal(rebuilt.images, b.bd_test.images)
+    if attack == "ssba":  # BackdoorBench's pre-made files from the bundle give the bundle's poisoned test set
+        from benchmark_adapters.backdoorbench import read_ssba_images, ssba_poisoned_test_set
+
+        assert b.attack["trigger_search"]["encoder"]["holdout_images"] == 20
+        res = tmp_path / "resource"
+        capsys.readouterr()
+        assert main(["backdoorbench", "export-ssba", str(out), "--out", str(res), "--data-root", str(tiny_root)]) == 0
+        assert "--attack_target 0 --pratio 0.1" in capsys.readouterr().out
+        replaced = read_ssba_images(res / "fashion_mnist_ssba_test_b1.npy", shape=(1, 28, 28), count=60)
+        assert torch.equal(ssba_poisoned_test_set(replaced, test.labels, 10).images, b.bd_test.images)
+        assert read_ssba_images(res / "fashion_mnist_ssba_train_b1.npy").shape == (200, 1, 28, 28)
     else:
         assert not any(k.startswith("attack.") for k in b.tensors) and "state" not in b.attack
     assert len(b.bd_test) == 54 and torch.all(b.bd_test.targets == 0)

@@ -159,9 +159,9 @@ def test_allowlist_is_exactly_the_documented_numpy_globals():
     assert set(ALLOWED_GLOBAL_NAMES) == expected
 
 
-@pytest.mark.parametrize("name", ["inputaware_0_1", "lf_0_1", "trojannn_0_1"])
+@pytest.mark.parametrize("name", ["inputaware_0_1", "lf_0_1", "trojannn_0_1", "ssba_0_1"])
 def test_records_of_the_learned_trigger_attacks_read_like_any_other(tmp_path, name):
-    """BackdoorBench's inputaware, lf and trojannn write the same v2 record (bd_test as PNGs with
+    """BackdoorBench's inputaware, lf, trojannn and ssba write the same v2 record (bd_test as PNGs with
     [bd_label, original_label]); their learned triggers are already baked into those PNGs."""
     tree = make_bb_tree(tmp_path / "BackdoorBench", name=name)
     bundle = load_attack_result(tree["record"])

@@ -24,6 +24,7 @@ from .record import (
     record_folder,
     state_dict_for_zoo,
 )
+from .ssba import export_ssba_images, read_ssba_images, ssba_file_name, ssba_poisoned_test_set, write_ssba_images
 from .writer import write_attack_result, write_defense_result, write_defense_summary
 from .safe_load import ALLOWED_GLOBAL_NAMES, AttackResultError, UnsafeCheckpointError, numpy_safe_globals, safe_torch_load
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_clean_labels", "is_record", "load_attack_result", "load_clean_test", "numpy_safe_globals",
     "poisoned_test_set", "poisoned_train_set", "read_attack_result", "record_folder", "resolve_data_root", "safe_torch_load",
     "state_dict_for_zoo", "write_attack_result", "write_defense_result", "write_defense_summary",
+    "export_ssba_images", "read_ssba_images", "ssba_file_name", "ssba_poisoned_test_set", "write_ssba_images",
 ]
 
 

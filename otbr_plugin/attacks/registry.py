@@ -13,7 +13,7 @@ from .base import STATE_PREFIX, Attack, AttackConfig
 
 __all__ = ["ATTACKS", "register_attack", "get_attack", "create_attack", "list_attacks", "restore_attack"]
 
-BUILTIN_ATTACKS = ("badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn")
+BUILTIN_ATTACKS = ("badnets", "blended", "sig", "wanet", "inputaware", "lf", "trojannn", "ssba")
 ATTACKS: Registry[type[Attack]] = Registry("attack", case_insensitive=True, builtins={
     name: f"otbr_plugin.attacks.{name}" for name in BUILTIN_ATTACKS})
 

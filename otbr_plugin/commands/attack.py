@@ -10,7 +10,7 @@ from ..config import apply_overrides, find_config_file, load_yaml, parse_overrid
 from . import add_run_arguments, formatter, run_settings
 
 EPILOG = """config sections (see configs/attack/<attack>/<dataset>.yaml):
-  attack:  name (badnets, blended, sig, wanet, inputaware, lf, trojannn) and its parameters (target_class, label_mode, poison_ratio, seed, ...)
+  attack:  name (badnets, blended, sig, wanet, inputaware, lf, trojannn, ssba) and its parameters (target_class, label_mode, poison_ratio, seed, ...)
   dataset: fashion_mnist, cifar10, ...
   model:   {name: preactresnet18, width: 0.25}
   train:   TrainConfig fields (epochs, batch_size, lr, momentum, weight_decay, seed, device, bf16, ...)
