@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 import yaml
 
 from benchmark_adapters.backdoorbench.install import DROPIN_DEFENSES, install_dropin
-from test_backdoorbench import NAME, make_bb_tree
+from test_backdoorbench import make_bb_tree, run_installed_dropin
 
 QUICK = {"otbr_ibau": ["--rounds", "1", "--ratio", "0.2"],
          "otbr_rnp": ["--unlearning_epochs", "1", "--recovering_epochs", "1", "--ratio", "0.2"],
@@ -28,13 +26,4 @@ def test_dropin_installs_and_runs_its_defense(tmp_path: Path, save, monkeypatch)
     config = yaml.safe_load((root / "config" / "defense" / save / "mnist.yaml").read_text())
     assert config["dataset"] == "mnist" and config["ratio"] == 0.05  # the template, then the resolved defaults
     assert DROPIN_DEFENSES[save] == save.removeprefix("otbr_")
-    monkeypatch.chdir(root)
-    monkeypatch.setattr(sys, "argv", [f"./defense/{save}.py", "--result_file", NAME, "--yaml_path",
-                                      f"./config/defense/{save}/mnist.yaml", "--dataset", "mnist", "--device", "cpu",
-                                      "--progress", "false", *QUICK[save]])
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(root / "defense" / f"{save}.py"), run_name="__main__")
-    assert info.value.code == 0
-    out = root / "record" / NAME / "defense" / save
-    assert set(torch.load(out / "defense_result.pt", weights_only=True)) == {"model_name", "num_classes", "model"}
-    assert (out / f"{save}_df_summary.csv").is_file()
+    run_installed_dropin(root, save, QUICK[save], monkeypatch)
