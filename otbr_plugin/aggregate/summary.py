@@ -44,8 +44,8 @@ from .tables import DEFAULT_ACC_DROP, check_one_dataset_model, csv_safe, grid_or
 
 __all__ = ["DefenseSummary", "defense_summary", "format_summary", "summary_notes", "SUMMARY_COLUMNS"]
 
-SUMMARY_COLUMNS = ["defense", "backdoored", "data_used", "data_free", "ranked", "attacks", "attacks_total", "acc_drop", "asr", "ra",
-                   "der", "der_lo", "der_hi", "beyond_acc_bound", "rank_all", "rank_data_free",
+SUMMARY_COLUMNS = ["defense", "backdoored", "data_used", "data_free", "ranked", "attacks", "attacks_total", "acc_drop",
+                   "asr", "ra", "der", "der_lo", "der_hi", "beyond_acc_bound", "rank_all", "rank_data_free",
                    "seconds_defense_median", "seconds_cell_median", "seconds_cell_total", "cells"]
 """The columns of :attr:`DefenseSummary.frame` and of the CSV (metrics in percent / points, seconds)."""
 
@@ -80,7 +80,8 @@ def _reference_models(ok: Sequence[RunRecord]) -> dict[Checkpoint, str]:
     return out
 
 
-def _cell_values(recs: Sequence[tuple[RunRecord, dict | None]], ci: bool) -> dict[Checkpoint, tuple[dict, np.ndarray | None]]:
+def _cell_values(recs: Sequence[tuple[RunRecord, dict | None]],
+                 ci: bool) -> dict[Checkpoint, tuple[dict, np.ndarray | None]]:
     """Per checkpoint: the mean over its records (defense seeds) of ACC drop / ASR / RA / DER in percent, and the mean
     of their DER replicates (None when one of them has none)."""
     by_ckpt: dict[Checkpoint, list[tuple[RunRecord, dict | None]]] = {}
@@ -132,8 +133,10 @@ def _seconds(recs: Sequence[RunRecord], name: str) -> list[float]:
             and v >= 0]
 
 
-def _attacks_text(ckpts: Iterable[Checkpoint]) -> str:
-    return ", ".join(dict.fromkeys(a for a, _ in ckpts))
+def _ckpt_text(ckpts: Iterable[Checkpoint], order: Sequence[str], seeds: bool) -> str:
+    """The checkpoints in the grid's attack order: attack names, or ``attack seed s`` when seeds matter."""
+    keyed = sorted(ckpts, key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c))
+    return ", ".join(dict.fromkeys(f"{a} seed {s}" if seeds else a for a, s in keyed))
 
 
 def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAULT_ACC_DROP, ci: bool = False,
@@ -158,23 +161,24 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
     is_none = {d: all(_is_none(r) for r in ok if r.defense == d) for d in defenses}
     candidates = [d for d in defenses if not is_none[d]]
     universe = {c for d in candidates for c in cells[d]}
-    attack_order = grid_order(records, "attacks")
-    n_total = len({a for a, _ in universe})
+    order = grid_order(records, "attacks")
+    seeds = len({c[1] for c in universe}) > 1
     complete = [d for d in candidates if universe <= set(cells[d])]
     reference_set, ranked = universe, complete
     if candidates and not complete:
         common = set.intersection(*(set(cells[d]) for d in candidates))
         reference_set, ranked = common, (candidates if common else [])
-        notes.append(f"No defense has records on every checkpoint: means and ranks over the {len(common)} checkpoint(s) "
-                     f"every defense has ({_attacks_text(sorted(common, key=lambda c: (ordered([c[0]], attack_order), c)))})."
-                     if common else "No defense has records on every checkpoint and they share none: nothing is ranked.")
-        n_total = len({a for a, _ in common}) if common else n_total
+        notes.append(f"No defense has records on every checkpoint: means and ranks over the {len(common)} "
+                     f"checkpoint(s) every defense has ({_ckpt_text(common, order, seeds)})." if common else
+                     "No defense has records on every checkpoint and no checkpoint has records of every defense: "
+                     "nothing is ranked; each defense's means are over its own checkpoints.")
+    n_total = len({a for a, _ in reference_set or universe})
 
     within = {}
     rows = {}
     for d in defenses:
         own = set(cells[d])
-        ckpts = reference_set if d in ranked else own
+        ckpts = reference_set if d in ranked else (own & reference_set or own) if is_none[d] else own
         vals, rep = _mean_over(cells[d], ckpts)
         recs = [r for r in ok if r.defense == d]
         data = sorted({r.data_used for r in recs})
@@ -184,8 +188,9 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
             lo, hi = interval.lo, interval.hi
         within[d] = acc_drop is None or not vals["acc_drop"] > acc_drop + 1e-9
         dsec, csec = _seconds(recs, "defense_total"), _seconds(recs, "cell_total")
-        rows[d] = {"defense": d, "backdoored": is_none[d], "data_used": "; ".join(data), "data_free": data == ["none"], "ranked": d in ranked,
-                   "attacks": len({a for a, _ in ckpts}), "attacks_total": n_total, **vals, "der_lo": lo, "der_hi": hi,
+        rows[d] = {"defense": d, "backdoored": is_none[d], "data_used": "; ".join(data), "data_free": data == ["none"],
+                   "ranked": d in ranked, "attacks": len({a for a, _ in ckpts}), "attacks_total": n_total, **vals,
+                   "der_lo": lo, "der_hi": hi,
                    "beyond_acc_bound": not within[d], "rank_all": np.nan, "rank_data_free": np.nan,
                    "seconds_defense_median": float(np.median(dsec)) if dsec else np.nan,
                    "seconds_cell_median": float(np.median(csec)) if csec else np.nan,
@@ -197,9 +202,11 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
     for d in candidates:
         if d in ranked:
             continue
-        own = sorted(cells[d], key=lambda c: (ordered([c[0]], attack_order), c))
-        text = (f"{d}: records on {rows[d]['attacks']} of {len({a for a, _ in universe})} attacks ("
-                f"{_attacks_text(own)}), so unranked; its means are over those only.")
+        own = set(cells[d])
+        missing = _ckpt_text(universe - own, order, seeds)
+        unit = "checkpoints (attack, training seed)" if seeds else "attacks"
+        text = (f"{d}: records on {len(own)} of {len(universe)} {unit} (none on {missing}), so unranked; its means are "
+                "over its own only.")
         if ranked and own:
             pool = [d, *ranked]
             vals = {e: _mean_over(cells[e], own)[0] for e in pool}
@@ -224,8 +231,8 @@ def summary_notes(summary: DefenseSummary, ci: bool = False) -> list[str]:
            "then over attacks. Ranks by mean DER over the same checkpoints for every ranked defense; none (the "
            "backdoored model) is listed, never ranked; data-free: data used none."]
     if bound is not None:
-        out.append(f"† = mean ACC drop above {bound:g} points: ranked after every defense within it, never marked best "
-                   "(as the comparison table's best marks).")
+        out.append(f"† = mean ACC drop above {bound:g} points: ranked after every defense within it, never marked "
+                   "best (as the comparison table's best marks).")
     out.append("Seconds per cell as recorded (seconds.defense_total: the defense alone; seconds.cell_total: with the "
                "evaluation): median over the defense's cells and their sum; they hold for the machine and load each "
                "record names.")
@@ -295,7 +302,8 @@ def format_summary(summary: DefenseSummary, fmt: str = "md", ci: bool = False) -
         cells = {c: (mark.format(esc(t)) if d in best[c] else esc(t)) for c, t in cells.items()}
         beyond = dagger if row["beyond_acc_bound"] and not row["backdoored"] else ""
         cells["acc_drop"] += beyond
-        attacks = str(row["attacks"]) + ("" if row["attacks"] == row["attacks_total"] else f" of {row['attacks_total']}")
+        partial = row["attacks"] != row["attacks_total"] or not (row["ranked"] or row["backdoored"])
+        attacks = str(row["attacks"]) + (f" of {row['attacks_total']}" if partial else "")
         ranks = []
         for col in ("rank_all", "rank_data_free"):
             if pd.isna(row[col]):
