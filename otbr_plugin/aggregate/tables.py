@@ -23,8 +23,7 @@ from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, percentile_interval, rec
 from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "unreadable_line", "check_one_dataset_model", "latex_escape", "csv_safe", "records_frame",
-           "comparison_table",
-           "interval_table", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
+           "comparison_table", "interval_table", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
