@@ -214,8 +214,10 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
             rank_all = _ranks(vals, inside)[d]
             free = [e for e in pool if rows[e]["data_free"]]
             text += f" On them its mean DER would rank {rank_all} of {len(pool)} among all"
-            text += (f", {_ranks({e: vals[e] for e in free}, inside)[d]} of {len(free)} among data-free."
-                     if rows[d]["data_free"] else " (it uses data).")
+            text += (f", {_ranks({e: vals[e] for e in free}, inside)[d]} of {len(free)} among data-free"
+                     if rows[d]["data_free"] else " (it uses data)")
+            text += "" if inside[d] else f"; † there: mean ACC drop {vals[d]['acc_drop']:.2f} points"
+            text += "."
         notes.append(text)
     frame = pd.DataFrame([rows[d] for d in defenses], columns=SUMMARY_COLUMNS)
     for col in ("rank_all", "rank_data_free"):
