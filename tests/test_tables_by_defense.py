@@ -235,7 +235,7 @@ def test_cli_by_defense_formats_and_notes(tmp_path, capsys):
     assert "\\textbf{87.75}" in capsys.readouterr().out
     assert main(["table", str(tmp_path), "--by-defense", "--format", "html", "--ci"]) == 0
     cap = capsys.readouterr()
-    assert '<table class="summary">' in cap.out and "<b>87.75</b>" in cap.out and "no intervals" in cap.err
+    assert '<table class="summary">' in cap.out and "<b>87.75</b>" in cap.out and "No DER interval" in cap.out
 
 
 def test_report_has_the_summary_after_the_comparison_table(tmp_path):

@@ -238,9 +238,12 @@ def summary_notes(summary: DefenseSummary, ci: bool = False) -> list[str]:
     out.append("Seconds per cell as recorded (seconds.defense_total: the defense alone; seconds.cell_total: with the "
                "evaluation): median over the defense's cells and their sum; they hold for the machine and load each "
                "record names.")
-    if ci:
+    if ci and summary.frame["der_lo"].notna().any():
         out.append("[lo, hi]: 95% bootstrap interval of the mean DER over test images (otbr_plugin.aggregate.bootstrap,"
                    " replicates averaged like the means); none where a record keeps no per-sample outcomes.")
+    elif ci:
+        out.append("No DER interval: each defense's mean covers records without per-sample outcomes (written before "
+                   "record schema 2).")
     return out + summary.notes
 
 

@@ -224,9 +224,6 @@ def _by_defense(args: argparse.Namespace, records: list) -> int:
     if args.format in ("csv", "latex"):
         for note in summary_notes(summary, args.ci):
             print(f"note: {note}", file=sys.stderr)
-    if args.ci and summary.frame["der_lo"].isna().all():
-        print("note: no defense's mean has per-sample outcomes in every record (records written before schema 2): "
-              "no intervals", file=sys.stderr)
     _failed_note(records)
     if args.plot:
         print(f"wrote {plot_acc_vs_asr(records, args.plot)}", file=sys.stderr)
