@@ -154,7 +154,8 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
                      "than the others, so not comparable): " + "; ".join(
                          f"{r.defense} on {r.attack_name} seed {r.seed} (checkpoint {r.checkpoint_sha256[:8]}, the "
                          f"others' {reference[(r.attack_name, r.seed)][:8]})" for r in off) + ".")
-    used = [r for r in ok if r not in off]
+    left_out = {id(r) for r in off}
+    used = [r for r in ok if id(r) not in left_out]
     reps = record_replicates(used, n_boot, seed) if ci else [None] * len(used)
     defenses = ordered((r.defense for r in ok), grid_order(records, "defenses"))
     cells = {d: _cell_values([(r, p) for r, p in zip(used, reps) if r.defense == d], ci) for d in defenses}
