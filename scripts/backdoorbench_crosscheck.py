@@ -200,6 +200,7 @@ class Settings:
     wait_attacks_min: float = 0.0
     plugin_seeds: int = 1
     fp_bb_tmax: bool = False
+    paired_subsets: bool = False
 
 
 def attack_pratio(spec: str) -> tuple[str, float | None]:
@@ -362,10 +363,16 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
         if i < s.plugin_seeds:
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
+        if i < s.plugin_seeds and s.paired_subsets:  # BackdoorBench's own clean subset at the same seed
+            paired = [*oracle, "--subset_sampling", "backdoorbench_stream"]
+            add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *paired], seed, "otbr_fp_oracle", PAIRED_SETTING)
+            add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired], seed, "otbr_anp_oracle", PAIRED_SETTING)
     return runs
 
 
 BB_SETTING = "setting=backdoorbench,oracle"
+# --paired-subsets: BackdoorBench's setting drawing BackdoorBench's own clean subset (seeds paired across sides)
+PAIRED_SETTING = "setting=backdoorbench,oracle,subset_sampling=backdoorbench_stream"
 BUDGETED = ("fp", "anp")  # defenses whose CPU-sized budget is part of a run's name
 
 
@@ -390,6 +397,8 @@ def run_env(s: Settings, run: Run) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "PYTHONUNBUFFERED": "1"})
     env.pop("PYTHONPATH", None)
+    if run.impl == "plug-in":  # the drop-ins import the otbr-plugin of this checkout, whatever is installed
+        env["PYTHONPATH"] = str(REPO)
     if run.impl == "BackdoorBench":
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
         env["PYTHONPATH"] = str(COMPAT_DIR)
@@ -674,7 +683,7 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for name in ("fp", "anp"):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, ""):
+                for variant in (BB_SETTING, PAIRED_SETTING, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:
                         continue
@@ -783,7 +792,7 @@ def schedule(s: Settings) -> list[Run]:
             return (9, 0)
         if run.impl == "BackdoorBench":
             return (1, 0) if run.seed == first_seed else (2, run.seed)
-        if run.variant == BB_SETTING:
+        if run.variant in (BB_SETTING, PAIRED_SETTING):
             return (1, 1) if run.seed == first_seed else (2, run.seed)
         return (3, run.seed)
 
@@ -901,6 +910,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wait up to MIN minutes for an attack record that another process is still making")
     p.add_argument("--only-impl", choices=("BackdoorBench", "plug-in"), default=None,
                    help="run (and tabulate) only this side's defense runs")
+    p.add_argument("--paired-subsets", action="store_true",
+                   help="also run the drop-ins' FP/ANP in BackdoorBench's setting with --subset_sampling "
+                        "backdoorbench_stream (BackdoorBench's own clean subset at the same seed; own folders)")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 
@@ -919,7 +931,8 @@ def main(argv: list[str] | None = None) -> int:
                  seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
                  anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, fp_ratio=a.fp_ratio,
-                 plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, clp_u=a.clp_u, defenses=a.defenses,
+                 plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, paired_subsets=a.paired_subsets,
+                 clp_u=a.clp_u, defenses=a.defenses,
                  wait_attacks_min=a.wait_attacks)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
