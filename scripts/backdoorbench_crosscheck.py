@@ -198,9 +198,9 @@ class Settings:
     clp_u: float
     defenses: list[str]
     wait_attacks_min: float = 0.0
+    paired_subsets: bool = False  # --paired-subsets
     plugin_seeds: int = 1
     fp_bb_tmax: bool = False
-    paired_subsets: bool = False
 
 
 def attack_pratio(spec: str) -> tuple[str, float | None]:
@@ -361,18 +361,19 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
             add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
             add("anp", "plug-in", "./defense/otbr_anp.py", anp_ours, seed, "otbr_anp")
         if i < s.plugin_seeds:
+            if s.paired_subsets:  # BackdoorBench's own clean subset at the same seed
+                paired = [*oracle, "--subset_sampling", "backdoorbench_stream"]
+                add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *paired], seed, "otbr_fp_oracle", PAIRED_SETTING)
+                add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired], seed, "otbr_anp_oracle",
+                    PAIRED_SETTING)
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
-        if i < s.plugin_seeds and s.paired_subsets:  # BackdoorBench's own clean subset at the same seed
-            paired = [*oracle, "--subset_sampling", "backdoorbench_stream"]
-            add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *paired], seed, "otbr_fp_oracle", PAIRED_SETTING)
-            add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired], seed, "otbr_anp_oracle", PAIRED_SETTING)
     return runs
 
 
-BB_SETTING = "setting=backdoorbench,oracle"
 # --paired-subsets: BackdoorBench's setting drawing BackdoorBench's own clean subset (seeds paired across sides)
 PAIRED_SETTING = "setting=backdoorbench,oracle,subset_sampling=backdoorbench_stream"
+BB_SETTING = "setting=backdoorbench,oracle"
 BUDGETED = ("fp", "anp")  # defenses whose CPU-sized budget is part of a run's name
 
 
@@ -397,7 +398,7 @@ def run_env(s: Settings, run: Run) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "PYTHONUNBUFFERED": "1"})
     env.pop("PYTHONPATH", None)
-    if run.impl == "plug-in":  # the drop-ins import the otbr-plugin of this checkout, whatever is installed
+    if run.impl == "plug-in":
         env["PYTHONPATH"] = str(REPO)
     if run.impl == "BackdoorBench":
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
@@ -792,7 +793,7 @@ def schedule(s: Settings) -> list[Run]:
             return (9, 0)
         if run.impl == "BackdoorBench":
             return (1, 0) if run.seed == first_seed else (2, run.seed)
-        if run.variant in (BB_SETTING, PAIRED_SETTING):
+        if run.variant == BB_SETTING:
             return (1, 1) if run.seed == first_seed else (2, run.seed)
         return (3, run.seed)
 
@@ -931,8 +932,7 @@ def main(argv: list[str] | None = None) -> int:
                  seeds=a.seeds, seeds_blended=a.seeds_other or a.seeds, threads=a.threads, fp_epochs=a.fp_epochs,
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
                  anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, fp_ratio=a.fp_ratio,
-                 plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, paired_subsets=a.paired_subsets,
-                 clp_u=a.clp_u, defenses=a.defenses,
+                 plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, clp_u=a.clp_u, defenses=a.defenses,
                  wait_attacks_min=a.wait_attacks)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
@@ -949,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.data_seed}), {layout} layout, in BackdoorBench's gtsrb file layout at "
               f"{data_info[layout]['folder']}", flush=True)
 
+    s.paired_subsets = a.paired_subsets
     runs = schedule(s)
     if a.only_impl:  # e.g. more seeds of the drop-ins while BackdoorBench's runs go on in another invocation
         runs = [r for r in runs if r.kind == "attack" or r.impl == a.only_impl]

@@ -128,8 +128,8 @@ class BBArgs:
     ignored: list[str] = field(default_factory=list)
     mapped: dict[str, str] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
     index_file: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _num(key: str, value: Any, kind: type) -> Any:
