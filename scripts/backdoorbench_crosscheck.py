@@ -198,6 +198,7 @@ class Settings:
     clp_u: float
     defenses: list[str]
     wait_attacks_min: float = 0.0
+    paired_subsets: bool = False  # --paired-subsets
     plugin_seeds: int = 1
     fp_bb_tmax: bool = False
 
@@ -360,11 +361,18 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
             add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
             add("anp", "plug-in", "./defense/otbr_anp.py", anp_ours, seed, "otbr_anp")
         if i < s.plugin_seeds:
+            if s.paired_subsets:  # BackdoorBench's own clean subset at the same seed
+                paired = [*oracle, "--subset_sampling", "backdoorbench_stream"]
+                add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *paired], seed, "otbr_fp_oracle", PAIRED_SETTING)
+                add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired], seed, "otbr_anp_oracle",
+                    PAIRED_SETTING)
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
     return runs
 
 
+# --paired-subsets: BackdoorBench's setting drawing BackdoorBench's own clean subset (seeds paired across sides)
+PAIRED_SETTING = "setting=backdoorbench,oracle,subset_sampling=backdoorbench_stream"
 BB_SETTING = "setting=backdoorbench,oracle"
 BUDGETED = ("fp", "anp")  # defenses whose CPU-sized budget is part of a run's name
 
@@ -390,6 +398,8 @@ def run_env(s: Settings, run: Run) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "PYTHONUNBUFFERED": "1"})
     env.pop("PYTHONPATH", None)
+    if run.impl == "plug-in":
+        env["PYTHONPATH"] = str(REPO)
     if run.impl == "BackdoorBench":
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
         env["PYTHONPATH"] = str(COMPAT_DIR)
@@ -674,7 +684,7 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for name in ("fp", "anp"):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, ""):
+                for variant in (BB_SETTING, PAIRED_SETTING, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:
                         continue
@@ -901,6 +911,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wait up to MIN minutes for an attack record that another process is still making")
     p.add_argument("--only-impl", choices=("BackdoorBench", "plug-in"), default=None,
                    help="run (and tabulate) only this side's defense runs")
+    p.add_argument("--paired-subsets", action="store_true",
+                   help="also run the drop-ins' FP/ANP in BackdoorBench's setting with --subset_sampling "
+                        "backdoorbench_stream (BackdoorBench's own clean subset at the same seed; own folders)")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 
@@ -936,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.data_seed}), {layout} layout, in BackdoorBench's gtsrb file layout at "
               f"{data_info[layout]['folder']}", flush=True)
 
+    s.paired_subsets = a.paired_subsets
     runs = schedule(s)
     if a.only_impl:  # e.g. more seeds of the drop-ins while BackdoorBench's runs go on in another invocation
         runs = [r for r in runs if r.kind == "attack" or r.impl == a.only_impl]
