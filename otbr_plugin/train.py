@@ -27,6 +27,9 @@ class TrainConfig:
     """Training hyperparameters; defaults are BackdoorBench's (SGD 0.01, momentum 0.9, wd 5e-4, batch 128).
 
     The cosine schedule is stepped per iteration (T_max = all steps) so that short CPU runs still anneal.
+    ``epoch_cosine_t_max`` (an int >= 1) instead keeps the lr constant within an epoch and steps a cosine of
+    period ``T_max`` epochs after each epoch, as BackdoorBench's trainers do with ``CosineAnnealingLR(T_max)``:
+    epoch ``e`` (0-based) uses ``lr * (1 + cos(pi * e / T_max)) / 2`` (past ``T_max`` the cosine rises again).
     ``bf16`` turns on bfloat16 autocast (CPU or accelerator); ``amp`` fp16 autocast on an accelerator.
     """
 
@@ -42,8 +45,13 @@ class TrainConfig:
     bf16: bool = False
     amp: bool = True
     progress: bool = True
+    epoch_cosine_t_max: int | None = None
 
     def __post_init__(self) -> None:
+        t_max = self.epoch_cosine_t_max
+        if t_max is not None and (not isinstance(t_max, int) or isinstance(t_max, bool) or t_max < 1):
+            raise ValueError(f"epoch_cosine_t_max must be an integer >= 1 (BackdoorBench's per-epoch cosine T_max) "
+                             f"or None (cosine over all steps, per iteration), got {t_max!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -61,7 +69,8 @@ class TrainConfig:
 
 @dataclass
 class TrainHistory:
-    """One dict per epoch: epoch, loss, train_acc, lr, seconds, plus whatever ``eval_fn`` returned."""
+    """One dict per epoch: epoch, loss, train_acc, lr (after the epoch's scheduler steps), epoch_lr (the lr of
+    the epoch's first step), seconds, plus whatever ``eval_fn`` returned."""
 
     epochs: list[dict] = field(default_factory=list)
 
@@ -122,7 +131,9 @@ def train_classifier(
     pre = Preprocess(spec, train=config.augment, device=device, generator=gen)
     opt = _sgd(list(model.parameters()), config, fused=not on_cpu)
     steps_per_epoch = math.ceil(images.shape[0] / config.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
+    per_epoch = config.epoch_cosine_t_max is not None
+    t_max = config.epoch_cosine_t_max if per_epoch else config.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
     use_scaler = config.amp and not config.bf16 and device.type != "cpu"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     history = TrainHistory()
@@ -135,6 +146,7 @@ def train_classifier(
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
+        epoch_lr = opt.param_groups[0]["lr"]
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
@@ -147,18 +159,22 @@ def train_classifier(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            sched.step()
+            if not per_epoch:
+                sched.step()
             total_loss += loss.detach().double() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(idx)
             if show and step % 20 == 0:  # reading the sums waits for the device: only for a visible bar
                 bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
         epoch_loss, epoch_correct = float(total_loss), int(correct)  # waits for the epoch's last step
+        if per_epoch:  # after the epoch's updates, as BackdoorBench's trainers step it
+            sched.step()
         record = {
             "epoch": epoch,
             "loss": epoch_loss / seen,
             "train_acc": epoch_correct / seen,
             "lr": opt.param_groups[0]["lr"],
+            "epoch_lr": epoch_lr,
             "seconds": time.perf_counter() - start,
         }
         if eval_fn is not None:

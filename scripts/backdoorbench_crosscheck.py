@@ -336,6 +336,8 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
     add("otbr", "plug-in", "./defense/otbr.py", [*ours, "--yaml_path", "./config/defense/otbr/gtsrb.yaml"], 0, "otbr")
     fp_bb = [*bb, "--yaml_path", "./config/defense/fp/gtsrb.yaml", "--epochs", str(s.fp_epochs),
              "--once_prune_ratio", str(s.fp_once_prune_ratio), "--ratio", str(s.fp_ratio)]
+    # the drop-in's FP variants named before cos_t_max existed anneal per iteration over all steps: cos_t_max 0
+    fp_bb_steps = [*fp_bb, *FP_STEP_SCHEDULE]
     fp_ours = [*ours, "--yaml_path", "./config/defense/otbr_fp/gtsrb.yaml", "--epochs", str(s.fp_epochs),
                "--ratio", str(s.fp_ratio)]
     lr_bb = [] if s.anp_lr is None else ["--lr", str(s.anp_lr)]
@@ -363,10 +365,14 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
         if i < s.plugin_seeds:
             if s.paired_subsets:  # BackdoorBench's own clean subset at the same seed
                 paired = [*oracle, "--subset_sampling", "backdoorbench_stream"]
-                add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *paired], seed, "otbr_fp_oracle", PAIRED_SETTING)
+                add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb_steps, *paired], seed, "otbr_fp_oracle",
+                    PAIRED_SETTING)
+                # and BackdoorBench's fine-tuning schedule as its YAML gives it (per epoch, T_max 100)
+                add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *paired], seed, "otbr_fp_oracle",
+                    PAIRED_BB_SCHEDULE)
                 add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired], seed, "otbr_anp_oracle",
                     PAIRED_SETTING)
-            add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
+            add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb_steps, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
     return runs
 
@@ -374,6 +380,10 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
 # --paired-subsets: BackdoorBench's setting drawing BackdoorBench's own clean subset (seeds paired across sides)
 PAIRED_SETTING = "setting=backdoorbench,oracle,subset_sampling=backdoorbench_stream"
 BB_SETTING = "setting=backdoorbench,oracle"
+# FP runs of the variants above fine-tune with the drop-in's own schedule (cosine over all steps, per iteration);
+# this one with BackdoorBench's (its YAML: no cos_t_max, so T_max 100, stepped once per epoch)
+PAIRED_BB_SCHEDULE = PAIRED_SETTING + ",cos_t_max=100"
+FP_STEP_SCHEDULE = ["--cos_t_max", "0"]
 BUDGETED = ("fp", "anp")  # defenses whose CPU-sized budget is part of a run's name
 
 
@@ -684,7 +694,7 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for name in ("fp", "anp"):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, PAIRED_SETTING, ""):
+                for variant in (BB_SETTING, PAIRED_SETTING, PAIRED_BB_SCHEDULE, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:
                         continue
@@ -704,7 +714,9 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                   "BackdoorBench's own runs over its seeds (the issue's tolerance); time ratio = plug-in seconds / "
                   "BackdoorBench's mean seconds. `setting=backdoorbench,oracle` = the drop-in run with "
                   "BackdoorBench's YAML and flags, `--setting backdoorbench --oracle true` (its test-set selection, "
-                  "labelled oracle); `default` = the plug-in's own setting (no test data).",
+                  "labelled oracle); `default` = the plug-in's own setting (no test data). FP in those settings "
+                  "fine-tunes with the plug-in's cosine over all steps, per iteration (`--cos_t_max 0`), except "
+                  "`...,cos_t_max=100`: BackdoorBench's schedule (T_max 100 epochs, stepped per epoch).",
                   "The plug-in's value is its mean over its seeds (range beside it). BackdoorBench `as shipped` = its "
                   "fp.py/anp.py with its YAML; `cos_t_max=epochs` = its fp.py with a YAML copy that sets "
                   "cos_t_max to the fine-tuning epochs (the drop-in's cosine schedule; BackdoorBench's own is "
@@ -913,7 +925,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run (and tabulate) only this side's defense runs")
     p.add_argument("--paired-subsets", action="store_true",
                    help="also run the drop-ins' FP/ANP in BackdoorBench's setting with --subset_sampling "
-                        "backdoorbench_stream (BackdoorBench's own clean subset at the same seed; own folders)")
+                        "backdoorbench_stream (BackdoorBench's own clean subset at the same seed; own folders); "
+                        "FP both with the drop-in's schedule and with BackdoorBench's (cos_t_max 100, per epoch)")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 

@@ -869,3 +869,22 @@ def test_dropin_draws_backdoorbenchs_subset_and_takes_index(bb, monkeypatch, tmp
     assert kw["indices"] == [n - 1, 0, 5, 2] and torch.equal(sub.images, train.images[[n - 1, 0, 5, 2]])
     record = json.loads((bb["record"] / "defense" / "otbr_anp" / "record.json").read_text())
     assert record["data"]["clean_indices"] == [n - 1, 0, 5, 2]
+
+
+def test_dropin_fp_takes_backdoorbench_cos_t_max(tmp_path):
+    keys = {"acc_ratio": 0.1, "ratio": 0.05, "once_prune_ratio": 0.01}
+    face = BackdoorBenchDefense("fp", save_name="otbr_fp")
+    face.configure(_face_args(face, ["--yaml_path", str(_bb_yaml(tmp_path, "fp", **keys)), "--setting", "backdoorbench"]))
+    assert face.defense_obj.config.cos_t_max == 100  # BackdoorBench's YAML has none: its factory's T_max 100
+    assert "cos_t_max" in "\n".join(face.bb_report())  # the lr_scheduler note names the option
+    face = BackdoorBenchDefense("fp", save_name="otbr_fp")
+    face.configure(_face_args(face, ["--yaml_path", str(_bb_yaml(tmp_path, "fp", cos_t_max=2, **keys)),
+                                     "--setting", "backdoorbench"]))
+    assert face.defense_obj.config.cos_t_max == 2  # BackdoorBench's YAML key
+    face = BackdoorBenchDefense("fp", save_name="otbr_fp")
+    face.configure(_face_args(face, ["--yaml_path", str(_bb_yaml(tmp_path, "fp", cos_t_max=2, **keys)),
+                                     "--setting", "backdoorbench", "--cos_t_max", "0"]))
+    assert face.defense_obj.config.cos_t_max == 0  # the command line wins; 0: ours, per iteration
+    face = BackdoorBenchDefense("fp", save_name="otbr_fp")
+    with pytest.raises(ValueError, match="cos_t_max must be an integer >= 1"):
+        face.configure(_face_args(face, ["--yaml_path", str(_bb_yaml(tmp_path, "fp", cos_t_max=-2, **keys))]))

@@ -166,8 +166,18 @@ def test_paired_subsets_are_other_runs_of_the_dropins(tmp_path):
         twin = next(u for u in unpaired if (u.name, u.seed) == (r.name, r.seed))
         assert r.args[:-2] == [*twin.args[:-2], "--subset_sampling", "backdoorbench_stream"]
         assert r.args[-2:] == twin.args[-2:] == ["--random_seed", str(r.seed)] and r.kept != twin.kept
+    # FP with BackdoorBench's schedule: the same run without the drop-in's cos_t_max 0, in folders of its own
+    bb_sched = [r for r in runs if r.variant == mod.PAIRED_BB_SCHEDULE]
+    assert sorted((r.name, r.seed) for r in bb_sched) == [("fp", 0), ("fp", 1)]
+    for r in bb_sched:
+        twin = next(p for p in paired if (p.name, p.seed) == (r.name, r.seed))
+        i = twin.args.index("--cos_t_max")
+        assert twin.args[i:i + 2] == ["--cos_t_max", "0"] and "--cos_t_max" not in r.args
+        assert r.args == twin.args[:i] + twin.args[i + 2:]
+        assert r.kept not in {x.kept for x in runs if x is not r} and "cos_t_max-100" in r.kept
+    assert all(r.args[r.args.index("--cos_t_max") + 1] == "0" for r in unpaired if r.name == "fp")
     s.paired_subsets = False
-    assert not [r for r in mod.defense_runs(s, "badnet") if r.variant == mod.PAIRED_SETTING]
+    assert not [r for r in mod.defense_runs(s, "badnet") if r.variant in (mod.PAIRED_SETTING, mod.PAIRED_BB_SCHEDULE)]
     env = mod.run_env(s, paired[0])  # the drop-ins import this checkout's otbr-plugin
     assert env["PYTHONPATH"] == str(mod.REPO)
 

@@ -622,3 +622,27 @@ def test_anp_backdoorbench_mask_lr_moves_masks_less():
                                           ctx, cfg)
         moved[lr] = float((1 - torch.cat(list(masks.values()))).sum())
     assert 0 < moved[0.01] < moved[0.2]
+
+
+def test_fp_cos_t_max_follows_the_setting_and_reaches_the_trainer(monkeypatch):
+    assert create_defense("fp").config.cos_t_max == 0  # ours: cosine over all fine-tuning steps
+    assert create_defense("fp", setting="backdoorbench").config.cos_t_max == 100  # BackdoorBench's T_max
+    assert create_defense("fp", setting="backdoorbench", cos_t_max=0).config.cos_t_max == 0
+    with pytest.raises(ValueError, match="cos_t_max must be an integer >= 1"):
+        create_defense("fp", cos_t_max=-1)
+    for bad in (2.5, "100"):
+        with pytest.raises(ValueError, match="cos_t_max"):
+            create_defense("fp", cos_t_max=bad)
+    seen = []
+    real = fp_mod.train_classifier
+
+    def spy(model, images, labels, spec, config, *args, **kwargs):
+        seen.append(config.epoch_cosine_t_max)
+        return real(model, images, labels, spec, config, *args, **kwargs)
+
+    monkeypatch.setattr(fp_mod, "train_classifier", spy)
+    for t_max, expected in ((0, None), (7, 7)):
+        fp = create_defense("fp", epochs=1, batch_size=32, cos_t_max=t_max)
+        out = fp.mitigate(tiny_cnn(), context_for(fp, clean_subset()))
+        assert seen[-1] == expected
+        assert [e["epoch_lr"] for e in out.diagnostics["finetune"]] == [0.01]  # epoch 0: the full lr either way

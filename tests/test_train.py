@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -141,3 +143,56 @@ def test_training_reads_the_device_once_per_epoch(monkeypatch):
     train_classifier(model, x, y, spec, TrainConfig(epochs=2, batch_size=8, progress=False), device=torch.device("cpu"))
     monkeypatch.undo()
     assert len(reads) <= 2 * 2, reads  # 8 steps per epoch: the old loop read 2 per step
+
+
+def _step_lrs(monkeypatch, config, n=24):
+    """Train a tiny model and record the lr of every optimizer step (what each update really used)."""
+    lrs: list[float] = []
+    real_step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    x, y = separable_problem(n)
+    hist = train_classifier(create_model("smallcnn", 10, 1, 28, 0.25), x, y, get_dataset_spec("fashion_mnist"), config)
+    return lrs, hist
+
+
+@pytest.mark.parametrize("epochs,t_max", [(5, 3), (4, 100), (3, 1), (2, 2)])
+def test_epoch_cosine_lr_per_epoch_is_backdoorbench_stepped_cosine(monkeypatch, epochs, t_max):
+    lr, spe = 0.05, 3  # 24 images, batch 8: three steps per epoch
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=lr, progress=False, device="cpu", epoch_cosine_t_max=t_max)
+    lrs, hist = _step_lrs(monkeypatch, cfg)
+    assert len(lrs) == epochs * spe
+    per_epoch = [lrs[e * spe:(e + 1) * spe] for e in range(epochs)]
+    assert all(len(set(chunk)) == 1 for chunk in per_epoch)  # constant within an epoch
+    used = [chunk[0] for chunk in per_epoch]
+    closed = [lr * (1 + math.cos(math.pi * e / t_max)) / 2 for e in range(epochs)]
+    # torch's own scheduler stepped once per epoch, on a separate optimizer (an independent derivation)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
+    reference = []
+    for _ in range(epochs):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert used == pytest.approx(closed, abs=1e-12) and used == pytest.approx(reference, abs=1e-12)
+    assert [e["epoch_lr"] for e in hist.epochs] == pytest.approx(closed, abs=1e-12)
+    if t_max == 100:
+        assert min(used) > 0.99 * lr  # BackdoorBench's FP at few epochs barely anneals
+
+
+def test_default_schedule_is_cosine_over_all_steps_per_iteration(monkeypatch):
+    lr, epochs, spe = 0.05, 3, 3
+    lrs, hist = _step_lrs(monkeypatch, TrainConfig(epochs=epochs, batch_size=8, lr=lr, progress=False, device="cpu"))
+    total = epochs * spe
+    assert lrs == pytest.approx([lr * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)], abs=1e-12)
+    assert hist.epochs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "100"])
+def test_epoch_cosine_t_max_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="epoch_cosine_t_max must be an integer >= 1"):
+        TrainConfig(epoch_cosine_t_max=bad)

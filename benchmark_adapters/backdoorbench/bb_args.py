@@ -179,8 +179,15 @@ def translate_bb(defense: str, raw: dict[str, Any], other_layer: dict[str, Any] 
                 raise ValueError(f"BackdoorBench's lr_scheduler={value!r} is not supported: otbr_{defense} fine-tunes with a "
                                  "cosine schedule (lr_scheduler: CosineAnnealingLR)")
             out.ignored.append(key)
-            out.notes.append("lr_scheduler CosineAnnealingLR: ours anneals over all fine-tuning steps, BackdoorBench's "
-                             "per epoch with T_max=100 (the same curve at 100 epochs)")
+            if defense == "fp":  # FPConfig.cos_t_max is BackdoorBench's key: its YAML / --cos_t_max set it directly
+                out.notes.append("lr_scheduler CosineAnnealingLR: cos_t_max (an int >= 1) = BackdoorBench's schedule, "
+                                 "stepped once per epoch with T_max = cos_t_max (setting backdoorbench: 100, the "
+                                 "value BackdoorBench uses when its YAML has no cos_t_max); cos_t_max 0 = ours, "
+                                 "annealed per iteration over all fine-tuning steps (the default setting's)")
+            else:
+                out.notes.append("lr_scheduler CosineAnnealingLR: ours anneals per iteration over all fine-tuning "
+                                 "steps, BackdoorBench's once per epoch with T_max = cos_t_max (100 unless its YAML "
+                                 "sets it): the curves agree only at 100 epochs")
         elif key == "nb_iter":
             every_raw = raw.get("print_every", (other_layer or {}).get("print_every", 500))
             every = _num("print_every", every_raw, int)

@@ -52,11 +52,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default": {"stop_rule": "sequential", "prune_step_ratio": 0.0, "step_off_by_one": False,
                 "rank_augment": False, "finetune_data": "fit", "subset_sampling": "stratified",
                 "max_prune_ratio": 0.95, "last_net_alias": False, "save_reparametrisation": False,
-                "epochs": 10, "batch_size": 128},
+                "epochs": 10, "batch_size": 128, "cos_t_max": 0},
     "backdoorbench": {"stop_rule": "backdoorbench", "prune_step_ratio": 0.01, "step_off_by_one": True,
                       "rank_augment": True, "finetune_data": "all", "subset_sampling": "uniform",
                       "max_prune_ratio": 1.0, "last_net_alias": True, "save_reparametrisation": True,
-                      "epochs": 100, "batch_size": 256},
+                      "epochs": 100, "batch_size": 256, "cos_t_max": 100},
 }
 SETTING_OPTIONS = tuple(SETTINGS["default"])
 
@@ -69,7 +69,11 @@ class FPConfig(FollowsSetting, DefenseConfig):
     the clean defense subset held out for the stopping rule; ``prune_ratio``: fixed share of channels to
     prune instead of the stopping rule (None: use the rule); ``max_prune_ratio``: never prune more than
     this share (1.0: no cap). Fine-tuning: ``epochs``, ``lr``, ``batch_size``, ``momentum``, ``weight_decay``,
-    ``augment`` (random crop / flip as in training); ``epochs=0`` gives pruning only. ``batch_size_eval`` for
+    ``augment`` (random crop / flip as in training); ``epochs=0`` gives pruning only. ``cos_t_max``: the
+    fine-tuning lr schedule: 0 = cosine over all fine-tuning steps, stepped per iteration (this project's; the
+    default setting's); an integer >= 1 = BackdoorBench's ``CosineAnnealingLR(T_max=cos_t_max)`` stepped once
+    per epoch, epoch ``e`` (0-based) at ``lr * (1 + cos(pi * e / cos_t_max)) / 2`` (the backdoorbench setting's:
+    100, the value its scheduler factory uses when its YAML has no ``cos_t_max``). ``batch_size_eval`` for
     activation passes.
 
     ``setting``: "default" (this project's FP) or "backdoorbench" (BackdoorBench's fp.py; see the module
@@ -101,6 +105,7 @@ class FPConfig(FollowsSetting, DefenseConfig):
     save_reparametrisation: bool | None = None
     epochs: int | None = None
     batch_size: int | None = None
+    cos_t_max: int | None = None
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:
@@ -129,6 +134,9 @@ class FPConfig(FollowsSetting, DefenseConfig):
             raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.cos_t_max, int) or isinstance(self.cos_t_max, bool) or self.cos_t_max < 0:
+            raise ValueError(f"cos_t_max must be an integer >= 1 (BackdoorBench's per-epoch cosine T_max) or 0 (cosine "
+                             f"over all fine-tuning steps, per iteration), got {self.cos_t_max!r}")
         for name in ("batch_size", "batch_size_eval"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -380,7 +388,8 @@ class FP(Defense):
                     spec = context_spec(context)
                     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay, seed=context.seed, device=str(context.device),
-                                     augment=cfg.augment, progress=context.progress)
+                                     augment=cfg.augment, progress=context.progress,
+                                     epoch_cosine_t_max=cfg.cos_t_max or None)
                     history = train_classifier(defended, tune.images, tune.labels, spec, tc, device=context.device,
                                                progress=context.progress).epochs
         finally:
