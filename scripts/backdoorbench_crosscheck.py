@@ -19,7 +19,10 @@ Steps, each resumable (an output that exists is not made again):
    gtsrb's 43 outputs, 10-42 never seen.
 3. Attacks: ``attack/<attack>.py`` with BackdoorBench's gtsrb prototype YAML and its attack YAML, on CPU.
 4. Defenses: BackdoorBench's defense/<d>.py and the drop-ins defense/otbr*.py, each run from BB_ROOT; each
-   run's output folder ``record/<r>/defense/<d>/`` is moved to ``record/<r>/defense/<d>__s<seed>/``.
+   run's output folder ``record/<r>/defense/<d>/`` is moved to ``record/<r>/defense/crosscheck/<d>[...]__s<seed>/``.
+   CLP, FP, ANP, OTBR as listed in ``defense_runs``; FT, NAD, EP (``--defenses ft nad ep``): BackdoorBench's
+   script and the drop-in on the same command line (``tuning_args``). The drop-ins import this checkout's
+   otbr-plugin (``run_env``).
 5. One table (markdown + CSV): defense x {BackdoorBench, plug-in} x ACC/ASR/RA/DER/seconds, with versions,
    machine and load; for CLP also the max |dw| between BackdoorBench's pruned weights and the plug-in's.
 """
@@ -704,6 +707,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                "pruned": pruned, "min_mask": min_mask,
                "budget": budget_tag(s, run.name) if run.name in BUDGETED else "",
                "seconds": infos[run.label]["seconds"], "threads": s.threads,
+               "otbr_plugin": (infos[run.label].get("otbr_plugin") or "not recorded (the otbr-plugin installed in "
+                               "BackdoorBench's environment)") if run.impl == "plug-in" else "",
                "loadavg_start_1min": infos[run.label]["loadavg_start"][0]}
         rows.append(row)
         by_key.setdefault((run.record, run.name, run.impl, run.variant), []).append(row)
