@@ -280,20 +280,26 @@ def attack_run(s: Settings, attack: str) -> Run:
     return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
 
 
+def bb_yaml_copy(s: Settings, defense: str, changes: dict, file_name: str, what: str) -> Path:
+    """BackdoorBench's config/defense/<defense>/gtsrb.yaml with ``changes``, written to WORK/yaml/<file_name>
+    with a first line naming its source and ``what`` changed."""
+    import yaml
+
+    from otbr_plugin.io import write_text
+
+    src = s.bb_root / "config" / "defense" / defense / "gtsrb.yaml"
+    values = yaml.safe_load(src.read_text())
+    values.update(changes)
+    path = s.work / "yaml" / file_name
+    write_text(path, f"# {src} with {what} (otbr-plugin crosscheck)\n" + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
 def clp_yaml(s: Settings) -> Path:
     """BackdoorBench's clp/gtsrb.yaml with the u sweep narrowed to the one u that is compared (its ``--u_num``
     flag is parsed as float, which its own np.linspace refuses, so the sweep can only be narrowed by YAML)."""
-    import yaml
-
-    src = s.bb_root / "config" / "defense" / "clp" / "gtsrb.yaml"
-    values = yaml.safe_load(src.read_text())
-    values.update({"u": s.clp_u, "u_min": s.clp_u, "u_max": s.clp_u, "u_num": 1})
-    path = s.work / "yaml" / f"clp_gtsrb_u{s.clp_u:g}.yaml"
-    from otbr_plugin.io import write_text
-
-    write_text(path, f"# {src} with u_min = u_max = u, u_num 1 (otbr-plugin crosscheck)\n"
-                     + yaml.safe_dump(values, sort_keys=False))
-    return path
+    return bb_yaml_copy(s, "clp", {"u": s.clp_u, "u_min": s.clp_u, "u_max": s.clp_u, "u_num": 1},
+                        f"clp_gtsrb_u{s.clp_u:g}.yaml", "u_min = u_max = u, u_num 1")
 
 
 def fp_tmax_yaml(s: Settings) -> Path:
@@ -301,34 +307,16 @@ def fp_tmax_yaml(s: Settings) -> Path:
     ``cos_t_max`` (else T_max = 100, stepped per epoch), so with fewer than 100 epochs BackdoorBench's FP barely
     anneals, while the drop-in anneals over all its fine-tuning steps; with this YAML both follow the same curve
     (one step per epoch when the clean subset is smaller than the batch)."""
-    import yaml
-
-    from otbr_plugin.io import write_text
-
-    src = s.bb_root / "config" / "defense" / "fp" / "gtsrb.yaml"
-    values = yaml.safe_load(src.read_text())
-    values["cos_t_max"] = s.fp_epochs
-    path = s.work / "yaml" / f"fp_gtsrb_tmax{s.fp_epochs}.yaml"
-    write_text(path, f"# {src} with cos_t_max = {s.fp_epochs} (otbr-plugin crosscheck)\n"
-                     + yaml.safe_dump(values, sort_keys=False))
-    return path
+    return bb_yaml_copy(s, "fp", {"cos_t_max": s.fp_epochs}, f"fp_gtsrb_tmax{s.fp_epochs}.yaml",
+                        f"cos_t_max = {s.fp_epochs}")
 
 
 def ep_yaml(s: Settings) -> Path:
     """BackdoorBench's ep/gtsrb.yaml with its u sweep narrowed to the one u that is compared (as ``clp_yaml``: its
     ``--u_num`` flag is parsed as float, which its own np.linspace refuses); each u of the sweep is one more
     test-set evaluation, and only ``u`` makes the saved model."""
-    import yaml
-
-    from otbr_plugin.io import write_text
-
-    src = s.bb_root / "config" / "defense" / "ep" / "gtsrb.yaml"
-    values = yaml.safe_load(src.read_text())
-    values.update({"u": s.ep_u, "u_min": s.ep_u, "u_max": s.ep_u, "u_num": 1})
-    path = s.work / "yaml" / f"ep_gtsrb_u{s.ep_u:g}.yaml"
-    write_text(path, f"# {src} with u_min = u_max = u, u_num 1 (otbr-plugin crosscheck)\n"
-                     + yaml.safe_dump(values, sort_keys=False))
-    return path
+    return bb_yaml_copy(s, "ep", {"u": s.ep_u, "u_min": s.ep_u, "u_max": s.ep_u, "u_num": 1},
+                        f"ep_gtsrb_u{s.ep_u:g}.yaml", "u_min = u_max = u, u_num 1")
 
 
 def tuning_args(s: Settings, name: str) -> list[str]:
