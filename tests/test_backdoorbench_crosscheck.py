@@ -275,6 +275,32 @@ def test_ep_channels_are_compared_by_the_weights():
         [(0, 0, 3, 1, 1), (1, 0, 0, 1, 0)]
 
 
+def test_compat_lets_backdoorbench_import_its_dde_models(tmp_path):
+    """BackdoorBench f02e353's dde_model package imports ``defense.dde``, which its tree lacks (ep.py fails at
+    import); the compat folder's stand-in resolves it to the package itself. Checked on a tree of that shape."""
+    import subprocess
+
+    mod = _load_script()
+    pkg = tmp_path / "utils" / "defense_utils" / "dde" / "dde_model"
+    pkg.mkdir(parents=True)
+    for d in (tmp_path / "utils", tmp_path / "utils" / "defense_utils", tmp_path / "utils" / "defense_utils" / "dde"):
+        (d / "__init__.py").write_text("")
+    (tmp_path / "defense").mkdir()
+    (tmp_path / "defense" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from .layers import *\nfrom .conv import *\n")
+    (pkg / "layers.py").write_text("class LayerNorm_DDE:\n    pass\n")
+    (pkg / "conv.py").write_text("from defense.dde import dde_model\n\ndef norm():\n    return dde_model.LayerNorm_DDE\n")
+    code = ("import sys; sys.path.insert(0, '.'); import numpy as np; "
+            "import utils.defense_utils.dde.dde_model as m; assert m.norm() is m.LayerNorm_DDE; "
+            "assert np.infty == np.inf; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    plain = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "No module named 'defense.dde'" in plain.stderr  # the failure the stand-in is for
+    env["PYTHONPATH"] = str(mod.COMPAT_DIR)
+    fixed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert fixed.returncode == 0 and fixed.stdout.strip() == "ok", fixed.stderr
+
+
 BB_ROOT = os.environ.get("BACKDOORBENCH_ROOT")
 BB_PYTHON = os.environ.get("BACKDOORBENCH_PYTHON", sys.executable)
 
