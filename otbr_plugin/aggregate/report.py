@@ -2,7 +2,8 @@
 
 ``write_report(folder, out)`` reads the run records under ``folder`` (plus, where present, the labelled oracle
 sweeps ``oracle_sweep_*.csv`` and the ``otbr-bench diagnose`` outputs ``diagnose*/**/summary.md`` + ``*.png``) and
-writes one HTML page: the comparison table (mean ± std over seeds, best per attack and metric marked), ACC-vs-ASR
+writes one HTML page: the comparison table (mean ± std over seeds, best per attack and metric marked), the
+per-defense summary (mean ACC drop / DER, ranks, seconds per cell; :mod:`.summary`), ACC-vs-ASR
 scatter per defense, grouped ACC/ASR/RA bars per attack, the OTBR diagnostics, the oracle sweeps in their own
 clearly labelled section, and provenance (versions, configs, checkpoint hashes, device, seconds per cell).
 Images are PNGs drawn with matplotlib's Agg backend and embedded as base64, the CSS is inline: the page needs no
@@ -31,6 +32,7 @@ from .records import RunRecord
 from ..io import is_inside, plain_text_plots, read_regular
 from ..io import write_text as write_text_atomic
 from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED
+from .summary import defense_summary, format_summary
 from .tables import (DEFAULT_ACC_DROP, HIGHER_IS_BETTER, METRICS, best_mask, bound_note, comparison_table,
                      eligible_mask, format_cell, grid_order, interval_table, load_records, ordered)
 
@@ -211,6 +213,16 @@ def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS, *
                  if has_ci else "No interval: these records keep no per-sample outcomes (written before record "
                  "schema 2).")
     return "".join(tables) + "".join(f"<p class=note>{_e(n)}</p>" for n in notes)
+
+
+def summary_html(records: Sequence[RunRecord], *, acc_drop: float | None = DEFAULT_ACC_DROP,
+                 n_boot: int = DEFAULT_BOOT, boot_seed: int = DEFAULT_BOOT_SEED) -> str:
+    """The per-defense summary (``otbr-bench table --by-defense``; :mod:`otbr_plugin.aggregate.summary`): one row per
+    defense with its mean ACC drop / ASR / RA / DER, ranks among all and data-free defenses and seconds per cell; the
+    mean DER's bootstrap interval where every record of it keeps per-sample outcomes."""
+    ci = any(r.per_sample is not None for r in records)
+    summary = defense_summary(records, acc_drop, ci, n_boot, boot_seed)
+    return '<div class="scroll">' + format_summary(summary, "html", ci) + "</div>"
 
 
 def differences_html(records: Sequence[RunRecord], metrics: Sequence[str] = ("der", "acc", "asr"), *,
@@ -681,6 +693,8 @@ def records_sections(records: Sequence[RunRecord], folder: Path | None = None,
         sections.append(Section(f"table{'-' + sid if sid else ''}", "Comparison table" + suffix,
                                 info + table_html(recs, acc_drop=acc_drop, n_boot=n_boot, boot_seed=boot_seed)
                                 + _findings(recs, acc_drop)))
+        sections.append(Section(f"summary{'-' + sid if sid else ''}", "Per-defense summary" + suffix,
+                                summary_html(recs, acc_drop=acc_drop, n_boot=n_boot, boot_seed=boot_seed)))
         diffs = differences_html(recs, n_boot=n_boot, boot_seed=boot_seed)
         if diffs:
             sections.append(Section(f"differences{'-' + sid if sid else ''}", "Which differences are real" + suffix,

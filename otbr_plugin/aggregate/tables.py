@@ -22,8 +22,8 @@ from ..io import plain_text_plots, read_regular, save_figure
 from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, percentile_interval, record_replicates
 from .records import RunRecord, read_record, read_record_json
 
-__all__ = ["load_records", "unreadable_line", "latex_escape", "csv_safe", "records_frame", "comparison_table",
-           "interval_table", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
+__all__ = ["load_records", "unreadable_line", "check_one_dataset_model", "latex_escape", "csv_safe", "records_frame",
+           "comparison_table", "interval_table", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
@@ -89,6 +89,17 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", *METRICS])
 
 
+def check_one_dataset_model(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """:func:`records_frame` of ``records``; ValueError when it is empty or mixes datasets or models (a table is of
+    one dataset x model)."""
+    df = records_frame(records)
+    if df.empty:
+        raise ValueError("no successful run records to tabulate")
+    if df[["dataset", "model"]].drop_duplicates().shape[0] > 1:
+        raise ValueError("records mix datasets or models; tabulate one dataset x model at a time")
+    return df
+
+
 def grid_order(records: Iterable[RunRecord], kind: str) -> list[str]:
     """The order of the grid's ``kind`` ("attacks" or "defenses") as the records carry it, then, for defenses,
     :data:`DEFENSE_ORDER`. Records from several grids (or runs of parts of one): the longest order first, each other
@@ -118,11 +129,7 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
     is taken over a different set of attacks than another's.
     """
     records = list(records)
-    df = records_frame(records)
-    if df.empty:
-        raise ValueError("no successful run records to tabulate")
-    if df[["dataset", "model"]].drop_duplicates().shape[0] > 1:
-        raise ValueError("records mix datasets or models; tabulate one dataset x model at a time")
+    df = check_one_dataset_model(records)
     grouped = df.groupby(["attack", "defense"])[list(metrics)]
     mean = grouped.mean().mul(100).unstack("defense")
     std = grouped.std(ddof=1).mul(100).unstack("defense")

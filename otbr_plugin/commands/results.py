@@ -23,6 +23,8 @@ TABLE_EPILOG = """examples:
   otbr-bench table results/fashion_mnist --plot results/fashion_mnist/acc_vs_asr.png
   otbr-bench table runs/ci --ci            (95% bootstrap intervals from the records' per-sample outcomes)
   otbr-bench table runs/ci --ci --boot 2000 --boot-seed 1 --acc-drop 5
+  otbr-bench table results/fashion_mnist --by-defense [--ci]   (one row per defense, ranks; rules in
+                                                              docs/statistics.md)
 
 --ci resamples test images (no model is run): see otbr_plugin/aggregate/bootstrap.py for the procedure. Records
 written before schema 2 have no per-sample outcomes; their cells are shown without an interval. Best marks (bold)
@@ -69,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="md", choices=["md", "csv", "latex", "html"])
     p.add_argument("--out", default=None, help="write the table here instead of printing it")
     p.add_argument("--plot", default=None, help="also write the ACC-vs-ASR plot (PNG) here")
+    p.add_argument("--by-defense", action="store_true",
+                   help="one row per defense instead: data used, attacks covered, mean ACC drop / ASR / RA / DER, rank "
+                        "by mean DER among all and among data-free defenses, median and total seconds per cell")
     add_bootstrap_arguments(p)
     p.set_defaults(func=_table)
 
@@ -185,6 +190,8 @@ def _emit(text: str, out: str | None) -> None:
 
 def _table(args: argparse.Namespace) -> int:
     records = _records(args.records)
+    if args.by_defense:
+        return _by_defense(args, records)
     mean, std = comparison_table(records)
     lo, hi = interval_table(records, mean, args.boot, args.boot_seed) if args.ci else (None, None)
     _emit(format_table(mean, std, args.format, lo, hi, args.acc_drop), args.out)
@@ -192,15 +199,34 @@ def _table(args: argparse.Namespace) -> int:
         print("note: no record here keeps per-sample outcomes (written before record schema 2): no intervals",
               file=sys.stderr)
     # notes go to stderr: stdout holds the table alone (an --format html/csv/latex table piped to a file stays valid)
-    failed = [r for r in records if r.status != "ok"]
-    if failed:
-        print(f"note: {len(failed)} failed run(s) are not in the table: "
-              + ", ".join(f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in failed), file=sys.stderr)
+    _failed_note(records)
     if args.plot:
         print(f"wrote {plot_acc_vs_asr(records, args.plot)}", file=sys.stderr)
     oracle = oracle_table(args.records)
     if oracle:  # Markdown: after a Markdown table on stdout, else on stderr
         print("\n" + oracle, end="", file=sys.stdout if args.format == "md" and not args.out else sys.stderr)
+    return 0
+
+
+def _failed_note(records: list) -> None:
+    failed = [r for r in records if r.status != "ok"]
+    if failed:
+        print(f"note: {len(failed)} failed run(s) are not in the table: "
+              + ", ".join(f"{r.attack_name}/{r.defense}/seed{r.seed}" for r in failed), file=sys.stderr)
+
+
+def _by_defense(args: argparse.Namespace, records: list) -> int:
+    """``table --by-defense``: the per-defense summary (notes under a Markdown or HTML table, else on stderr)."""
+    from ..aggregate.summary import defense_summary, format_summary, summary_notes
+
+    summary = defense_summary(records, args.acc_drop, args.ci, args.boot, args.boot_seed)
+    _emit(format_summary(summary, args.format, args.ci), args.out)
+    if args.format in ("csv", "latex"):
+        for note in summary_notes(summary, args.ci):
+            print(f"note: {note}", file=sys.stderr)
+    _failed_note(records)
+    if args.plot:
+        print(f"wrote {plot_acc_vs_asr(records, args.plot)}", file=sys.stderr)
     return 0
 
 
