@@ -210,6 +210,7 @@ class Settings:
     clean_ratio: float = 0.05  # FT's and NAD's clean subset, --ratio (BackdoorBench: 0.05)
     ep_u: float = 3.0  # EP's u (BackdoorBench: 3, plus a test-set u sweep 0-10 that the YAML copy narrows to u)
     ep_batch: int = 256  # EP's batch: BackdoorBench's ep.py reads ONE batch of the poisoned training set
+    nad_bb_layers: bool = False  # also the drop-in's NAD on BackdoorBench's attention layers (NAD_BB_LAYERS)
 
 
 def attack_pratio(spec: str) -> tuple[str, float | None]:
@@ -404,11 +405,18 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
             add(name, "BackdoorBench", f"./defense/{name}.py", args, seed, name)
             if i < s.plugin_seeds:
                 add(name, "plug-in", f"./defense/otbr_{name}.py", args, seed, f"otbr_{name}", BB_FLAGS)
+                if name == "nad" and s.nad_bb_layers:
+                    add(name, "plug-in", "./defense/otbr_nad.py", [*args, "--attention_layers", *NAD_BB_LAYERS],
+                        seed, "otbr_nad", NAD_LAYERS_VARIANT)
     return runs
 
 
 BB_SETTING = "setting=backdoorbench,oracle"
 BB_FLAGS = "flags=backdoorbench"  # the drop-in run on BackdoorBench's own command line (FT, NAD, EP)
+# the modules whose outputs BackdoorBench's nad.py distils in its preactresnet18 (children()[:-3], [:-2], [:-1]:
+# the outputs of layer3, layer4 and avgpool, for beta1, beta2, beta3); the drop-in's default: layer2, layer3, layer4
+NAD_BB_LAYERS = ("layer3", "layer4", "avgpool")
+NAD_LAYERS_VARIANT = BB_FLAGS + ",attention_layers=" + "+".join(NAD_BB_LAYERS)
 BUDGETED = ("fp", "anp", "ft", "nad", "ep")  # defenses whose CPU-sized budget is part of a run's name
 
 
@@ -780,7 +788,7 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for name in ("fp", "anp", *TUNING):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, BB_FLAGS, ""):
+                for variant in (BB_SETTING, BB_FLAGS, NAD_LAYERS_VARIANT, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:
                         continue
@@ -904,7 +912,7 @@ def schedule(s: Settings) -> list[Run]:
             return (9, 0)
         if run.impl == "BackdoorBench":
             return (1, 0) if run.seed == first_seed else (2, run.seed)
-        if run.variant in (BB_SETTING, BB_FLAGS):
+        if run.variant in (BB_SETTING, BB_FLAGS, NAD_LAYERS_VARIANT):
             return (1, 1) if run.seed == first_seed else (2, run.seed)
         return (3, run.seed)
 
@@ -1027,6 +1035,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NAD's --te_epochs, both: BackdoorBench's nad.py trains the teacher AND the student for it "
                         "(BackdoorBench: 10); the drop-in also gets --epochs with the same value (its student)")
     p.add_argument("--nad-batch", type=int, default=256, help="NAD batch size, both (BackdoorBench: 256)")
+    p.add_argument("--nad-bb-layers", action="store_true",
+                   help="also run the drop-in's NAD with --attention_layers " + " ".join(NAD_BB_LAYERS) + ": the layers "
+                        "BackdoorBench's nad.py distils in its preactresnet18 (the drop-in's default: layer2 layer3 "
+                        "layer4)")
     p.add_argument("--clean-ratio", type=float, default=0.05,
                    help="FT's and NAD's clean subset as a share of the training split (--ratio), both (BackdoorBench: "
                         "0.05)")
@@ -1060,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
                  plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, clp_u=a.clp_u, defenses=a.defenses,
                  wait_attacks_min=a.wait_attacks, ft_epochs=a.ft_epochs, ft_batch=a.ft_batch,
                  nad_epochs=a.nad_epochs, nad_batch=a.nad_batch, clean_ratio=a.clean_ratio, ep_u=a.ep_u,
-                 ep_batch=a.ep_batch)
+                 ep_batch=a.ep_batch, nad_bb_layers=a.nad_bb_layers)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
     # force: the drop-ins of the otbr-plugin that runs the crosscheck replace older ones (only defense/otbr*.py

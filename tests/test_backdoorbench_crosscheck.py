@@ -228,6 +228,12 @@ def test_ft_nad_ep_run_both_sides_on_one_command_line(tmp_path):
     assert other.isdisjoint({r.kept for r in runs if r.name == "ft"})  # another budget, other runs
     assert not [r for r in mod.defense_runs(_tuning_settings(mod, tmp_path, defenses=["otbr"]), "blended@pad")
                 if r.name in mod.TUNING]
+    # --nad-bb-layers: the drop-in's NAD once more, on the layers BackdoorBench's nad.py distils
+    layered = [r for r in mod.defense_runs(_tuning_settings(mod, tmp_path, nad_bb_layers=True), "blended@pad")
+               if r.variant == mod.NAD_LAYERS_VARIANT]
+    assert [r.seed for r in layered] == [0] and layered[0].args[-6:-2] == ["--attention_layers", "layer3", "layer4",
+                                                                            "avgpool"]
+    assert layered[0].kept not in {r.kept for r in runs}
     settings = mod.cpu_settings(s)
     assert settings["FT epochs"] == "20 [100]" and settings["NAD te_epochs (teacher and student)"] == "4 [10]"
     assert "FT epochs" not in mod.cpu_settings(_tuning_settings(mod, tmp_path, defenses=["fp"]))
