@@ -201,6 +201,7 @@ class Settings:
     clp_u: float
     defenses: list[str]
     wait_attacks_min: float = 0.0
+    paired_subsets: bool = False  # --paired-subsets
     plugin_seeds: int = 1
     fp_bb_tmax: bool = False
     ft_epochs: int = 100  # FT's fine-tuning epochs (BackdoorBench: 100)
@@ -393,6 +394,11 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
             add("fp", "plug-in", "./defense/otbr_fp.py", fp_ours, seed, "otbr_fp")
             add("anp", "plug-in", "./defense/otbr_anp.py", anp_ours, seed, "otbr_anp")
         if i < s.plugin_seeds:
+            if s.paired_subsets:  # BackdoorBench's own clean subset at the same seed
+                paired = [*oracle, "--subset_sampling", "backdoorbench_stream"]
+                add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *paired], seed, "otbr_fp_oracle", PAIRED_SETTING)
+                add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired], seed, "otbr_anp_oracle",
+                    PAIRED_SETTING)
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
     # FT / NAD / EP: BackdoorBench's script, and the drop-in on the same command line (script name changed), so
@@ -411,6 +417,8 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
     return runs
 
 
+# --paired-subsets: BackdoorBench's setting drawing BackdoorBench's own clean subset (seeds paired across sides)
+PAIRED_SETTING = "setting=backdoorbench,oracle,subset_sampling=backdoorbench_stream"
 BB_SETTING = "setting=backdoorbench,oracle"
 BB_FLAGS = "flags=backdoorbench"  # the drop-in run on BackdoorBench's own command line (FT, NAD, EP)
 # the modules whose outputs BackdoorBench's nad.py distils in its preactresnet18 (children()[:-3], [:-2], [:-1]:
@@ -788,7 +796,7 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for name in ("fp", "anp", *TUNING):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, BB_FLAGS, NAD_LAYERS_VARIANT, ""):
+                for variant in (BB_SETTING, PAIRED_SETTING, BB_FLAGS, NAD_LAYERS_VARIANT, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:
                         continue
@@ -1051,6 +1059,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wait up to MIN minutes for an attack record that another process is still making")
     p.add_argument("--only-impl", choices=("BackdoorBench", "plug-in"), default=None,
                    help="run (and tabulate) only this side's defense runs")
+    p.add_argument("--paired-subsets", action="store_true",
+                   help="also run the drop-ins' FP/ANP in BackdoorBench's setting with --subset_sampling "
+                        "backdoorbench_stream (BackdoorBench's own clean subset at the same seed; own folders)")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 
@@ -1088,6 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.data_seed}), {layout} layout, in BackdoorBench's gtsrb file layout at "
               f"{data_info[layout]['folder']}", flush=True)
 
+    s.paired_subsets = a.paired_subsets
     runs = schedule(s)
     if a.only_impl:  # e.g. more seeds of the drop-ins while BackdoorBench's runs go on in another invocation
         runs = [r for r in runs if r.kind == "attack" or r.impl == a.only_impl]

@@ -34,7 +34,7 @@ from benchmark_adapters.bundle import load_bundle
 from benchmark_adapters.checkpoints import load_checkpoint
 from conftest import write_cifar_batch, write_mnist_like
 from otbr_plugin.cli import main as cli_main
-from otbr_plugin.defenses import Defense, DefenseConfig, DefenseContext, DefenseOutcome, register_defense
+from otbr_plugin.defenses import Defense, DefenseConfig, DefenseContext, DefenseOutcome, get_defense, register_defense
 from benchmark_adapters.backdoorbench.face import BackdoorBenchDefense
 from otbr_plugin.defenses.registry import list_defenses
 from otbr_plugin.models import create_model
@@ -680,7 +680,6 @@ def test_backdoorbench_flags_map_to_our_options_and_cli_wins(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--pruning_number", "0.3"], "pruning_number is not supported"),
-    (["--index", "idx.txt"], "index='idx.txt'.*not supported"),
     (["--anp_eps", "0.3", "--eps", "0.2"], "eps=0.2 and BackdoorBench's anp_eps=0.3"),
 ])
 def test_backdoorbench_keys_we_do_not_implement_are_named(argv, message):
@@ -769,3 +768,132 @@ def test_anp_and_clp_dropins_write_backdoorbench_tables(bb, monkeypatch, tmp_pat
     assert [float(r["u"]) for r in rows] == [0.0, 2.0, 4.0]
     assert {r["diagnostic"] for r in rows} == {"oracle diagnostic (test set)"} and "test_acc" in rows[0]
     assert "pairing=backdoorbench" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ BackdoorBench's own clean subset (paired seeds)
+def _stdlib_draws(n: int, ratio: float, seed: int, draws: int) -> list[list[int]]:
+    """BackdoorBench's fix_random + choose_index, independently: the global stream, seeded, sampled ``draws`` times."""
+    import random
+
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        return [random.sample(range(n), int(n * ratio)) for _ in range(draws)]
+    finally:
+        random.setstate(state)
+
+
+@pytest.mark.parametrize("n, ratio, seed", [(1000, 0.05, 0), (1000, 0.05, 2), (60000, 0.05, 7), (37, 0.5, 3)])
+def test_backdoorbench_stream_is_backdoorbenchs_own_draw(n, ratio, seed):
+    import random
+
+    from otbr_plugin.data.subsets import backdoorbench_stream_indices
+
+    first, second = _stdlib_draws(n, ratio, seed, 2)
+    state = random.getstate()
+    assert backdoorbench_stream_indices(n, ratio, seed) == first
+    assert backdoorbench_stream_indices(n, ratio, seed, draw=2) == second != first
+    assert random.getstate() == state  # the global stream is left alone
+    # FP uses BackdoorBench's fp.py's second draw (it logs and saves the first), ANP anp.py's first
+    assert get_defense("fp").backdoorbench_draw == 2 and get_defense("anp").backdoorbench_draw == 1
+    with pytest.raises(ValueError, match="0 images"):
+        backdoorbench_stream_indices(10, 0.05, seed)
+
+
+def test_clean_subset_backdoorbench_stream_and_given_indices():
+    from types import SimpleNamespace
+
+    from otbr_plugin.data.subsets import clean_defense_subset
+
+    n = 40  # image i holds the value i
+    train = SimpleNamespace(images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous(),
+                            labels=torch.arange(n) % 10, split="train")
+    second = _stdlib_draws(n, 0.25, 5, 2)[1]
+    sub = clean_defense_subset(train, 0.25, 5, "backdoorbench_stream", draw=2)
+    assert sub.images[:, 0, 0, 0].tolist() == second  # BackdoorBench's order kept
+    given = clean_defense_subset(train, 0.25, 5, "stratified", indices=[7, 3, 39])
+    assert given.images[:, 0, 0, 0].tolist() == [7, 3, 39]
+    with pytest.raises(ValueError, match="index 40 is out of range"):
+        clean_defense_subset(train, 0.25, 5, indices=[1, 40])
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        clean_defense_subset(train, 0.25, 5, "shuffled")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("3\n1.5\n", "line 2: '1.5' is not an integer"),
+    ("", "no indices"),
+    ("# only a comment\n", "no indices"),
+    ("4\n2\n4\n", "index 4 appears more than once"),
+    ("-1\n", "index -1 is out of range"),
+    ("0x10\n", "'0x10' is not an integer"),
+])
+def test_index_file_errors(tmp_path, text, message):
+    from otbr_plugin.data.subsets import read_index_file
+
+    path = tmp_path / "index.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_index_file(path)
+
+
+def test_index_file_is_read_as_text_never_unpickled(tmp_path):
+    import pickle
+
+    from otbr_plugin.data.subsets import read_index_file
+
+    good = tmp_path / "index.txt"
+    good.write_text("# BackdoorBench's np.savetxt writes one per line\n12\n 3\n7 8\n")
+    assert read_index_file(good) == [12, 3, 7, 8]
+    bad = tmp_path / "index.pkl"
+    bad.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(ValueError, match="--index .*index.pkl"):
+        read_index_file(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        read_index_file(tmp_path / "missing.txt")
+
+
+def test_index_flag_is_read_by_the_face(tmp_path):
+    path = tmp_path / "index.txt"
+    path.write_text("5\n1\n")
+    face = BackdoorBenchDefense("anp", save_name="otbr_anp")
+    face.configure(_face_args(face, ["--index", str(path)]))
+    assert face.clean_indices == [5, 1] and any("2 training images" in line for line in face.bb_report())
+    (tmp_path / "bad.txt").write_text("5\nfive\n")
+    with pytest.raises(ValueError, match="'five' is not an integer"):
+        face.configure(_face_args(face, ["--index", str(tmp_path / "bad.txt")]))
+    clp = BackdoorBenchDefense("clp", save_name="otbr_clp")  # data-free: accepted, reported as ignored
+    clp.configure(_face_args(clp, ["--index", str(path)]))
+    assert clp.clean_indices is None and "index" in clp.bb_args.ignored
+
+
+def _capture_subsets(monkeypatch) -> list:
+    import otbr_plugin.bench.runner as runner
+
+    seen = []
+    real = runner.clean_defense_subset
+
+    def spy(train, ratio, seed, sampling, **kw):
+        seen.append((train, seed, sampling, kw, real(train, ratio, seed, sampling, **kw)))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(runner, "clean_defense_subset", spy)
+    return seen
+
+
+def test_dropin_draws_backdoorbenchs_subset_and_takes_index(bb, monkeypatch, tmp_path):
+    monkeypatch.chdir(bb["root"])
+    seen = _capture_subsets(monkeypatch)
+    _run_face("fp", ["--setting", "backdoorbench", "--subset_sampling", "backdoorbench_stream", "--epochs", "0",
+                     "--ratio", "0.5", "--once_prune_ratio", "0.25", "--random_seed", "3"])
+    train, seed, sampling, kw, sub = seen[-1]
+    n = len(train.labels)
+    assert (seed, sampling, kw["draw"], kw["indices"]) == (3, "backdoorbench_stream", 2, None)
+    assert torch.equal(sub.images, train.images[_stdlib_draws(n, 0.5, 3, 2)[1]])
+    index = tmp_path / "index.txt"
+    index.write_text("\n".join(map(str, [n - 1, 0, 5, 2])) + "\n")
+    _run_face("anp", ["--setting", "backdoorbench", "--nb_iter", "1", "--print_every", "1", "--batch_size", "4",
+                      "--index", str(index)])
+    train, _, _, kw, sub = seen[-1]
+    assert kw["indices"] == [n - 1, 0, 5, 2] and torch.equal(sub.images, train.images[[n - 1, 0, 5, 2]])
+    record = json.loads((bb["record"] / "defense" / "otbr_anp" / "record.json").read_text())
+    assert record["data"]["clean_indices"] == [n - 1, 0, 5, 2]

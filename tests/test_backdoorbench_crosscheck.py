@@ -148,6 +148,30 @@ def test_runs_of_another_cpu_budget_are_other_runs(tmp_path):
     assert {r.seed for r in badnet if r.impl == "BackdoorBench"} == {0}  # --seeds-other
 
 
+def test_paired_subsets_are_other_runs_of_the_dropins(tmp_path):
+    mod = _load_script()
+    a = mod.parse_args([str(tmp_path), "--out", str(tmp_path / "o"), "--paired-subsets"])
+    assert a.paired_subsets and not mod.parse_args([str(tmp_path), "--out", str(tmp_path / "o")]).paired_subsets
+    s = mod.Settings(bb_root=tmp_path, bb_python="python", out=tmp_path, work=tmp_path,
+                     dataset_paths={"resize": "./data/x_resize"}, layout="resize", attacks=["badnet"], attack_epochs=3,
+                     attack_batch=32, n_train=1000, n_test=250, seeds=[0, 1, 2], seeds_blended=[0], threads=1,
+                     fp_epochs=2, fp_once_prune_ratio=0.1, fp_ratio=0.05, anp_iters=24, anp_batch=16,
+                     anp_pruning_step=0.3, anp_lr=0.2, clp_u=3.0, defenses=["fp", "anp"], plugin_seeds=2,
+                     paired_subsets=True)
+    runs = mod.defense_runs(s, "badnet")
+    paired = [r for r in runs if r.variant == mod.PAIRED_SETTING]
+    unpaired = [r for r in runs if r.variant == mod.BB_SETTING]
+    assert sorted((r.name, r.seed) for r in paired) == [("anp", 0), ("anp", 1), ("fp", 0), ("fp", 1)]
+    for r in paired:  # BackdoorBench's setting and flags, plus BackdoorBench's own subset, in folders of their own
+        twin = next(u for u in unpaired if (u.name, u.seed) == (r.name, r.seed))
+        assert r.args[:-2] == [*twin.args[:-2], "--subset_sampling", "backdoorbench_stream"]
+        assert r.args[-2:] == twin.args[-2:] == ["--random_seed", str(r.seed)] and r.kept != twin.kept
+    s.paired_subsets = False
+    assert not [r for r in mod.defense_runs(s, "badnet") if r.variant == mod.PAIRED_SETTING]
+    env = mod.run_env(s, paired[0])  # the drop-ins import this checkout's otbr-plugin
+    assert env["PYTHONPATH"] == str(mod.REPO)
+
+
 def test_pruned_units_are_read_from_the_weights(tmp_path):
     torch = pytest.importorskip("torch")
     mod = _load_script()

@@ -10,8 +10,8 @@ The lists follow BackdoorBench's ``defense/{fp,anp,clp}.py`` (``add_arguments`` 
   ...), or a key BackdoorBench's script declares but never reads for that defense; accepted and reported in one
   line, never changing a result;
 - *checked*: a key whose BackdoorBench default matches what we do and whose other values we do not implement
-  (``client_optimizer`` must be sgd, ``lr_scheduler`` CosineAnnealingLR, ``index`` empty): another value is an
-  error naming it.
+  (``client_optimizer`` must be sgd, ``lr_scheduler`` CosineAnnealingLR): another value is an error naming it;
+- ``index``: BackdoorBench's file of clean-subset indices (``BBArgs.index_file``), read by the face.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def bb_help(defense: str, key: str) -> str:
         return f"BackdoorBench's name for --{mapped[key]}"
     special = {"nb_iter": "BackdoorBench's iterations: --iterations = ceil(nb_iter / print_every) * print_every",
                "pruning_number": "not supported (an error): use --threshold / --prune_number",
-               "index": "must be empty: the clean subset comes from --ratio and --random_seed",
+               "index": "a file of clean-subset indices of the training split (integers, whitespace-separated, as "
+                        "BackdoorBench's np.loadtxt reads it): the clean subset instead of the --ratio/--random_seed draw",
                "client_optimizer": "must be sgd", "lr_scheduler": "must be CosineAnnealingLR",
                "u_min": "with --u_max/--u_num: the u sweep on the TEST set (u_step_df.csv, oracle-labelled)",
                "u_max": "see --u_min", "u_num": "see --u_min",
@@ -135,12 +136,14 @@ def short_option(key: str) -> str | None:
 @dataclass
 class BBArgs:
     """One layer's BackdoorBench keys, translated: ``fields`` for our config, ``ignored`` keys (reported),
-    ``mapped`` (bb key -> our field, reported), ``sweep`` (CLP's u_min/u_max/u_num), ``notes``."""
+    ``mapped`` (bb key -> our field, reported), ``sweep`` (CLP's u_min/u_max/u_num), ``notes``, ``index_file``
+    (BackdoorBench's ``--index``: the clean subset's indices, read by the face)."""
 
     fields: dict[str, Any] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     mapped: dict[str, str] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)
+    index_file: str | None = None
     notes: list[str] = field(default_factory=list)
     implied: dict[str, Any] = field(default_factory=dict)  # fields set unless the layer gives them (``_IMPLIED``)
 
@@ -173,10 +176,10 @@ def translate_bb(defense: str, raw: dict[str, Any], other_layer: dict[str, Any] 
         if key in _INFRA or key in _DERIVED or key in _ATTACK or (key in unused and key not in _SPECIAL.get(defense, ())):
             out.ignored.append(key)
         elif key == "index":
-            if value not in (None, ""):
-                raise ValueError(f"BackdoorBench's index={value!r} (a file of clean-subset indices) is not supported: "
-                                 "the clean subset is drawn by --ratio and --random_seed")
-            out.ignored.append(key)
+            if value in (None, ""):
+                out.ignored.append(key)
+            else:
+                out.index_file = str(value)
         elif key in mapped:
             ours = mapped[key]
             kind = _TYPES[key]

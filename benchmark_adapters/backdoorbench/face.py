@@ -43,6 +43,7 @@ from typing import Any, Mapping
 from otbr_plugin.bench.runner import run_defense, summarize, write_defense_outputs
 from otbr_plugin.config import load_yaml, resolve_config
 from otbr_plugin.data.specs import get_dataset_spec
+from otbr_plugin.data.subsets import read_index_file
 from otbr_plugin.defenses import Defense, get_defense
 
 from .bb_args import BBArgs, bb_file_keys, bb_flags, bb_help, short_option, translate_bb, u_values
@@ -142,6 +143,7 @@ class BackdoorBenchDefense:
         self.logger: logging.Logger | None = None
         self.config_source = ""
         self.bb_args = BBArgs()
+        self.clean_indices: list[int] | None = None  # BackdoorBench's --index FILE, read
         self._yaml_fields: dict[str, Any] = {}
         self._cli_fields: dict[str, Any] = {}
         self._configured = False
@@ -223,7 +225,16 @@ class BackdoorBenchDefense:
         self._cli_fields = _with_bb({k: v for k, v in cli.items() if k in fields}, bb_cli, "command line")
         self.bb_args = BBArgs(ignored=sorted(set(bb_base.ignored) | set(bb_cli.ignored)),
                               mapped={**bb_base.mapped, **bb_cli.mapped}, sweep={**bb_base.sweep, **bb_cli.sweep},
-                              notes=list(dict.fromkeys(bb_base.notes + bb_cli.notes)))
+                              notes=list(dict.fromkeys(bb_base.notes + bb_cli.notes)),
+                              index_file=bb_cli.index_file or bb_base.index_file)
+        self.clean_indices = None
+        if self.bb_args.index_file and self.defense_class.needs_clean_data:  # read now, before any data is loaded
+            self.clean_indices = read_index_file(self.bb_args.index_file)
+            self.bb_args.notes.append(f"index {self.bb_args.index_file}: the clean subset is these "
+                                      f"{len(self.clean_indices)} training images (--ratio and --random_seed do not "
+                                      "choose it)")
+        elif self.bb_args.index_file:
+            self.bb_args.ignored.append("index")
         if self.bb_args.sweep:
             u_values(self.bb_args.sweep)  # all three keys, a valid grid: checked now, before any data is loaded
         merged = {**{k: v for k, v in base.items() if k not in bb_file},
@@ -337,7 +348,7 @@ class BackdoorBenchDefense:
         run = run_defense(bundle, defense, data_root=root, device=a.get("device", "auto"),
                           seed=int(a.get("random_seed", 0)), clean_ratio=float(a.get("ratio", 0.05)),
                           progress=bool(a.get("progress", True)), clean_test=clean_test,
-                          config_source=self.config_source, allow_oracle=True)
+                          config_source=self.config_source, allow_oracle=True, clean_indices=self.clean_indices)
         write_defense_outputs(run, self.save_path, overwrite=True)
         bb_model = bundle.extra.get("backdoorbench", {}).get("model_name", bundle.model_config.name)
         state = run.outcome.export_state or run.outcome.model.state_dict()

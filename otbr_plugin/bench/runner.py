@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
 
 import torch
@@ -152,6 +153,7 @@ def run_defense(
     config_source: str = "",
     allow_oracle: bool = False,
     before_samples: SampleCorrectness | None = None,
+    clean_indices: Sequence[int] | None = None,
 ) -> DefenseRun:
     """Evaluate the backdoored model, run ``defense``, evaluate the defended model.
 
@@ -159,7 +161,8 @@ def run_defense(
     per-sample data) may be passed in to avoid recomputing them across defenses; ``config_source``
     (from :func:`~otbr_plugin.config.resolve_config`) is written to the record. ``allow_oracle``: an entry point
     that keeps oracle runs apart (the BackdoorBench drop-in) lets a defense with ``oracle: true`` score its
-    selection on the test set; elsewhere such a config is refused.
+    selection on the test set; elsewhere such a config is refused. ``clean_indices``: the clean defense subset
+    given as training-split indices (BackdoorBench's ``--index FILE``) instead of drawn by ratio and seed.
     """
     dev = resolve_device(device)
     spec = get_dataset_spec(bundle.dataset)
@@ -178,7 +181,10 @@ def run_defense(
     if defense.needs_clean_data:
         train = load_dataset(spec.name, "train", data_root)
         data["train"], data["clean_ratio"] = tensor_identity(train), clean_ratio
-        clean_data = clean_defense_subset(train, clean_ratio, seed, defense.clean_subset_sampling())
+        if clean_indices is not None:
+            data["clean_indices"] = [int(i) for i in clean_indices]  # the given subset, kept with the record
+        clean_data = clean_defense_subset(train, clean_ratio, seed, defense.clean_subset_sampling(),
+                                          draw=defense.backdoorbench_draw, indices=clean_indices)
     oracle = None
     if defense.wants_oracle() and allow_oracle:
         def oracle(m: nn.Module) -> BackdoorMetrics:  # scores only: the defense never holds the test data

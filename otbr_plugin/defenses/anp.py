@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.subsets import SAMPLINGS
 from .base import ORACLE_LABEL, CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
 from .common import FollowsSetting, bb_tolerance_ok, clean_accuracy, preprocess_batch, split_holdout
 from .registry import register_defense
@@ -91,7 +92,7 @@ class ANPConfig(FollowsSetting, DefenseConfig):
     batch_size: int | None = None
     bb_selection: bool | None = None
     mask_precision: Literal["full", "round4"] | None = None
-    subset_sampling: Literal["stratified", "uniform"] | None = None
+    subset_sampling: Literal["stratified", "uniform", "backdoorbench_stream"] | None = None
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:
@@ -101,8 +102,9 @@ class ANPConfig(FollowsSetting, DefenseConfig):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.mask_precision not in ("full", "round4"):
             raise ValueError(f"mask_precision must be 'full' or 'round4', got {self.mask_precision!r}")
-        if self.subset_sampling not in ("stratified", "uniform"):
-            raise ValueError(f"subset_sampling must be 'stratified' or 'uniform', got {self.subset_sampling!r}")
+        if self.subset_sampling not in SAMPLINGS:
+            raise ValueError(f"subset_sampling must be one of {', '.join(map(repr, SAMPLINGS))}, "
+                             f"got {self.subset_sampling!r}")
         if not self.eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps!r}")
         if not isinstance(self.anp_steps, int) or self.anp_steps < 1:

@@ -187,9 +187,14 @@ class Defense(ABC):
         return context.oracle
 
     def clean_subset_sampling(self) -> str:
-        """How the harness draws the clean defense subset: "stratified" (default: the same share of each class)
-        or "uniform" (a plain random sample, as BackdoorBench's choose_index)."""
+        """How the harness draws the clean defense subset: "stratified" (default: the same share of each class),
+        "uniform" (a plain random sample, as BackdoorBench's choose_index) or "backdoorbench_stream"
+        (BackdoorBench's own draw at the run's seed; which call of its choose_index is ``backdoorbench_draw``)."""
         return "stratified"
+
+    #: which call of BackdoorBench's ``choose_index`` after its ``fix_random`` draws the subset this defense's
+    #: BackdoorBench script uses (subset_sampling: backdoorbench_stream); 1 unless the script draws twice
+    backdoorbench_draw: ClassVar[int] = 1
 
     def share_work_with(self, other: "Defense") -> None:
         """Hook: opt in to reusing expensive work of ``other`` (and vice versa), e.g. across the runs of a sweep

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..data.subsets import SAMPLINGS
 from ..train import TrainConfig, train_classifier
 from .base import ORACLE_LABEL, CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
 from .common import (FollowsSetting, bb_tolerance_ok, clean_accuracy, context_spec, preprocess_batch, split_holdout,
@@ -94,7 +95,7 @@ class FPConfig(FollowsSetting, DefenseConfig):
     step_off_by_one: bool | None = None
     rank_augment: bool | None = None
     finetune_data: Literal["fit", "all"] | None = None
-    subset_sampling: Literal["stratified", "uniform"] | None = None
+    subset_sampling: Literal["stratified", "uniform", "backdoorbench_stream"] | None = None
     max_prune_ratio: float | None = None
     last_net_alias: bool | None = None
     save_reparametrisation: bool | None = None
@@ -109,7 +110,7 @@ class FPConfig(FollowsSetting, DefenseConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         choices = {"acc_drop": ("relative", "absolute"), "stop_rule": ("sequential", "backdoorbench"),
-                   "finetune_data": ("fit", "all"), "subset_sampling": ("stratified", "uniform")}
+                   "finetune_data": ("fit", "all"), "subset_sampling": SAMPLINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
@@ -291,6 +292,10 @@ class FP(Defense):
     config_class = FPConfig
     needs_clean_data = True
     description = "Fine-Pruning (Liu et al., RAID 2018): prune dormant last-layer channels, then fine-tune"
+
+    # BackdoorBench's fp.py calls choose_index twice: it logs and saves (index.txt) the first draw but subsets the
+    # data with the second
+    backdoorbench_draw = 2
 
     def clean_subset_sampling(self) -> str:
         return self.config.subset_sampling
