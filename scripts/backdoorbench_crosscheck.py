@@ -19,7 +19,10 @@ Steps, each resumable (an output that exists is not made again):
    gtsrb's 43 outputs, 10-42 never seen.
 3. Attacks: ``attack/<attack>.py`` with BackdoorBench's gtsrb prototype YAML and its attack YAML, on CPU.
 4. Defenses: BackdoorBench's defense/<d>.py and the drop-ins defense/otbr*.py, each run from BB_ROOT; each
-   run's output folder ``record/<r>/defense/<d>/`` is moved to ``record/<r>/defense/<d>__s<seed>/``.
+   run's output folder ``record/<r>/defense/<d>/`` is moved to ``record/<r>/defense/crosscheck/<d>[...]__s<seed>/``.
+   CLP, FP, ANP, OTBR as listed in ``defense_runs``; FT, NAD, EP (``--defenses ft nad ep``): BackdoorBench's
+   script and the drop-in on the same command line (``tuning_args``). The drop-ins import this checkout's
+   otbr-plugin (``run_env``).
 5. One table (markdown + CSV): defense x {BackdoorBench, plug-in} x ACC/ASR/RA/DER/seconds, with versions,
    machine and load; for CLP also the max |dw| between BackdoorBench's pruned weights and the plug-in's.
 """
@@ -201,6 +204,14 @@ class Settings:
     paired_subsets: bool = False  # --paired-subsets
     plugin_seeds: int = 1
     fp_bb_tmax: bool = False
+    ft_epochs: int = 100  # FT's fine-tuning epochs (BackdoorBench: 100)
+    ft_batch: int = 256  # FT's batch (BackdoorBench: 256)
+    nad_epochs: int = 10  # NAD's te_epochs: teacher AND student epochs in BackdoorBench's nad.py (BackdoorBench: 10)
+    nad_batch: int = 256  # NAD's batch (BackdoorBench: 256)
+    clean_ratio: float = 0.05  # FT's and NAD's clean subset, --ratio (BackdoorBench: 0.05)
+    ep_u: float = 3.0  # EP's u (BackdoorBench: 3, plus a test-set u sweep 0-10 that the YAML copy narrows to u)
+    ep_batch: int = 256  # EP's batch: BackdoorBench's ep.py reads ONE batch of the poisoned training set
+    nad_bb_layers: bool = False  # also the drop-in's NAD on BackdoorBench's attention layers (NAD_BB_LAYERS)
 
 
 def attack_pratio(spec: str) -> tuple[str, float | None]:
@@ -271,20 +282,26 @@ def attack_run(s: Settings, attack: str) -> Run:
     return Run("attack", rec, attack, "BackdoorBench", f"./attack/{attack}.py", args, kept=f"record/{rec}")
 
 
+def bb_yaml_copy(s: Settings, defense: str, changes: dict, file_name: str, what: str) -> Path:
+    """BackdoorBench's config/defense/<defense>/gtsrb.yaml with ``changes``, written to WORK/yaml/<file_name>
+    with a first line naming its source and ``what`` changed."""
+    import yaml
+
+    from otbr_plugin.io import write_text
+
+    src = s.bb_root / "config" / "defense" / defense / "gtsrb.yaml"
+    values = yaml.safe_load(src.read_text())
+    values.update(changes)
+    path = s.work / "yaml" / file_name
+    write_text(path, f"# {src} with {what} (otbr-plugin crosscheck)\n" + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
 def clp_yaml(s: Settings) -> Path:
     """BackdoorBench's clp/gtsrb.yaml with the u sweep narrowed to the one u that is compared (its ``--u_num``
     flag is parsed as float, which its own np.linspace refuses, so the sweep can only be narrowed by YAML)."""
-    import yaml
-
-    src = s.bb_root / "config" / "defense" / "clp" / "gtsrb.yaml"
-    values = yaml.safe_load(src.read_text())
-    values.update({"u": s.clp_u, "u_min": s.clp_u, "u_max": s.clp_u, "u_num": 1})
-    path = s.work / "yaml" / f"clp_gtsrb_u{s.clp_u:g}.yaml"
-    from otbr_plugin.io import write_text
-
-    write_text(path, f"# {src} with u_min = u_max = u, u_num 1 (otbr-plugin crosscheck)\n"
-                     + yaml.safe_dump(values, sort_keys=False))
-    return path
+    return bb_yaml_copy(s, "clp", {"u": s.clp_u, "u_min": s.clp_u, "u_max": s.clp_u, "u_num": 1},
+                        f"clp_gtsrb_u{s.clp_u:g}.yaml", "u_min = u_max = u, u_num 1")
 
 
 def fp_tmax_yaml(s: Settings) -> Path:
@@ -292,20 +309,36 @@ def fp_tmax_yaml(s: Settings) -> Path:
     ``cos_t_max`` (else T_max = 100, stepped per epoch), so with fewer than 100 epochs BackdoorBench's FP barely
     anneals, while the drop-in anneals over all its fine-tuning steps; with this YAML both follow the same curve
     (one step per epoch when the clean subset is smaller than the batch)."""
-    import yaml
+    return bb_yaml_copy(s, "fp", {"cos_t_max": s.fp_epochs}, f"fp_gtsrb_tmax{s.fp_epochs}.yaml",
+                        f"cos_t_max = {s.fp_epochs}")
 
-    from otbr_plugin.io import write_text
 
-    src = s.bb_root / "config" / "defense" / "fp" / "gtsrb.yaml"
-    values = yaml.safe_load(src.read_text())
-    values["cos_t_max"] = s.fp_epochs
-    path = s.work / "yaml" / f"fp_gtsrb_tmax{s.fp_epochs}.yaml"
-    write_text(path, f"# {src} with cos_t_max = {s.fp_epochs} (otbr-plugin crosscheck)\n"
-                     + yaml.safe_dump(values, sort_keys=False))
-    return path
+def ep_yaml(s: Settings) -> Path:
+    """BackdoorBench's ep/gtsrb.yaml with its u sweep narrowed to the one u that is compared (as ``clp_yaml``: its
+    ``--u_num`` flag is parsed as float, which its own np.linspace refuses); each u of the sweep is one more
+    test-set evaluation, and only ``u`` makes the saved model."""
+    return bb_yaml_copy(s, "ep", {"u": s.ep_u, "u_min": s.ep_u, "u_max": s.ep_u, "u_num": 1},
+                        f"ep_gtsrb_u{s.ep_u:g}.yaml", "u_min = u_max = u, u_num 1")
+
+
+def tuning_args(s: Settings, name: str) -> list[str]:
+    """The CPU-sized budget of FT / NAD / EP as BackdoorBench's own flags, given to BackdoorBench's script and,
+    unchanged, to the drop-in (which maps them onto its options, docs/baselines.md). NAD: ``--te_epochs`` is the
+    epochs of BackdoorBench's teacher AND student (its ``--epochs`` is read by neither); ``--epochs`` with the same
+    value sets the drop-in's student epochs and changes nothing in BackdoorBench's script."""
+    if name == "ft":
+        return ["--yaml_path", "./config/defense/ft/gtsrb.yaml", "--epochs", str(s.ft_epochs),
+                "--batch_size", str(s.ft_batch), "--ratio", f"{s.clean_ratio:g}"]
+    if name == "nad":
+        return ["--yaml_path", "./config/defense/nad/gtsrb.yaml", "--te_epochs", str(s.nad_epochs),
+                "--epochs", str(s.nad_epochs), "--batch_size", str(s.nad_batch), "--ratio", f"{s.clean_ratio:g}"]
+    if name == "ep":
+        return ["--yaml_path", str(ep_yaml(s)), "--u", f"{s.ep_u:g}", "--batch_size", str(s.ep_batch)]
+    raise ValueError(f"no BackdoorBench flags for {name!r}: expected one of {', '.join(TUNING)}")
 
 
 TMAX_VARIANT = "cos_t_max=epochs"
+TUNING = ("ft", "nad", "ep")  # run as BackdoorBench runs them: its script, and the drop-in on the same command line
 
 
 def defense_runs(s: Settings, attack: str) -> list[Run]:
@@ -374,6 +407,19 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
                     PAIRED_SETTING)
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb_steps, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
+    # FT / NAD / EP: BackdoorBench's script, and the drop-in on the same command line (script name changed), so
+    # both get the same budget and hyperparameters by construction; the drop-in maps BackdoorBench's keys
+    for name in TUNING:
+        if name not in s.defenses:
+            continue
+        args = [*bb, *tuning_args(s, name)]
+        for i, seed in enumerate(seeds):
+            add(name, "BackdoorBench", f"./defense/{name}.py", args, seed, name)
+            if i < s.plugin_seeds:
+                add(name, "plug-in", f"./defense/otbr_{name}.py", args, seed, f"otbr_{name}", BB_FLAGS)
+                if name == "nad" and s.nad_bb_layers:
+                    add(name, "plug-in", "./defense/otbr_nad.py", [*args, "--attention_layers", *NAD_BB_LAYERS],
+                        seed, "otbr_nad", NAD_LAYERS_VARIANT)
     return runs
 
 
@@ -384,7 +430,12 @@ BB_SETTING = "setting=backdoorbench,oracle"
 # this one with BackdoorBench's (its YAML: no cos_t_max, so T_max 100, stepped once per epoch)
 PAIRED_BB_SCHEDULE = PAIRED_SETTING + ",cos_t_max=100"
 FP_STEP_SCHEDULE = ["--cos_t_max", "0"]
-BUDGETED = ("fp", "anp")  # defenses whose CPU-sized budget is part of a run's name
+BB_FLAGS = "flags=backdoorbench"  # the drop-in run on BackdoorBench's own command line (FT, NAD, EP)
+# the modules whose outputs BackdoorBench's nad.py distils in its preactresnet18 (children()[:-3], [:-2], [:-1]:
+# the outputs of layer3, layer4 and avgpool, for beta1, beta2, beta3); the drop-in's default: layer2, layer3, layer4
+NAD_BB_LAYERS = ("layer3", "layer4", "avgpool")
+NAD_LAYERS_VARIANT = BB_FLAGS + ",attention_layers=" + "+".join(NAD_BB_LAYERS)
+BUDGETED = ("fp", "anp", "ft", "nad", "ep")  # defenses whose CPU-sized budget is part of a run's name
 
 
 def budget_tag(s: Settings, defense: str) -> str:
@@ -394,6 +445,12 @@ def budget_tag(s: Settings, defense: str) -> str:
     if defense == "anp":
         lr = "" if s.anp_lr is None else f"-lr{s.anp_lr:g}"
         return f"i{s.anp_iters}-b{s.anp_batch}-ps{s.anp_pruning_step:g}{lr}"
+    if defense == "ft":
+        return f"e{s.ft_epochs}-b{s.ft_batch}-r{s.clean_ratio:g}"
+    if defense == "nad":
+        return f"te{s.nad_epochs}-b{s.nad_batch}-r{s.clean_ratio:g}"
+    if defense == "ep":
+        return f"u{s.ep_u:g}-b{s.ep_batch}"
     raise ValueError(f"no CPU budget for {defense!r}")
 
 
@@ -401,7 +458,9 @@ COMPAT_DIR = Path(__file__).resolve().parent / "backdoorbench_compat"
 
 
 def run_env(s: Settings, run: Run) -> dict[str, str]:
-    """Threads limited for every run. BackdoorBench's own scripts (not the drop-ins) also get the two
+    """Threads limited for every run. The drop-ins import the otbr-plugin of this script's checkout (REPO on
+    PYTHONPATH), the one whose commit the table names, whatever otbr-plugin BackdoorBench's environment has
+    installed. BackdoorBench's own scripts (not the drop-ins) also get the two
     workarounds they need under torch >= 2.6 / numpy 2 (docs/backdoorbench.md): TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
     (its loader calls torch.load without weights_only, i.e. a full unpickle of its own records) and
     scripts/backdoorbench_compat/sitecustomize.py on PYTHONPATH (restores np.infty, removed in numpy 2)."""
@@ -415,6 +474,12 @@ def run_env(s: Settings, run: Run) -> dict[str, str]:
         env["PYTHONPATH"] = str(COMPAT_DIR)
         env["MPLBACKEND"] = "Agg"
     return env
+
+
+def plugin_code() -> str:
+    """The otbr-plugin a drop-in run imports (``run_env``): this checkout and its commit."""
+    dirty = _git(REPO, "status", "--porcelain", "--untracked-files=no")
+    return f"{REPO} @ {_git(REPO, 'rev-parse', 'HEAD')}" + (" (+ local changes)" if dirty else "")
 
 
 def _done_marker(s: Settings, run: Run) -> Path:
@@ -466,6 +531,7 @@ def execute(s: Settings, run: Run) -> dict:
     info = {"label": run.label, "record": run.record, "defense": run.name, "impl": run.impl, "variant": run.variant,
             "seed": run.seed, "cmd": ["python", run.script, *run.args], "seconds": round(seconds, 1),
             "threads": s.threads, "loadavg_start": [round(x, 2) for x in load0],
+            "otbr_plugin": plugin_code() if run.impl == "plug-in" else None,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], "log": str(log)}
     write_json(marker, info)
     return info
@@ -485,6 +551,9 @@ def _read_summary(path: Path) -> dict[str, float]:
 
 
 SUMMARY_FILE = {"clp": "clp_df_summary.csv", "fp": "finetune_df_summary.csv", "anp": "anp_df_summary.csv",
+                "ft": "ft_df_summary.csv", "nad": "nad_df_summary.csv", "ep": "ep_df_summary.csv",
+                "otbr_ft": "otbr_ft_df_summary.csv", "otbr_nad": "otbr_nad_df_summary.csv",
+                "otbr_ep": "otbr_ep_df_summary.csv",
                 "otbr_clp": "otbr_clp_df_summary.csv", "otbr_fp": "otbr_fp_df_summary.csv",
                 "otbr_anp": "otbr_anp_df_summary.csv", "otbr": "otbr_df_summary.csv",
                 "otbr_fp_oracle": "otbr_fp_df_summary.csv", "otbr_anp_oracle": "otbr_anp_df_summary.csv"}
@@ -538,16 +607,23 @@ def _effective(state: dict, key: str):
     return None
 
 
+def pruned_bn_channels(state: dict, before: dict) -> list[str]:
+    """The BatchNorm channels whose weight a defense set to 0 (nonzero before), as ``<bn>:<channel>``, read from
+    the weights alone (the same for BackdoorBench's result and the plug-in's)."""
+    out = []
+    for k, w in before.items():
+        if k.endswith(".weight") and k[:-len("weight")] + "running_mean" in before and k in state:
+            for c in ((state[k] == 0) & (w != 0)).flatten().nonzero().flatten().tolist():
+                out.append(f"{k[:-len('.weight')]}:{int(c)}")
+    return out
+
+
 def pruned_units(state: dict, before: dict, defense: str) -> int | None:
     """How many units a pruning defense switched off, read from the weights alone (the same count for
-    BackdoorBench's result and the plug-in's): ANP, BatchNorm channels whose weight became 0; FP, input
+    BackdoorBench's result and the plug-in's): ANP and EP, BatchNorm channels whose weight became 0; FP, input
     columns of the final ``linear`` layer that became all-zero. None for other defenses."""
-    if defense == "anp":
-        n = 0
-        for k, w in before.items():
-            if k.endswith(".weight") and k[:-len("weight")] + "running_mean" in before and k in state:
-                n += int(((state[k] == 0) & (w != 0)).sum())
-        return n
+    if defense in ("anp", "ep"):
+        return len(pruned_bn_channels(state, before))
     if defense == "fp":
         after, orig = _effective(state, "linear.weight"), _effective(before, "linear.weight")
         if after is None or orig is None:
@@ -570,6 +646,22 @@ def min_anp_mask(run_dir: Path) -> float | None:
     return min(values) if values else None
 
 
+def ep_overlap(channels: dict[tuple[str, str, int], list[str]]) -> list[dict]:
+    """Every BackdoorBench EP run against every plug-in EP run on the same record: how many BN channels each
+    zeroed and how many both did (``channels``: (record, impl, seed) -> ``<bn>:<channel>`` list)."""
+    rows = []
+    for (rec, impl, seed), bb in sorted(channels.items()):
+        if impl != "BackdoorBench":
+            continue
+        for (rec2, impl2, seed2), ours in sorted(channels.items()):
+            if rec2 != rec or impl2 != "plug-in":
+                continue
+            rows.append({"record": rec, "bb_seed": seed, "plugin_seed": seed2, "bb_pruned": len(bb),
+                         "plugin_pruned": len(ours), "common": len(set(bb) & set(ours)),
+                         "bb_channels": ";".join(bb), "plugin_channels": ";".join(ours)})
+    return rows
+
+
 def _fmt(x: float | None, pct: bool = True) -> str:
     if x is None:
         return "-"
@@ -583,7 +675,22 @@ def cpu_settings(s: Settings) -> dict[str, str]:
             "FP once_prune_ratio": f"{s.fp_once_prune_ratio:g} [0.01]",
             "ANP iterations": f"{s.anp_iters} [2000]", "ANP batch": f"{s.anp_batch} [256]",
             "ANP mask lr": f"{lr} [0.01]", "ANP pruning_step": f"{s.anp_pruning_step:g} [0.05]",
-            "CLP u": f"{s.clp_u:g} [sweep 0-10]"}
+            "CLP u": f"{s.clp_u:g} [sweep 0-10]", **tuning_settings(s)}
+
+
+def tuning_settings(s: Settings) -> dict[str, str]:
+    """The FT / NAD / EP settings of the runs (only of those in ``--defenses``), BackdoorBench's default beside."""
+    out = {}
+    if "ft" in s.defenses:
+        out.update({"FT epochs": f"{s.ft_epochs} [100]", "FT batch": f"{s.ft_batch} [256]"})
+    if "nad" in s.defenses:
+        out.update({"NAD te_epochs (teacher and student)": f"{s.nad_epochs} [10]", "NAD batch": f"{s.nad_batch} [256]"})
+    if "ft" in s.defenses or "nad" in s.defenses:
+        out["FT/NAD clean subset ratio"] = f"{s.clean_ratio:g} [0.05]"
+    if "ep" in s.defenses:
+        out.update({"EP u": f"{s.ep_u:g} [3, sweep 0-10 on the test set]",
+                    "EP batch (one batch of the poisoned training set, BackdoorBench's side)": f"{s.ep_batch} [256]"})
+    return out
 
 
 def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions: dict, data_info: dict) -> None:
@@ -594,16 +701,19 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
     records = sorted({r.record for r in runs if r.kind == "defense" and r.label in infos})
     before = {rec: attack_metrics(s, rec) for rec in records}
     attack_states: dict[str, dict] = {}
+    ep_channels: dict[tuple[str, str, int], list[str]] = {}  # (record, impl, seed) -> BN channels EP zeroed
     for run in runs:
         if run.kind != "defense" or run.label not in infos:
             continue
         m = run_metrics(s, run)
         pruned, min_mask = None, None
-        if run.name in BUDGETED:
+        if run.name in ("fp", "anp", "ep"):
             if run.record not in attack_states:
                 attack_states[run.record] = load_state(s.bb_root / "record" / run.record / "attack_result.pt")
-            pruned = pruned_units(load_state(s.bb_root / run.kept / "defense_result.pt"), attack_states[run.record],
-                                  run.name)
+            state = load_state(s.bb_root / run.kept / "defense_result.pt")
+            pruned = pruned_units(state, attack_states[run.record], run.name)
+            if run.name == "ep":
+                ep_channels[(run.record, run.impl, run.seed)] = pruned_bn_channels(state, attack_states[run.record])
             if run.name == "anp":
                 min_mask = min_anp_mask(s.bb_root / run.kept)
         row = {"record": run.record, "defense": run.name, "impl": run.impl, "variant": run.variant, "seed": run.seed,
@@ -611,6 +721,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                "pruned": pruned, "min_mask": min_mask,
                "budget": budget_tag(s, run.name) if run.name in BUDGETED else "",
                "seconds": infos[run.label]["seconds"], "threads": s.threads,
+               "otbr_plugin": (infos[run.label].get("otbr_plugin") or "not recorded (the otbr-plugin installed in "
+                               "BackdoorBench's environment)") if run.impl == "plug-in" else "",
                "loadavg_start_1min": infos[run.label]["loadavg_start"][0]}
         rows.append(row)
         by_key.setdefault((run.record, run.name, run.impl, run.variant), []).append(row)
@@ -670,9 +782,9 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         b = before[rec]
         _, epochs, _, layout = spec[rec]
         lines.append(f"| {rec} | {layout} | {epochs} | {_fmt(b['acc'])} / {_fmt(b['asr'])} / {_fmt(b['ra'])} |")
-    lines += ["", "Pruned: ANP, BatchNorm channels whose weight the defense set to 0; FP, input columns of the final "
-              "linear layer that became all-zero; both read from the saved weights against the attack's, per seed. "
-              "Min mask: ANP's smallest learnt mask, per seed. Budget: the CPU-sized FP/ANP settings (see below).",
+    lines += ["", "Pruned: ANP and EP, BatchNorm channels whose weight the defense set to 0; FP, input columns of the "
+              "final linear layer that became all-zero; both read from the saved weights against the attack's, per "
+              "seed. Min mask: ANP's smallest learnt mask, per seed. Budget: the CPU-sized settings (see below).",
               "", "| record | defense | implementation | budget | seeds | ACC | ASR | RA | DER | pruned | min mask | "
               "seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2] != "BackdoorBench", k[3])):
@@ -688,13 +800,13 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         lines.append(f"| {rec} | {name} | {impl_txt} | {budget} | {a['seeds']} | {acc} | {asr} | {_fmt(a['ra'])} | "
                      f"{a['der']:.3f} | {a['pruned'] if name in BUDGETED else '-'} | "
                      f"{a['min_mask'] if name == 'anp' else '-'} | {_fmt(a['seconds'], pct=False)} |")
-    # FP / ANP: the plug-in against BackdoorBench's seed spread
+    # FP / ANP / FT / NAD / EP: the plug-in against BackdoorBench's seed spread
     diff_rows = []
     for rec in records:
-        for name in ("fp", "anp"):
+        for name in ("fp", "anp", *TUNING):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, PAIRED_SETTING, PAIRED_BB_SCHEDULE, ""):
+                for variant in (BB_SETTING, PAIRED_SETTING, PAIRED_BB_SCHEDULE, BB_FLAGS, NAD_LAYERS_VARIANT, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:
                         continue
@@ -710,13 +822,15 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                                       "asr_spread": bbk["asr_spread"], "within_spread": within,
                                       "time_ratio": ok["seconds"] / bbk["seconds"]})
     if diff_rows:
-        lines += ["", "FP and ANP: |plug-in - mean of BackdoorBench's runs| against the spread (max - min) of "
+        lines += ["", "|plug-in - mean of BackdoorBench's runs| against the spread (max - min) of "
                   "BackdoorBench's own runs over its seeds (the issue's tolerance); time ratio = plug-in seconds / "
                   "BackdoorBench's mean seconds. `setting=backdoorbench,oracle` = the drop-in run with "
                   "BackdoorBench's YAML and flags, `--setting backdoorbench --oracle true` (its test-set selection, "
-                  "labelled oracle); `default` = the plug-in's own setting (no test data). FP in those settings "
-                  "fine-tunes with the plug-in's cosine over all steps, per iteration (`--cos_t_max 0`), except "
-                  "`...,cos_t_max=100`: BackdoorBench's schedule (T_max 100 epochs, stepped per epoch).",
+                  "labelled oracle; FP, ANP); `flags=backdoorbench` = the drop-in run on BackdoorBench's own command "
+                  "line and YAML, script name changed (FT, NAD, EP: no test-set selection to switch); `default` = "
+                  "the plug-in's own setting (no test data). FP in the backdoorbench settings fine-tunes with the "
+                  "plug-in's cosine over all steps, per iteration (`--cos_t_max 0`), except `...,cos_t_max=100`: "
+                  "BackdoorBench's schedule (T_max 100 epochs, stepped per epoch).",
                   "The plug-in's value is its mean over its seeds (range beside it). BackdoorBench `as shipped` = its "
                   "fp.py/anp.py with its YAML; `cos_t_max=epochs` = its fp.py with a YAML copy that sets "
                   "cos_t_max to the fine-tuning epochs (the drop-in's cosine schedule; BackdoorBench's own is "
@@ -737,6 +851,18 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for c in clp_rows:
             lines.append(f"| {c['record']} | {c['variant']} | {c['max_abs_dw']:.3g} | {c['at'] or '-'} | "
                          f"{c['tensors_differing']} |")
+    ep_rows = ep_overlap(ep_channels)
+    if ep_rows:
+        lines += ["", f"EP at u = {s.ep_u:g}: which BatchNorm channels each run zeroed (read from the weights). "
+                  "BackdoorBench's ep.py scores one shuffled batch of the POISONED training set (histogram entropy "
+                  "of each channel's standardised per-sample maxima, lower tail); the drop-in is data-free (Gaussian "
+                  "entropy of the BN's stored statistics, upper tail): a different score, compared by its result.", "",
+                  "| record | BackdoorBench seed | plug-in seed | BackdoorBench pruned | plug-in pruned | both | "
+                  "BackdoorBench's channels | plug-in's channels |", "|---|---|---|---|---|---|---|---|"]
+        for e in ep_rows:
+            lines.append(f"| {e['record']} | {e['bb_seed']} | {e['plugin_seed']} | {e['bb_pruned']} | "
+                         f"{e['plugin_pruned']} | {e['common']} | {e['bb_channels'] or '-'} | "
+                         f"{e['plugin_channels'] or '-'} |")
     lines += ["", "Versions and machine:", ""] + [f"- {k}: {v}" for k, v in versions.items()]
     lines += ["", "Commands (from BackdoorBench's root; `python` = BackdoorBench's environment; every run with "
               f"`OMP_NUM_THREADS={s.threads} MKL_NUM_THREADS={s.threads}`, BackdoorBench's own scripts also with "
@@ -756,7 +882,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
     write_text(s.out / "crosscheck.md", "\n".join(lines))
     write_json(s.out / "crosscheck.json", {"versions": versions, "data": data_info, "settings": cpu_settings(s),
                                            "attack_metrics": before,
-                                           "runs": rows, "clp_weights": clp_rows, "fp_anp_vs_spread": diff_rows})
+                                           "runs": rows, "clp_weights": clp_rows, "fp_anp_vs_spread": diff_rows,
+                                           "ep_channels": ep_rows})
     if clp_rows:
         h = list(clp_rows[0])
         write_csv(s.out / "crosscheck_clp_weights.csv", rows=[h] + [[c[k] for k in h] for c in clp_rows])
@@ -805,7 +932,7 @@ def schedule(s: Settings) -> list[Run]:
             return (9, 0)
         if run.impl == "BackdoorBench":
             return (1, 0) if run.seed == first_seed else (2, run.seed)
-        if run.variant == BB_SETTING:
+        if run.variant in (BB_SETTING, BB_FLAGS, NAD_LAYERS_VARIANT):
             return (1, 1) if run.seed == first_seed else (2, run.seed)
         return (3, run.seed)
 
@@ -897,7 +1024,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seeds of BackdoorBench's FP and ANP on the first attack's record (default 0 1 2)")
     p.add_argument("--seeds-other", type=int, nargs="+", default=None,
                    help="seeds of BackdoorBench's FP and ANP on the other records (default: --seeds)")
-    p.add_argument("--defenses", nargs="+", default=["clp", "otbr", "fp", "anp"])
+    p.add_argument("--defenses", nargs="+", default=["clp", "otbr", "fp", "anp"],
+                   choices=["clp", "otbr", "fp", "anp", *TUNING],
+                   help="defenses to run and tabulate (default clp otbr fp anp; ft, nad, ep: BackdoorBench's script "
+                        "and the drop-in on the same command line)")
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of every run (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--fp-epochs", type=int, default=100, help="FP fine-tuning epochs, both (BackdoorBench: 100)")
@@ -919,6 +1049,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anp-pruning-step", type=float, default=0.05,
                    help="BackdoorBench ANP's threshold grid step (BackdoorBench: 0.05)")
     p.add_argument("--clp-u", type=float, default=3.0)
+    p.add_argument("--ft-epochs", type=int, default=100, help="FT fine-tuning epochs, both (BackdoorBench: 100)")
+    p.add_argument("--ft-batch", type=int, default=256, help="FT batch size, both (BackdoorBench: 256)")
+    p.add_argument("--nad-epochs", type=int, default=10,
+                   help="NAD's --te_epochs, both: BackdoorBench's nad.py trains the teacher AND the student for it "
+                        "(BackdoorBench: 10); the drop-in also gets --epochs with the same value (its student)")
+    p.add_argument("--nad-batch", type=int, default=256, help="NAD batch size, both (BackdoorBench: 256)")
+    p.add_argument("--nad-bb-layers", action="store_true",
+                   help="also run the drop-in's NAD with --attention_layers " + " ".join(NAD_BB_LAYERS) + ": the layers "
+                        "BackdoorBench's nad.py distils in its preactresnet18 (the drop-in's default: layer2 layer3 "
+                        "layer4)")
+    p.add_argument("--clean-ratio", type=float, default=0.05,
+                   help="FT's and NAD's clean subset as a share of the training split (--ratio), both (BackdoorBench: "
+                        "0.05)")
+    p.add_argument("--ep-u", type=float, default=3.0,
+                   help="EP's u, both (BackdoorBench: 3; its test-set u sweep is narrowed to this u by a YAML copy)")
+    p.add_argument("--ep-batch", type=int, default=256,
+                   help="EP's --batch_size: BackdoorBench's ep.py scores ONE batch of the poisoned training set of "
+                        "this size (BackdoorBench: 256); the drop-in (data-free) ignores it")
     p.add_argument("--wait-attacks", type=float, default=0.0, metavar="MIN",
                    help="wait up to MIN minutes for an attack record that another process is still making")
     p.add_argument("--only-impl", choices=("BackdoorBench", "plug-in"), default=None,
@@ -946,7 +1094,9 @@ def main(argv: list[str] | None = None) -> int:
                  fp_once_prune_ratio=a.fp_once_prune_ratio, anp_iters=a.anp_iters, anp_batch=a.anp_batch,
                  anp_pruning_step=a.anp_pruning_step, anp_lr=a.anp_lr, fp_ratio=a.fp_ratio,
                  plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, clp_u=a.clp_u, defenses=a.defenses,
-                 wait_attacks_min=a.wait_attacks)
+                 wait_attacks_min=a.wait_attacks, ft_epochs=a.ft_epochs, ft_batch=a.ft_batch,
+                 nad_epochs=a.nad_epochs, nad_batch=a.nad_batch, clean_ratio=a.clean_ratio, ep_u=a.ep_u,
+                 ep_batch=a.ep_batch, nad_bb_layers=a.nad_bb_layers)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
     # force: the drop-ins of the otbr-plugin that runs the crosscheck replace older ones (only defense/otbr*.py

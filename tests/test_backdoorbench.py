@@ -633,6 +633,34 @@ def test_dropin_reads_backdoorbench_own_yaml(defense, tmp_path):
         assert "sgd_momentum" in report.split("ignored")[1]  # BackdoorBench's ANP hard-codes its mask momentum
 
 
+def test_dropin_reads_backdoorbench_own_nad_yaml(tmp_path):
+    """BackdoorBench's NAD YAML holds epochs / momentum / weight_decay, which its nad.py never reads (it trains
+    teacher and student for te_epochs with SGD(lr, sgd_momentum, wd)), under names that are fields of our NAD:
+    in a BackdoorBench file they are BackdoorBench's, and te_epochs sets the student's epochs too."""
+    nad_keys = {"index": None, "te_epochs": 10, "momentum": 0.9, "weight_decay": 1.0e-4, "ratio": 0.05,
+                "beta1": 500, "beta2": 1000, "beta3": 1000, "p": 2.0, "teacher_model_loc": None}
+    path = _bb_yaml(tmp_path, "nad", **nad_keys)
+    face = BackdoorBenchDefense("nad", save_name="otbr_nad")
+    face.configure(_face_args(face, ["--yaml_path", str(path)]))
+    cfg = face.defense_obj.config
+    assert (cfg.teacher_epochs, cfg.epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == \
+        (10, 10, 0.01, 0.9, 5e-4, 256)
+    assert cfg.betas == [500.0, 1000.0, 1000.0]
+    assert {"epochs", "momentum", "weight_decay"} <= set(face.bb_args.ignored)
+    assert any("te_epochs" in line and "student" in line for line in face.bb_report())
+    # the command line keeps our meaning: --epochs is the student's, --te_epochs alone sets both
+    face.configure(_face_args(face, ["--yaml_path", str(path), "--epochs", "4"]))
+    assert (face.defense_obj.config.teacher_epochs, face.defense_obj.config.epochs) == (10, 4)
+    face.configure(_face_args(face, ["--yaml_path", str(path), "--te_epochs", "3"]))
+    assert (face.defense_obj.config.teacher_epochs, face.defense_obj.config.epochs) == (3, 3)
+    # a YAML of our own names (no BackdoorBench key of NAD's) keeps them as ours
+    own = tmp_path / "own_nad.yaml"
+    own.write_text("epochs: 7\nweight_decay: 0.001\nteacher_epochs: 2\n")
+    face.configure(_face_args(face, ["--yaml_path", str(own)]))
+    assert (face.defense_obj.config.epochs, face.defense_obj.config.weight_decay,
+            face.defense_obj.config.teacher_epochs) == (7, 0.001, 2)
+
+
 def test_backdoorbench_flags_map_to_our_options_and_cli_wins(tmp_path):
     face = BackdoorBenchDefense("anp", save_name="otbr_anp")
     path = _bb_yaml(tmp_path, "anp", nb_iter=2000, print_every=500, anp_eps=0.4)

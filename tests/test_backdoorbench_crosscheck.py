@@ -207,6 +207,140 @@ def test_pruned_units_are_read_from_the_weights(tmp_path):
     assert mod.min_anp_mask(tmp_path) is None
 
 
+def _tuning_settings(mod, tmp_path, **kw):
+    base = dict(bb_root=tmp_path, bb_python="python", out=tmp_path, work=tmp_path / "work",
+                dataset_paths={"resize": "./data/x_resize", "pad": "./data/x"}, layout="resize",
+                attacks=["blended@pad", "badnet:6%0.3"], attack_epochs=3, attack_batch=32, n_train=1000, n_test=250,
+                seeds=[0, 1, 2], seeds_blended=[0], threads=1, fp_epochs=2, fp_once_prune_ratio=0.1, fp_ratio=0.05,
+                anp_iters=24, anp_batch=16, anp_pruning_step=0.3, anp_lr=0.2, clp_u=3.0,
+                defenses=["ft", "nad", "ep"], ft_epochs=20, ft_batch=16, nad_epochs=4, nad_batch=8, clean_ratio=0.1,
+                ep_u=2.5, ep_batch=64)
+    base.update(kw)
+    return mod.Settings(**base)
+
+
+def test_ft_nad_ep_run_both_sides_on_one_command_line(tmp_path):
+    mod = _load_script()
+    a = mod.parse_args([str(tmp_path), "--out", "o", "--defenses", "ft", "nad", "ep", "--ft-epochs", "20",
+                        "--nad-epochs", "4", "--clean-ratio", "0.1", "--ep-u", "2.5"])
+    assert (a.defenses, a.ft_epochs, a.ft_batch, a.nad_epochs, a.nad_batch, a.clean_ratio, a.ep_u, a.ep_batch) == \
+        (["ft", "nad", "ep"], 20, 256, 4, 256, 0.1, 2.5, 256)  # BackdoorBench's batch 256 unless given
+    with pytest.raises(SystemExit):
+        mod.parse_args([str(tmp_path), "--out", "o", "--defenses", "sau"])  # not in the crosscheck
+    (tmp_path / "config" / "defense" / "ep").mkdir(parents=True)
+    (tmp_path / "config" / "defense" / "ep" / "gtsrb.yaml").write_text("u: 3\nu_min: 0\nu_max: 10\nu_num: 21\nlr: 0.01\n")
+    s = _tuning_settings(mod, tmp_path)
+    runs = mod.defense_runs(s, "blended@pad")
+    assert {r.name for r in runs} == {"ft", "nad", "ep"}
+    for name in ("ft", "nad", "ep"):
+        bb = [r for r in runs if r.name == name and r.impl == "BackdoorBench"]
+        ours = [r for r in runs if r.name == name and r.impl == "plug-in"]
+        assert [r.seed for r in bb] == [0, 1, 2] and [r.seed for r in ours] == [0]  # plugin_seeds 1
+        assert bb[0].script == f"./defense/{name}.py" and ours[0].script == f"./defense/otbr_{name}.py"
+        assert ours[0].args == bb[0].args and ours[0].variant == mod.BB_FLAGS  # the same command line
+        assert f"__{mod.budget_tag(s, name)}__s0" in bb[0].kept and ours[0].kept != bb[0].kept
+        assert "./data/x" in bb[0].args and bb[0].args[bb[0].args.index("--device") + 1] == "cpu"
+
+    def flag(name, key):
+        args = next(r.args for r in runs if r.name == name)
+        return args[args.index(key) + 1]
+
+    assert (flag("ft", "--epochs"), flag("ft", "--batch_size"), flag("ft", "--ratio")) == ("20", "16", "0.1")
+    assert flag("ft", "--yaml_path") == "./config/defense/ft/gtsrb.yaml"
+    # NAD: te_epochs is BackdoorBench's teacher AND student epochs; --epochs sets the drop-in's student
+    assert (flag("nad", "--te_epochs"), flag("nad", "--epochs"), flag("nad", "--batch_size")) == ("4", "4", "8")
+    # EP: BackdoorBench's YAML with its u sweep narrowed to u (a copy), and its one poisoned batch
+    assert (flag("ep", "--u"), flag("ep", "--batch_size")) == ("2.5", "64")
+    import yaml
+
+    copy = yaml.safe_load(Path(flag("ep", "--yaml_path")).read_text())
+    assert (copy["u"], copy["u_min"], copy["u_max"], copy["u_num"], copy["lr"]) == (2.5, 2.5, 2.5, 1, 0.01)
+    assert mod.budget_tag(s, "ft") == "e20-b16-r0.1" and mod.budget_tag(s, "nad") == "te4-b8-r0.1"
+    assert mod.budget_tag(s, "ep") == "u2.5-b64"
+    other = {r.kept for r in mod.defense_runs(_tuning_settings(mod, tmp_path, ft_epochs=5), "blended@pad")
+             if r.name == "ft"}
+    assert other.isdisjoint({r.kept for r in runs if r.name == "ft"})  # another budget, other runs
+    assert not [r for r in mod.defense_runs(_tuning_settings(mod, tmp_path, defenses=["otbr"]), "blended@pad")
+                if r.name in mod.TUNING]
+    # --nad-bb-layers: the drop-in's NAD once more, on the layers BackdoorBench's nad.py distils
+    layered = [r for r in mod.defense_runs(_tuning_settings(mod, tmp_path, nad_bb_layers=True), "blended@pad")
+               if r.variant == mod.NAD_LAYERS_VARIANT]
+    assert [r.seed for r in layered] == [0] and layered[0].args[-6:-2] == ["--attention_layers", "layer3", "layer4",
+                                                                            "avgpool"]
+    assert layered[0].kept not in {r.kept for r in runs}
+    settings = mod.cpu_settings(s)
+    assert settings["FT epochs"] == "20 [100]" and settings["NAD te_epochs (teacher and student)"] == "4 [10]"
+    assert "FT epochs" not in mod.cpu_settings(_tuning_settings(mod, tmp_path, defenses=["fp"]))
+    # BackdoorBench's first seed and the drop-in's come before BackdoorBench's further seeds
+    order = [(r.name, r.impl, r.seed) for r in mod.schedule(s) if r.kind == "defense" and r.record.endswith("blended")]
+    assert order.index(("ep", "plug-in", 0)) < order.index(("ft", "BackdoorBench", 1))
+
+
+def test_summaries_of_ft_nad_ep_and_the_drop_ins_environment(tmp_path):
+    mod = _load_script()
+    s = _tuning_settings(mod, tmp_path)
+    assert {mod.SUMMARY_FILE[k] for k in ("ft", "nad", "ep")} == {"ft_df_summary.csv", "nad_df_summary.csv",
+                                                                  "ep_df_summary.csv"}
+    run = mod.Run("defense", "rec", "ep", "BackdoorBench", "./defense/ep.py", [], 0, "", "record/rec/defense/ep",
+                  "record/rec/defense/crosscheck/ep__s0")
+    out = tmp_path / run.kept
+    out.mkdir(parents=True)
+    # BackdoorBench's ep.py writes one row (the model of --u), indexed 0, no "last" row
+    (out / "ep_df_summary.csv").write_text(",u,clean_test_loss_avg_over_batch,bd_test_loss_avg_over_batch,test_acc,"
+                                           "test_asr,test_ra\n0,3.0,1.2,0.1,0.64,0.96,0.02\n")
+    assert mod.run_metrics(s, run) == {"acc": 0.64, "asr": 0.96, "ra": 0.02}
+    ours = mod.Run("defense", "rec", "nad", "plug-in", "./defense/otbr_nad.py", [], 0, mod.BB_FLAGS,
+                   "record/rec/defense/otbr_nad", "record/rec/defense/crosscheck/otbr_nad__s0")
+    assert mod.SUMMARY_FILE[Path(ours.output).name] == "otbr_nad_df_summary.csv"
+    # the drop-ins import this checkout's otbr-plugin; BackdoorBench's scripts get only its compat folder
+    env = mod.run_env(s, ours)
+    assert env["PYTHONPATH"] == str(mod.REPO) and "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in env
+    assert mod.run_env(s, run)["PYTHONPATH"] == str(mod.COMPAT_DIR)
+
+
+def test_ep_channels_are_compared_by_the_weights():
+    torch = pytest.importorskip("torch")
+    mod = _load_script()
+    before = {"a.bn.weight": torch.tensor([1.0, 1.0, 0.0, 1.0]), "a.bn.running_mean": torch.zeros(4),
+              "b.bn.weight": torch.ones(3), "b.bn.running_mean": torch.zeros(3), "fc.weight": torch.ones(2)}
+    bb = dict(before, **{"a.bn.weight": torch.tensor([0.0, 1.0, 0.0, 0.0]), "b.bn.weight": torch.tensor([1.0, 0.0, 1.0])})
+    ours = dict(before, **{"a.bn.weight": torch.tensor([0.0, 1.0, 0.0, 1.0]), "fc.weight": torch.zeros(2)})
+    assert mod.pruned_bn_channels(bb, before) == ["a.bn:0", "a.bn:3", "b.bn:1"]
+    assert mod.pruned_bn_channels(ours, before) == ["a.bn:0"]  # a channel 0 before, and a non-BN tensor, do not count
+    assert mod.pruned_units(bb, before, "ep") == 3
+    rows = mod.ep_overlap({("r", "BackdoorBench", 0): mod.pruned_bn_channels(bb, before),
+                           ("r", "BackdoorBench", 1): [], ("r", "plug-in", 0): mod.pruned_bn_channels(ours, before),
+                           ("other", "plug-in", 0): ["a.bn:3"]})
+    assert [(r["bb_seed"], r["plugin_seed"], r["bb_pruned"], r["plugin_pruned"], r["common"]) for r in rows] == \
+        [(0, 0, 3, 1, 1), (1, 0, 0, 1, 0)]
+
+
+def test_compat_lets_backdoorbench_import_its_dde_models(tmp_path):
+    """BackdoorBench f02e353's dde_model package imports ``defense.dde``, which its tree lacks (ep.py fails at
+    import); the compat folder's stand-in resolves it to the package itself. Checked on a tree of that shape."""
+    import subprocess
+
+    mod = _load_script()
+    pkg = tmp_path / "utils" / "defense_utils" / "dde" / "dde_model"
+    pkg.mkdir(parents=True)
+    for d in (tmp_path / "utils", tmp_path / "utils" / "defense_utils", tmp_path / "utils" / "defense_utils" / "dde"):
+        (d / "__init__.py").write_text("")
+    (tmp_path / "defense").mkdir()
+    (tmp_path / "defense" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from .layers import *\nfrom .conv import *\n")
+    (pkg / "layers.py").write_text("class LayerNorm_DDE:\n    pass\n")
+    (pkg / "conv.py").write_text("from defense.dde import dde_model\n\ndef norm():\n    return dde_model.LayerNorm_DDE\n")
+    code = ("import sys; sys.path.insert(0, '.'); import numpy as np; "
+            "import utils.defense_utils.dde.dde_model as m; assert m.norm() is m.LayerNorm_DDE; "
+            "assert np.infty == np.inf; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    plain = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "No module named 'defense.dde'" in plain.stderr  # the failure the stand-in is for
+    env["PYTHONPATH"] = str(mod.COMPAT_DIR)
+    fixed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert fixed.returncode == 0 and fixed.stdout.strip() == "ok", fixed.stderr
+
+
 BB_ROOT = os.environ.get("BACKDOORBENCH_ROOT")
 BB_PYTHON = os.environ.get("BACKDOORBENCH_PYTHON", sys.executable)
 

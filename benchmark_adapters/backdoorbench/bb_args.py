@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["BBArgs", "bb_flags", "bb_help", "short_option", "translate_bb", "u_values", "BB_BOOL"]
+__all__ = ["BBArgs", "bb_flags", "bb_help", "bb_file_keys", "short_option", "translate_bb", "u_values", "BB_BOOL"]
 
 
 def BB_BOOL(value: Any) -> bool:
@@ -79,6 +79,9 @@ _UNUSED: dict[str, tuple[str, ...]] = {
     "nad": ("epochs", "lr_scheduler", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "momentum",
             "weight_decay"),
 }
+# a BackdoorBench key that also sets, as BackdoorBench's script uses it, another of our fields unless the same layer
+# gives that field itself (NAD: te_epochs is the epochs of BackdoorBench's teacher AND student)
+_IMPLIED: dict[str, dict[str, str]] = {"nad": {"te_epochs": "epochs"}}
 _SPECIAL = {"fp": ("client_optimizer", "lr_scheduler", "index"), "anp": ("nb_iter", "pruning_number", "index"),
             "clp": ("u_min", "u_max", "u_num", "index"), "otbr": ("index",),
             "ep": ("u_min", "u_max", "u_num", "index"), "ft": ("client_optimizer", "lr_scheduler", "index"),
@@ -92,6 +95,18 @@ def bb_flags(defense: str) -> dict[str, Callable[[Any], Any]]:
     if defense == "anp":
         keys.add("print_every")
     return {k: _TYPES[k] for k in sorted(keys)}
+
+
+def bb_file_keys(defense: str, layer: dict[str, Any], fields: set[str]) -> set[str]:
+    """The keys of one YAML ``layer`` to read as BackdoorBench's: every BackdoorBench key that is not a field of ours
+    (``fields``) and, when the file holds one of the keys BackdoorBench's own script for ``defense`` reads under a
+    name that is not ours (e.g. NAD's te_epochs, wd: a BackdoorBench YAML), also the keys that script declares but
+    never reads, though ours bear their names (NAD's epochs, momentum, weight_decay: reported as ignored)."""
+    bb_only = set(bb_flags(defense)) - fields
+    own = (set(_MAPPED.get(defense, {})) | set(_SPECIAL.get(defense, ()))) - fields - {"index"}
+    if any(k in own and layer.get(k) is not None for k in layer):
+        return bb_only | (set(_UNUSED.get(defense, ())) & fields)
+    return bb_only
 
 
 def bb_help(defense: str, key: str) -> str:
@@ -130,6 +145,7 @@ class BBArgs:
     sweep: dict[str, Any] = field(default_factory=dict)
     index_file: str | None = None
     notes: list[str] = field(default_factory=list)
+    implied: dict[str, Any] = field(default_factory=dict)  # fields set unless the layer gives them (``_IMPLIED``)
 
 
 def _num(key: str, value: Any, kind: type) -> Any:
@@ -169,6 +185,11 @@ def translate_bb(defense: str, raw: dict[str, Any], other_layer: dict[str, Any] 
             kind = _TYPES[key]
             out.fields[ours] = _num(key, value, kind) if kind in (int, float) else str(value)
             out.mapped[key] = ours
+            also = _IMPLIED.get(defense, {}).get(key)
+            if also is not None:
+                out.implied[also] = out.fields[ours]
+                out.notes.append(f"{key} {out.fields[ours]}: BackdoorBench's {defense}.py runs it for the student too, "
+                                 f"so {also} = {out.fields[ours]} unless {also} is given")
         elif key == "client_optimizer":
             if str(value).lower() != "sgd":
                 raise ValueError(f"BackdoorBench's client_optimizer={value!r} is not supported: otbr_{defense} fine-tunes "

@@ -46,7 +46,7 @@ from otbr_plugin.data.specs import get_dataset_spec
 from otbr_plugin.data.subsets import read_index_file
 from otbr_plugin.defenses import Defense, get_defense
 
-from .bb_args import BBArgs, bb_flags, bb_help, short_option, translate_bb, u_values
+from .bb_args import BBArgs, bb_file_keys, bb_flags, bb_help, short_option, translate_bb, u_values
 from .clean_test import load_clean_test, resolve_data_root
 from .record import load_attack_result
 from .writer import write_defense_result, write_defense_summary
@@ -215,9 +215,13 @@ class BackdoorBenchDefense:
             base = {k: v for k, v in base.items() if k != "trust_checkpoint"}
         fields = set(self.config_fields)
         bb_keys = set(bb_flags(self.name)) - fields - _HARNESS_NAMES
-        bb_base = translate_bb(self.name, {k: v for k, v in base.items() if k in bb_keys and v is not None}, cli)
+        # a BackdoorBench YAML may hold keys its script never reads under our fields' names (NAD's epochs,
+        # momentum, weight_decay): read as BackdoorBench's there; on the command line our names keep our meaning
+        bb_file = bb_file_keys(self.name, base, fields) - _HARNESS_NAMES
+        bb_base = translate_bb(self.name, {k: v for k, v in base.items() if k in bb_file and v is not None}, cli)
         bb_cli = translate_bb(self.name, {k: v for k, v in cli.items() if k in bb_keys}, base)
-        self._yaml_fields = _with_bb({k: v for k, v in base.items() if k in fields}, bb_base, yaml_path or "YAML")
+        self._yaml_fields = _with_bb({k: v for k, v in base.items() if k in fields and k not in bb_file}, bb_base,
+                                     yaml_path or "YAML")
         self._cli_fields = _with_bb({k: v for k, v in cli.items() if k in fields}, bb_cli, "command line")
         self.bb_args = BBArgs(ignored=sorted(set(bb_base.ignored) | set(bb_cli.ignored)),
                               mapped={**bb_base.mapped, **bb_cli.mapped}, sweep={**bb_base.sweep, **bb_cli.sweep},
@@ -233,7 +237,8 @@ class BackdoorBenchDefense:
             self.bb_args.ignored.append("index")
         if self.bb_args.sweep:
             u_values(self.bb_args.sweep)  # all three keys, a valid grid: checked now, before any data is loaded
-        merged = {k: v for k, v in {**base, **cli}.items() if k not in bb_keys}
+        merged = {**{k: v for k, v in base.items() if k not in bb_file},
+                  **{k: v for k, v in cli.items() if k not in bb_keys}}
         # harness keys that cannot change this defense's result: reported with BackdoorBench's ignored ones
         idle = [k for k in ("num_workers",) if k in merged] + (["batch_size"] if "batch_size" in merged and
                                                                "batch_size" not in fields else [])
@@ -416,6 +421,8 @@ def _with_bb(ours: dict[str, Any], bb: BBArgs, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: {key}={out[key]!r} and BackdoorBench's {bb_name}={value!r} set the same option "
                              "to different values; give one of them")
         out[key] = value
+    for key, value in bb.implied.items():  # e.g. NAD's te_epochs -> the student's epochs, unless given
+        out.setdefault(key, value)
     return out
 
 
