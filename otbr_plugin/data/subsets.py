@@ -40,10 +40,14 @@ class CleanData:
         return f"clean subset of {len(self)}"
 
 
-def stratified_indices(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
-    """Indices of a sample holding ``ratio`` of each class (at least one per present class), sorted."""
+def _check_ratio(ratio: float) -> None:
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+
+
+def stratified_indices(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Indices of a sample holding ``ratio`` of each class (at least one per present class), sorted."""
+    _check_ratio(ratio)
     gen = torch.Generator().manual_seed(seed)
     picked = []
     for cls in torch.unique(labels):
@@ -56,8 +60,7 @@ def stratified_indices(labels: torch.Tensor, ratio: float, seed: int) -> torch.T
 def uniform_indices(n: int, ratio: float, seed: int) -> torch.Tensor:
     """Indices of a plain random sample of ``int(n * ratio)`` of ``n`` items (at least one), sorted: no per-class
     quota, as BackdoorBench's ``choose_index`` (``random.sample``; not its random stream)."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    _check_ratio(ratio)
     gen = torch.Generator().manual_seed(seed)
     k = max(1, int(n * ratio))
     return torch.sort(torch.randperm(n, generator=gen)[:k]).values
@@ -69,8 +72,7 @@ def backdoorbench_stream_indices(n: int, ratio: float, seed: int, draw: int = 1)
     ``choose_index`` after seeding gives the subset (anp.py: the 1st; fp.py: the 2nd, as it calls it twice and
     logs/saves the first). Reproduced with a private ``random.Random(seed)`` (the same stream, the global one
     untouched); the indices in BackdoorBench's order (unsorted)."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    _check_ratio(ratio)
     if draw < 1:
         raise ValueError(f"draw must be >= 1, got {draw!r}")
     k = int(n * ratio)
