@@ -212,6 +212,7 @@ class Settings:
     ep_u: float = 3.0  # EP's u (BackdoorBench: 3, plus a test-set u sweep 0-10 that the YAML copy narrows to u)
     ep_batch: int = 256  # EP's batch: BackdoorBench's ep.py reads ONE batch of the poisoned training set
     nad_bb_layers: bool = False  # also the drop-in's NAD on BackdoorBench's attention layers (NAD_BB_LAYERS)
+    nad_bn_reestimate: bool = False  # also the drop-in's NAD runs with --bn_stats reestimate (NAD_BN_VARIANT)
 
 
 def attack_pratio(spec: str) -> tuple[str, float | None]:
@@ -420,6 +421,17 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
                 if name == "nad" and s.nad_bb_layers:
                     add(name, "plug-in", "./defense/otbr_nad.py", [*args, "--attention_layers", *NAD_BB_LAYERS],
                         seed, "otbr_nad", NAD_LAYERS_VARIANT)
+                if name == "nad":
+                    nad_variants = [(BB_FLAGS, args)]
+                    if s.paired_subsets:  # BackdoorBench's nad.py trains on the 1st choose_index draw
+                        nad_variants.append((NAD_PAIRED_VARIANT,
+                                             [*args, "--index", str(bb_stream_index_file(s, seed))]))
+                        add(name, "plug-in", "./defense/otbr_nad.py", nad_variants[-1][1], seed, "otbr_nad",
+                            NAD_PAIRED_VARIANT)
+                    if s.nad_bn_reestimate:
+                        for variant, nad_args in nad_variants:
+                            add(name, "plug-in", "./defense/otbr_nad.py", [*nad_args, "--bn_stats", "reestimate"],
+                                seed, "otbr_nad", variant + NAD_BN_VARIANT)
     return runs
 
 
@@ -435,6 +447,28 @@ BB_FLAGS = "flags=backdoorbench"  # the drop-in run on BackdoorBench's own comma
 # the outputs of layer3, layer4 and avgpool, for beta1, beta2, beta3); the drop-in's default: layer2, layer3, layer4
 NAD_BB_LAYERS = ("layer3", "layer4", "avgpool")
 NAD_LAYERS_VARIANT = BB_FLAGS + ",attention_layers=" + "+".join(NAD_BB_LAYERS)
+# --paired-subsets for NAD: the drop-in on BackdoorBench's own clean subset at the same seed, given as --index FILE
+# (BackdoorBench's nad.py trains on the first choose_index draw after fix_random: bb_stream_index_file)
+NAD_PAIRED_VARIANT = BB_FLAGS + ",index=backdoorbench_stream"
+# --nad-bn-reestimate: the drop-in's NAD with bn_stats: reestimate (BN statistics re-estimated on the clean subset
+# after the distillation; an option of the plug-in, not BackdoorBench's semantics), appended to a variant's name
+NAD_BN_VARIANT = ",bn_stats=reestimate"
+NAD_VARIANTS = (BB_FLAGS + NAD_BN_VARIANT, NAD_PAIRED_VARIANT, NAD_PAIRED_VARIANT + NAD_BN_VARIANT)
+
+
+def bb_stream_index_file(s: Settings, seed: int) -> Path:
+    """A file (under the work dir; written once) of BackdoorBench's clean subset at ``--random_seed seed`` for the
+    FT/NAD ratio, in ``--index`` format: the first ``choose_index`` draw (``backdoorbench_stream_indices``)."""
+    from otbr_plugin.data.subsets import backdoorbench_stream_indices
+    from otbr_plugin.io import write_text
+
+    idx = backdoorbench_stream_indices(s.n_train, s.clean_ratio, seed, draw=1)
+    path = s.work / "indices" / f"bb_stream_n{s.n_train}_r{s.clean_ratio:g}_s{seed}.txt"
+    text = "".join(f"{i}\n" for i in idx)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, text)
+    return path
 BUDGETED = ("fp", "anp", "ft", "nad", "ep")  # defenses whose CPU-sized budget is part of a run's name
 
 
@@ -806,7 +840,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for name in ("fp", "anp", *TUNING):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, PAIRED_SETTING, PAIRED_BB_SCHEDULE, BB_FLAGS, NAD_LAYERS_VARIANT, ""):
+                for variant in (BB_SETTING, PAIRED_SETTING, PAIRED_BB_SCHEDULE, BB_FLAGS, NAD_LAYERS_VARIANT,
+                                *NAD_VARIANTS, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:
                         continue
@@ -1059,6 +1094,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run the drop-in's NAD with --attention_layers " + " ".join(NAD_BB_LAYERS) + ": the layers "
                         "BackdoorBench's nad.py distils in its preactresnet18 (the drop-in's default: layer2 layer3 "
                         "layer4)")
+    p.add_argument("--nad-bn-reestimate", action="store_true",
+                   help="also run each of the drop-in's NAD runs (flags=backdoorbench, and with --paired-subsets the "
+                        "one on BackdoorBench's subset) with --bn_stats reestimate: its BN running statistics "
+                        "re-estimated on the clean subset after the distillation (the plug-in's option)")
     p.add_argument("--clean-ratio", type=float, default=0.05,
                    help="FT's and NAD's clean subset as a share of the training split (--ratio), both (BackdoorBench: "
                         "0.05)")
@@ -1074,7 +1113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paired-subsets", action="store_true",
                    help="also run the drop-ins' FP/ANP in BackdoorBench's setting with --subset_sampling "
                         "backdoorbench_stream (BackdoorBench's own clean subset at the same seed; own folders); "
-                        "FP both with the drop-in's schedule and with BackdoorBench's (cos_t_max 100, per epoch)")
+                        "FP both with the drop-in's schedule and with BackdoorBench's (cos_t_max 100, per epoch); "
+                        "NAD with --index FILE holding that subset (BackdoorBench's nad.py draws it once)")
+    p.add_argument("--only-variant", default=None, metavar="TEXT",
+                   help="run (and tabulate) only the defense runs whose variant name contains TEXT (e.g. "
+                        "bn_stats=reestimate)")
     p.add_argument("--tables-only", action="store_true", help="only rebuild the table from the runs that exist")
     return p.parse_args(argv)
 
@@ -1096,7 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
                  plugin_seeds=a.plugin_seeds, fp_bb_tmax=a.fp_bb_tmax, clp_u=a.clp_u, defenses=a.defenses,
                  wait_attacks_min=a.wait_attacks, ft_epochs=a.ft_epochs, ft_batch=a.ft_batch,
                  nad_epochs=a.nad_epochs, nad_batch=a.nad_batch, clean_ratio=a.clean_ratio, ep_u=a.ep_u,
-                 ep_batch=a.ep_batch, nad_bb_layers=a.nad_bb_layers)
+                 ep_batch=a.ep_batch, nad_bb_layers=a.nad_bb_layers,
+                 nad_bn_reestimate=a.nad_bn_reestimate)
     ver = versions(s)
     print(f"otbr-plugin crosscheck in {bb_root}: {ver['BackdoorBench commit']}", flush=True)
     # force: the drop-ins of the otbr-plugin that runs the crosscheck replace older ones (only defense/otbr*.py
@@ -1116,6 +1160,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = schedule(s)
     if a.only_impl:  # e.g. more seeds of the drop-ins while BackdoorBench's runs go on in another invocation
         runs = [r for r in runs if r.kind == "attack" or r.impl == a.only_impl]
+    if a.only_variant is not None:
+        runs = [r for r in runs if r.kind == "attack" or a.only_variant in r.variant]
     infos: dict[str, dict] = {}
     for run in runs:
         if _done_marker(s, run).is_file():

@@ -377,3 +377,36 @@ def test_crosscheck_smallest_setting(tmp_path):
     assert result["versions"]["BackdoorBench commit"] != "unknown"
     table = (out / "crosscheck.md").read_text()
     assert "| BackdoorBench |" in table and "| plug-in" in table
+
+
+def test_nad_paired_subset_and_bn_reestimate_runs(tmp_path):
+    """--paired-subsets gives the drop-in's NAD BackdoorBench's own subset (--index FILE of the first choose_index
+    draw); --nad-bn-reestimate adds each NAD drop-in run once more with --bn_stats reestimate; --only-variant."""
+    import random
+
+    mod = _load_script()
+    a = mod.parse_args([str(tmp_path), "--out", "o", "--defenses", "nad", "--nad-bn-reestimate",
+                        "--only-variant", "bn_stats=reestimate"])
+    assert a.nad_bn_reestimate is True and a.only_variant == "bn_stats=reestimate"
+    assert mod.parse_args([str(tmp_path), "--out", "o"]).nad_bn_reestimate is False
+    plain = [r for r in mod.defense_runs(_tuning_settings(mod, tmp_path, defenses=["nad"]), "blended@pad")
+             if r.impl == "plug-in"]
+    assert [r.variant for r in plain] == [mod.BB_FLAGS]  # neither flag: the one drop-in run as before
+    s = _tuning_settings(mod, tmp_path, defenses=["nad"], nad_bn_reestimate=True, plugin_seeds=2)
+    s.paired_subsets = True
+    runs = [r for r in mod.defense_runs(s, "blended@pad") if r.impl == "plug-in"]
+    by = {(r.variant, r.seed): r for r in runs}
+    paired, reest = mod.NAD_PAIRED_VARIANT, mod.BB_FLAGS + mod.NAD_BN_VARIANT
+    assert set(by) == {(v, seed) for v in (mod.BB_FLAGS, reest, paired, paired + mod.NAD_BN_VARIANT)
+                       for seed in (0, 1)}
+    base = by[(mod.BB_FLAGS, 1)].args
+    assert by[(reest, 1)].args == [*base[:-2], "--bn_stats", "reestimate", *base[-2:]]  # seed flag last
+    idx_args = by[(paired + mod.NAD_BN_VARIANT, 1)].args
+    assert idx_args[idx_args.index("--bn_stats") + 1] == "reestimate"
+    index = Path(idx_args[idx_args.index("--index") + 1])
+    assert index.is_absolute() and "--index" not in by[(reest, 1)].args
+    # BackdoorBench's nad.py: fix_random(seed), then random.sample(range(n), int(n * ratio)) once
+    random.seed(1)
+    assert [int(t) for t in index.read_text().split()] == random.sample(range(1000), 100)
+    assert len({r.kept for r in runs}) == len(runs)  # every variant its own folder
+    assert set(mod.NAD_VARIANTS) == {reest, paired, paired + mod.NAD_BN_VARIANT}

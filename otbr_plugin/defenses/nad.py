@@ -17,6 +17,19 @@ Backdoor Triggers from Deep Neural Networks", ICLR 2021). Needs the clean defens
    epoch ``lr_milestones[i]`` on (0.01 from epoch 2, 1e-4 from epoch 20), 20 epochs, random crop (and flip where
    the dataset allows it). The teacher follows the same schedule for its epochs.
 
+4. BatchNorm statistics (``bn_stats``, beyond the paper): "training" (default, the paper's and the official code's
+   NAD) keeps the running statistics the distillation left in the student; "reestimate" resets every BatchNorm's
+   running statistics after the distillation and re-estimates them as a cumulative average over one training-mode
+   pass over the clean defense subset (the training split the harness handed NAD), un-augmented and in batches of
+   ``batch_size_eval`` (one batch when the subset fits: then exactly the subset's per-channel mean and unbiased
+   variance), weights untouched. Why: at small subsets (50 images, 20 steps) the student's running statistics
+   (momentum 0.1, one update per step) lag the weights that the attention loss keeps moving, and the student loses
+   most of its clean accuracy through them (docs/baselines.md, NAD). Un-augmented, because the re-estimated
+   statistics serve inference on un-augmented inputs (the crop's zero border would shift them) and the pass then
+   draws nothing from the random stream. BackdoorBench's nad.py gets part of this effect differently: its three
+   extra training-mode forward passes per step update the statistics four times per step; "reestimate" is not that
+   semantics, only an explicit fix of the same symptom.
+
 Attention layers (``attention_layers``): module names whose outputs are distilled, one beta each. Left empty: the
 last three of ``layer1``..``layer4`` (the outputs of the last three residual stages of a ResNet; the paper's WRN-16-1
 has three groups, all distilled, with betas 500, 1000, 1000 from low to high). Other architectures name theirs.
@@ -32,14 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import to_float
+from ..otbr.repair import recalibrate_bn
 from .base import CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
 from .common import clean_accuracy, preprocess_batch
 from .ft import check_training_fields
 from .registry import register_defense
 
-__all__ = ["NADConfig", "NAD", "attention_map", "attention_loss", "default_attention_layers", "nad_train"]
+__all__ = ["NADConfig", "NAD", "attention_map", "attention_loss", "default_attention_layers", "nad_train",
+           "reestimate_bn"]
 
 DISTANCES = ("mse", "l2")
+BN_STATS = ("training", "reestimate")
 
 
 @dataclass
@@ -48,7 +65,9 @@ class NADConfig(DefenseConfig):
     ``p`` the attention power, ``distance`` "mse" (official code) or "l2" (the paper's Eq. 3), ``epochs`` / ``lr`` /
     ``lr_milestones`` / ``lr_values`` / ``batch_size`` / ``momentum`` / ``weight_decay`` / ``augment`` of the
     distillation, ``teacher_epochs`` of the teacher's fine-tuning (same schedule), ``attention_layers`` (empty:
-    the last three residual stages)."""
+    the last three residual stages), ``bn_stats`` "training" (the official NAD: the student's BN running statistics
+    as the distillation left them) or "reestimate" (reset and re-estimated from one un-augmented training-mode
+    pass over the clean subset after the distillation; module docstring, step 4)."""
 
     betas: list[float] = field(default_factory=lambda: [500.0, 1000.0, 1000.0])
     p: float = 2.0
@@ -64,6 +83,7 @@ class NADConfig(DefenseConfig):
     weight_decay: float = 1e-4
     augment: bool = True
     batch_size_eval: int = 512
+    bn_stats: Literal["training", "reestimate"] = "training"
 
     def validate(self) -> None:
         check_training_fields(self, {"teacher_epochs": "epochs", "epochs": "epochs", "batch_size": "batch",
@@ -96,6 +116,10 @@ class NADConfig(DefenseConfig):
                              f"got {self.lr_values!r}")
         if not isinstance(self.augment, bool):
             raise ValueError(f"augment must be true or false, got {self.augment!r}")
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {', '.join(map(repr, BN_STATS))} (\"training\": the "
+                             f"student's BatchNorm statistics as the distillation left them, the official NAD; "
+                             f"\"reestimate\": re-estimated on the clean subset afterwards), got {self.bn_stats!r}")
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of 0-based ``epoch``: ``lr`` until the first milestone, then the milestone's value."""
@@ -211,6 +235,14 @@ def nad_train(student: nn.Module, teacher: nn.Module | None, clean: CleanData, c
     return history
 
 
+def reestimate_bn(model: nn.Module, clean: CleanData, context: DefenseContext, batch_size: int) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are reset and re-estimated (cumulative average over
+    batches of ``batch_size``) from one un-augmented training-mode pass over the clean subset; weights unchanged,
+    the copy in eval mode on the context's device (``recalibrate_bn`` of the OTBR repair)."""
+    return recalibrate_bn(model, to_float(clean.images), context.normalizer, batch_size=batch_size,
+                          device=context.device)
+
+
 @register_defense
 class NAD(Defense):
     name = "nad"
@@ -236,11 +268,17 @@ class NAD(Defense):
                 prm.requires_grad_(False)
         with timer("distillation"):
             history = nad_train(student, teacher, clean, context, cfg, layers, cfg.epochs, 12)
+        acc_distilled = None
+        if cfg.bn_stats == "reestimate":
+            with timer("bn_reestimate"):
+                acc_distilled = clean_accuracy(student, clean, context, cfg.batch_size_eval)
+                student = reestimate_bn(student, clean, context, cfg.batch_size_eval)
         with timer("evaluate_subset"):
             acc_teacher = clean_accuracy(teacher, clean, context, cfg.batch_size_eval)
             acc_student = clean_accuracy(student, clean, context, cfg.batch_size_eval)
         diagnostics = {"attention_layers": layers, "betas": list(cfg.betas), "distance": cfg.distance,
                        "samples": len(clean), "teacher_subset_acc": acc_teacher, "student_subset_acc": acc_student,
+                       "bn_stats": cfg.bn_stats, "student_subset_acc_before_bn_reestimate": acc_distilled,
                        "teacher_finetune": teacher_history, "distillation": history}
         return DefenseOutcome(model=student.eval(), diagnostics=diagnostics, stage_seconds=timer.seconds,
                               data_used=context.data_used(), units_removed=0)

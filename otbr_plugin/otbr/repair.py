@@ -208,14 +208,19 @@ def distill(
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, batch_size: int = 256,
                    device: torch.device | str = "cpu") -> nn.Module:
-    """A copy of ``model`` whose BN running statistics are re-estimated (cumulative average) on ``images``."""
+    """A copy of ``model`` whose BN running statistics are re-estimated (cumulative average over the batches of
+    ``batch_size``) on ``images`` (pixel space); its weights and its BNs' momentum are those of ``model``."""
     m = copy.deepcopy(model).to(device)
-    for bn in _bn_layers(m):
+    bns = _bn_layers(m)
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
     m.train()
     for i in range(0, images.shape[0], batch_size):
         m(normalizer(images[i:i + batch_size].to(device)))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
     return m.eval()
 
 
