@@ -125,14 +125,19 @@ def test_interval_equals_an_independent_computation():
     assert lo2.at["badnets", ("otbr", "acc")] != lo.at["badnets", ("otbr", "acc")]
 
 
-def test_several_seeds_average_their_replicates():
+def test_several_training_seeds_are_resampled_then_the_images():
     n_boot = 200
     r0, r1 = rec_from(AFTER_A, seed=0), rec_from(AFTER_B, seed=1)
     mean, _ = comparison_table([r0, r1])
     lo, hi = interval_table([r0, r1], mean, n_boot=n_boot)
     clean = _independent_rows(f"clean:{N_CLEAN}", N_CLEAN, n_boot)
-    reps = (AFTER_A.clean.numpy()[clean].mean(1) + AFTER_B.clean.numpy()[clean].mean(1)) / 2
+    leaves = np.stack([AFTER_A.clean.numpy()[clean].mean(1), AFTER_B.clean.numpy()[clean].mean(1)])  # (seed, boot)
+    drawn = _independent_rows("seeds:badnets:otbr", 2, n_boot)  # per replicate, 2 training seeds with replacement
+    reps = leaves[drawn, np.arange(n_boot)[:, None]].mean(1)
     assert lo.at["badnets", ("otbr", "acc")] == pytest.approx(np.percentile(reps, 2.5) * 100, abs=1e-9)
+    assert hi.at["badnets", ("otbr", "acc")] == pytest.approx(np.percentile(reps, 97.5) * 100, abs=1e-9)
+    assert lo.attrs["levels"] == ("test images", "training seeds")
+    assert "over test images and training seeds (two-level" in format_table(mean, _, "md", lo, hi)
 
 
 def test_paired_interval_of_identical_defenses_is_exactly_zero():

@@ -14,11 +14,17 @@ Resampling (documented, the same everywhere):
   set uses the same resampled images) and ``poisoned:<checkpoint sha256>:<n>`` for a checkpoint's poisoned set.
 - Per replicate, ACC/ASR/RA are the means over the resampled images, before and after the defense on the *same*
   images, and DER = (max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1) / 2 from those pairs.
-- A table cell that averages several records (seeds, or attacks in the average row) averages their replicates
-  replicate by replicate; the interval is the 2.5 / 97.5 percentile of the replicates (percentile bootstrap, 95%).
-  It covers test-set sampling only; the spread over seeds is the ``± std`` beside it.
+- Seeds (two-level, hierarchical bootstrap; :func:`seed_replicates`): a cell over several records is a tree,
+  training seeds (checkpoints) over defense seeds. Per replicate, each level with >= 2 members is resampled with
+  replacement (the training seeds, then, for each drawn one, its defense seeds), and the replicate is the mean over
+  the drawn training seeds of the mean over their drawn defense seeds of that replicate's test-image value. A level
+  with one member is not resampled, so a single-record cell keeps exactly its test-image replicates. The seed draws
+  come from the generator of the stream ``seeds:<cell>`` (the same for every metric of the cell). The average row
+  averages its attacks' replicates (attacks are fixed, not resampled). The interval is the 2.5 / 97.5 percentile of
+  the replicates (percentile bootstrap, 95%).
 - A paired comparison of two defenses on the same checkpoint takes, replicate by replicate, the difference of
-  their metrics on the same resampled images; the difference is "real" when its 95% interval excludes 0.
+  their metrics on the same resampled images, each side's defense seeds resampled independently (its own stream:
+  defense A's seed k and B's seed k are unrelated draws); the difference is "real" when its 95% interval excludes 0.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import numpy as np
 
 __all__ = ["PER_SAMPLE_FORMAT", "encode_bits", "decode_bits", "per_sample_payload", "check_per_sample",
            "resample_indices", "replicate_means", "record_replicates", "Interval", "percentile_interval",
-           "group_interval", "paired_difference", "DEFAULT_BOOT", "DEFAULT_BOOT_SEED", "BOOT_CHUNK"]
+           "group_interval", "paired_difference", "seed_tree", "seed_replicates", "resampled_levels",
+           "levels_text", "DEFAULT_BOOT", "DEFAULT_BOOT_SEED", "BOOT_CHUNK"]
 
 PER_SAMPLE_FORMAT = 1
 ENCODING = "numpy.packbits (bitorder big, zero padded), base64"
@@ -231,3 +238,64 @@ def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], metric
     if diff.shape != np.asarray(b[metric]).shape or not math.isfinite(point):
         raise ValueError("paired replicates must have the same shape and a finite point difference")
     return point, percentile_interval(diff, level)
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+SeedTree = Sequence[Sequence[np.ndarray]]
+"""Replicates of one cell as training seeds (outer) x defense seeds (inner), each leaf an array of ``n_boot``."""
+
+
+def seed_tree(pairs: Iterable[tuple[Any, Any]]) -> list[list[Any]]:
+    """``(record, value)`` pairs grouped as a :data:`SeedTree`: outer by training seed, inner by defense seed, both in
+    ascending order (a record without a defense seed sorts first)."""
+    by_seed: dict[int, list[tuple[int, Any]]] = {}
+    for r, v in pairs:
+        by_seed.setdefault(int(r.seed), []).append((-1 if r.defense_seed is None else int(r.defense_seed), v))
+    return [[v for _, v in sorted(by_seed[s], key=lambda t: t[0])] for s in sorted(by_seed)]
+
+
+def resampled_levels(trees: Iterable[SeedTree]) -> tuple[str, ...]:
+    """Which levels :func:`seed_replicates` resamples over ``trees``: always ``test images``, then ``training seeds``
+    where some tree has >= 2 of them and ``defense seeds`` where some training seed has >= 2 defense seeds."""
+    trees = list(trees)
+    out = ["test images"]
+    if any(len(t) >= 2 for t in trees):
+        out.append("training seeds")
+    if any(len(inner) >= 2 for t in trees for inner in t):
+        out.append("defense seeds")
+    return tuple(out)
+
+
+def levels_text(levels: Sequence[str]) -> str:
+    """``test images``, ``test images and defense seeds``, ``test images, training seeds and defense seeds``."""
+    return levels[0] if len(levels) == 1 else ", ".join(levels[:-1]) + " and " + levels[-1]
+
+
+def seed_replicates(tree: SeedTree, seed: int, stream: str) -> np.ndarray:
+    """The replicates (``n_boot``) of a cell's mean over its seeds by the two-level bootstrap of the module docstring:
+    per replicate, the training seeds drawn with replacement (when >= 2), for each drawn one its defense seeds drawn
+    with replacement (when >= 2), the mean of the drawn leaves' values at that replicate. A tree of one leaf gives
+    that leaf unchanged. Deterministic given ``seed`` and ``stream``."""
+    groups = [[np.asarray(leaf, dtype=float) for leaf in inner] for inner in tree]
+    if not groups or any(not g for g in groups):
+        raise ValueError("a seed tree needs at least one training seed, each with at least one record")
+    n_boot = groups[0][0].shape[0]
+    if any(leaf.shape != (n_boot,) for g in groups for leaf in g):
+        raise ValueError("every record of a seed tree must have the same number of replicates")
+    if len(groups) == 1 and len(groups[0]) == 1:
+        return groups[0][0]
+    rng = _rng(seed, f"seeds:{stream}")
+    n_out = len(groups)
+    outer = rng.integers(0, n_out, size=(n_boot, n_out)) if n_out >= 2 else np.zeros((n_boot, 1), dtype=np.int64)
+    rows = np.arange(n_boot)
+    inner_means = np.empty((n_out, n_boot, n_out))  # [group, replicate, outer slot]
+    for g, leaves in enumerate(groups):
+        stacked = np.stack(leaves, axis=1)  # (n_boot, k)
+        k = stacked.shape[1]
+        if k == 1:
+            inner_means[g] = stacked[:, :1]
+            continue
+        idx = rng.integers(0, k, size=(n_boot, n_out, k))
+        inner_means[g] = stacked[rows[:, None, None], idx].mean(axis=-1)
+    slots = np.arange(n_out)
+    return inner_means[outer, rows[:, None], slots[None, :]].mean(axis=1)

@@ -31,7 +31,7 @@ import pandas as pd
 from .records import RunRecord
 from ..io import is_inside, plain_text_plots, read_regular
 from ..io import write_text as write_text_atomic
-from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED
+from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text
 from .summary import defense_summary, format_summary
 from .tables import (DEFAULT_ACC_DROP, HIGHER_IS_BETTER, METRICS, best_mask, bound_note, comparison_table,
                      eligible_mask, format_cell, grid_order, interval_table, load_records, ordered)
@@ -208,8 +208,13 @@ def table_html(records: Sequence[RunRecord], metrics: Sequence[str] = METRICS, *
         tables.append(f'<div class="scroll"><table class="comparison">{head1}{head2}{"".join(rows)}</table></div>')
     has_ci = bool(lo.notna().any().any())
     notes = [bound_note(acc_drop)] if acc_drop is not None else []
-    notes.append("Under each value: its 95% bootstrap interval over test images (resampled from the per-sample "
-                 "outcomes the records keep; test-set sampling only, the ± std is the spread over seeds)."
+    levels = tuple(lo.attrs.get("levels", ("test images",)))
+    notes.append(("Under each value: its 95% bootstrap interval over test images (resampled from the per-sample "
+                  "outcomes the records keep; test-set sampling only, the ± std is the spread over seeds)."
+                  if levels == ("test images",) else
+                  f"Under each value: its 95% bootstrap interval over {levels_text(levels)} (two-level bootstrap: "
+                  "per replicate the seeds drawn with replacement, then the test images, from the per-sample outcomes "
+                  "the records keep; the ± std is the spread over seeds).")
                  if has_ci else "No interval: these records keep no per-sample outcomes (written before record "
                  "schema 2).")
     return "".join(tables) + "".join(f"<p class=note>{_e(n)}</p>" for n in notes)
@@ -235,12 +240,19 @@ def differences_html(records: Sequence[RunRecord], metrics: Sequence[str] = ("de
     if df.empty:
         return ""
     real = df[df["significant"]]
+    levels = tuple(df.attrs.get("levels", ("test images",)))
+    over = ("both defenses scored on the same resampled test images" if levels == ("test images",) else
+            f"over {levels_text(levels)}: per replicate each side's seeds drawn with replacement, independently, then "
+            "both scored on the same resampled test images")
+    covers = ("test-set sampling on this checkpoint" if levels == ("test images",) else
+              f"{levels_text(levels)} on this checkpoint")
+    noise = "test-set noise" if levels == ("test images",) else "that noise"
     parts = [f"<p class=note>For two defenses on the same backdoored checkpoint: A − B in points and its paired 95% "
-             f"bootstrap interval (both defenses scored on the same resampled test images, {n_boot} replicates). "
+             f"bootstrap interval ({over}, {n_boot} replicates). "
              f"<b>Real</b> (green rows): the interval excludes 0. {len(real)} of {len(df)} differences are real; the "
-             "others are within test-set noise. Each interval is 95% on its own (no correction for the number of "
-             "comparisons: about 1 in 20 differences that are really 0 comes out real), and it covers test-set "
-             "sampling on this checkpoint, not training-seed variance.</p>"]
+             f"others are within {noise}. Each interval is 95% on its own (no correction for the number of "
+             f"comparisons: about 1 in 20 differences that are really 0 comes out real), and it covers {covers}, "
+             "not training-seed variance.</p>"]
     for m in metrics:
         sub = df[df["metric"] == m]
         if sub.empty:

@@ -23,7 +23,9 @@ Rules (documented in docs/statistics.md):
   it carries ``†`` and is ranked after every defense within it (so it is never first); best marks only go to
   defenses within it.
 - ``ci``: the mean DER's 95% bootstrap interval over test images (:mod:`otbr_plugin.aggregate.bootstrap`; replicates
-  averaged like the point values); none where a record of the mean keeps no per-sample outcomes.
+  averaged like the point values), and over an attack's training seeds and each one's defense seeds where it has >= 2
+  (two-level bootstrap, :func:`~otbr_plugin.aggregate.bootstrap.seed_replicates`); none where a record of the mean
+  keeps no per-sample outcomes.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, percentile_interval, record_replicates
+from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, percentile_interval, record_replicates,
+                        resampled_levels, seed_replicates)
 from .records import RunRecord
 from .tables import DEFAULT_ACC_DROP, check_one_dataset_model, csv_safe, grid_order, latex_escape, ordered
 
@@ -62,6 +65,7 @@ class DefenseSummary:
     frame: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     acc_drop: float | None = DEFAULT_ACC_DROP
+    levels: tuple[str, ...] = ("test images",)  # what the DER interval resampled (bootstrap.resampled_levels)
 
 
 def _is_none(r: RunRecord) -> bool:
@@ -81,9 +85,9 @@ def _reference_models(ok: Sequence[RunRecord]) -> dict[Checkpoint, str]:
 
 
 def _cell_values(recs: Sequence[tuple[RunRecord, dict | None]],
-                 ci: bool) -> dict[Checkpoint, tuple[dict, np.ndarray | None]]:
-    """Per checkpoint: the mean over its records (defense seeds) of ACC drop / ASR / RA / DER in percent, and the mean
-    of their DER replicates (None when one of them has none)."""
+                 ci: bool) -> dict[Checkpoint, tuple[dict, list[np.ndarray] | None]]:
+    """Per checkpoint: the mean over its records (defense seeds) of ACC drop / ASR / RA / DER in percent, and their
+    DER replicates in percent, one array per defense seed in ascending order (None when one of them has none)."""
     by_ckpt: dict[Checkpoint, list[tuple[RunRecord, dict | None]]] = {}
     for r, rep in recs:
         by_ckpt.setdefault((r.attack_name, r.seed), []).append((r, rep))
@@ -95,15 +99,17 @@ def _cell_values(recs: Sequence[tuple[RunRecord, dict | None]],
                 "der": np.mean([r.der * 100 for r, _ in group])}
         reps = None
         if ci and all(rep is not None for _, rep in group):
-            reps = np.mean([rep["der"] for _, rep in group], axis=0) * 100  # type: ignore[index]
+            ordered_group = sorted(group, key=lambda g: -1 if g[0].defense_seed is None else g[0].defense_seed)
+            reps = [rep["der"] * 100 for _, rep in ordered_group]  # type: ignore[index]
         out[key] = (vals, reps)
     return out
 
 
-def _mean_over(cells: dict[Checkpoint, tuple[dict, np.ndarray | None]], ckpts: Iterable[Checkpoint],
-               ) -> tuple[dict[str, float], np.ndarray | None]:
+def _mean_over(cells: dict[Checkpoint, tuple[dict, list[np.ndarray] | None]], ckpts: Iterable[Checkpoint],
+               boot_seed: int = DEFAULT_BOOT_SEED, stream: str = "") -> tuple[dict[str, float], np.ndarray | None]:
     """The means over ``ckpts``: per attack over its training seeds, then over attacks (values; DER replicates or
-    None)."""
+    None). An attack's replicates: the two-level bootstrap over its training seeds and their defense seeds
+    (:func:`~otbr_plugin.aggregate.bootstrap.seed_replicates`, stream ``<attack>:<stream>``)."""
     by_attack: dict[str, list[Checkpoint]] = {}
     for c in ckpts:
         by_attack.setdefault(c[0], []).append(c)
@@ -113,7 +119,8 @@ def _mean_over(cells: dict[Checkpoint, tuple[dict, np.ndarray | None]], ckpts: I
     reps = [cells[c][1] for cs in by_attack.values() for c in cs]
     if any(r is None for r in reps):
         return vals, None
-    rep = np.mean([np.mean([cells[c][1] for c in cs], axis=0) for cs in by_attack.values()], axis=0)
+    rep = np.mean([seed_replicates([cells[c][1] for c in sorted(cs)], boot_seed, f"{a}:{stream}")  # type: ignore[misc]
+                   for a, cs in by_attack.items()], axis=0)
     return vals, rep
 
 
@@ -177,10 +184,16 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
 
     within = {}
     rows = {}
+    trees: list[list[list[np.ndarray]]] = []
     for d in defenses:
         own = set(cells[d])
         ckpts = reference_set if d in ranked else (own & reference_set or own) if is_none[d] else own
-        vals, rep = _mean_over(cells[d], ckpts)
+        vals, rep = _mean_over(cells[d], ckpts, seed, d)
+        if rep is not None:
+            by_attack: dict[str, list[list[np.ndarray]]] = {}
+            for c in sorted(ckpts):
+                by_attack.setdefault(c[0], []).append(cells[d][c][1])  # type: ignore[arg-type]
+            trees += by_attack.values()
         recs = [r for r in ok if r.defense == d]
         data = sorted({r.data_used for r in recs})
         lo = hi = np.nan
@@ -223,7 +236,7 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
     frame = pd.DataFrame([rows[d] for d in defenses], columns=SUMMARY_COLUMNS)
     for col in ("rank_all", "rank_data_free"):
         frame[col] = frame[col].astype("Int64")
-    return DefenseSummary(frame, notes, acc_drop)
+    return DefenseSummary(frame, notes, acc_drop, resampled_levels(trees))
 
 
 def summary_notes(summary: DefenseSummary, ci: bool = False) -> list[str]:
@@ -239,9 +252,13 @@ def summary_notes(summary: DefenseSummary, ci: bool = False) -> list[str]:
     out.append("Seconds per cell as recorded (seconds.defense_total: the defense alone; seconds.cell_total: with the "
                "evaluation): median over the defense's cells and their sum; they hold for the machine and load each "
                "record names.")
-    if ci and summary.frame["der_lo"].notna().any():
+    if ci and summary.frame["der_lo"].notna().any() and summary.levels == ("test images",):
         out.append("[lo, hi]: 95% bootstrap interval of the mean DER over test images (otbr_plugin.aggregate.bootstrap,"
                    " replicates averaged like the means); none where a record keeps no per-sample outcomes.")
+    elif ci and summary.frame["der_lo"].notna().any():
+        out.append(f"[lo, hi]: 95% bootstrap interval of the mean DER over {levels_text(summary.levels)} (two-level "
+                   "bootstrap: per replicate and attack the seeds drawn with replacement, then the test images; "
+                   "otbr_plugin.aggregate.bootstrap); none where a record keeps no per-sample outcomes.")
     elif ci:
         out.append("No DER interval: each defense's mean covers records without per-sample outcomes (written before "
                    "record schema 2).")

@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 
 from ..io import plain_text_plots, read_regular, save_figure
-from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, percentile_interval, record_replicates
+from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, percentile_interval, record_replicates,
+                        resampled_levels, seed_replicates, seed_tree)
 from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "unreadable_line", "check_one_dataset_model", "latex_escape", "csv_safe", "records_frame",
-           "comparison_table", "interval_table", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
+           "comparison_table", "interval_table", "interval_note", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
@@ -149,31 +150,46 @@ def comparison_table(records: Iterable[RunRecord], metrics: Sequence[str] = METR
 def interval_table(records: Iterable[RunRecord], mean: pd.DataFrame, n_boot: int = DEFAULT_BOOT,
                    seed: int = DEFAULT_BOOT_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(lo, hi) frames shaped like ``mean`` (from :func:`comparison_table`): the 95% bootstrap interval of each cell
-    in percent (:mod:`otbr_plugin.aggregate.bootstrap`: images resampled; a cell over several seeds averages their
-    replicates; the average row averages the attacks' replicates over the attacks it averages). NaN where a record
-    of the cell has no per-sample outcomes (records written before schema 2)."""
+    in percent (:mod:`otbr_plugin.aggregate.bootstrap`: images resampled; a cell over several seeds resamples them
+    too, :func:`~otbr_plugin.aggregate.bootstrap.seed_replicates`; the average row averages the attacks' replicates
+    over the attacks it averages). NaN where a record of the cell has no per-sample outcomes (records written before
+    schema 2). ``lo.attrs["levels"]``: the levels resampled (:func:`~otbr_plugin.aggregate.bootstrap.resampled_levels`
+    over the cells with an interval)."""
     ok = [r for r in records if r.status == "ok" and r.metrics_after is not None]
     reps = record_replicates(ok, n_boot, seed)
     lo = pd.DataFrame(np.nan, index=mean.index, columns=mean.columns)
     hi = lo.copy()
     by_cell: dict[tuple[str, str], list] = {}
     for r, rep in zip(ok, reps):
-        by_cell.setdefault((r.attack_name, r.defense), []).append(rep)
+        by_cell.setdefault((r.attack_name, r.defense), []).append((r, rep))
     attacks = [a for a in mean.index if a in {r.attack_name for r in ok}]
     average = [a for a in mean.index if a not in attacks]
     complete = [a for a in attacks if mean.loc[a].notna().all()]
+    trees = {}
+    for (a, d), group in by_cell.items():
+        if all(g is not None for _, g in group):
+            trees[(a, d)] = seed_tree(group)
     for d, m in mean.columns:
         cell_means = {}
         for a in attacks:
-            group = by_cell.get((a, d), [])
-            if group and all(g is not None for g in group):
-                cell_means[a] = np.mean([g[m] for g in group], axis=0)
+            tree = trees.get((a, d))
+            if tree is not None:
+                cell_means[a] = seed_replicates([[g[m] for g in inner] for inner in tree], seed, f"{a}:{d}")
                 ci = percentile_interval(cell_means[a])
                 lo.at[a, (d, m)], hi.at[a, (d, m)] = ci.lo * 100, ci.hi * 100
         if average and complete and all(a in cell_means for a in complete):
             ci = percentile_interval(np.mean([cell_means[a] for a in complete], axis=0))
             lo.at[average[0], (d, m)], hi.at[average[0], (d, m)] = ci.lo * 100, ci.hi * 100
+    lo.attrs["levels"] = resampled_levels(trees.values())
     return lo, hi
+
+
+def interval_note(levels: Sequence[str] = ("test images",)) -> str:
+    """The sentence under a table with intervals: which levels were resampled (:func:`interval_table`)."""
+    if tuple(levels) == ("test images",):
+        return "[lo, hi]: 95% bootstrap interval over test images (otbr_plugin.aggregate.bootstrap); ± std: over seeds."
+    return (f"[lo, hi]: 95% bootstrap interval over {levels_text(levels)} (two-level bootstrap: per replicate the "
+            "seeds drawn with replacement, then the test images; otbr_plugin.aggregate.bootstrap); ± std: over seeds.")
 
 
 DEFAULT_ACC_DROP = 10.0
@@ -289,8 +305,7 @@ def format_table(mean: pd.DataFrame, std: pd.DataFrame, fmt: str = "md", lo: pd.
         lines += ["| " + " | ".join([a, *row]) + " |" for a, row in body]
         notes = [] if acc_drop is None else [bound_note(acc_drop)]
         if lo is not None:
-            notes.append("[lo, hi]: 95% bootstrap interval over test images (otbr_plugin.aggregate.bootstrap); "
-                         "± std: over seeds.")
+            notes.append(interval_note(lo.attrs.get("levels", ("test images",))))
         return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
     if fmt == "latex":
         lines = ["\\begin{tabular}{l" + "r" * len(header) + "}", "\\toprule",

@@ -26,8 +26,9 @@ TABLE_EPILOG = """examples:
   otbr-bench table results/fashion_mnist --by-defense [--ci]   (one row per defense, ranks; rules in
                                                               docs/statistics.md)
 
---ci resamples test images (no model is run): see otbr_plugin/aggregate/bootstrap.py for the procedure. Records
-written before schema 2 have no per-sample outcomes; their cells are shown without an interval. Best marks (bold)
+--ci resamples test images, and a cell's training / defense seeds where it has several (two-level bootstrap; no
+model is run): see otbr_plugin/aggregate/bootstrap.py for the procedure. Records written before schema 2 have no
+per-sample outcomes; their cells are shown without an interval. Best marks (bold)
 only go to defenses whose clean ACC is at most --acc-drop points below the backdoored model's; the others carry †.
 """
 COMPARE_EPILOG = """examples:
@@ -36,8 +37,9 @@ COMPARE_EPILOG = """examples:
   otbr-bench compare runs/ci --only-significant --format csv --out pairs.csv
 
 For two defenses on the same backdoored checkpoint: the difference of each metric (A - B, points) with a paired 95%
-bootstrap interval over the same resampled test images; "real" when it excludes 0. Needs records with per-sample
-outcomes (schema 2); older ones are left out.
+bootstrap interval over the same resampled test images (with several defense seeds, each side's seeds resampled
+too, independently); "real" when it excludes 0. Needs records with per-sample outcomes (schema 2); older ones are
+left out.
 """
 LB_EPILOG = """examples:
   otbr-bench leaderboard export results/fashion_mnist --submitter "Jane Doe" --method "OTBR (reference)" --out sub.json
@@ -161,7 +163,8 @@ def add_bootstrap_arguments(p: argparse.ArgumentParser, ci_flag: bool = True) ->
     """``--ci``, ``--boot``, ``--boot-seed`` and ``--acc-drop`` (shared by table, compare and report)."""
     if ci_flag:
         p.add_argument("--ci", action="store_true",
-                       help="show 95%% bootstrap intervals over test images (from the records' per-sample outcomes)")
+                       help="show 95%% bootstrap intervals over test images and, where a cell has several, its seeds "
+                            "(from the records' per-sample outcomes)")
     p.add_argument("--boot", type=_positive_int, default=DEFAULT_BOOT, metavar="N",
                    help=f"bootstrap replicates (default {DEFAULT_BOOT})")
     p.add_argument("--boot-seed", type=int, default=DEFAULT_BOOT_SEED, metavar="S",
