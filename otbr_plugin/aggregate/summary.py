@@ -106,22 +106,25 @@ def _cell_values(recs: Sequence[tuple[RunRecord, dict | None]],
 
 
 def _mean_over(cells: dict[Checkpoint, tuple[dict, list[np.ndarray] | None]], ckpts: Iterable[Checkpoint],
-               boot_seed: int = DEFAULT_BOOT_SEED, stream: str = "") -> tuple[dict[str, float], np.ndarray | None]:
+               boot_seed: int = DEFAULT_BOOT_SEED, stream: str = "",
+               ) -> tuple[dict[str, float], np.ndarray | None, list[list[list[np.ndarray]]]]:
     """The means over ``ckpts``: per attack over its training seeds, then over attacks (values; DER replicates or
-    None). An attack's replicates: the two-level bootstrap over its training seeds and their defense seeds
+    None; the attacks' seed trees the replicates came from, empty without them). An attack's replicates: the
+    two-level bootstrap over its training seeds and their defense seeds
     (:func:`~otbr_plugin.aggregate.bootstrap.seed_replicates`, stream ``<attack>:<stream>``)."""
     by_attack: dict[str, list[Checkpoint]] = {}
     for c in ckpts:
         by_attack.setdefault(c[0], []).append(c)
     if not by_attack:
-        return {v: np.nan for v in _VALUES}, None
+        return {v: np.nan for v in _VALUES}, None, []
     vals = {v: float(np.mean([np.mean([cells[c][0][v] for c in cs]) for cs in by_attack.values()])) for v in _VALUES}
     reps = [cells[c][1] for cs in by_attack.values() for c in cs]
     if any(r is None for r in reps):
-        return vals, None
-    rep = np.mean([seed_replicates([cells[c][1] for c in sorted(cs)], boot_seed, f"{a}:{stream}")  # type: ignore[misc]
-                   for a, cs in by_attack.items()], axis=0)
-    return vals, rep
+        return vals, None, []
+    trees = {a: [cells[c][1] for c in sorted(cs)] for a, cs in by_attack.items()}
+    rep = np.mean([seed_replicates(t, boot_seed, f"{a}:{stream}") for a, t in trees.items()],  # type: ignore[arg-type]
+                  axis=0)
+    return vals, rep, list(trees.values())  # type: ignore[arg-type]
 
 
 def _ranks(values: dict[str, dict[str, float]], within: dict[str, bool]) -> dict[str, int]:
@@ -188,12 +191,8 @@ def defense_summary(records: Iterable[RunRecord], acc_drop: float | None = DEFAU
     for d in defenses:
         own = set(cells[d])
         ckpts = reference_set if d in ranked else (own & reference_set or own) if is_none[d] else own
-        vals, rep = _mean_over(cells[d], ckpts, seed, d)
-        if rep is not None:
-            by_attack: dict[str, list[list[np.ndarray]]] = {}
-            for c in sorted(ckpts):
-                by_attack.setdefault(c[0], []).append(cells[d][c][1])  # type: ignore[arg-type]
-            trees += by_attack.values()
+        vals, rep, used = _mean_over(cells[d], ckpts, seed, d)
+        trees += used
         recs = [r for r in ok if r.defense == d]
         data = sorted({r.data_used for r in recs})
         lo = hi = np.nan
