@@ -466,9 +466,10 @@ def bb_stream_index_file(s: Settings, seed: int) -> Path:
     path = s.work / "indices" / f"bb_stream_n{s.n_train}_r{s.clean_ratio:g}_s{seed}.txt"
     text = "".join(f"{i}\n" for i in idx)
     if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, text)
+        write_text(path, text)  # creates the folder
     return path
+
+
 BUDGETED = ("fp", "anp", "ft", "nad", "ep")  # defenses whose CPU-sized budget is part of a run's name
 
 
