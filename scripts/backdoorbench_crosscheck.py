@@ -406,6 +406,9 @@ def defense_runs(s: Settings, attack: str) -> list[Run]:
                     PAIRED_BB_SCHEDULE)
                 add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired], seed, "otbr_anp_oracle",
                     PAIRED_SETTING)
+                # and torch's random stream as BackdoorBench's anp.py draws it at the same seed
+                add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *paired, *ANP_BB_STREAM], seed,
+                    "otbr_anp_oracle", PAIRED_BB_STREAM)
             add("fp", "plug-in", "./defense/otbr_fp.py", [*fp_bb_steps, *oracle], seed, "otbr_fp_oracle", BB_SETTING)
             add("anp", "plug-in", "./defense/otbr_anp.py", [*anp_bb, *oracle], seed, "otbr_anp_oracle", BB_SETTING)
     # FT / NAD / EP: BackdoorBench's script, and the drop-in on the same command line (script name changed), so
@@ -441,6 +444,9 @@ BB_SETTING = "setting=backdoorbench,oracle"
 # FP runs of the variants above fine-tune with the drop-in's own schedule (cosine over all steps, per iteration);
 # this one with BackdoorBench's (its YAML: no cos_t_max, so T_max 100, stepped once per epoch)
 PAIRED_BB_SCHEDULE = PAIRED_SETTING + ",cos_t_max=100"
+# ANP with BackdoorBench's subset and torch's random stream replayed as its anp.py consumes it (batches, crops, noise)
+ANP_BB_STREAM = ["--random_stream", "backdoorbench"]
+PAIRED_BB_STREAM = PAIRED_SETTING + ",random_stream=backdoorbench"
 FP_STEP_SCHEDULE = ["--cos_t_max", "0"]
 BB_FLAGS = "flags=backdoorbench"  # the drop-in run on BackdoorBench's own command line (FT, NAD, EP)
 # the modules whose outputs BackdoorBench's nad.py distils in its preactresnet18 (children()[:-3], [:-2], [:-1]:
@@ -841,7 +847,8 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
         for name in ("fp", "anp", *TUNING):
             for bb_variant in ("", TMAX_VARIANT):
                 bbk = agg((rec, name, "BackdoorBench", bb_variant))
-                for variant in (BB_SETTING, PAIRED_SETTING, PAIRED_BB_SCHEDULE, BB_FLAGS, NAD_LAYERS_VARIANT,
+                for variant in (BB_SETTING, PAIRED_SETTING, PAIRED_BB_SCHEDULE, PAIRED_BB_STREAM, BB_FLAGS,
+                                NAD_LAYERS_VARIANT,
                                 *NAD_VARIANTS, ""):
                     ok = agg((rec, name, "plug-in", variant))
                     if bbk is None or ok is None:

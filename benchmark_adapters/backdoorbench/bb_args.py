@@ -57,7 +57,7 @@ _MAPPED: dict[str, dict[str, str]] = {
            "sgd_momentum": "momentum", "wd": "weight_decay"},
     "anp": {"lr": "mask_lr", "acc_ratio": "max_acc_drop", "anp_eps": "eps", "anp_steps": "anp_steps",
             "anp_alpha": "alpha", "pruning_by": "pruning_by", "pruning_max": "pruning_max",
-            "pruning_step": "pruning_step"},
+            "pruning_step": "pruning_step", "print_every": "bb_print_every"},
     "clp": {"u": "u"},
     "otbr": {},
     "ep": {"u": "u"},
@@ -66,12 +66,14 @@ _MAPPED: dict[str, dict[str, str]] = {
     # weight_decay but never reads them, and runs te_epochs for both (its `epochs` is unused)
     "nad": {"te_epochs": "teacher_epochs", "lr": "lr", "sgd_momentum": "momentum", "wd": "weight_decay", "p": "p"},
 }
+# (ANP's print_every: the length in batches of its clean loader, re-iterated per block; it places the loader and
+# test-loader seed draws that random_stream: backdoorbench replays, and with nb_iter gives the iterations)
 # keys BackdoorBench's script for that defense declares but does not use (ANP's mask SGD hard-codes momentum 0.9;
 # CLP is data-free: its batch size only sizes test loaders)
 _UNUSED: dict[str, tuple[str, ...]] = {
     "fp": ("steplr_stepsize", "steplr_gamma", "steplr_milestones", "index"),
     "anp": ("epochs", "lr_scheduler", "steplr_stepsize", "steplr_gamma", "steplr_milestones", "client_optimizer",
-            "sgd_momentum", "wd", "print_every"),
+            "sgd_momentum", "wd"),
     "clp": _TRAINING,
     "otbr": _TRAINING,
     "ep": _TRAINING,

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .specs import DatasetSpec
 
-__all__ = ["to_float", "normalize", "denormalize", "random_crop", "random_hflip", "Normalizer", "DeviceNormalizer",
-           "Preprocess"]
+__all__ = ["to_float", "normalize", "denormalize", "random_crop", "crop_at", "torchvision_crop_flip_draws",
+           "random_hflip", "Normalizer", "DeviceNormalizer", "Preprocess"]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -55,16 +55,44 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
     host) and moved to the images' device."""
     if padding <= 0:
         return x
+    n = x.shape[0]
+    src = _draw_device(generator)
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=src)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=src)
+    return crop_at(x, padding, oy, ox)
+
+
+def crop_at(x: torch.Tensor, padding: int, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back to the original size, image i at row offset ``oy[i]`` and column
+    offset ``ox[i]`` (each in [0, 2 * padding]) of the padded image."""
+    if padding <= 0:
+        return x
     n, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    src = _draw_device(generator)
-    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=src).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=src).to(x.device)
+    oy, ox = oy.to(x.device), ox.to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None]  # (n,1,h,1)
     cols = (ox[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :]  # (n,1,1,w)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chan, rows, cols]
+
+
+def torchvision_crop_flip_draws(n: int, padding: int, hflip: bool, generator: torch.Generator
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draws of torchvision's ``RandomCrop(size, padding)`` (then ``RandomHorizontalFlip()`` when ``hflip``)
+    applied image by image, as a training transform in a data loader makes them: per image a row offset, a column
+    offset (each ``torch.randint(0, 2 * padding + 1, (1,))``) and, with ``hflip``, one ``torch.rand(1)`` (flip when
+    < 0.5), all on the CPU ``generator`` in that order. Returns (row offsets, column offsets, flips) for
+    :func:`crop_at`. No crop draws for ``padding`` 0 (torchvision draws none when the crop is the whole image)."""
+    oy, ox = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    flip = torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        if padding > 0:
+            oy[i] = torch.randint(0, 2 * padding + 1, (1,), generator=generator)
+            ox[i] = torch.randint(0, 2 * padding + 1, (1,), generator=generator)
+        if hflip:
+            flip[i] = bool(torch.rand(1, generator=generator) < 0.5)
+    return oy, ox, flip
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -38,11 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.subsets import SAMPLINGS
+from .bb_stream import burn_default_init, loader_seed, replacement_sampler_indices
 from .base import ORACLE_LABEL, CleanData, Defense, DefenseConfig, DefenseContext, DefenseOutcome, StageTimer
 from .common import FollowsSetting, bb_tolerance_ok, clean_accuracy, preprocess_batch, split_holdout
 from .registry import register_defense
 
 __all__ = ["ANPConfig", "ANP", "SETTINGS", "SETTING_OPTIONS", "PerturbedBatchNorm2d", "attach_perturbations",
+           "PluginStream", "BackdoorBenchANPStream",
            "optimize_masks", "select_neurons", "prune_neurons", "mask_table", "bb_candidates", "bb_choice"]
 
 
@@ -87,6 +89,13 @@ class ANPConfig(FollowsSetting, DefenseConfig):
     # for pruning_by number ceil(pruning_step) more neurons per step up to ceil(pruning_max)
     pruning_max: float = 0.9
     pruning_step: float = 0.05
+    # whose random numbers the mask optimisation draws: "plugin" (own generators: batches, augmentation and noise
+    # each seeded from the seed) or "backdoorbench" (one generator replaying torch's global stream as
+    # BackdoorBench's anp.py consumes it after fix_random(seed): BackdoorBenchANPStream)
+    random_stream: Literal["plugin", "backdoorbench"] = "plugin"
+    # BackdoorBench's print_every: its clean loader holds print_every batches, re-iterated (fresh seeds) per block,
+    # with its two test loaders iterated between blocks; read only by random_stream: backdoorbench
+    bb_print_every: int = 500
     # setting-dependent options (None: as `setting` says)
     mask_lr: float | None = None
     batch_size: int | None = None
@@ -115,6 +124,10 @@ class ANPConfig(FollowsSetting, DefenseConfig):
             raise ValueError(f"mask_lr must be > 0, got {self.mask_lr!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.random_stream not in ("plugin", "backdoorbench"):
+            raise ValueError(f"random_stream must be 'plugin' or 'backdoorbench', got {self.random_stream!r}")
+        if not isinstance(self.bb_print_every, int) or isinstance(self.bb_print_every, bool) or self.bb_print_every < 1:
+            raise ValueError(f"bb_print_every must be an integer >= 1, got {self.bb_print_every!r}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations must be an integer >= 0, got {self.iterations!r}")
         for name in ("batch_size", "batch_size_eval"):
@@ -193,6 +206,80 @@ def attach_perturbations(model: nn.Module) -> dict[str, PerturbedBatchNorm2d]:
     return wrapped
 
 
+class PluginStream:
+    """The plug-in's own draws for the mask optimisation: batch indices (with replacement), augmentation and noise
+    on three CPU generators seeded ``seed + 1``, ``+ 2``, ``+ 3``."""
+
+    def __init__(self, context: DefenseContext) -> None:
+        self.batch_gen = context.generator(offset=1)
+        self.aug_gen = context.generator(offset=2)
+        self.noise_gen = context.generator(offset=3)
+
+    def batch(self, n: int, batch_size: int) -> torch.Tensor:
+        return torch.randint(0, n, (batch_size,), generator=self.batch_gen)
+
+    def inputs(self, images: torch.Tensor, context: DefenseContext, augment: bool) -> torch.Tensor:
+        return preprocess_batch(images, context, augment, self.aug_gen)
+
+    def noise_(self, t: torch.Tensor, eps: float) -> None:
+        """U(-eps, eps), drawn on the CPU generator for reproducibility."""
+        t.copy_((torch.rand(t.shape, generator=self.noise_gen) * 2 - 1).mul_(eps))
+
+
+class BackdoorBenchANPStream:
+    """torch's global random stream as BackdoorBench's ``defense/anp.py`` consumes it after ``fix_random(seed)``
+    in ``mitigation()``, replayed on one CPU generator seeded with ``seed`` (:mod:`.bb_stream`; the global generator
+    is never touched). In its order:
+
+    1. building its ANP network: PyTorch's default init of every conv / linear layer (:func:`burn_default_init`
+       over ``model``, the same architecture);
+    2. per block of ``print_every`` steps (its clean ``DataLoader(num_workers=0)`` over a
+       ``RandomSampler(replacement=True, num_samples=print_every * batch_size)``, iterated once per block): the
+       iterator's base seed, the sampler's seed, then the sampler's indices from its private generator;
+    3. per step: the training transform of each image of the batch in turn (``RandomCrop(padding)``: row, column;
+       a flip draw where the dataset flips; ``preprocess_batch(per_image=True)``), then ``reset(rand_init=True)``:
+       ``uniform_(-eps, eps)`` of each noisy BN's weight noise, then its bias noise, in module order;
+    4. between blocks: its clean and poisoned test loaders (``shuffle=True``) iterated once each: two seed draws
+       each (base seed, sampler seed; the same with or without worker processes).
+
+    On a CUDA (or other non-CPU) device the noise is drawn on a generator of that device seeded with ``seed``, as
+    BackdoorBench's ``uniform_`` on its device's parameters draws from that device's stream (``fix_random`` seeds
+    it too); everything else is drawn on the CPU, as there."""
+
+    def __init__(self, seed: int, model: nn.Module, n: int, batch_size: int, print_every: int,
+                 device: torch.device) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        device = torch.device(device)
+        self.noise_gen = self.gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+        self.init_values = burn_default_init(model, self.gen)
+        self.n, self.batch_size, self.print_every = n, batch_size, print_every
+        self.step = 0
+        self.block: torch.Tensor | None = None
+        self.drawn: list[dict[str, Any]] = []  # per block: the seeds drawn (diagnostics)
+
+    def batch(self, n: int, batch_size: int) -> torch.Tensor:
+        if n != self.n or batch_size != self.batch_size:
+            raise ValueError(f"the stream was set up for {self.n} images at batch {self.batch_size}, "
+                             f"asked for {n} at {batch_size}")
+        k = self.step % self.print_every
+        if k == 0:
+            if self.step > 0:  # its clean and poisoned test loaders, iterated after each block
+                tests = [loader_seed(self.gen) for _ in range(4)]
+                self.drawn[-1]["test_loader_seeds"] = tests
+            base, sampler = loader_seed(self.gen), loader_seed(self.gen)
+            self.block = replacement_sampler_indices(sampler, n, self.print_every * batch_size)
+            self.drawn.append({"step": self.step, "base_seed": base, "sampler_seed": sampler})
+        self.step += 1
+        return self.block[k * batch_size:(k + 1) * batch_size]
+
+    def inputs(self, images: torch.Tensor, context: DefenseContext, augment: bool) -> torch.Tensor:
+        return preprocess_batch(images, context, augment, self.gen, per_image=True)
+
+    def noise_(self, t: torch.Tensor, eps: float) -> None:
+        """``uniform_(-eps, eps)`` in place, as ``torch.nn.init.uniform_`` draws it."""
+        t.uniform_(-eps, eps, generator=self.noise_gen)
+
+
 def optimize_masks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, context: DefenseContext,
                    cfg: ANPConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Learn ANP neuron masks on a perturbation-wrapped copy of ``model`` (which it modifies). Returns the
@@ -206,9 +293,11 @@ def optimize_masks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         t.requires_grad_(True)
     mask_opt = torch.optim.SGD(masks, lr=cfg.mask_lr, momentum=cfg.momentum)
     noise_opt = torch.optim.SGD(noises, lr=cfg.eps / cfg.anp_steps)
-    gen = context.generator(offset=1)
-    aug_gen = context.generator(offset=2)
-    noise_gen = context.generator(offset=3)
+    if cfg.random_stream == "backdoorbench":
+        stream = BackdoorBenchANPStream(context.seed, model, images.shape[0], cfg.batch_size, cfg.bb_print_every,
+                                        context.device)
+    else:
+        stream = PluginStream(context)
     labels = labels.long()
     history: list[dict] = []
     model.train()
@@ -220,14 +309,14 @@ def optimize_masks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     running = {"loss": 0.0, "acc": 0.0, "n": 0}
     every = max(1, cfg.iterations // 10)
     for it in context.progress_bar(range(cfg.iterations), desc="anp masks", total=cfg.iterations):
-        idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
-        x = preprocess_batch(images[idx], context, cfg.augment, aug_gen)
+        idx = stream.batch(images.shape[0], cfg.batch_size)
+        x = stream.inputs(images[idx], context, cfg.augment)
         y = labels[idx].to(context.device)
         if cfg.eps > 0:
             with torch.no_grad():
                 for t in noises:
-                    if cfg.rand_init:  # U(-eps, eps), drawn on the CPU generator for reproducibility
-                        t.copy_((torch.rand(t.shape, generator=noise_gen) * 2 - 1).mul_(cfg.eps))
+                    if cfg.rand_init:  # U(-eps, eps)
+                        stream.noise_(t, cfg.eps)
                     else:
                         t.zero_()
             for _ in range(cfg.anp_steps):
@@ -405,6 +494,7 @@ class ANP(Defense):
         values = torch.cat([m.flatten() for m in masks.values()])
         diagnostics = {
             "setting": cfg.setting,
+            "random_stream": cfg.random_stream,
             "oracle": ORACLE_LABEL if oracle is not None else False,
             "pruning_by": cfg.pruning_by,
             "threshold": threshold if cfg.pruning_by == "threshold" else None,

@@ -10,7 +10,7 @@ import torch
 
 from ..data.specs import DatasetSpec, get_dataset_spec
 from ..data.subsets import stratified_indices
-from ..data.transforms import random_crop, random_hflip, to_float
+from ..data.transforms import crop_at, random_crop, random_hflip, to_float, torchvision_crop_flip_draws
 from .base import CleanData, DefenseContext
 
 __all__ = ["split_holdout", "context_spec", "preprocess_batch", "fill_setting", "FollowsSetting", "bb_tolerance_ok"]
@@ -88,15 +88,25 @@ def context_spec(context: DefenseContext) -> DatasetSpec:
 
 
 def preprocess_batch(images: torch.Tensor, context: DefenseContext, augment: bool,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, per_image: bool = False) -> torch.Tensor:
     """uint8 batch -> normalized float batch on the context's device; ``augment`` adds the dataset's random
-    crop (and flip where the dataset allows it), as the training transforms of the reference code do."""
+    crop (and flip where the dataset allows it), as the training transforms of the reference code do.
+    ``per_image``: draw the crop (and flip) image by image as torchvision's transforms in a data loader do
+    (:func:`torchvision_crop_flip_draws`, on the CPU ``generator``); otherwise all row offsets, then all column
+    offsets, then the flips, for the whole batch. Padding is zero in [0, 1] pixel space, before normalization,
+    as torchvision's ``RandomCrop(padding=...)`` pads the image before ``ToTensor`` and ``Normalize``."""
     x = to_float(images.to(context.device))
     if augment:
         spec = context_spec(context)
-        x = random_crop(x, spec.crop_padding, generator)
-        if spec.hflip:
-            x = random_hflip(x, 0.5, generator)
+        if per_image:
+            oy, ox, flip = torchvision_crop_flip_draws(x.shape[0], spec.crop_padding, spec.hflip, generator)
+            x = crop_at(x, spec.crop_padding, oy, ox)
+            if spec.hflip:
+                x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        else:
+            x = random_crop(x, spec.crop_padding, generator)
+            if spec.hflip:
+                x = random_hflip(x, 0.5, generator)
     return context.normalizer(x)
 
 
