@@ -673,18 +673,31 @@ def pruned_units(state: dict, before: dict, defense: str) -> int | None:
     return None
 
 
-def min_anp_mask(run_dir: Path) -> float | None:
-    """The smallest learnt ANP mask of a run: BackdoorBench's ``checkpoint/mask_values.txt`` (4 decimals) or
-    the drop-in's ``masks.csv``."""
+def anp_masks(run_dir: Path) -> dict[tuple[str, int], float] | None:
+    """The learnt ANP masks of a run by (BN layer, channel): BackdoorBench's ``checkpoint/mask_values.txt``
+    (4 decimals) or the drop-in's ``masks.csv``; None without either."""
     bb, ours = run_dir / "checkpoint" / "mask_values.txt", run_dir / "masks.csv"
     if bb.is_file():
-        values = [float(line.split("\t")[3]) for line in bb.read_text().splitlines()[1:] if line.strip()]
-    elif ours.is_file():
+        cells = [line.split("\t") for line in bb.read_text().splitlines()[1:] if line.strip()]
+        return {(c[1].strip(), int(c[2])): float(c[3]) for c in cells}
+    if ours.is_file():
         with open(ours, newline="") as fh:
-            values = [float(r["mask"]) for r in csv.DictReader(fh)]
-    else:
-        return None
-    return min(values) if values else None
+            return {(r["layer"], int(r["channel"])): float(r["mask"]) for r in csv.DictReader(fh)}
+    return None
+
+
+def min_anp_mask(run_dir: Path) -> float | None:
+    """The smallest learnt ANP mask of a run (:func:`anp_masks`)."""
+    masks = anp_masks(run_dir)
+    return min(masks.values()) if masks else None
+
+
+def mask_max_diff(a: dict[tuple[str, int], float], b: dict[tuple[str, int], float]) -> tuple[float, int]:
+    """max |a - b| over the neurons of two runs' masks, and how many differ (ValueError if the neurons differ)."""
+    if set(a) != set(b):
+        raise ValueError(f"the two runs' masks cover different BN neurons ({len(a)} and {len(b)})")
+    diffs = [abs(a[k] - b[k]) for k in a]
+    return max(diffs, default=0.0), sum(1 for d in diffs if d > 0)
 
 
 def ep_overlap(channels: dict[tuple[str, str, int], list[str]]) -> list[dict]:
@@ -765,10 +778,17 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                "otbr_plugin": (infos[run.label].get("otbr_plugin") or "not recorded (the otbr-plugin installed in "
                                "BackdoorBench's environment)") if run.impl == "plug-in" else "",
                "loadavg_start_1min": infos[run.label]["loadavg_start"][0]}
+        if run.name == "anp" and run.impl == "plug-in":  # its masks against BackdoorBench's run at the same seed
+            twin = next((r for r in runs if (r.record, r.name, r.impl, r.variant, r.seed)
+                         == (run.record, "anp", "BackdoorBench", "", run.seed) and r.label in infos), None)
+            ours, theirs = anp_masks(s.bb_root / run.kept), twin and anp_masks(s.bb_root / twin.kept)
+            if ours and theirs:
+                row["mask_max_abs_d_vs_bb"], row["masks_differing_vs_bb"] = mask_max_diff(
+                    {k: float(f"{v:.4f}") for k, v in ours.items()}, theirs)
         rows.append(row)
         by_key.setdefault((run.record, run.name, run.impl, run.variant), []).append(row)
-    header = list(rows[0]) if rows else ["record"]
-    write_csv(s.out / "crosscheck_runs.csv", rows=[header] + [[r[h] for h in header] for r in rows])
+    header = list(dict.fromkeys(h for r in rows for h in r)) if rows else ["record"]
+    write_csv(s.out / "crosscheck_runs.csv", rows=[header] + [[r.get(h, "") for h in header] for r in rows])
 
     # CLP: weights of BackdoorBench's pruned model against the plug-in's, per record and pairing
     clp_rows = []
@@ -887,6 +907,18 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                          f"{d['plugin_seeds']} | {d['plugin_acc_range']} | {d['plugin_asr_range']} | {d['bb_seeds']} | "
                          f"{_fmt(d['dacc'])} | {_fmt(d['acc_spread'])} | {_fmt(d['dasr'])} | {_fmt(d['asr_spread'])} | "
                          f"{w} | {d['time_ratio']:.2f} |")
+    mask_rows = [r for r in rows if "mask_max_abs_d_vs_bb" in r]
+    if mask_rows:
+        lines += ["", "ANP masks: each drop-in run's learnt masks (at 4 decimals, as BackdoorBench writes them) against "
+                  "BackdoorBench's anp.py run at the same seed on the same record (its `checkpoint/mask_values.txt`): "
+                  "max |d| over all BN neurons and how many differ. Only the paired settings draw the same subset "
+                  "(`subset_sampling=backdoorbench_stream`) and the same random stream (`random_stream=backdoorbench`).",
+                  "", "| record | plug-in setting | seed | max abs d mask | neurons differing | ACC / ASR |",
+                  "|---|---|---|---|---|---|"]
+        for r in mask_rows:
+            lines.append(f"| {r['record']} | {r['variant'] or 'default'} | {r['seed']} | "
+                         f"{r['mask_max_abs_d_vs_bb']:.4f} | {r['masks_differing_vs_bb']} | "
+                         f"{_fmt(r['acc'])} / {_fmt(r['asr'])} |")
     if clp_rows:
         lines += ["", f"CLP at u = {s.clp_u:g}: max |dw| between BackdoorBench's pruned weights and the plug-in's "
                   "(all float tensors of the state dicts).", "",

@@ -672,6 +672,11 @@ def test_backdoorbench_flags_map_to_our_options_and_cli_wins(tmp_path):
     assert (cfg.iterations, cfg.eps, cfg.anp_steps, cfg.alpha) == (1000, 0.3, 2, 0.5)
     assert (cfg.pruning_by, cfg.pruning_max, cfg.pruning_step) == ("number", 30.0, 3.0)
     assert any("1000 iterations" in line for line in face.bb_report())
+    assert cfg.bb_print_every == 500 and cfg.random_stream == "plugin"  # print_every places the stream's draws
+    face.configure(_face_args(face, ["--yaml_path", str(path), "--nb_iter", "24", "--print_every", "24",
+                                     "--random_stream", "backdoorbench"]))
+    cfg = face.defense_obj.config
+    assert (cfg.iterations, cfg.bb_print_every, cfg.random_stream) == (24, 24, "backdoorbench")
     fp = BackdoorBenchDefense("fp", save_name="otbr_fp")
     fp.configure(_face_args(fp, ["--acc_ratio", "0.2", "--once_prune_ratio", "0.05", "--epochs", "3", "--wd", "0.001"]))
     assert (fp.defense_obj.config.acc_ratio, fp.defense_obj.config.prune_step_ratio,

@@ -176,8 +176,17 @@ def test_paired_subsets_are_other_runs_of_the_dropins(tmp_path):
         assert r.args == twin.args[:i] + twin.args[i + 2:]
         assert r.kept not in {x.kept for x in runs if x is not r} and "cos_t_max-100" in r.kept
     assert all(r.args[r.args.index("--cos_t_max") + 1] == "0" for r in unpaired if r.name == "fp")
+    # ANP with BackdoorBench's random stream as well: the paired run plus --random_stream backdoorbench
+    streamed = [r for r in runs if r.variant == mod.PAIRED_BB_STREAM]
+    assert sorted((r.name, r.seed) for r in streamed) == [("anp", 0), ("anp", 1)]
+    for r in streamed:
+        twin = next(p for p in paired if (p.name, p.seed) == (r.name, r.seed))
+        assert r.args == [*twin.args[:-2], "--random_stream", "backdoorbench", *twin.args[-2:]]
+        assert r.kept not in {x.kept for x in runs if x is not r} and "random_stream-backdoorbench" in r.kept
+    assert not [r for r in runs if "--random_stream" in r.args and r.variant != mod.PAIRED_BB_STREAM]
     s.paired_subsets = False
-    assert not [r for r in mod.defense_runs(s, "badnet") if r.variant in (mod.PAIRED_SETTING, mod.PAIRED_BB_SCHEDULE)]
+    assert not [r for r in mod.defense_runs(s, "badnet") if r.variant in (mod.PAIRED_SETTING, mod.PAIRED_BB_SCHEDULE,
+                                                                            mod.PAIRED_BB_STREAM)]
     env = mod.run_env(s, paired[0])  # the drop-ins import this checkout's otbr-plugin
     assert env["PYTHONPATH"] == str(mod.REPO)
 
@@ -410,3 +419,22 @@ def test_nad_paired_subset_and_bn_reestimate_runs(tmp_path):
     assert [int(t) for t in index.read_text().split()] == random.sample(range(1000), 100)
     assert len({r.kept for r in runs}) == len(runs)  # every variant its own folder
     assert set(mod.NAD_VARIANTS) == {reest, paired, paired + mod.NAD_BN_VARIANT}
+
+
+def test_anp_masks_are_read_from_both_sides_and_compared(tmp_path):
+    mod = _load_script()
+    bb, ours = tmp_path / "bb", tmp_path / "ours"
+    (bb / "checkpoint").mkdir(parents=True)
+    ours.mkdir()
+    (bb / "checkpoint" / "mask_values.txt").write_text(
+        "No \t Layer Name \t Neuron Idx \t Mask Score \n0 \t layer1.0.bn1 \t 0 \t 0.9359 \n"
+        "1 \t layer1.0.bn1 \t 1 \t 1.0000 \n")
+    (ours / "masks.csv").write_text("layer,channel,mask,pruned\nlayer1.0.bn1,0,0.9361,False\nlayer1.0.bn1,1,1.0,False\n")
+    a, b = mod.anp_masks(bb), mod.anp_masks(ours)
+    assert a == {("layer1.0.bn1", 0): 0.9359, ("layer1.0.bn1", 1): 1.0} and mod.min_anp_mask(bb) == 0.9359
+    worst, differ = mod.mask_max_diff(a, b)
+    assert abs(worst - 0.0002) < 1e-12 and differ == 1
+    assert mod.mask_max_diff(a, a) == (0.0, 0)
+    with pytest.raises(ValueError, match="different BN neurons"):
+        mod.mask_max_diff(a, {("layer1.0.bn1", 0): 0.9})
+    assert mod.anp_masks(tmp_path) is None
