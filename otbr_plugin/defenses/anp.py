@@ -23,6 +23,11 @@ multiplies only the weight). Which neurons:
 - ``select_threshold=true``: a held-out part of the clean defense subset (``holdout_ratio``) is kept out of
   mask learning, and the threshold is the largest of ``threshold_grid`` whose held-out clean accuracy drop
   stays within ``max_acc_drop`` (relative to the unpruned model), i.e. chosen from clean data only.
+
+Random numbers: ``random_stream="plugin"`` (default) draws batches, augmentation and noise on three generators
+seeded from the seed; ``"backdoorbench"`` replays, on one generator seeded with the seed, torch's global stream as
+BackdoorBench's anp.py consumes it at the same seed (:class:`BackdoorBenchANPStream`), so that with its clean
+subset (``subset_sampling: backdoorbench_stream``) the masks are the ones it learns.
 """
 
 from __future__ import annotations
