@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..aggregate.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
+from ..aggregate.leaderboard import (SubmissionError, build_leaderboard, export_submission, leaderboard_note,
+                                     load_submission)
 from ..aggregate.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
@@ -274,7 +275,13 @@ def _lb_validate(args: argparse.Namespace) -> int:
 def _lb_build(args: argparse.Namespace) -> int:
     subs = [load_submission(f) for f in args.files]
     board = build_leaderboard(subs)
-    _emit(board.to_csv(index=False) if args.format == "csv" else _plain_md(board), args.out)
+    note = leaderboard_note(board.attrs.get("levels", ("test images",)))
+    if args.format == "csv":
+        _emit(board.to_csv(index=False), args.out)
+        if note:
+            print(note, file=sys.stderr)
+    else:
+        _emit(_plain_md(board) + (f"\n{note}\n" if note else ""), args.out)
     if args.html:
         from ..aggregate.report import render_leaderboard_page
 
