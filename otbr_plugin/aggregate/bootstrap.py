@@ -44,7 +44,8 @@ import numpy as np
 __all__ = ["PER_SAMPLE_FORMAT", "encode_bits", "decode_bits", "per_sample_payload", "check_per_sample",
            "resample_indices", "replicate_means", "record_replicates", "Interval", "percentile_interval",
            "group_interval", "paired_difference", "seed_tree", "seed_replicates", "resampled_levels",
-           "levels_text", "metric_tree", "attack_trees", "attacks_replicates", "records_interval", "DEFAULT_BOOT", "DEFAULT_BOOT_SEED", "BOOT_CHUNK"]
+           "levels_text", "metric_tree", "attack_trees", "attacks_replicates", "records_interval", "DEFAULT_BOOT",
+           "DEFAULT_BOOT_SEED", "BOOT_CHUNK"]
 
 PER_SAMPLE_FORMAT = 1
 ENCODING = "numpy.packbits (bitorder big, zero padded), base64"

@@ -59,7 +59,8 @@ def paired_comparisons(records: Iterable[RunRecord], metrics: Sequence[str] = ME
                     for d in (da, db):
                         recs = by_def[d]
                         point = float(np.mean([(r.der if m == "der" else r.metrics_after[m]) for r, _ in recs]))
-                        side[d] = (point, seed_replicates(metric_tree(trees[d], m), seed, f"{attack}:{tseed}:{sha}:{d}"))
+                        stream = f"{attack}:{tseed}:{sha}:{d}"
+                        side[d] = (point, seed_replicates(metric_tree(trees[d], m), seed, stream))
                     diff, ci = paired_difference({m: side[da][1]}, {m: side[db][1]}, m, side[da][0] - side[db][0])
                     sig = ci.excludes_zero()
                     better = ""
