@@ -162,6 +162,10 @@ def test_leaderboard_entry_over_defense_seeds_gets_the_two_level_interval(tmp_pa
     from otbr_plugin.aggregate.leaderboard import leaderboard_note
 
     assert "over test images and defense seeds" in leaderboard_note(board.attrs["levels"])
+    from otbr_plugin.cli import main
+
+    assert main(["leaderboard", "build", str(tmp_path / "s.json"), "--out", str(tmp_path / "b.md")]) == 0
+    assert "*_ci: 95% bootstrap interval over test images and defense seeds" in (tmp_path / "b.md").read_text()
 
 
 def test_leaderboard_row_over_attacks_and_training_seeds(tmp_path):
