@@ -227,7 +227,8 @@ def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> Interval
 def group_interval(replicates: Sequence[dict[str, np.ndarray] | None], metric: str,
                    level: float = 0.95) -> Interval | None:
     """The interval of the mean of ``metric`` over several records (their replicates averaged replicate by
-    replicate); None when any of them has no per-sample data."""
+    replicate: test images only, seeds not resampled; for a cell over seeds use :func:`records_interval`); None when
+    any of them has no per-sample data."""
     if not replicates or any(r is None for r in replicates):
         return None
     stacked = np.stack([r[metric] for r in replicates])  # type: ignore[index]
