@@ -1,6 +1,9 @@
-"""The two-level bootstrap over seeds (bootstrap.seed_replicates) in the table, the by-defense summary and compare."""
+"""The two-level bootstrap over seeds (bootstrap.seed_replicates) in the table, the by-defense summary, compare, the
+leaderboard and regress --ci-factor."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pytest
@@ -115,3 +118,146 @@ def test_seed_tree_orders_and_bad_trees_are_refused():
         bs.seed_replicates([[np.zeros(3), np.zeros(4)]], 0, "x")
     with pytest.raises(ValueError, match="at least one"):
         bs.seed_replicates([[]], 0, "x")
+
+
+# ------------------------------------------------------------------------------ leaderboard and regress (issue 30)
+def _board_ci(board, defense: str, metric: str) -> str:
+    return board.set_index("defense").at[defense, f"{metric}_ci"]
+
+
+def _text(ci: bs.Interval) -> str:
+    return f"[{ci.lo * 100:.2f}, {ci.hi * 100:.2f}]"
+
+
+def _rec(asr: float, attack: str, seed: int, dseed: int | None, order: int, defense: str = "fp"):
+    """A record of ``defense`` on checkpoint (``attack``, training seed ``seed``; its own poisoned set's sha256)."""
+    sha = hashlib.sha256(f"{attack}-{seed}".encode()).hexdigest()
+    return rec_from(_samples(_vec(0.85, N_CLEAN, 70 + order), _vec(asr, N_BD, 80 + order), _vec(0.10, N_BD, 60)),
+                    defense, attack=attack, seed=seed, sha=sha, defense_seed=dseed)
+
+
+def _board(recs, tmp_path, n_boot=1000):
+    from otbr_plugin.aggregate.leaderboard import build_leaderboard, export_submission, load_submission
+
+    return build_leaderboard([load_submission(export_submission(recs, tmp_path / "s.json", "J", "M"))], n_boot=n_boot)
+
+
+def test_leaderboard_entry_over_defense_seeds_gets_the_two_level_interval(tmp_path):
+    recs = [_at(0.70, 0), _at(0.85, 1, order=1), _at(0.90, 2, order=2)]
+    board = _board(recs, tmp_path)
+    reps = bs.record_replicates(recs, 1000, 0)
+    for m in ("acc", "asr", "ra", "der"):
+        # assembled here: one training seed holding defense seeds 0, 1, 2; the stream the table uses for the cell
+        expected = bs.percentile_interval(bs.seed_replicates([[reps[0][m], reps[1][m], reps[2][m]]], 0, "badnets:fp"))
+        assert _board_ci(board, "fp", m) == _text(expected)
+    old = _old_interval([r["asr"] for r in reps])  # test images only, as the board gave before
+    lo, hi = (float(x) for x in _board_ci(board, "fp", "asr").strip("[]").split(","))
+    assert hi - lo > 2 * (old.hi - old.lo) * 100 and lo < 77.5 < 85.0 < hi
+    # the same interval as the comparison table's cell
+    mean, _ = comparison_table(recs)
+    tlo, thi = interval_table(recs, mean, n_boot=1000)
+    assert _board_ci(board, "fp", "asr") == _text(bs.Interval(tlo.at["badnets", ("fp", "asr")] / 100,
+                                                             thi.at["badnets", ("fp", "asr")] / 100))
+    assert board.attrs["levels"] == ("test images", "defense seeds")
+    from otbr_plugin.aggregate.leaderboard import leaderboard_note
+
+    assert "over test images and defense seeds" in leaderboard_note(board.attrs["levels"])
+    from otbr_plugin.cli import main
+
+    assert main(["leaderboard", "build", str(tmp_path / "s.json"), "--out", str(tmp_path / "b.md")]) == 0
+    assert "*_ci: 95% bootstrap interval over test images and defense seeds" in (tmp_path / "b.md").read_text()
+
+
+def test_leaderboard_row_over_attacks_and_training_seeds(tmp_path):
+    # badnets: training seeds 0 and 1 (two checkpoints), each with defense seeds 0 and 1; blended: one record
+    recs = [_rec(0.20, "badnets", 0, 0, 0), _rec(0.50, "badnets", 0, 1, 1), _rec(0.05, "badnets", 1, 0, 2),
+            _rec(0.10, "badnets", 1, 1, 3), _rec(0.40, "blended", 0, None, 4)]
+    board = _board(recs, tmp_path)
+    reps = [r["asr"] for r in bs.record_replicates(recs, 1000, 0)]
+    badnets = bs.seed_replicates([[reps[0], reps[1]], [reps[2], reps[3]]], 0, "badnets:fp")
+    blended = reps[4]
+    expected = bs.percentile_interval((badnets + blended) / 2)
+    assert _board_ci(board, "fp", "asr") == _text(expected)
+    images_only = bs.percentile_interval((np.mean(reps[:4], axis=0) + blended) / 2)
+    assert expected.hi - expected.lo > 2 * (images_only.hi - images_only.lo)
+    assert board.attrs["levels"] == ("test images", "training seeds", "defense seeds")
+
+
+def test_leaderboard_with_one_record_per_attack_is_unchanged(tmp_path, capsys):
+    from otbr_plugin.cli import main
+
+    recs = [_rec(0.20, "badnets", 0, None, 0), _rec(0.40, "blended", 0, None, 1), _rec(0.30, "sig", 0, 0, 2)]
+    board = _board(recs, tmp_path, n_boot=300)
+    reps = bs.record_replicates(recs, 300, 0)
+    for m in ("acc", "asr", "ra", "der"):
+        assert _board_ci(board, "fp", m) == _text(_old_interval([r[m] for r in reps]))
+    assert board.attrs["levels"] == ("test images",)
+    assert main(["leaderboard", "build", str(tmp_path / "s.json")]) == 0
+    assert "bootstrap interval" not in capsys.readouterr().out  # no note: the board reads as before
+
+
+def _half(ci: bs.Interval) -> float:
+    return (ci.hi - ci.lo) / 2
+
+
+def test_regress_cell_over_defense_seeds_uses_the_two_level_interval(tmp_path):
+    from otbr_plugin.aggregate.regress import compare, load_baseline, make_baseline
+
+    recs = [_at(0.70, 0), _at(0.85, 1, order=1), _at(0.90, 2, order=2)]
+    baseline = load_baseline(make_baseline(recs, tmp_path / "b.json"))
+    reps = bs.record_replicates(recs, 1000, 0)
+    expected = {m: _half(bs.percentile_interval(bs.seed_replicates([[r[m] for r in reps]], 0, "badnets:fp")))
+                for m in ("acc", "asr", "ra", "der")}
+    (cell,) = baseline.cells
+    assert cell["ci_half"] == expected and cell["ci_levels"] == ["test images", "defense seeds"]
+    old = _half(_old_interval([r["asr"] for r in reps]))
+    assert expected["asr"] > 2 * old
+    # a current run 5 ASR points worse: beyond test-image noise (and the 2-point tolerance), within seed noise
+    worse = [_at(0.75, 0), _at(0.90, 1, order=1), _at(0.95, 2, order=2)]
+    assert old < 0.05 < expected["asr"]
+    assert compare(baseline, worse)[0].status == "regressed"
+    row = compare(baseline, worse, ci_factor=1.0)[0]
+    assert row.status == "ok" and row.checks["asr"].ci_half == expected["asr"]
+    # a baseline without ci_half: the current records' interval, seed-aware the same way
+    for c in baseline.cells:
+        del c["ci_half"], c["ci_levels"]
+    cur = bs.record_replicates(worse, 1000, 0)
+    assert compare(baseline, worse, ci_factor=1.0)[0].checks["asr"].ci_half == _half(
+        bs.percentile_interval(bs.seed_replicates([[r["asr"] for r in cur]], 0, "badnets:fp")))
+
+
+def test_regress_cell_over_training_seeds_records_the_group_interval(tmp_path):
+    from otbr_plugin.aggregate.regress import compare, load_baseline, make_baseline
+
+    recs = [_rec(0.20, "badnets", 0, 0, 0), _rec(0.50, "badnets", 0, 1, 1), _rec(0.05, "badnets", 1, 0, 2),
+            _rec(0.10, "badnets", 1, 1, 3)]
+    baseline = load_baseline(make_baseline(recs, tmp_path / "b.json"))
+    reps = [r["der"] for r in bs.record_replicates(recs, 1000, 0)]
+    expected = _half(bs.percentile_interval(bs.seed_replicates([[reps[0], reps[1]], [reps[2], reps[3]]], 0,
+                                                               "badnets:fp")))
+    assert [c["seed"] for c in baseline.cells] == [0, 1]
+    assert all(c["ci_half"]["der"] == expected for c in baseline.cells)  # the group's, in each of its cells
+    assert all(c["ci_levels"] == ["test images", "training seeds", "defense seeds"] for c in baseline.cells)
+    row = compare(baseline, recs, ci_factor=1.0)[0]
+    assert row.status == "ok" and row.checks["der"].ci_half == expected
+    assert expected > 2 * np.mean([_half(_old_interval(reps[:2])), _half(_old_interval(reps[2:]))])
+    # an older baseline (no ci_levels: each training seed's test-image half width) over several seeds: the current
+    # records' seed-aware interval instead; with one record the older file's own
+    for c in baseline.cells:
+        c["ci_half"] = {m: 0.001 for m in ("acc", "asr", "ra", "der")}
+        del c["ci_levels"]
+    assert compare(baseline, recs, ci_factor=1.0)[0].checks["der"].ci_half == expected
+    single = load_baseline(make_baseline([recs[0]], tmp_path / "one.json"))
+    single.cells[0]["ci_half"] = {m: 0.001 for m in ("acc", "asr", "ra", "der")}
+    del single.cells[0]["ci_levels"]
+    assert compare(single, [recs[0]], ci_factor=1.0)[0].checks["der"].ci_half == 0.001
+
+
+def test_regress_single_record_half_width_is_unchanged(tmp_path):
+    from otbr_plugin.aggregate.regress import load_baseline, make_baseline
+
+    r = rec_from(AFTER_A)
+    (cell,) = load_baseline(make_baseline([r], tmp_path / "b.json")).cells
+    reps = bs.record_replicates([r], 1000, 0)[0]
+    assert cell["ci_half"] == {m: _half(_old_interval([reps[m]])) for m in ("acc", "asr", "ra", "der")}
+    assert cell["ci_levels"] == ["test images"]

@@ -21,7 +21,10 @@ Resampling (documented, the same everywhere):
   with one member is not resampled, so a single-record cell keeps exactly its test-image replicates. The seed draws
   come from the generator of the stream ``seeds:<cell>`` (the same for every metric of the cell). The average row
   averages its attacks' replicates (attacks are fixed, not resampled). The interval is the 2.5 / 97.5 percentile of
-  the replicates (percentile bootstrap, 95%).
+  the replicates (percentile bootstrap, 95%). Every consumer (table, by-defense summary, compare, leaderboard,
+  regress) builds its trees with :func:`seed_tree` / :func:`attack_trees` and draws with :func:`seed_replicates` /
+  :func:`attacks_replicates`; a mean over several attacks averages the attacks' replicates, each attack on its
+  stream ``seeds:<attack>:<defense label>`` (:func:`records_interval`).
 - A paired comparison of two defenses on the same checkpoint takes, replicate by replicate, the difference of
   their metrics on the same resampled images, each side's defense seeds resampled independently (its own stream:
   defense A's seed k and B's seed k are unrelated draws); the difference is "real" when its 95% interval excludes 0.
@@ -41,7 +44,8 @@ import numpy as np
 __all__ = ["PER_SAMPLE_FORMAT", "encode_bits", "decode_bits", "per_sample_payload", "check_per_sample",
            "resample_indices", "replicate_means", "record_replicates", "Interval", "percentile_interval",
            "group_interval", "paired_difference", "seed_tree", "seed_replicates", "resampled_levels",
-           "levels_text", "DEFAULT_BOOT", "DEFAULT_BOOT_SEED", "BOOT_CHUNK"]
+           "levels_text", "metric_tree", "attack_trees", "attacks_replicates", "records_interval", "DEFAULT_BOOT",
+           "DEFAULT_BOOT_SEED", "BOOT_CHUNK"]
 
 PER_SAMPLE_FORMAT = 1
 ENCODING = "numpy.packbits (bitorder big, zero padded), base64"
@@ -223,7 +227,8 @@ def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> Interval
 def group_interval(replicates: Sequence[dict[str, np.ndarray] | None], metric: str,
                    level: float = 0.95) -> Interval | None:
     """The interval of the mean of ``metric`` over several records (their replicates averaged replicate by
-    replicate); None when any of them has no per-sample data."""
+    replicate: test images only, seeds not resampled; for a cell over seeds use :func:`records_interval`); None when
+    any of them has no per-sample data."""
     if not replicates or any(r is None for r in replicates):
         return None
     stacked = np.stack([r[metric] for r in replicates])  # type: ignore[index]
@@ -299,3 +304,41 @@ def seed_replicates(tree: SeedTree, seed: int, stream: str) -> np.ndarray:
         inner_means[g] = stacked[rows[:, None, None], idx].mean(axis=-1)
     slots = np.arange(n_out)
     return inner_means[outer, rows[:, None], slots[None, :]].mean(axis=1)
+
+
+def metric_tree(tree: Sequence[Sequence[Mapping[str, np.ndarray]]], metric: str) -> list[list[np.ndarray]]:
+    """One metric's :data:`SeedTree` from a tree of :func:`record_replicates` dicts (as :func:`seed_tree` groups
+    them)."""
+    return [[leaf[metric] for leaf in inner] for inner in tree]
+
+
+def attack_trees(pairs: Iterable[tuple[Any, Any]]) -> dict[str, list[list[Any]]]:
+    """``(record, value)`` pairs grouped by attack (in the order the attacks first appear), each attack's pairs as a
+    :func:`seed_tree`."""
+    by_attack: dict[str, list[tuple[Any, Any]]] = {}
+    for r, v in pairs:
+        by_attack.setdefault(str(r.attack_name), []).append((r, v))
+    return {a: seed_tree(group) for a, group in by_attack.items()}
+
+
+def attacks_replicates(trees: Mapping[str, SeedTree], seed: int, stream: str) -> np.ndarray:
+    """The replicates of a mean over attacks: each attack's :func:`seed_replicates` (stream ``<attack>:<stream>``),
+    averaged replicate by replicate with equal weights (attacks are fixed, not resampled). One attack: its own."""
+    if not trees:
+        raise ValueError("a mean over attacks needs at least one attack")
+    return np.mean([seed_replicates(t, seed, f"{a}:{stream}") for a, t in trees.items()], axis=0)
+
+
+def records_interval(pairs: Sequence[tuple[Any, Mapping[str, np.ndarray] | None]], metric: str, seed: int,
+                     stream: str, level: float = 0.95) -> tuple[Interval, tuple[str, ...]] | None:
+    """The interval of ``metric``'s mean over the records of ``pairs`` (``(record, replicates)`` as
+    :func:`record_replicates` gives them; ``stream``: the defense label) by the two-level bootstrap: per attack over
+    its training seeds and their defense seeds (:func:`attack_trees`, :func:`attacks_replicates`), then over the
+    attacks; with the levels it resampled (:func:`resampled_levels`). None when a record has no replicates. A single
+    record gives exactly its test-image interval; one record per attack the attacks' replicates averaged, as
+    :func:`group_interval`."""
+    if not pairs or any(rep is None for _, rep in pairs):
+        return None
+    trees = attack_trees(pairs)
+    reps = attacks_replicates({a: metric_tree(t, metric) for a, t in trees.items()}, seed, stream)
+    return percentile_interval(reps, level), resampled_levels(trees.values())

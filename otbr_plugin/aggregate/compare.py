@@ -16,8 +16,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, paired_difference, record_replicates,
-                        resampled_levels, seed_replicates, seed_tree)
+from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, metric_tree, paired_difference,
+                        record_replicates, resampled_levels, seed_replicates, seed_tree)
 from .records import RunRecord
 from .tables import DEFENSE_ORDER, HIGHER_IS_BETTER, METRICS, csv_safe, ordered
 
@@ -59,8 +59,8 @@ def paired_comparisons(records: Iterable[RunRecord], metrics: Sequence[str] = ME
                     for d in (da, db):
                         recs = by_def[d]
                         point = float(np.mean([(r.der if m == "der" else r.metrics_after[m]) for r, _ in recs]))
-                        side[d] = (point, seed_replicates([[rep[m] for rep in inner] for inner in trees[d]], seed,
-                                                          f"{attack}:{tseed}:{sha}:{d}"))
+                        stream = f"{attack}:{tseed}:{sha}:{d}"
+                        side[d] = (point, seed_replicates(metric_tree(trees[d], m), seed, stream))
                     diff, ci = paired_difference({m: side[da][1]}, {m: side[db][1]}, m, side[da][0] - side[db][0])
                     sig = ci.excludes_zero()
                     better = ""

@@ -7,7 +7,12 @@ is detected. :func:`validate_submission` returns every problem it finds, each na
 
 Entries exported from records that keep per-sample outcomes (record schema 2) carry them (``per_sample``, and
 ``defense_seed`` where the grid had that axis); the built board then gives each mean its 95% bootstrap interval
-(columns ``acc_ci`` ... ``der_ci``, "-" where an entry has none; see :mod:`otbr_plugin.aggregate.bootstrap`).
+(columns ``acc_ci`` ... ``der_ci``, "-" where an entry has none; see :mod:`otbr_plugin.aggregate.bootstrap`). The
+interval is the tables' one (:func:`~otbr_plugin.aggregate.bootstrap.records_interval`): test images resampled and,
+where a row has several seeds of an attack, the seeds too (two-level bootstrap: per attack its training seeds, then
+their defense seeds, stream ``seeds:<attack>:<defense>``), the attacks' replicates averaged with equal weights (the
+row's mean is over its entries: the same thing when every attack has as many entries). A row with one entry per
+attack keeps exactly its test-image interval. ``board.attrs["levels"]``: the levels resampled over the board.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import pandas as pd
 
 from ..metrics import BackdoorMetrics, defense_effectiveness_rating
 from ..io import write_json
-from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, check_per_sample, group_interval, record_replicates
+from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, check_per_sample, levels_text, record_replicates,
+                        records_interval)
 from .records import RunRecord, library_versions
 
 __all__ = ["SUBMISSION_KIND", "export_submission", "validate_submission", "load_submission", "build_leaderboard",
-           "SubmissionError", "entries_digest"]
+           "SubmissionError", "entries_digest", "leaderboard_note"]
 
 SUBMISSION_KIND = "otbr-leaderboard-submission"
 SUBMISSION_SCHEMA_VERSION = 1
@@ -199,8 +205,8 @@ def build_leaderboard(submissions: list[dict], n_boot: int = DEFAULT_BOOT,
                       boot_seed: int = DEFAULT_BOOT_SEED) -> pd.DataFrame:
     """One row per (method, defense, dataset, model): mean after-defense metrics (percent) over its entries,
     ranked by DER, each with its 95% bootstrap interval (``acc_ci`` ... ``der_ci``: "[lo, hi]", "-" unless every
-    entry keeps per-sample outcomes). Rows mixing different checkpoints are still comparable only on the same
-    dataset/model."""
+    entry keeps per-sample outcomes; over test images and the row's seeds, see the module doc). Rows mixing different
+    checkpoints are still comparable only on the same dataset/model. ``attrs["levels"]``: the levels resampled."""
     rows, entries = [], []
     for sub in submissions:
         for e in sub["entries"]:
@@ -215,16 +221,32 @@ def build_leaderboard(submissions: list[dict], n_boot: int = DEFAULT_BOOT,
     agg = df.groupby(keys).agg(
         cells=("der", "size"), acc=("acc", "mean"), asr=("asr", "mean"), ra=("ra", "mean"), der=("der", "mean"))
     agg[["acc", "asr", "ra", "der"]] = agg[["acc", "asr", "ra", "der"]].mul(100).round(2)
-    reps = record_replicates([_entry_record(e) for e in entries], n_boot, boot_seed)
+    recs = [_entry_record(e) for e in entries]
+    reps = record_replicates(recs, n_boot, boot_seed)
+    levels: set[str] = {"test images"}
     for m in ("acc", "asr", "ra", "der"):
         texts = {}
         for key, idx in df.groupby(keys).groups.items():
-            ci = group_interval([reps[i] for i in idx], m)
-            texts[key] = "-" if ci is None else f"[{ci.lo * 100:.2f}, {ci.hi * 100:.2f}]"
+            found = records_interval([(recs[i], reps[i]) for i in idx], m, boot_seed, key[-1])
+            if found is not None:
+                levels.update(found[1])
+            texts[key] = "-" if found is None else f"[{found[0].lo * 100:.2f}, {found[0].hi * 100:.2f}]"
         agg[f"{m}_ci"] = [texts[k] for k in agg.index]
     agg = agg.reset_index().sort_values(["dataset", "model", "der"], ascending=[True, True, False])
     agg.insert(0, "rank", agg.groupby(["dataset", "model"]).cumcount() + 1)
-    return agg.reset_index(drop=True)
+    board = agg.reset_index(drop=True)
+    board.attrs["levels"] = tuple(x for x in ("test images", "training seeds", "defense seeds") if x in levels)
+    return board
+
+
+def leaderboard_note(levels: tuple[str, ...] = ("test images",)) -> str:
+    """The sentence under a board whose intervals resampled seeds (``board.attrs["levels"]``); empty when they
+    covered test images only (the board then reads as before seeds were resampled)."""
+    if tuple(levels) == ("test images",):
+        return ""
+    return (f"*_ci: 95% bootstrap interval over {levels_text(levels)} (two-level bootstrap: per replicate each "
+            "attack's seeds drawn with replacement, then the test images; attacks averaged; "
+            "otbr_plugin.aggregate.bootstrap).")
 
 
 def _entry_record(e: dict) -> RunRecord:

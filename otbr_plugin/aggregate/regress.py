@@ -6,7 +6,7 @@ DER (with a defense_seeds axis: the means over the defense seeds, listed in ``de
 averaged over their defense seeds the same way). Baselines written by this version also record (all optional, so
 older files stay readable and older readers still read these): ``grid``, ``package_version``, ``versions``,
 ``tolerances`` and ``std_factor``, and per cell a ``defense_config_sha256`` and, from records that keep per-sample
-outcomes, ``ci_half`` (see ``ci_factor`` below).
+outcomes, ``ci_half`` and ``ci_levels`` (see ``ci_factor`` below).
 
 Cells are compared per (dataset, model, attack, defense): with several seeds, the means over the baseline's
 seeds. A metric regresses when it gets worse (ACC, RA or DER drop, ASR rises) by more than
@@ -17,11 +17,18 @@ where ``abs``/``rel`` are the tolerances (fractions) for that metric and defense
 is the baseline's over its seeds (sample std; 0 with one seed). Exactly at the allowed change passes.
 
 With ``ci_factor`` K > 0 (``otbr-bench regress --ci-factor K``) the allowed change is also at least K x the half
-width of the cell's 95% bootstrap interval over test images (:mod:`otbr_plugin.aggregate.bootstrap`): the
-baseline's, when the baseline cell recorded one (``ci_half``, written by ``--write-baseline`` from records that keep
-per-sample outcomes), else the current records'. A cell with neither (records of schema 1) gets no such term. K = 1:
-a change within test-set noise passes. A baseline
-cell with no current record for one of its seeds, or with a failed one, is a failure too.
+width of the 95% bootstrap interval of the compared mean (:mod:`otbr_plugin.aggregate.bootstrap`, the interval
+``otbr-bench table --ci`` gives that cell): over test images and, where the cell has several, its training seeds and
+their defense seeds (two-level bootstrap, :func:`~otbr_plugin.aggregate.bootstrap.records_interval`, stream
+``seeds:<attack>:<defense>``, 1000 replicates, seed 0); one record: its test-image interval. It is the baseline's
+when the baseline recorded one, else the current records'. ``--write-baseline`` records it from records that keep
+per-sample outcomes: ``ci_half`` (a dict of half widths, fractions) in each cell of a (dataset, model, attack,
+defense), the same in each since it covers all of their seeds, and ``ci_levels`` (the levels resampled, e.g.
+``["test images", "defense seeds"]``). An older baseline (no ``ci_levels``) recorded each training seed's
+test-image interval; they are averaged over the seeds, unless the cell's current records are several (seeds) and
+keep per-sample outcomes: then the current records' seed-aware interval is used. A cell with neither (records of
+schema 1) gets no such term. K = 1: a change within that noise passes. A baseline cell with no current record for
+one of its seeds, or with a failed one, is a failure too.
 
 Tolerances are layered, the most specific scope first (a defense label before the defaults), then the latest
 source (command line > tolerance file > the baseline's recorded tolerances > built-in defaults), field by field.
@@ -280,35 +287,34 @@ def _by_key(records: Iterable[RunRecord]) -> dict[tuple, list[RunRecord]]:
     return out
 
 
-def _group_cell(group: list[RunRecord], with_ci: bool = True) -> dict:
+def _group_cell(group: list[RunRecord]) -> dict:
     """A baseline cell from the records of one key: the record's metrics, or with defense seeds their means (and the
-    seeds, ``defense_seeds``); ``ci_half`` where the records keep per-sample outcomes."""
+    seeds, ``defense_seeds``)."""
     cell = _cell(group[0])
     if len(group) > 1 or group[0].defense_seed is not None:
         for m in METRICS:
             cell[m] = statistics.fmean(float(c[m]) for c in map(_cell, group))
         cell["defense_seeds"] = sorted(r.defense_seed for r in group if r.defense_seed is not None)
-    half = _ci_half_widths(group) if with_ci else None
-    if half is not None:
-        cell["ci_half"] = half
     return cell
 
 
-def _ci_half_widths(records: list[RunRecord]) -> dict[str, float] | None:
-    """Half the width of the 95% bootstrap interval of each metric's mean over ``records`` (fractions); None when a
-    record keeps no per-sample outcomes."""
-    from .bootstrap import group_interval, record_replicates
+def _ci_half_widths(records: list[RunRecord]) -> tuple[dict[str, float], list[str]] | None:
+    """Half the width of the 95% bootstrap interval of each metric's mean over ``records`` (fractions; the records of
+    one attack and defense label: the table's interval of that cell, its training seeds and their defense seeds
+    resampled where there are several, :func:`~otbr_plugin.aggregate.bootstrap.records_interval`) and the levels
+    resampled; None when a record keeps no per-sample outcomes."""
+    from .bootstrap import DEFAULT_BOOT_SEED, record_replicates, records_interval
 
     if not records or any(r.per_sample is None for r in records):
         return None
-    reps = record_replicates(records)
-    out = {}
+    pairs = list(zip(records, record_replicates(records)))
+    out, levels = {}, ["test images"]
     for m in METRICS:
-        ci = group_interval(reps, m)
-        if ci is None:
+        found = records_interval(pairs, m, DEFAULT_BOOT_SEED, records[0].defense)
+        if found is None:
             return None
-        out[m] = (ci.hi - ci.lo) / 2
-    return out
+        out[m], levels = (found[0].hi - found[0].lo) / 2, list(found[1])
+    return out, levels
 
 
 def record_grid(r: RunRecord) -> str | None:
@@ -335,12 +341,30 @@ def make_baseline(records: Iterable[RunRecord], path: str | Path, note: str = ""
                             "grid": grid, "package_version": ", ".join(pkg) if pkg else None,
                             "versions": {n: ", ".join(_versions(ok, n)) for n in ("otbr_plugin", "torch", "numpy", "POT")
                                          if _versions(ok, n)},
-                            "cells": [_group_cell(g) for g in _by_key(ok).values()]}
+                            "cells": _baseline_cells(ok)}
     if tolerance is not None:
         spec = tolerance.to_dict()
         data["tolerances"] = {"default": spec["default"], "defenses": spec["defenses"]}
         data["std_factor"] = spec["std_factor"]
     return write_json(path, data)
+
+
+def _baseline_cells(records: list[RunRecord]) -> list[dict]:
+    """The baseline's cells, one per record key (:func:`_group_cell`), each with ``ci_half`` and ``ci_levels`` where
+    the records keep per-sample outcomes: the interval of what regress compares, the mean over every training seed
+    (and defense seed) the baseline has of that dataset, model, attack and defense, so the same in each of those
+    cells."""
+    groups = _by_key(records)
+    cells = {key: _group_cell(g) for key, g in groups.items()}
+    by_cell: dict[tuple, list[tuple]] = {}
+    for key in groups:
+        by_cell.setdefault(key[:4], []).append(key)
+    for keys in by_cell.values():
+        found = _ci_half_widths([r for k in keys for r in groups[k]])
+        if found is not None:
+            for k in keys:
+                cells[k]["ci_half"], cells[k]["ci_levels"] = dict(found[0]), list(found[1])
+    return list(cells.values())
 
 
 @dataclass
@@ -503,8 +527,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _baseline_ci_half(cells: list[dict]) -> dict[str, float] | None:
-    """The interval half widths the baseline cells recorded (``ci_half``), averaged over their seeds; None unless every
-    cell has a sound one."""
+    """The interval half widths the baseline cells recorded (``ci_half``): the group's, which every cell of it carries
+    (baselines written since 2026-12-05), else (older files: each training seed's own) their mean over the seeds; None
+    unless every cell has a sound one."""
     halves = [c.get("ci_half") for c in cells]
     if not halves or not all(isinstance(h, dict) for h in halves):
         return None
@@ -514,8 +539,19 @@ def _baseline_ci_half(cells: list[dict]) -> dict[str, float] | None:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
                    for v in vals):
             return None
-        out[m] = statistics.fmean(vals)
+        out[m] = float(vals[0]) if len(set(vals)) == 1 else statistics.fmean(vals)
     return out
+
+
+def _ci_half(cells: list[dict], records: list[RunRecord]) -> dict[str, float] | None:
+    """The half widths ``--ci-factor`` uses for baseline ``cells`` (one group) against the current ``records``: the
+    baseline's, unless it is an older file's test-image-only one over several seeds (no ``ci_levels``) and the
+    current records give a seed-aware one; else the current records'; None when neither has one."""
+    recorded = _baseline_ci_half(cells)
+    if recorded is not None and (len(records) == 1 or all("ci_levels" in c for c in cells)):
+        return recorded
+    current = _ci_half_widths(records)
+    return current[0] if current is not None else recorded
 
 
 def compare(baseline: "Baseline | list[dict]", records: Iterable[RunRecord],
@@ -552,11 +588,11 @@ def compare(baseline: "Baseline | list[dict]", records: Iterable[RunRecord],
                       for m in METRICS}
             rows.append(RegressionRow(key, "missing" if absent else "failed", base_mean, None, problems, checks, seeds))
             continue
-        cur_cells = [_group_cell(g, with_ci=False) for g in groups_now]  # type: ignore[arg-type]
+        cur_cells = [_group_cell(g) for g in groups_now]  # type: ignore[arg-type]
         cur = {m: _mean_std([float(c[m]) for c in cur_cells]) for m in METRICS}
         checks, problems = {}, []
         every = [r for g in groups_now for r in g]  # type: ignore[union-attr]
-        half = (_baseline_ci_half(gcells) or _ci_half_widths(every)) if ci_factor else None
+        half = _ci_half(gcells, every) if ci_factor else None
         if half:
             allowed = {m: max(allowed[m], ci_factor * half[m]) for m in METRICS}
         for m in METRICS:

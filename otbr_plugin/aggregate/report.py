@@ -32,6 +32,7 @@ from .records import RunRecord
 from ..io import is_inside, plain_text_plots, read_regular
 from ..io import write_text as write_text_atomic
 from .bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text
+from .leaderboard import leaderboard_note
 from .summary import defense_summary, format_summary
 from .tables import (DEFAULT_ACC_DROP, HIGHER_IS_BETTER, METRICS, best_mask, bound_note, comparison_table,
                      eligible_mask, format_cell, grid_order, interval_table, load_records, ordered)
@@ -797,8 +798,10 @@ def render_leaderboard_page(submissions: Sequence[dict], board: pd.DataFrame, ti
     for (_, row), top in zip(board.iterrows(), best_der):
         cells = "".join(f'<td class="{"best" if c == "der" and row[c] == top else ""}">{_e(row[c])}</td>' for c in cols)
         rows.append(f"<tr>{cells}</tr>")
+    note = leaderboard_note(board.attrs.get("levels", ("test images",)))
     board_html = ("<p class=note>Mean after-defense metrics (percent) per method and defense, ranked by DER within "
-                  "each dataset and model.</p><div class=scroll><table class=leaderboard><tr>"
+                  "each dataset and model." + (f" {_e(note)}" if note else "")
+                  + "</p><div class=scroll><table class=leaderboard><tr>"
                   + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>" + "".join(rows) + "</table></div>")
     subs = "".join(f"<li><b>{_e(s['method']['name'])}</b> by {_e(s['submitter']['name'])} ({_e(s.get('created', ''))}, "
                    f"{len(s['entries'])} entries)</li>" for s in submissions)

@@ -40,8 +40,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, percentile_interval, record_replicates,
-                        resampled_levels, seed_replicates)
+from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, attacks_replicates, levels_text, percentile_interval,
+                        record_replicates, resampled_levels)
 from .records import RunRecord
 from .tables import DEFAULT_ACC_DROP, check_one_dataset_model, csv_safe, grid_order, latex_escape, ordered
 
@@ -122,8 +122,7 @@ def _mean_over(cells: dict[Checkpoint, tuple[dict, list[np.ndarray] | None]], ck
     if any(r is None for r in reps):
         return vals, None, []
     trees = {a: [cells[c][1] for c in sorted(cs)] for a, cs in by_attack.items()}
-    rep = np.mean([seed_replicates(t, boot_seed, f"{a}:{stream}") for a, t in trees.items()],  # type: ignore[arg-type]
-                  axis=0)
+    rep = attacks_replicates(trees, boot_seed, stream)  # type: ignore[arg-type]
     return vals, rep, list(trees.values())  # type: ignore[arg-type]
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from ..io import plain_text_plots, read_regular, save_figure
-from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, percentile_interval, record_replicates,
-                        resampled_levels, seed_replicates, seed_tree)
+from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, metric_tree, percentile_interval,
+                        record_replicates, resampled_levels, seed_replicates, seed_tree)
 from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "unreadable_line", "check_one_dataset_model", "latex_escape", "csv_safe", "records_frame",
@@ -174,7 +174,7 @@ def interval_table(records: Iterable[RunRecord], mean: pd.DataFrame, n_boot: int
         for a in attacks:
             tree = trees.get((a, d))
             if tree is not None:
-                cell_means[a] = seed_replicates([[g[m] for g in inner] for inner in tree], seed, f"{a}:{d}")
+                cell_means[a] = seed_replicates(metric_tree(tree, m), seed, f"{a}:{d}")
                 ci = percentile_interval(cell_means[a])
                 lo.at[a, (d, m)], hi.at[a, (d, m)] = ci.lo * 100, ci.hi * 100
         if average and complete and all(a in cell_means for a in complete):

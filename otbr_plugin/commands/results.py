@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..aggregate.leaderboard import SubmissionError, build_leaderboard, export_submission, load_submission
+from ..aggregate.leaderboard import (SubmissionError, build_leaderboard, export_submission, leaderboard_note,
+                                     load_submission)
 from ..aggregate.regress import (ToleranceSpec, build_report, find_tolerance_file, format_junit, format_markdown,
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
@@ -59,7 +60,7 @@ REGRESS_EPILOG = """examples:
 
 Tolerances are fractions (0.01 = 1 point); a DEFENSE: prefix scopes one to a defense label. A metric fails when it
 gets worse by more than max(absolute, relative x baseline, std-factor x baseline std over seeds, ci-factor x half
-width of the cell's 95% bootstrap interval over test images). They come from,
+width of the cell's 95% bootstrap interval over test images and, where it has several, its seeds). They come from,
 lowest first: built-in defaults, the baseline file, the tolerance file (--tolerance-file, else
 <baseline stem>.tolerances.yaml next to the baseline), the command line; a defense-scoped value beats a default.
 Exit status: 0 when every cell is within tolerance, 1 otherwise.
@@ -128,8 +129,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--std-factor", type=float, default=None, metavar="K",
                    help="with several seeds, also allow K x the baseline's std over seeds (default 0)")
     p.add_argument("--ci-factor", type=float, default=0.0, metavar="K",
-                   help="also allow K x the half width of the cell's 95%% bootstrap interval over test images (the "
-                        "baseline's, else the current records'; needs records with per-sample outcomes; default 0: off)")
+                   help="also allow K x the half width of the cell's 95%% bootstrap interval over test images and, "
+                        "where the cell has several, its training and defense seeds (the baseline's, else the current "
+                        "records'; needs records with per-sample outcomes; default 0: off)")
     p.add_argument("--grid", default=None,
                    help="grid name or grid YAML of the current records (recorded by --write-baseline; warns on mismatch)")
     p.add_argument("--junit", default=None, metavar="FILE", help="also write a JUnit XML report")
@@ -274,7 +276,13 @@ def _lb_validate(args: argparse.Namespace) -> int:
 def _lb_build(args: argparse.Namespace) -> int:
     subs = [load_submission(f) for f in args.files]
     board = build_leaderboard(subs)
-    _emit(board.to_csv(index=False) if args.format == "csv" else _plain_md(board), args.out)
+    note = leaderboard_note(board.attrs.get("levels", ("test images",)))
+    if args.format == "csv":
+        _emit(board.to_csv(index=False), args.out)
+        if note:
+            print(note, file=sys.stderr)
+    else:
+        _emit(_plain_md(board) + (f"\n{note}\n" if note else ""), args.out)
     if args.html:
         from ..aggregate.report import render_leaderboard_page
 
