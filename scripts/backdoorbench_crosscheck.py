@@ -909,10 +909,11 @@ def build_tables(s: Settings, runs: list[Run], infos: dict[str, dict], versions:
                          f"{w} | {d['time_ratio']:.2f} |")
     mask_rows = [r for r in rows if "mask_max_abs_d_vs_bb" in r]
     if mask_rows:
-        lines += ["", "ANP masks: each drop-in run's learnt masks (at 4 decimals, as BackdoorBench writes them) against "
-                  "BackdoorBench's anp.py run at the same seed on the same record (its `checkpoint/mask_values.txt`): "
-                  "max |d| over all BN neurons and how many differ. Only the paired settings draw the same subset "
-                  "(`subset_sampling=backdoorbench_stream`) and the same random stream (`random_stream=backdoorbench`).",
+        lines += ["", "ANP masks: each drop-in run's learnt masks (at 4 decimals, as BackdoorBench writes them) "
+                  "against BackdoorBench's anp.py run at the same seed on the same record (its "
+                  "`checkpoint/mask_values.txt`): max |d| over all BN neurons and how many differ. Only the paired "
+                  "settings draw the same subset (`subset_sampling=backdoorbench_stream`) and the same random "
+                  "stream (`random_stream=backdoorbench`).",
                   "", "| record | plug-in setting | seed | max abs d mask | neurons differing | ACC / ASR |",
                   "|---|---|---|---|---|---|"]
         for r in mask_rows:
