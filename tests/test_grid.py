@@ -154,20 +154,20 @@ def test_grid_variants_of_one_defense_run_side_by_side(tmp_path):
 @pytest.mark.parametrize("defense", ["fp", "anp"])
 def test_committed_records_survive_options_that_follow_a_setting(defense):
     """FP and ANP gained `setting` and options that follow it (declared None); a record written before them, whose
-    run they reproduce at the default setting, is still reused."""
+    run they reproduce at the default setting, is still reused (the OTBR-variants table's BadNets records are such)."""
     from pathlib import Path
 
     from otbr_plugin.bench.grid import attack_fingerprint_config, stale_reason
     from otbr_plugin.bench.jobs import cell_record_path
 
     root = Path(__file__).resolve().parents[1]
-    grid = load_grid(root / "configs" / "bench" / "fashion_mnist.yaml", check_device=False)
-    path = cell_record_path(grid, root / "results" / "fashion_mnist", "inputaware", defense, 0)
+    grid = load_grid(root / "configs" / "bench" / "fashion_mnist_otbr_variants.yaml", check_device=False)
+    path = cell_record_path(grid, root / "results" / "fashion_mnist_otbr_variants", "badnets", defense, 0)
     record = read_record(path)
     assert record.fingerprint is not None  # a fingerprinted record: reuse goes through the config's defaults
     assert "stop_rule" not in record.defense_config and "bb_selection" not in record.defense_config
-    assert stale_reason(grid, path, attack_fingerprint_config(grid, "inputaware", 0), defense, None) is None
+    assert stale_reason(grid, path, attack_fingerprint_config(grid, "badnets", 0), defense, None) is None
     changed = {**(grid.defenses.get(defense) or {}), "setting": "backdoorbench"}
     grid.defenses[defense] = changed
-    assert "defense config changed" in stale_reason(grid, path, attack_fingerprint_config(grid, "inputaware", 0),
+    assert "defense config changed" in stale_reason(grid, path, attack_fingerprint_config(grid, "badnets", 0),
                                                      defense, None)

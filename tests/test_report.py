@@ -215,7 +215,8 @@ def test_leaderboard_build_html(run_dir: Path, tmp_path: Path) -> None:
 def test_committed_report_is_small_and_complete() -> None:
     path = COMMITTED / "report.html"
     assert path.is_file(), "results/fashion_mnist/report.html: run `otbr-bench report results/fashion_mnist`"
-    assert path.stat().st_size < 400_000
+    # 8 attacks x 11 defenses: three plots (~260 KB) and the paired differences (55 pairs per attack) dominate
+    assert path.stat().st_size < 800_000
     records = [r for r in load_records(COMMITTED / "records") if r.status == "ok"]
     page = _parse(path.read_text())
     assert set(page.attacks) == {r.attack_name for r in records} | {"average"}
