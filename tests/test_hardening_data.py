@@ -44,7 +44,7 @@ COMMITTED = REPO / "results" / "fashion_mnist" / "records"
 
 
 def _copy_results(tmp_path: Path) -> Path:
-    """A copy of the committed reference records and oracle sweeps (7 attacks x 5 defenses)."""
+    """A copy of the committed reference records and oracle sweeps (8 attacks x 11 defenses)."""
     dest = tmp_path / "results"
     shutil.copytree(COMMITTED, dest / "records")
     shutil.copytree(COMMITTED.parent / "oracle", dest / "oracle")
