@@ -23,7 +23,7 @@ from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, metric_tre
                         record_replicates, resampled_levels, seed_replicates, seed_tree)
 from .records import RunRecord, read_record, read_record_json
 
-__all__ = ["load_records", "unreadable_line", "check_one_dataset_model", "latex_escape", "csv_safe", "records_frame",
+__all__ = ["load_records", "load_record_folders", "unreadable_line", "check_one_dataset_model", "latex_escape", "csv_safe", "records_frame",
            "comparison_table", "interval_table", "interval_note", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
@@ -36,15 +36,12 @@ def _looks_like_record(path: Path) -> bool:
     return path.parent.name == "records" or bool(re.search(r"__seed\d+(__dseed\d+)?\.json$", path.name))
 
 
-def load_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None = None) -> list[RunRecord]:
-    """Every run record (JSON with a ``schema_version``) under ``folder``, recursively, sorted by key.
-
-    ``unreadable``: when given, gets (path, reason) for each file that should be a record (in a ``records/`` folder
-    or named like one) but cannot be read as JSON, so callers can say what is missing from a table."""
+def _folder_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None) -> list[tuple[Path, RunRecord]]:
+    """(path, record) for every run record under ``folder``, recursively, in path order; one record per full key."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder of run records")
-    records = []
+    found: list[tuple[Path, RunRecord]] = []
     seen: dict[tuple, Path] = {}
     for path in sorted(root.rglob("*.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
@@ -67,8 +64,54 @@ def load_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None =
                     "defense seed): remove one of them"
                 )
             seen[key] = path
-            records.append(record)
-    return sorted(records, key=lambda r: r.full_key())
+            found.append((path, record))
+    return found
+
+
+def load_records(folder: str | Path, unreadable: list[tuple[Path, str]] | None = None) -> list[RunRecord]:
+    """Every run record (JSON with a ``schema_version``) under ``folder``, recursively, sorted by key.
+
+    ``unreadable``: when given, gets (path, reason) for each file that should be a record (in a ``records/`` folder
+    or named like one) but cannot be read as JSON, so callers can say what is missing from a table."""
+    return sorted((r for _, r in _folder_records(folder, unreadable)), key=lambda r: r.full_key())
+
+
+def _difference(a: RunRecord, b: RunRecord) -> str:
+    """Why two records of the same cell are not one measurement ("" when they are: same checkpoint, config, data
+    and outcome)."""
+    if a.checkpoint_sha256 != b.checkpoint_sha256:
+        return f"checkpoints {a.checkpoint_sha256[:12]}... and {b.checkpoint_sha256[:12]}..."
+    if a.fingerprint != b.fingerprint:
+        return "another attack/defense config or data (their fingerprints differ)"
+    if (a.status, a.metrics_after) != (b.status, b.metrics_after):
+        return "other outcomes"
+    return ""
+
+
+def load_record_folders(folders: Sequence[str | Path], unreadable: list[tuple[Path, str]] | None = None,
+                        repeated: list[tuple[Path, Path]] | None = None) -> list[RunRecord]:
+    """The run records of several folders (each as :func:`load_records`) as one set, sorted by key.
+
+    A cell found in more than one folder is kept once when its records are one measurement (same checkpoint sha256,
+    fingerprint and outcome: e.g. the ``none`` cell that two grids on one checkpoint both ran); ``repeated`` gets
+    (kept, dropped) paths for each. Records of the same cell that differ (another checkpoint, config or outcome) are
+    a ValueError naming both: a table counts each cell once."""
+    kept: dict[tuple, tuple[Path, RunRecord]] = {}
+    for folder in folders:
+        for path, record in _folder_records(folder, unreadable):
+            key = record.full_key()
+            if key not in kept:
+                kept[key] = (path, record)
+                continue
+            first, other = kept[key]
+            why = _difference(other, record)
+            if why:
+                raise ValueError(f"{first} and {path} are both the record of {'/'.join(map(str, key[:4]))} "
+                                 f"{record.seed_label} but are different measurements ({why}); a table over several "
+                                 "folders counts each cell once: leave one of the folders out")
+            if repeated is not None:
+                repeated.append((first, path))
+    return sorted((r for _, r in kept.values()), key=lambda r: r.full_key())
 
 
 def unreadable_line(unreadable: Sequence[tuple[Path, str]]) -> str:

@@ -12,7 +12,7 @@ from ..aggregate.regress import (ToleranceSpec, build_report, find_tolerance_fil
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
 from ..aggregate.bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED
-from ..aggregate.tables import (DEFAULT_ACC_DROP, METRICS, comparison_table, format_table, interval_table, load_records,
+from ..aggregate.tables import (DEFAULT_ACC_DROP, METRICS, comparison_table, format_table, interval_table, load_record_folders,
                                 oracle_table, plot_acc_vs_asr, unreadable_line)
 from ..config import load_yaml
 from ..io import write_json, write_text
@@ -26,6 +26,8 @@ TABLE_EPILOG = """examples:
   otbr-bench table runs/ci --ci --boot 2000 --boot-seed 1 --acc-drop 5
   otbr-bench table results/fashion_mnist --by-defense [--ci]   (one row per defense, ranks; rules in
                                                               docs/statistics.md)
+  otbr-bench table results/fashion_mnist_defense_seeds results/fashion_mnist_anp_defense_seeds --by-defense --ci
+                                           (several folders as one set of records)
 
 --ci resamples test images, and a cell's training / defense seeds where it has several (two-level bootstrap; no
 model is run): see otbr_plugin/aggregate/bootstrap.py for the procedure. Records written before schema 2 have no
@@ -36,6 +38,7 @@ COMPARE_EPILOG = """examples:
   otbr-bench compare runs/ci
   otbr-bench compare runs/ci --defenses otbr,fp --metrics der,acc
   otbr-bench compare runs/ci --only-significant --format csv --out pairs.csv
+  otbr-bench compare results/fashion_mnist_defense_seeds results/fashion_mnist_anp_defense_seeds --defenses otbr,anp
 
 For two defenses on the same backdoored checkpoint: the difference of each metric (A - B, points) with a paired 95%
 bootstrap interval over the same resampled test images (with several defense seeds, each side's seeds resampled
@@ -70,7 +73,8 @@ Exit status: 0 when every cell is within tolerance, 1 otherwise.
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("table", help="comparison table (and plots) from run records", formatter_class=formatter(),
                        epilog=TABLE_EPILOG)
-    p.add_argument("records", help="folder holding run records (searched recursively)")
+    p.add_argument("records", nargs="+", help="folder(s) holding run records (searched recursively); a cell found in "
+                   "several is counted once when its records are one measurement, else it is an error")
     p.add_argument("--format", default="md", choices=["md", "csv", "latex", "html"])
     p.add_argument("--out", default=None, help="write the table here instead of printing it")
     p.add_argument("--plot", default=None, help="also write the ACC-vs-ASR plot (PNG) here")
@@ -82,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compare", help="paired differences between defenses, with bootstrap intervals",
                        formatter_class=formatter(), epilog=COMPARE_EPILOG)
-    p.add_argument("records", help="folder holding run records (searched recursively)")
+    p.add_argument("records", nargs="+", help="folder(s) holding run records (searched recursively); a cell found in "
+                   "several is counted once when its records are one measurement, else it is an error")
     p.add_argument("--defenses", default=None, help="comma-separated defense labels to compare (default: all but none)")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics (default acc,asr,ra,der)")
     p.add_argument("--include-none", action="store_true", help="also compare each defense with no defense")
@@ -176,12 +181,17 @@ def add_bootstrap_arguments(p: argparse.ArgumentParser, ci_flag: bool = True) ->
                         f"(default {DEFAULT_ACC_DROP:g})")
 
 
-def _records(folder: str) -> list:
-    """The run records under ``folder``; the record files that cannot be read are named on stderr."""
+def _records(folders: str | list[str]) -> list:
+    """The run records under one or more folders as one set; the record files that cannot be read, and the cells
+    found in several folders (counted once), are named on stderr."""
     unreadable: list = []
-    records = load_records(folder, unreadable)
+    repeated: list = []
+    records = load_record_folders([folders] if isinstance(folders, str) else folders, unreadable, repeated)
     if unreadable:
         print(unreadable_line(unreadable), file=sys.stderr)
+    if repeated:
+        print(f"note: {len(repeated)} cell(s) found in more than one folder with the same checkpoint, config and "
+              f"outcome, counted once (e.g. {repeated[0][1]} is {repeated[0][0]} again)", file=sys.stderr)
     return records
 
 
@@ -207,7 +217,7 @@ def _table(args: argparse.Namespace) -> int:
     _failed_note(records)
     if args.plot:
         print(f"wrote {plot_acc_vs_asr(records, args.plot)}", file=sys.stderr)
-    oracle = oracle_table(args.records)
+    oracle = "\n".join(t for t in (oracle_table(f) for f in args.records) if t)
     if oracle:  # Markdown: after a Markdown table on stdout, else on stderr
         print("\n" + oracle, end="", file=sys.stdout if args.format == "md" and not args.out else sys.stderr)
     return 0
@@ -247,8 +257,8 @@ def _compare(args: argparse.Namespace) -> int:
     records = _records(args.records)
     df = paired_comparisons(records, metrics, args.boot, args.boot_seed, defenses, args.include_none)
     if df.empty:
-        raise ValueError(f"{args.records}: no two defenses on the same checkpoint with per-sample outcomes (records of "
-                         "schema 2, written by this version) to compare")
+        raise ValueError(f"{', '.join(args.records)}: no two defenses on the same checkpoint with per-sample outcomes "
+                         "(records of schema 2, written by this version) to compare")
     _emit(format_comparisons(df, args.format, args.only_significant), args.out)
     return 0
 
