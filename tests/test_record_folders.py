@@ -73,3 +73,18 @@ def test_a_missing_folder_is_named(tmp_path):
     a = _folder(tmp_path, "a", ("otbr",))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_record_folders([a, tmp_path / "nowhere"])
+
+
+def test_attacks_option_keeps_the_named_attacks_and_names_unknown_ones(tmp_path, capsys):
+    a = _folder(tmp_path, "a", ("none", "otbr"))
+    for f in SEEDS.glob("fashion_mnist__preactresnet18__sig__*.json"):
+        shutil.copy(f, a / "records" / f.name)
+    assert main(["table", str(a), "--attacks", "sig"]) == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert "sig" in rows and "badnets" not in rows
+    assert main(["compare", str(a), "--attacks", "badnets", "--include-none", "--boot", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "badnets" in out and "sig" not in out
+    assert main(["table", str(a), "--attacks", "sig,wanet"]) != 0
+    err = capsys.readouterr().err
+    assert "no records of wanet" in err and "badnets, sig" in err

@@ -26,8 +26,8 @@ TABLE_EPILOG = """examples:
   otbr-bench table runs/ci --ci --boot 2000 --boot-seed 1 --acc-drop 5
   otbr-bench table results/fashion_mnist --by-defense [--ci]   (one row per defense, ranks; rules in
                                                               docs/statistics.md)
-  otbr-bench table results/fashion_mnist_defense_seeds results/fashion_mnist_anp_defense_seeds --by-defense --ci
-                                           (several folders as one set of records)
+  otbr-bench table results/fashion_mnist_defense_seeds results/fashion_mnist_anp_defense_seeds --by-defense --ci \
+      --attacks badnets,blended,inputaware   (several folders as one set of records, some of their attacks)
 
 --ci resamples test images, and a cell's training / defense seeds where it has several (two-level bootstrap; no
 model is run): see otbr_plugin/aggregate/bootstrap.py for the procedure. Records written before schema 2 have no
@@ -81,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by-defense", action="store_true",
                    help="one row per defense instead: data used, attacks covered, mean ACC drop / ASR / RA / DER, rank "
                         "by mean DER among all and among data-free defenses, median and total seconds per cell")
+    p.add_argument("--attacks", default=None, help="comma-separated attack labels to keep (default: every attack)")
     add_bootstrap_arguments(p)
     p.set_defaults(func=_table)
 
@@ -89,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("records", nargs="+", help="folder(s) holding run records (searched recursively); a cell found in "
                    "several is counted once when its records are one measurement, else it is an error")
     p.add_argument("--defenses", default=None, help="comma-separated defense labels to compare (default: all but none)")
+    p.add_argument("--attacks", default=None, help="comma-separated attack labels to keep (default: every attack)")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics (default acc,asr,ra,der)")
     p.add_argument("--include-none", action="store_true", help="also compare each defense with no defense")
     p.add_argument("--only-significant", action="store_true", help="print only the differences whose interval "
@@ -195,6 +197,20 @@ def _records(folders: str | list[str]) -> list:
     return records
 
 
+def _only_attacks(records: list, attacks: str | None) -> list:
+    """``--attacks``: the records of the named attack labels; a name no record has is a ValueError listing those
+    there are."""
+    if not attacks:
+        return records
+    wanted = [a.strip() for a in attacks.split(",") if a.strip()]
+    have = sorted({r.attack_name for r in records})
+    missing = [a for a in wanted if a not in have]
+    if missing or not wanted:
+        raise ValueError(f"--attacks: no records of {', '.join(missing) or '(none given)'}; the records hold "
+                         f"{', '.join(have) or 'no attack'}")
+    return [r for r in records if r.attack_name in wanted]
+
+
 def _emit(text: str, out: str | None) -> None:
     if out:
         write_text(out, text)
@@ -204,7 +220,7 @@ def _emit(text: str, out: str | None) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    records = _records(args.records)
+    records = _only_attacks(_records(args.records), args.attacks)
     if args.by_defense:
         return _by_defense(args, records)
     mean, std = comparison_table(records)
@@ -254,7 +270,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--metrics: unknown metric(s) {', '.join(bad) or '(none given)'}; expected some of "
                          f"{', '.join(METRICS)}")
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
-    records = _records(args.records)
+    records = _only_attacks(_records(args.records), args.attacks)
     df = paired_comparisons(records, metrics, args.boot, args.boot_seed, defenses, args.include_none)
     if df.empty:
         raise ValueError(f"{', '.join(args.records)}: no two defenses on the same checkpoint with per-sample outcomes "
