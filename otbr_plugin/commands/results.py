@@ -12,8 +12,8 @@ from ..aggregate.regress import (ToleranceSpec, build_report, find_tolerance_fil
                              format_report, load_baseline, load_tolerance_file, make_baseline, parse_tolerance_layer,
                              report_dict)
 from ..aggregate.bootstrap import DEFAULT_BOOT, DEFAULT_BOOT_SEED
-from ..aggregate.tables import (DEFAULT_ACC_DROP, METRICS, comparison_table, format_table, interval_table, load_record_folders,
-                                oracle_table, plot_acc_vs_asr, unreadable_line)
+from ..aggregate.tables import (DEFAULT_ACC_DROP, METRICS, comparison_table, format_table, interval_table,
+                                load_record_folders, oracle_table, plot_acc_vs_asr, unreadable_line)
 from ..config import load_yaml
 from ..io import write_json, write_text
 from . import formatter
