@@ -88,3 +88,17 @@ def test_attacks_option_keeps_the_named_attacks_and_names_unknown_ones(tmp_path,
     assert main(["table", str(a), "--attacks", "sig,wanet"]) != 0
     err = capsys.readouterr().err
     assert "no records of wanet" in err and "badnets, sig" in err
+
+
+def test_attacks_option_filters_the_oracle_sweep_diagnostic_too(tmp_path, capsys):
+    a = _folder(tmp_path, "a", ("none", "otbr"))
+    oracle = Path(__file__).resolve().parents[1] / "results" / "fashion_mnist" / "oracle"
+    for attack in ("badnets", "sig"):
+        src = oracle / f"{attack}__otbr__seed0"
+        shutil.copytree(src, a / "oracle" / src.name)
+    assert main(["table", str(a)]) == 0
+    rows = capsys.readouterr().out.split("ORACLE DIAGNOSTIC")[1]
+    assert "| badnets |" in rows and "| sig |" in rows
+    assert main(["table", str(a), "--attacks", "badnets"]) == 0
+    rows = capsys.readouterr().out.split("ORACLE DIAGNOSTIC")[1]
+    assert "| badnets |" in rows and "| sig |" not in rows

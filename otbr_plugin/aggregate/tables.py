@@ -391,9 +391,10 @@ MAX_ORACLE_CSV_BYTES = 8 * 2**20
 """An oracle sweep CSV holds a row per swept value: a few KiB; anything near this bound is not one."""
 
 
-def oracle_table(folder: str | Path) -> str:
+def oracle_table(folder: str | Path, attacks: Iterable[str] | None = None) -> str:
     """The oracle sweeps under ``folder`` (CSV files written by the grid or ``defend --sweep``), kept apart from
-    the comparison table and labelled: they are scored on the test set and never chose a reported result."""
+    the comparison table and labelled: they are scored on the test set and never chose a reported result.
+    ``attacks``: keep only those attack labels' rows (a table's ``--attacks``)."""
     files = sorted(Path(folder).rglob("oracle_sweep_*.csv"))
     if not files:
         return ""
@@ -411,6 +412,10 @@ def oracle_table(folder: str | Path) -> str:
                              "columns") from None
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True)
+    if attacks is not None and "attack" in df:
+        df = df[df["attack"].astype(str).isin(set(attacks))]
+        if df.empty:
+            return ""
     keep = [c for c in df.columns if c not in ("diagnostic", "defense_seconds")]
     df = df[keep]
     for c in ("acc", "asr", "ra", "der"):

@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by-defense", action="store_true",
                    help="one row per defense instead: data used, attacks covered, mean ACC drop / ASR / RA / DER, rank "
                         "by mean DER among all and among data-free defenses, median and total seconds per cell")
-    p.add_argument("--attacks", default=None, help="comma-separated attack labels to keep (default: every attack)")
+    p.add_argument("--attacks", default=None, help="comma-separated attack labels to keep, in the table and the oracle "
+                                                   "diagnostic under it (default: every attack)")
     add_bootstrap_arguments(p)
     p.set_defaults(func=_table)
 
@@ -197,12 +198,17 @@ def _records(folders: str | list[str]) -> list:
     return records
 
 
+def _attack_names(attacks: str | None) -> list[str] | None:
+    """``--attacks a,b`` as a list of labels (None when not given)."""
+    return [a.strip() for a in attacks.split(",") if a.strip()] if attacks else None
+
+
 def _only_attacks(records: list, attacks: str | None) -> list:
     """``--attacks``: the records of the named attack labels; a name no record has is a ValueError listing those
     there are."""
     if not attacks:
         return records
-    wanted = [a.strip() for a in attacks.split(",") if a.strip()]
+    wanted = _attack_names(attacks)
     have = sorted({r.attack_name for r in records})
     missing = [a for a in wanted if a not in have]
     if missing or not wanted:
@@ -233,7 +239,7 @@ def _table(args: argparse.Namespace) -> int:
     _failed_note(records)
     if args.plot:
         print(f"wrote {plot_acc_vs_asr(records, args.plot)}", file=sys.stderr)
-    oracle = "\n".join(t for t in (oracle_table(f) for f in args.records) if t)
+    oracle = "\n".join(t for t in (oracle_table(f, _attack_names(args.attacks)) for f in args.records) if t)
     if oracle:  # Markdown: after a Markdown table on stdout, else on stderr
         print("\n" + oracle, end="", file=sys.stdout if args.format == "md" and not args.out else sys.stderr)
     return 0
