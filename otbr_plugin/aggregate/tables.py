@@ -24,7 +24,8 @@ from .bootstrap import (DEFAULT_BOOT, DEFAULT_BOOT_SEED, levels_text, metric_tre
 from .records import RunRecord, read_record, read_record_json
 
 __all__ = ["load_records", "load_record_folders", "unreadable_line", "check_one_dataset_model", "latex_escape",
-           "csv_safe", "records_frame", "comparison_table", "interval_table", "interval_note", "format_table", "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
+           "csv_safe", "records_frame", "comparison_table", "interval_table", "interval_note", "format_table",
+           "METRICS", "HIGHER_IS_BETTER", "plot_acc_vs_asr", "oracle_table"]
 
 METRICS = ("acc", "asr", "ra", "der")
 HIGHER_IS_BETTER = {"acc": True, "asr": False, "ra": True, "der": True}
